@@ -1,0 +1,68 @@
+"""Value Augmented Sampling's next-token rule (paper Eq. 5) and the exact per-step KL.
+
+Temperature rule, used everywhere (collection, steering, KL): the base policy π0 *is* the language model at
+sampling temperature τ, π0(x|s) = softmax(logits / τ). The value model was trained on samples from exactly
+this π0, so the augmentation is applied after the temperature, and β·V is never divided by τ:
+
+    log π(x|s) = log π0(x|s) + β·V(s ⊕ x) − log Z        for x in π0's top-k
+    log π(x|s) = log π0(x|s) + β·mean_k V(s ⊕ ·) − log Z   for every other token        (Eq. 5)
+
+No token is masked (App. D.1 shows masking hurts), so a row can never become all −inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def steered_logprobs(
+    base_logprobs: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_values: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Log-probabilities of the steered policy π (paper Eq. 5).
+
+    Args:
+        base_logprobs: (B, V) float, log π0(·|s_t), already at the sampling temperature.
+        candidate_ids: (B, k) int64, the top-k token ids of π0 (any k distinct ids per row work).
+        candidate_values: (B, k) float, V(s_t ⊕ x) for each candidate (weighted sum if several value models).
+        beta: β, the strength of the value guidance. β = 0 returns ``base_logprobs`` normalised, i.e. π0.
+
+    Returns:
+        (B, V) float32 log π(·|s_t), normalised over the vocabulary.
+
+    Raises:
+        ValueError: if the shapes disagree or a value is not finite.
+    """
+    if candidate_ids.shape != candidate_values.shape or candidate_ids.shape[0] != base_logprobs.shape[0]:
+        raise ValueError(
+            f"shapes disagree: base_logprobs {tuple(base_logprobs.shape)}, candidate_ids "
+            f"{tuple(candidate_ids.shape)}, candidate_values {tuple(candidate_values.shape)}"
+        )
+    candidate_values = candidate_values.float()
+    if not bool(torch.isfinite(candidate_values).all()):
+        raise ValueError("value model returned a non-finite value")
+    base = base_logprobs.float()
+    mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t)
+    bonus = (beta * mean_value).expand_as(base).clone()  # every token gets β·V̄ ...
+    bonus.scatter_(1, candidate_ids, beta * candidate_values)  # ... the top-k get β·V(s ⊕ x)
+    return torch.log_softmax(base + bonus, dim=-1)
+
+
+def kl_divergence(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π(·|s) ‖ π0(·|s)) in nats for each row: Σ_x π(x) (log π(x) − log π0(x)).
+
+    Args:
+        logprobs: (B, V) float, log π, normalised.
+        base_logprobs: (B, V) float, log π0, normalised.
+
+    Returns:
+        (B,) float32, ≥ 0 up to rounding. Summed over the generated steps it gives the sequence-level
+        KL(π‖π0) of a response (the chain rule of KL).
+    """
+    logprobs = logprobs.float()
+    p = logprobs.exp()
+    # 0·log 0 = 0: tokens with π(x) = 0 contribute nothing even where log π0(x) = −inf.
+    diff = torch.where(p > 0, logprobs - base_logprobs.float(), torch.zeros_like(p))
+    return (p * diff).sum(dim=-1).clamp_min(0.0)

