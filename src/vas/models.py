@@ -159,3 +159,15 @@ def load_backbone(spec: str, device: torch.device | str = "cpu", dtype: torch.dt
 def context_window(model: PreTrainedModel) -> int | None:
     """The model's maximum number of positions, or None if its config does not say."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def eos_token_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids: the tokenizer's EOS plus any in the model's generation config (e.g. chat end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    ids.discard(None)
+    if not ids:
+        raise VasError("the tokenizer has no EOS token")
+    return sorted(ids)
+

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from vas.errors import VasError
+from vas.models import context_window
 from vas.guidance import kl_divergence, steered_logprobs
 from vas.value import CandidateScorer, ValueModel, position_ids_from_mask
 
@@ -117,13 +118,13 @@ def sample(
         raise VasError(f"temperature must be > 0, got {temperature}")
     if any(len(p) == 0 for p in prompt_ids):
         raise VasError("a prompt is empty after tokenization")
-    window = getattr(policy.config, "max_position_embeddings", None)
+    window = context_window(policy)
     longest = max(len(p) for p in prompt_ids)
     if window is not None and longest + max_new_tokens > window:
         raise VasError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context window of {window}"
         )
-    vocab_size = policy.get_output_embeddings().weight.shape[0] if policy.get_output_embeddings() is not None else policy.config.vocab_size
+    vocab_size = policy.config.vocab_size
     if steering is not None and not 1 <= steering.top_k <= vocab_size:
         raise VasError(f"k must be between 1 and the vocabulary size {vocab_size}, got {steering.top_k}")
 

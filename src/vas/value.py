@@ -54,7 +54,7 @@ class ValueModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.config = config
+        self.value_config = config
 
     @classmethod
     def create(
@@ -126,7 +126,15 @@ class ValueModel(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-        (directory / CONFIG_NAME).write_text(json.dumps({**self.config, **extra}, indent=2))
+        (directory / CONFIG_NAME).write_text(json.dumps({**self.value_config, **extra}, indent=2))
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Load LoRA and head weights saved by :meth:`save_pretrained` into this (unmerged) model, in place."""
+        from peft import set_peft_model_state_dict
+
+        directory = Path(directory)
+        set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors", device=str(self.device)))
+        self.head.load_state_dict(load_file(directory / HEAD_NAME, device=str(self.device)))
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,65 @@
+"""Atomic writes: a file or a `datasets` folder appears whole at its final path, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+
+from vas.errors import VasError
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_dataset_atomic(dataset: datasets.Dataset, path: str | Path) -> None:
+    """``dataset.save_to_disk`` into a temporary folder beside ``path``, then rename it to ``path``.
+
+    Raises:
+        VasError: if ``path`` exists already.
+    """
+    path = Path(path)
+    if path.exists():
+        raise VasError(f"{path} exists already")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        dataset.save_to_disk(str(tmp))
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_dataset_dir(path: str | Path, required: set[str]) -> datasets.Dataset:
+    """Load a folder written by ``save_to_disk`` and check it has the ``required`` columns.
+
+    Raises:
+        VasError: if the folder is missing, not a dataset, or lacks a required column.
+    """
+    path = Path(path)
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        raise VasError(f"{str(path)!r} is not a dataset folder (run `vas collect` to make one)")
+    data = datasets.load_from_disk(str(path))
+    missing = sorted(required - set(data.column_names))
+    if missing:
+        raise VasError(f"dataset {str(path)!r} lacks required columns: {', '.join(missing)}")
+    return data

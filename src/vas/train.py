@@ -1,0 +1,237 @@
+"""Train: regress the value model V on TD(λ) targets of π0's own returns (paper Eq. 3, App. C.1, Table 4).
+
+Training runs in Hugging Face's :class:`transformers.Trainer`, so checkpoints (``--save-steps``),
+``resume_from_checkpoint``, bf16/fp16 and multi-GPU via ``accelerate launch`` behave as Hugging Face users
+expect. Only the LoRA adapter and the head are trained and checkpointed.
+
+Each training row is ``prompt_ids ⊕ response_ids``; its states are s_0 (the prompt) … s_T (the whole
+response, EOS included when generated), read at positions L−1 … L−1+T of one forward pass. Every state is
+regressed, the finished state s_T onto the reward itself (its value, see :mod:`vas.td`), so V(s ⊕ EOS) —
+asked for at decoding whenever EOS is among the top-k — is trained.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import torch
+from transformers import Trainer, TrainingArguments
+
+from vas.errors import VasError
+from vas.td import lambda_returns
+from vas.value import ValueModel
+
+
+class ValueCollator:
+    """Rows {prompt_ids, response_ids, reward} → a right-padded batch.
+
+    Output tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S), ``state_index`` (B, T_max+1)
+    int64 positions of s_0 … s_T, ``state_mask`` (B, T_max+1) bool, ``reward`` (B,) float32.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in rows]
+        width = max(len(s) for s in seqs)
+        states = max(len(r["response_ids"]) for r in rows) + 1
+        B = len(rows)
+        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, width), dtype=torch.long)
+        state_index = torch.zeros((B, states), dtype=torch.long)
+        state_mask = torch.zeros((B, states), dtype=torch.bool)
+        for b, (row, seq) in enumerate(zip(rows, seqs)):
+            input_ids[b, : len(seq)] = torch.tensor(seq)
+            attention_mask[b, : len(seq)] = 1
+            L, T = len(row["prompt_ids"]), len(row["response_ids"])
+            state_index[b, : T + 1] = torch.arange(L - 1, L + T)
+            state_mask[b, : T + 1] = True
+        reward = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float32)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "state_index": state_index,
+                "state_mask": state_mask, "reward": reward}
+
+
+def state_values(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (garbage where ``state_mask`` is False)."""
+    values = model(batch["input_ids"], batch["attention_mask"])
+    return values.gather(1, batch["state_index"])
+
+
+class ValueTrainer(Trainer):
+    """Trainer with the TD(λ) value loss, value-specific validation metrics and adapter-only checkpoints."""
+
+    def __init__(self, *args, lam: float = 0.95, gamma: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lam, self.gamma = lam, gamma
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values)."""
+        values = state_values(model, inputs)
+        mask = inputs["state_mask"]
+        targets = lambda_returns(values.detach(), inputs["reward"], mask, lam=self.lam, gamma=self.gamma)
+        loss = ((values - targets) ** 2)[mask].mean()
+        return (loss, {"values": values}) if return_outputs else loss
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Validation metrics, averaged over all states of all validation responses:
+
+        * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises);
+        * ``<prefix>_mc_mse``: MSE to the response's reward (Monte-Carlo label, independent of the model);
+        * ``<prefix>_final_mse``: MSE of V(s_T) to the reward (the finished state, whose value is the reward).
+        """
+        loader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = {"loss": 0.0, "mc_mse": 0.0, "final_mse": 0.0}
+        states = responses = 0
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            values = state_values(model, batch)
+            mask, reward = batch["state_mask"], batch["reward"]
+            targets = lambda_returns(values, reward, mask, lam=self.lam, gamma=self.gamma)
+            last = mask.sum(dim=1) - 1
+            sums["loss"] += float(((values - targets) ** 2)[mask].sum())
+            sums["mc_mse"] += float(((values - reward[:, None]) ** 2)[mask].sum())
+            sums["final_mse"] += float(((values.gather(1, last[:, None]).squeeze(1) - reward) ** 2).sum())
+            states += int(mask.sum())
+            responses += len(reward)
+        model.train(was_training)
+        metrics = {
+            f"{metric_key_prefix}_loss": sums["loss"] / max(states, 1),
+            f"{metric_key_prefix}_mc_mse": sums["mc_mse"] / max(states, 1),
+            f"{metric_key_prefix}_final_mse": sums["final_mse"] / max(responses, 1),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Only the adapter and the head change: save those (a few MB), not the frozen backbone.
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        (model or self.model).load_trainable(resume_from_checkpoint)
+
+
+def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Train/validation split that keeps all samples of one prompt on the same side (no prompt leaks).
+
+    Raises:
+        VasError: if there are too few prompts to hold out any.
+    """
+    key = "prompt_index" if "prompt_index" in data.column_names else None
+    groups = sorted(set(data[key])) if key else list(range(len(data)))
+    n_val = math.floor(len(groups) * val_fraction)
+    if val_fraction > 0 and (n_val < 1 or n_val >= len(groups)):
+        raise VasError(f"cannot hold out {val_fraction:.0%} of {len(groups)} prompts for validation: collect more")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_groups = {groups[i] for i in order[:n_val]}
+    ids = data[key] if key else groups
+    train_idx = [i for i, g in enumerate(ids) if g not in val_groups]
+    val_idx = [i for i, g in enumerate(ids) if g in val_groups]
+    return data.select(train_idx), data.select(val_idx)
+
+
+def train_value_model(
+    data: datasets.Dataset,
+    out_dir: str | Path,
+    *,
+    backbone: str,
+    pad_token_id: int,
+    tokenizer=None,
+    lam: float = 0.95,
+    gamma: float = 1.0,
+    epochs: float = 1.0,
+    learning_rate: float = 1e-4,
+    batch_size: int = 32,
+    lora_rank: int = 32,
+    lora_alpha: int = 32,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "float32",
+    save_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> dict:
+    """Train a value model on collected data and save it to ``out_dir`` (``ValueModel.from_pretrained``).
+
+    Args:
+        data: rows with ``prompt_ids``, ``response_ids`` and ``reward`` (output of :func:`vas.collect.collect`).
+        backbone: causal LM spec for the value backbone (by default the base model's own weights).
+        lam, gamma: TD(λ) parameters (Table 4: 0.95, 1). λ = 0 → TD(0), λ = 1 → Monte-Carlo.
+        precision: ``float32``, ``bf16`` or ``fp16`` mixed precision (GPU), passed to the Trainer.
+        save_steps: checkpoint every that many steps into ``<out_dir>.checkpoints`` (None: once per epoch);
+            the folder is removed once the value model is saved.
+        resume: continue from the newest checkpoint there.
+
+    Returns:
+        Metrics dict: ``train_loss``, the final ``eval_*`` values and ``history`` (one entry per evaluation).
+
+    Raises:
+        VasError: for a non-finite reward, bad λ/γ, or too little data to split.
+    """
+    if not 0 <= lam <= 1 or not 0 <= gamma <= 1:
+        raise VasError(f"lam and gamma must lie in [0, 1], got lam={lam}, gamma={gamma}")
+    rewards = torch.tensor(data["reward"], dtype=torch.float32)
+    if not bool(torch.isfinite(rewards).all()):
+        raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
+    train_set, val_set = split_by_prompt(data, val_fraction, seed)
+    model = ValueModel.create(
+        backbone, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        init_value=float(torch.tensor(train_set["reward"]).mean()), device=device,
+    )
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise VasError(f"{out_dir} exists already: choose another --out or delete it")
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        eval_strategy="epoch" if len(val_set) else "no",
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,
+        save_total_limit=2,
+        logging_steps=max(1, len(train_set) // batch_size // 5),
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=torch.device(device).type == "cpu",
+        remove_unused_columns=False,
+        report_to=[],
+        seed=seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    trainer = ValueTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
+        data_collator=ValueCollator(pad_token_id), lam=lam, gamma=gamma,
+    )
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    metrics = {"train_loss": result.training_loss, "history": history,
+               **({k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {})}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(
+        tmp, tokenizer=tokenizer, lam=lam, gamma=gamma, train_rows=len(train_set), val_rows=len(val_set),
+        metrics={k: v for k, v in metrics.items() if k != "history"}, **(metadata or {}),
+    )
+    tmp.rename(out_dir)  # the value model appears whole, or not at all
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
