@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -15,16 +16,8 @@ from vas.errors import VasError
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replace_atomic(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def write_json_atomic(path: str | Path, data) -> None:
@@ -63,3 +56,17 @@ def load_dataset_dir(path: str | Path, required: set[str]) -> datasets.Dataset:
     if missing:
         raise VasError(f"dataset {str(path)!r} lacks required columns: {', '.join(missing)}")
     return data
+
+
+@contextmanager
+def replace_atomic(path: str | Path):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

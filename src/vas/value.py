@@ -247,3 +247,35 @@ class CandidateScorer:
         self.past_mask = torch.cat([self.past_mask, new_mask], dim=1)
         self.lengths = lengths
         return values[:, P:]
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """``"PATH=WEIGHT"`` → (PATH, WEIGHT); a plain ``"PATH"`` has weight 1."""
+    head, sep, tail = spec.rpartition("=")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_value_models(
+    specs: list[str],
+    base_tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[ValueModel], list[float]]:
+    """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition).
+
+    Raises:
+        VasError: if a path is not a value model, or a value model's tokenizer differs from the base model's.
+    """
+    models, weights = [], []
+    for spec in specs:
+        path, weight = parse_weighted(spec)
+        check_same_tokenizer(base_tokenizer, load_value_tokenizer(path), path)
+        models.append(ValueModel.from_pretrained(path, device=device, dtype=dtype))
+        weights.append(weight)
+    return models, weights

@@ -1,0 +1,297 @@
+"""The ``vas`` command: parses arguments, calls the library, prints. No logic of its own.
+
+Every user error is a :class:`vas.errors.VasError`, printed as one line (``vas: error: …``) with exit
+status 2; an interrupt exits 130 and long jobs resume when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vas.errors import VasError
+
+app = typer.Typer(
+    help="Value Augmented Sampling: steer a frozen language model with a trained value model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+BaseModel = Annotated[str, typer.Option("--base-model", "-m", help="Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.")]
+Device = Annotated[str, typer.Option(help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")]
+Dtype = Annotated[str, typer.Option(help="'auto' (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
+MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (load reports, deprecation notes) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VasError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _setup(base_model: str, device: str, dtype: str):
+    from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(base_model)
+    policy = load_policy(base_model, device=dev, dtype=resolve_dtype(dtype, dev))
+    return dev, tokenizer, policy
+
+
+@app.command()
+def collect(
+    out: Annotated[Path, typer.Option(help="Output dataset folder (must not exist; <out>.partial holds progress).")],
+    prompts: Annotated[str, typer.Option(help="'chitchat', 'topics', a .jsonl/.csv/.txt file, hf:NAME[:SPLIT] or a dataset folder.")] = "chitchat",
+    reward: Annotated[str, typer.Option(help="Reward spec, e.g. 'positivity' or 'positivity=1,brevity=0.5' (see docs).")] = "positivity",
+    base_model: BaseModel = DEFAULT_MODEL,
+    start: Annotated[int, typer.Option(help="Index of the first prompt used.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Number of prompts used (default: all).")] = None,
+    samples_per_prompt: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
+    temperature: Temperature = 0.7,
+    max_new_tokens: MaxNew = 64,
+    batch_size: Annotated[int, typer.Option(help="Responses generated per batch (also the resume granularity).")] = 16,
+    field: Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")] = "prompt",
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quiet: Quiet = False,
+):
+    """Sample responses from the frozen base policy π0 and score them with the reward."""
+    from vas.collect import collect as run
+    from vas.prompts import load_prompts
+    from vas.rewards import load_reward
+
+    prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
+    scorer = load_reward(reward)
+    _, tokenizer, policy = _setup(base_model, device, dtype)
+    data = run(policy, tokenizer, prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
+               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+               progress=not quiet, metadata={"base_model": base_model, "reward": reward, "prompts": prompts,
+                                             "start": start, "limit": limit})
+    rewards = data["reward"]
+    typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset folder written by `vas collect`.")],
+    out: Annotated[Path, typer.Option(help="Output value-model folder (must not exist).")],
+    backbone: Annotated[Optional[str], typer.Option(help="Value backbone (causal LM); default: the data's base model.")] = None,
+    lam: Annotated[float, typer.Option("--lambda", help="TD(λ): 0.95 (paper); 0 = TD(0); 1 = Monte-Carlo.")] = 0.95,
+    gamma: Annotated[float, typer.Option(help="Discount γ (paper: 1).")] = 1.0,
+    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 1.0,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (Table 4: 32).")] = 32,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA α (Table 4: 32).")] = 32,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out for validation.")] = 0.1,
+    precision: Annotated[str, typer.Option(help="float32, bf16 or fp16 (mixed precision on GPU).")] = "float32",
+    save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: every epoch).")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the newest checkpoint in <out>.checkpoints.")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+):
+    """Train a value model on TD(λ) targets of π0's returns (backbone + LoRA + linear head)."""
+    from vas.collect import REQUIRED_FOR_TRAINING
+    from vas.models import load_tokenizer, resolve_device
+    from vas.storage import load_dataset_dir
+    from vas.train import train_value_model
+
+    dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING)
+    if precision not in ("float32", "bf16", "fp16"):
+        raise VasError(f"--precision must be float32, bf16 or fp16, got {precision!r}")
+    meta_file = data / "vas_collect.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    base_model = meta.get("base_model")
+    backbone = backbone or base_model
+    if backbone is None:
+        raise VasError("the dataset does not name its base model: pass --backbone")
+    tokenizer = load_tokenizer(backbone)
+    if base_model and backbone != base_model:
+        from vas.value import check_same_tokenizer
+
+        check_same_tokenizer(load_tokenizer(base_model), tokenizer, backbone)
+    metrics = train_value_model(
+        dataset, out, backbone=backbone, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, lam=lam,
+        gamma=gamma, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, val_fraction=val_fraction, seed=seed, device=resolve_device(device),
+        precision=precision, save_steps=save_steps, resume=resume, progress=not quiet,
+        metadata={"base_model": base_model or backbone, "reward": meta.get("reward")},
+    )
+    for entry in metrics["history"]:
+        typer.echo(f"epoch {entry['epoch']:.2f}: validation MSE to TD(λ) targets {entry['eval_loss']:.4f}, "
+                   f"to rewards {entry['eval_mc_mse']:.4f}, finished-state {entry['eval_final_mse']:.4f}")
+    typer.echo(f"value model → {out}")
+
+
+@app.command()
+def generate(
+    value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
+    prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt source instead of --prompt (see `vas collect`).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
+    beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
+    base_model: BaseModel = DEFAULT_MODEL,
+    temperature: Temperature = 0.7,
+    max_new_tokens: MaxNew = 64,
+    greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing.")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+):
+    """Generate with Value Augmented Sampling (paper Eq. 5); without --value, plain sampling from π0."""
+    import torch
+
+    from vas.models import eos_token_ids
+    from vas.prompts import encode_prompts, load_prompts
+    from vas.sampling import Steering, sample
+    from vas.storage import write_text_atomic
+    from vas.value import load_value_models
+
+    texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
+    if not texts:
+        raise VasError("give --prompt TEXT or --prompts SOURCE")
+    dev, tokenizer, policy = _setup(base_model, device, dtype)
+    steering = None
+    if value:
+        models, weights = load_value_models(value, tokenizer, device=dev, dtype=policy.dtype)
+        steering = Steering(models, weights, beta=beta, top_k=top_k)
+    ids = encode_prompts(tokenizer, texts)
+    records = []
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    for i in range(0, len(ids), batch_size):
+        result = sample(policy, ids[i : i + batch_size], eos_token_ids=eos_token_ids(policy, tokenizer),
+                        pad_token_id=tokenizer.pad_token_id, steering=steering, temperature=temperature,
+                        max_new_tokens=max_new_tokens, greedy=greedy, generator=generator)
+        for j, tokens in enumerate(result.token_ids):
+            records.append({"prompt": texts[i + j], "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                            "kl": float(result.kl[j]), "tokens": len(tokens)})
+    if out:
+        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+        typer.echo(f"{len(records)} responses → {out}")
+    else:
+        for r in records:
+            typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
+
+
+@app.command()
+def evaluate(
+    value: Annotated[list[str], typer.Option(help="Value model folder(s), PATH or PATH=WEIGHT.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.json and reward_vs_kl.png.")],
+    prompts: Annotated[str, typer.Option(help="Held-out prompt source (see `vas collect`).")] = "chitchat",
+    start: Annotated[int, typer.Option(help="First held-out prompt (keep it clear of the training prompts).")] = 1000,
+    limit: Annotated[int, typer.Option(help="Number of held-out prompts.")] = 64,
+    reward: Annotated[str, typer.Option(help="Reward spec.")] = "positivity",
+    betas: Annotated[str, typer.Option(help="Comma-separated β grid.")] = "2,5,10",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for VAS.")] = 10,
+    best_of: Annotated[str, typer.Option(help="Comma-separated N for Best-of-N.")] = "1,2,4,8,16",
+    base_model: BaseModel = DEFAULT_MODEL,
+    temperature: Temperature = 0.7,
+    max_new_tokens: MaxNew = 64,
+    batch_size: Annotated[int, typer.Option(help="Responses per batch.")] = 16,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quiet: Quiet = False,
+):
+    """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time."""
+    from vas.evaluate import evaluate as run
+    from vas.prompts import load_prompts
+    from vas.rewards import load_reward
+    from vas.value import load_value_models
+
+    held_out = load_prompts(prompts, start=start, limit=limit)
+    scorer = load_reward(reward)
+    ns = [int(n) for n in _floats(best_of, "best-of")]
+    if not ns or min(ns) < 1:
+        raise VasError("--best-of needs positive integers")
+    dev, tokenizer, policy = _setup(base_model, device, dtype)
+    models, weights = load_value_models(value, tokenizer, device=dev, dtype=policy.dtype)
+    report = run(policy, tokenizer, held_out, scorer, models, out, weights=weights, betas=_floats(betas, "betas"),
+                 top_k=top_k, best_of=ns, temperature=temperature, max_new_tokens=max_new_tokens,
+                 batch_size=batch_size, seed=seed, progress=not quiet,
+                 metadata={"base_model": base_model, "reward": reward, "value": value, "prompts": prompts})
+    print_report(report)
+    typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
+
+
+def print_report(report: dict) -> None:
+    """The report as a table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out prompts: {report['settings']['prompts']}")
+    for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "length (tokens)", "s / prompt"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    p = report["plain"]
+    table.add_row("plain sampling", f"{p['reward']:.4f}", f"{p['reward_sem']:.4f}", "0", f"{p['length']:.1f}", f"{p['seconds_per_prompt']:.2f}")
+    for v in report["vas"]:
+        table.add_row(f"VAS β={v['beta']:g}", f"{v['reward']:.4f}", f"{v['reward_sem']:.4f}", f"{v['kl']:.3f}",
+                      f"{v['length']:.1f}", f"{v['seconds_per_prompt']:.2f}")
+    for b in report["best_of_n"]:
+        table.add_row(f"Best-of-{b['n']}", f"{b['reward']:.4f}", f"{b['reward_sem']:.4f}", f"≤ {b['kl']:.3f}",
+                      f"{b['length']:.1f}", f"{b['seconds_per_prompt']:.2f}")
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, value model and report.")] = Path("vas-runs/demo"),
+    base_model: BaseModel = DEFAULT_MODEL,
+    device: Device = "auto",
+    seed: Seed = 0,
+    quiet: Quiet = False,
+):
+    """Collect → train → evaluate on the embedded model: positivity of replies to chitchat openings."""
+    import time
+
+    from vas.demo import run_demo
+
+    start = time.perf_counter()
+    report = run_demo(out, base_model=base_model, device=device, seed=seed, progress=not quiet, log=typer.echo)
+    print_report(report)
+    typer.echo(f"done in {(time.perf_counter() - start) / 60:.1f} min")
+    typer.echo(f"samples → {out / 'samples'}\nvalue model → {out / 'value'}\n"
+               f"report → {out / 'eval' / 'report.json'}\nplot → {out / 'eval' / 'reward_vs_kl.png'}")
+
+
+def main() -> None:
+    """Entry point of the ``vas`` command."""
+    _quiet_libraries()
+    try:
+        app()
+    except VasError as exc:
+        typer.echo(f"vas: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("vas: interrupted; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(130)

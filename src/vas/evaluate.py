@@ -1,0 +1,179 @@
+"""Evaluate: reward against KL(π‖π0) for plain sampling, VAS over a β grid, and Best-of-N, with their cost.
+
+For every held-out prompt:
+
+* **plain**: ``n_pool`` samples from π0 (the pool); mean reward, KL 0.
+* **Best-of-N** for each N ≤ n_pool: the expected reward of the best of N samples, estimated without bias
+  from the pool (:func:`best_of_n_weights`), with the analytic KL bound log N − (N−1)/N (Stiennon et al.
+  2020; Beirami et al. 2024). Cost: N samples and N reward calls per prompt.
+* **VAS** at each β: one steered sample per prompt; the exact sequence KL Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
+
+Writes ``report.json`` and ``reward_vs_kl.png`` (atomically).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vas.models import eos_token_ids
+from vas.prompts import encode_prompts
+from vas.rewards import Reward, score
+from vas.sampling import Steering, sample
+from vas.storage import replace_atomic, write_json_atomic
+from vas.value import ValueModel
+
+
+def best_of_n_weights(n: int, N: int) -> torch.Tensor:
+    """Weights w (n,) such that Σ_i w_i r_(i), over rewards sorted ascending, is the expected maximum of N
+    draws without replacement from the n: w_i = C(i−1, N−1) / C(n, N) (i = 1 … n). Sums to 1.
+
+    Raises:
+        ValueError: unless 1 ≤ N ≤ n.
+    """
+    if not 1 <= N <= n:
+        raise ValueError(f"need 1 ≤ N ≤ n, got N={N}, n={n}")
+    return torch.tensor([math.comb(i - 1, N - 1) / math.comb(n, N) for i in range(1, n + 1)], dtype=torch.float64)
+
+
+def best_of_n_kl_bound(N: int) -> float:
+    """KL(π_BoN ‖ π0) ≤ log N − (N−1)/N nats."""
+    return math.log(N) - (N - 1) / N
+
+
+def _sem(x: torch.Tensor) -> float:
+    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _generate(policy, tokenizer, prompt_ids, *, steering, temperature, max_new_tokens, batch_size, seed, progress, desc):
+    """Sample one response per entry of ``prompt_ids`` in batches; returns texts, Samples fields, seconds."""
+    texts, lengths, kls = [], [], []
+    eos = eos_token_ids(policy, tokenizer)
+    start = time.perf_counter()
+    for b, i in enumerate(tqdm(range(0, len(prompt_ids), batch_size), desc=desc, disable=not progress, leave=False)):
+        generator = torch.Generator(device=policy.device).manual_seed(seed * 7919 + b)
+        out = sample(policy, prompt_ids[i : i + batch_size], eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+                     steering=steering, temperature=temperature, max_new_tokens=max_new_tokens, generator=generator)
+        texts += tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+        lengths += [len(t) for t in out.token_ids]
+        kls.append(out.kl)
+    return texts, torch.tensor(lengths, dtype=torch.float32), torch.cat(kls), time.perf_counter() - start
+
+
+def evaluate(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward: Reward,
+    value_models: Sequence[ValueModel],
+    out_dir: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    betas: Sequence[float] = (1.0, 2.0, 4.0),
+    top_k: int = 10,
+    best_of: Sequence[int] = (1, 2, 4, 8, 16),
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> dict:
+    """Run the comparison on held-out ``prompts`` and write ``report.json`` and ``reward_vs_kl.png``.
+
+    Returns:
+        The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
+        (mean), ``reward_sem``, ``kl`` (nats per response), ``length`` (tokens), ``seconds_per_prompt``;
+        plus ``examples`` (the first prompts' responses under each method) and ``settings``.
+    """
+    out_dir = Path(out_dir)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    n_pool = max(best_of)
+    P = len(prompts)
+    common = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+
+    pool_ids = [ids for ids in prompt_ids for _ in range(n_pool)]
+    pool_prompts = [p for p in prompts for _ in range(n_pool)]
+    texts, lengths, _, seconds = _generate(policy, tokenizer, pool_ids, steering=None, seed=seed, desc="π0 samples", **common)
+    t0 = time.perf_counter()
+    rewards = score(reward, pool_prompts, texts)
+    reward_seconds = time.perf_counter() - t0
+    pool_r, pool_len = rewards.view(P, n_pool), lengths.view(P, n_pool)
+    per_sample = (seconds + reward_seconds) / (P * n_pool)
+    report = {
+        "settings": {"prompts": P, "n_pool": n_pool, "top_k": top_k, "temperature": temperature,
+                     "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or []), **(metadata or {})},
+        "plain": {"reward": float(pool_r.mean()), "reward_sem": _sem(pool_r.mean(dim=1)), "kl": 0.0,
+                  "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool)},
+        "best_of_n": [],
+        "vas": [],
+        "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
+    }
+    order = pool_r.argsort(dim=1)
+    for N in best_of:
+        w = best_of_n_weights(n_pool, N).float()
+        per_prompt = (pool_r.gather(1, order) * w).sum(dim=1)
+        report["best_of_n"].append({
+            "n": N, "reward": float(per_prompt.mean()), "reward_sem": _sem(per_prompt),
+            "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
+            "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
+            "seconds_per_prompt": N * per_sample,
+        })
+    best = pool_r.argmax(dim=1)
+    for i, example in enumerate(report["examples"]):
+        example[f"best_of_{n_pool}"] = texts[i * n_pool + int(best[i])]
+
+    for beta in betas:
+        steering = Steering(value_models, weights, beta=beta, top_k=top_k)
+        v_texts, v_len, v_kl, v_seconds = _generate(policy, tokenizer, prompt_ids, steering=steering, seed=seed + 1,
+                                                    desc=f"VAS β={beta:g}", **common)
+        v_r = score(reward, prompts, v_texts)
+        report["vas"].append({
+            "beta": beta, "reward": float(v_r.mean()), "reward_sem": _sem(v_r), "kl": float(v_kl.mean()),
+            "kl_sem": _sem(v_kl), "length": float(v_len.mean()), "seconds_per_prompt": v_seconds / P,
+        })
+        for i, example in enumerate(report["examples"]):
+            example[f"vas_beta_{beta:g}"] = v_texts[i]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "report.json", report)
+    plot_reward_vs_kl(report, out_dir / "reward_vs_kl.png")
+    return report
+
+
+def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
+    """Reward against KL(π‖π0) for plain sampling, VAS (one point per β) and Best-of-N (KL bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    bon = report["best_of_n"]
+    ax.errorbar([b["kl"] for b in bon], [b["reward"] for b in bon], yerr=[b["reward_sem"] for b in bon],
+                marker="s", capsize=3, label="Best-of-N (KL bound)")
+    for b in bon:
+        ax.annotate(f"N={b['n']}", (b["kl"], b["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    vas = sorted(report["vas"], key=lambda v: v["kl"])
+    ax.errorbar([v["kl"] for v in vas], [v["reward"] for v in vas], yerr=[v["reward_sem"] for v in vas],
+                marker="o", capsize=3, label="VAS (exact KL)")
+    for v in vas:
+        ax.annotate(f"β={v['beta']:g}", (v["kl"], v["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    plain = report["plain"]
+    ax.errorbar([0.0], [plain["reward"]], yerr=[plain["reward_sem"]], marker="*", markersize=12, color="black",
+                capsize=3, linestyle="none", label="plain sampling (π0)")
+    ax.set_xlabel("KL(π ‖ π0) per response [nats]")
+    ax.set_ylabel("mean reward (held-out prompts)")
+    ax.set_title(f"Reward vs KL ({report['settings']['prompts']} held-out prompts, ±1 s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with replace_atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
