@@ -68,12 +68,13 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve_model(spec: str) -> str:
+def resolve_model(spec: str, marker: str = "config.json") -> str:
     """Turn a model spec into something ``from_pretrained`` accepts.
 
     Args:
         spec: ``"smollm2-135m-instruct"`` (the embedded default), a local model directory, or a hub id
             (``org/name``; needs network access, or a hub cache when ``HF_HUB_OFFLINE=1``).
+        marker: the file a local directory must hold (``tokenizer_config.json`` for a tokenizer).
 
     Raises:
         VasError: if ``spec`` looks like a local path that does not exist or holds no ``config.json``.
@@ -82,8 +83,8 @@ def resolve_model(spec: str) -> str:
         return str(embedded_model_dir())
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise VasError(f"model path {spec!r} has no config.json: not a Hugging Face model directory")
+        if not (path / marker).is_file():
+            raise VasError(f"model path {spec!r} has no {marker}: not a Hugging Face model directory")
         return str(path)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep == "\\" and "\\" in spec
     if looks_local:
@@ -91,8 +92,8 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def _load(loader, spec: str, **kwargs):
-    name = resolve_model(spec)
+def _load(loader, spec: str, marker: str = "config.json", **kwargs):
+    name = resolve_model(spec, marker)
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -105,7 +106,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
     The attention mask is always passed explicitly, so pad == EOS is safe.
     """
-    tokenizer = _load(AutoTokenizer, spec)
+    tokenizer = _load(AutoTokenizer, spec, marker="tokenizer_config.json")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

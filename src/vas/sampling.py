@@ -43,6 +43,11 @@ class Steering:
         if len(self.weights) != len(self.value_models):
             raise VasError(f"{len(self.weights)} weights given for {len(self.value_models)} value models")
 
+    def check_top_k(self, vocab_size: int) -> None:
+        """Raise :class:`VasError` unless 1 ≤ k ≤ ``vocab_size``."""
+        if not 1 <= self.top_k <= vocab_size:
+            raise VasError(f"k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+
 
 @dataclass
 class Samples:
@@ -124,15 +129,14 @@ def sample(
         raise VasError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context window of {window}"
         )
-    vocab_size = policy.config.vocab_size
-    if steering is not None and not 1 <= steering.top_k <= vocab_size:
-        raise VasError(f"k must be between 1 and the vocabulary size {vocab_size}, got {steering.top_k}")
+    if steering is not None:
+        steering.check_top_k(policy.config.vocab_size)
 
     device = policy.device
     ids, mask = left_pad(prompt_ids, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     B = ids.shape[0]
-    eos = torch.as_tensor(list(eos_token_ids), device=device)
+    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
     cache = DynamicCache(config=policy.config)
     scorers = [CandidateScorer(m) for m in steering.value_models] if steering else []
     attention = mask

@@ -1,0 +1,5 @@
+"""``python -m vas`` runs the ``vas`` command."""
+
+from vas.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The ``vas`` command on bad input: one line naming the problem, exit status 2, nothing half-written.
+Runs the real entry point in a subprocess, as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from helpers import random_value_model
+
+from vas.models import load_tokenizer
+
+
+def vas(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "vas", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def value_dir(tiny_model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("value") / "v"
+    random_value_model(tiny_model_dir).save_pretrained(path, tokenizer=load_tokenizer(tiny_model_dir))
+    return path
+
+
+def make_cases(tmp, tiny, other, value_dir):
+    (tmp / "empty.txt").write_text("")
+    (tmp / "nan.py").write_text("def reward(prompts, responses):\n    return [float('nan')] * len(responses)\n")
+    datasets.Dataset.from_dict({"prompt_ids": [[1]], "reward": [1.0]}).save_to_disk(str(tmp / "bad-data"))
+    return {
+        "missing model": (["collect", "--out", tmp / "o1", "--limit", 2, "--base-model", tmp / "nope"],
+                          "does not exist", tmp / "o1"),
+        "invalid model": (["generate", "--prompt", "hi", "--base-model", tmp], "has no tokenizer_config.json", None),
+        "empty prompts": (["collect", "--out", tmp / "o2", "--prompts", tmp / "empty.txt", "--base-model", tiny],
+                          "has no prompts", tmp / "o2"),
+        "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
+        "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
+                   "k must be between 1 and the vocabulary size", None),
+        "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
+                      "k must be between 1 and the vocabulary size", None),
+        "non-finite reward": (["collect", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
+                               "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
+        "other tokenizer": (["generate", "--prompt", "hi", "--base-model", other, "--value", value_dir],
+                            "uses a different tokenizer from the base model", None),
+        "missing columns": (["train", "--data", tmp / "bad-data", "--out", tmp / "o4"],
+                            "lacks required columns: response_ids", tmp / "o4"),
+    }
+
+
+CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
+         "non-finite reward", "other tokenizer", "missing columns"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case, tmp_path, tiny_model_dir, other_tokenizer_model_dir, value_dir):
+    args, message, must_not_exist = make_cases(tmp_path, tiny_model_dir, other_tokenizer_model_dir, value_dir)[case]
+    result = vas(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vas: error: ") and message in lines[0], result.stderr
+    if must_not_exist is not None:
+        assert not must_not_exist.exists()
+
+
+def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):
+    result = vas("generate", "--prompt", "hello", "--prompt", "what a day", "--base-model", tiny_model_dir,
+                 "--value", f"{value_dir}=0.5", "--beta", 2, "--max-new-tokens", 5, "--out", tmp_path / "g.jsonl")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["hello", "what a day"]
+    assert all(1 <= r["tokens"] <= 5 and r["kl"] >= 0 for r in records)

@@ -1,0 +1,104 @@
+"""The decoding loop: π0's logprobs against a plain forward pass, β = 0, batch/padding invariance, value-model
+composition, per-row EOS, and bad k / prompt lengths."""
+
+import pytest
+import torch
+from helpers import random_value_model
+
+from vas.errors import VasError
+from vas.models import load_policy, load_tokenizer
+from vas.sampling import Steering, sample
+
+PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_policy(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def value_model(tiny_model_dir):
+    return random_value_model(tiny_model_dir, seed=11)
+
+
+def run(policy, prompts, steering=None, greedy=False, seed=0, eos=(2,), **kw):
+    return sample(policy, prompts, eos_token_ids=list(eos), pad_token_id=2, steering=steering, greedy=greedy,
+                  max_new_tokens=kw.pop("max_new_tokens", 8), generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_base_logprobs_match_a_full_forward(policy):
+    out = run(policy, PROMPTS, temperature=0.7)
+    for prompt, tokens, logps in zip(PROMPTS, out.token_ids, out.base_logprobs):
+        ids = torch.tensor([prompt + tokens])
+        logits = policy(ids).logits[0, len(prompt) - 1 : -1] / 0.7
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=0)
+    assert out.kl.abs().max() == 0
+
+
+def test_beta_zero_gives_base_policy(policy, value_model):
+    plain = run(policy, PROMPTS, seed=4)
+    steered = run(policy, PROMPTS, Steering([value_model], beta=0.0, top_k=5), seed=4)
+    assert steered.token_ids == plain.token_ids
+    for a, b in zip(steered.logprobs, plain.base_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(steered.kl, torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_steering_changes_the_distribution(policy, value_model):
+    steered = run(policy, PROMPTS, Steering([value_model], beta=5.0, top_k=10), greedy=True)
+    assert float(steered.kl.min()) > 0  # an independent check that the guidance is live
+    for lp, bp in zip(steered.logprobs, steered.base_logprobs):
+        assert any(abs(a - b) > 1e-3 for a, b in zip(lp, bp))
+
+
+def test_greedy_steered_row_alone_equals_row_in_padded_batch(policy, value_model):
+    steering = Steering([value_model], beta=3.0, top_k=8)
+    batch = run(policy, PROMPTS, steering, greedy=True, max_new_tokens=10)
+    for b, prompt in enumerate(PROMPTS):
+        alone = run(policy, [prompt], steering, greedy=True, max_new_tokens=10)
+        assert alone.token_ids[0] == batch.token_ids[b]
+        torch.testing.assert_close(alone.kl[0], batch.kl[b], atol=1e-4, rtol=1e-4)
+
+
+def test_weighted_value_models_equal_one_summed_model(policy, tiny_model_dir):
+    # Two value models sharing one backbone (identical LoRA) with different heads: w1·V1 + w2·V2 is the
+    # value model whose head is w1·h1 + w2·h2.
+    first = random_value_model(tiny_model_dir, seed=21)
+    second = random_value_model(tiny_model_dir, seed=21)
+    summed = random_value_model(tiny_model_dir, seed=21)
+    with torch.no_grad():
+        torch.nn.init.normal_(second.head.weight, std=1.0)
+        second.head.bias.fill_(-0.3)
+        summed.head.weight.copy_(0.7 * first.head.weight + 1.5 * second.head.weight)
+        summed.head.bias.copy_(0.7 * first.head.bias + 1.5 * second.head.bias)
+    composed = run(policy, PROMPTS, Steering([first, second], [0.7, 1.5], beta=2.0, top_k=6), seed=9)
+    single = run(policy, PROMPTS, Steering([summed], beta=2.0, top_k=6), seed=9)
+    assert composed.token_ids == single.token_ids
+    for a, b in zip(composed.logprobs, single.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    torch.testing.assert_close(composed.kl, single.kl, atol=1e-4, rtol=1e-4)
+
+
+def test_each_row_stops_at_its_own_eos(policy):
+    free = run(policy, PROMPTS, greedy=True, eos=())  # no EOS: every row runs to max_new_tokens
+    # declare row 1's second greedy token an EOS: row 1 ends there, the other rows run on unchanged
+    stop = free.token_ids[1][1]
+    out = run(policy, PROMPTS, greedy=True, eos=(stop,))
+    assert out.token_ids[1] == free.token_ids[1][: free.token_ids[1].index(stop) + 1]
+    assert bool(out.finished[1])
+    for b in (0, 2):
+        if stop not in free.token_ids[b]:
+            assert out.token_ids[b] == free.token_ids[b]
+
+
+@pytest.mark.parametrize("k", [0, -1, 10**6])
+def test_bad_k(policy, value_model, k):
+    with pytest.raises(VasError, match="k must be between 1 and the vocabulary size"):
+        run(policy, PROMPTS, Steering([value_model], beta=1.0, top_k=k))
+
+
+def test_prompt_longer_than_context_window(policy):
+    with pytest.raises(VasError, match="exceeds the context window of 256"):
+        run(policy, [[5] * 250], max_new_tokens=8)

@@ -1,0 +1,67 @@
+"""The value model: cached candidate scoring against full recomputes, batch rows against single rows,
+save/load round trips and the tokenizer check."""
+
+import pytest
+import torch
+from helpers import random_value_model
+
+from vas.errors import VasError
+from vas.models import load_tokenizer
+from vas.sampling import left_pad
+from vas.value import CandidateScorer, ValueModel, check_same_tokenizer, load_value_tokenizer
+
+PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
+
+
+def full_value(model, tokens):
+    """V of the state ending at the last token, from one plain forward pass with no cache and no padding."""
+    ids = torch.tensor([tokens])
+    return model(ids, torch.ones_like(ids))[0, -1].item()
+
+
+def test_cached_candidates_equal_full_recompute(tiny_model_dir):
+    model = random_value_model(tiny_model_dir)
+    scorer = CandidateScorer(model)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    generator = torch.Generator().manual_seed(1)
+    prefixes = [list(p) for p in PROMPTS]
+    new_ids, new_mask = ids, mask
+    for step in range(3):  # the prompt, then two appended tokens
+        cands = torch.randint(0, 250, (3, 6), generator=generator)
+        got = scorer.score(new_ids, new_mask, cands)
+        expected = torch.tensor([[full_value(model, prefixes[b] + [int(c)]) for c in cands[b]] for b in range(3)])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        chosen = cands[:, step : step + 1]
+        for b in range(3):
+            prefixes[b].append(int(chosen[b]))
+        new_ids, new_mask = chosen, torch.ones_like(chosen)
+
+
+def test_batch_rows_equal_single_rows(tiny_model_dir):
+    model = random_value_model(tiny_model_dir, seed=3)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    cands = torch.arange(30).view(3, 10) + 50
+    batched = CandidateScorer(model).score(ids, mask, cands)
+    for b, prompt in enumerate(PROMPTS):
+        single = CandidateScorer(model).score(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), cands[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], single, atol=1e-4, rtol=0)
+
+
+def test_save_and_reload_gives_same_values(tiny_model_dir, tmp_path):
+    model = random_value_model(tiny_model_dir, seed=5)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model.save_pretrained(tmp_path / "v", tokenizer=tokenizer)
+    reloaded = ValueModel.from_pretrained(tmp_path / "v")  # LoRA merged into the backbone
+    ids = torch.tensor([PROMPTS[2]])
+    torch.testing.assert_close(reloaded(ids, torch.ones_like(ids)), model(ids, torch.ones_like(ids)), atol=1e-4, rtol=0)
+    check_same_tokenizer(tokenizer, load_value_tokenizer(tmp_path / "v"), "v")  # no error
+
+
+def test_different_tokenizer_is_refused(tiny_model_dir, other_tokenizer_model_dir):
+    with pytest.raises(VasError, match="different tokenizer"):
+        check_same_tokenizer(load_tokenizer(tiny_model_dir), load_tokenizer(other_tokenizer_model_dir), "other")
+
+
+def test_not_a_value_model_directory(tmp_path):
+    with pytest.raises(VasError, match="not a value model directory"):
+        ValueModel.from_pretrained(tmp_path)
