@@ -30,21 +30,21 @@ def make_cases(tmp, tiny, other, value_dir):
     (tmp / "nan.py").write_text("def reward(prompts, responses):\n    return [float('nan')] * len(responses)\n")
     datasets.Dataset.from_dict({"prompt_ids": [[1]], "reward": [1.0]}).save_to_disk(str(tmp / "bad-data"))
     return {
-        "missing model": (["collect", "--out", tmp / "o1", "--limit", 2, "--base-model", tmp / "nope"],
+        "missing model": (["collect", "--quiet", "--out", tmp / "o1", "--limit", 2, "--base-model", tmp / "nope"],
                           "does not exist", tmp / "o1"),
         "invalid model": (["generate", "--prompt", "hi", "--base-model", tmp], "has no tokenizer_config.json", None),
-        "empty prompts": (["collect", "--out", tmp / "o2", "--prompts", tmp / "empty.txt", "--base-model", tiny],
+        "empty prompts": (["collect", "--quiet", "--out", tmp / "o2", "--prompts", tmp / "empty.txt", "--base-model", tiny],
                           "has no prompts", tmp / "o2"),
         "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
         "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
                    "k must be between 1 and the vocabulary size", None),
         "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
                       "k must be between 1 and the vocabulary size", None),
-        "non-finite reward": (["collect", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
+        "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
                                "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
         "other tokenizer": (["generate", "--prompt", "hi", "--base-model", other, "--value", value_dir],
                             "uses a different tokenizer from the base model", None),
-        "missing columns": (["train", "--data", tmp / "bad-data", "--out", tmp / "o4"],
+        "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
                             "lacks required columns: response_ids", tmp / "o4"),
     }
 

@@ -34,7 +34,7 @@ def test_greedy_loop_equals_transformers_generate(embedded):
 def test_cached_value_equals_full_recompute_on_real_backbone(embedded):
     tokenizer, _ = embedded
     torch.manual_seed(0)
-    model = ValueModel.create(EMBEDDED_MODEL, lora_rank=4).eval()
+    model = ValueModel.create(EMBEDDED_MODEL, lora_rank=4).eval().requires_grad_(False)
     with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=0.02)
     ids = encode_prompts(tokenizer, PROMPTS)

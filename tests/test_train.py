@@ -48,9 +48,9 @@ def test_training_learns_a_learnable_signal(tiny_model_dir, tmp_path):
     # rewards are 0/1 with mean ½: the initial model (every V = the mean reward) has MSE 0.25
     assert metrics["history"][-1]["eval_mc_mse"] < 0.1
     model = ValueModel.from_pretrained(tmp_path / "v")
-    ids = torch.tensor([tokenizer("happy news number 99")["input_ids"], tokenizer("awful news number 99")["input_ids"]])
-    values = model(ids, torch.ones_like(ids))[:, -1]
-    assert values[0] > 0.7 and values[1] < 0.3
+    happy, awful = (torch.tensor([tokenizer(f"{w} news number 99")["input_ids"]]) for w in ("happy", "awful"))
+    assert model(happy, torch.ones_like(happy))[0, -1] > 0.7
+    assert model(awful, torch.ones_like(awful))[0, -1] < 0.3
 
 
 def test_split_keeps_prompts_together(tiny_model_dir):
