@@ -22,7 +22,7 @@ class DemoSize:
     eval_prompts: int = 48
     max_new_tokens: int = 40
     epochs: float = 2.0
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     lora_rank: int = 16
     betas: tuple[float, ...] = (2.0, 5.0, 10.0)
     top_k: int = 10

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import datasets
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from vas.errors import VasError
 from vas.td import lambda_returns
@@ -222,6 +222,8 @@ def train_value_model(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
         data_collator=ValueCollator(pad_token_id), lam=lam, gamma=gamma,
     )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when progress bars are off
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
