@@ -253,7 +253,7 @@ def print_report(report: dict) -> None:
     for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "length (tokens)", "s / prompt"):
         table.add_column(column, justify="right" if column != "method" else "left")
     p = report["plain"]
-    table.add_row("plain sampling", f"{p['reward']:.4f}", f"{p['reward_sem']:.4f}", "0", f"{p['length']:.1f}", f"{p['seconds_per_prompt']:.2f}")
+    table.add_row("plain (π0)", f"{p['reward']:.4f}", f"{p['reward_sem']:.4f}", "0", f"{p['length']:.1f}", f"{p['seconds_per_prompt']:.2f}")
     for v in report["vas"]:
         table.add_row(f"VAS β={v['beta']:g}", f"{v['reward']:.4f}", f"{v['reward_sem']:.4f}", f"{v['kl']:.3f}",
                       f"{v['length']:.1f}", f"{v['seconds_per_prompt']:.2f}")

@@ -7,7 +7,7 @@ every method in a comparison draws from the same π0 with the same temperature r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -66,7 +66,6 @@ class Samples:
     base_logprobs: list[list[float]]
     kl: torch.Tensor
     finished: torch.Tensor
-    texts: list[str] = field(default_factory=list)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +112,7 @@ def sample(
         generator: torch RNG for reproducible sampling (on the policy's device).
 
     Returns:
-        :class:`Samples` (texts left empty: decode with the tokenizer).
+        :class:`Samples`; decode ``token_ids`` with the tokenizer for text.
 
     Raises:
         VasError: for an empty prompt, a prompt that does not fit the context window, k out of range,

@@ -163,6 +163,7 @@ def train_value_model(
     resume: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
+    callbacks: list | None = None,
 ) -> dict:
     """Train a value model on collected data and save it to ``out_dir`` (``ValueModel.from_pretrained``).
 
@@ -174,6 +175,7 @@ def train_value_model(
         save_steps: checkpoint every that many steps into ``<out_dir>.checkpoints`` (None: once per epoch);
             the folder is removed once the value model is saved.
         resume: continue from the newest checkpoint there.
+        callbacks: extra :class:`transformers.TrainerCallback` objects (early stopping, logging …).
 
     Returns:
         Metrics dict: ``train_loss``, the final ``eval_*`` values and ``history`` (one entry per evaluation).
@@ -220,7 +222,7 @@ def train_value_model(
     )
     trainer = ValueTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
-        data_collator=ValueCollator(pad_token_id), lam=lam, gamma=gamma,
+        data_collator=ValueCollator(pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when progress bars are off

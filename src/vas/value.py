@@ -81,6 +81,8 @@ class ValueModel(nn.Module):
         head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
         nn.init.zeros_(head.weight)
         nn.init.constant_(head.bias, init_value)
+        if Path(backbone).expanduser().exists():  # a local directory: store it absolute, to reload from anywhere
+            backbone = str(Path(backbone).expanduser().resolve())
         config = {"backbone": backbone, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
         return cls(body, head, config)
 
