@@ -94,7 +94,7 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
         seen = []
 
         def on_step_begin(self, args, state, control, model=None, **kw):
-            self.seen.append((state.global_step, float(model.head.bias)))
+            self.seen.append((state.global_step, float(model.head.bias.detach())))
 
     tokenizer = load_tokenizer(tiny_model_dir)
     data = make_data(tokenizer, n_prompts=12)

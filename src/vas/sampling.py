@@ -115,11 +115,15 @@ def sample(
         :class:`Samples`; decode ``token_ids`` with the tokenizer for text.
 
     Raises:
-        VasError: for an empty prompt, a prompt that does not fit the context window, k out of range,
-            or a temperature ≤ 0.
+        VasError: for no or an empty prompt, a prompt that does not fit the context window, k out of
+            range, a temperature ≤ 0 or max_new_tokens < 1.
     """
     if temperature <= 0:
         raise VasError(f"temperature must be > 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise VasError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if not prompt_ids:
+        raise VasError("no prompts to generate from")
     if any(len(p) == 0 for p in prompt_ids):
         raise VasError("a prompt is empty after tokenization")
     window = context_window(policy)
