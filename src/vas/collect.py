@@ -87,6 +87,10 @@ def collect(
         raise VasError(f"{out_dir} exists already: choose another --out or delete it")
     if samples_per_prompt < 1 or batch_size < 1:
         raise VasError("samples_per_prompt and batch_size must be ≥ 1")
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    eos_ids = eos_token_ids(policy, tokenizer)
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     meta_path = partial / _META
@@ -98,38 +102,39 @@ def collect(
     else:
         write_json_atomic(meta_path, settings)
 
-    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    eos_ids = eos_token_ids(policy, tokenizer)
     done = sum((partial / f"shard-{c:05d}").exists() for c in range(len(chunks)))
-    with tqdm(total=len(rows), initial=min(done * batch_size, len(rows)), desc="collect", unit="response",
-              disable=not progress) as bar:
-        for c, chunk in enumerate(chunks):
-            shard = partial / f"shard-{c:05d}"
-            if shard.exists():
-                continue
-            generator = torch.Generator(device=policy.device).manual_seed(chunk_seed(seed, c))
-            out = sample(
-                policy, [prompt_ids[i] for i, _ in chunk], eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                temperature=temperature, max_new_tokens=max_new_tokens, generator=generator,
-            )
-            texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
-            rewards = score(reward, [p for _, p in chunk], texts)
-            save_dataset_atomic(
-                datasets.Dataset.from_dict({
-                    "prompt": [p for _, p in chunk],
-                    "prompt_ids": [prompt_ids[i] for i, _ in chunk],
-                    "response": texts,
-                    "response_ids": out.token_ids,
-                    "logprobs": out.base_logprobs,
-                    "reward": rewards.tolist(),
-                    "finished": out.finished.tolist(),
-                    "prompt_index": [i for i, _ in chunk],
-                }),
-                shard,
-            )
-            bar.update(len(chunk))
+    try:
+        with tqdm(total=len(rows), initial=min(done * batch_size, len(rows)), desc="collect", unit="response",
+                  disable=not progress) as bar:
+            for c, chunk in enumerate(chunks):
+                shard = partial / f"shard-{c:05d}"
+                if shard.exists():
+                    continue
+                generator = torch.Generator(device=policy.device).manual_seed(chunk_seed(seed, c))
+                out = sample(
+                    policy, [prompt_ids[i] for i, _ in chunk], eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                    temperature=temperature, max_new_tokens=max_new_tokens, generator=generator,
+                )
+                texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+                rewards = score(reward, [p for _, p in chunk], texts)
+                save_dataset_atomic(
+                    datasets.Dataset.from_dict({
+                        "prompt": [p for _, p in chunk],
+                        "prompt_ids": [prompt_ids[i] for i, _ in chunk],
+                        "response": texts,
+                        "response_ids": out.token_ids,
+                        "logprobs": out.base_logprobs,
+                        "reward": rewards.tolist(),
+                        "finished": out.finished.tolist(),
+                        "prompt_index": [i for i, _ in chunk],
+                    }),
+                    shard,
+                )
+                bar.update(len(chunk))
+    except BaseException:
+        if not any(partial.glob("shard-*")):  # nothing finished: leave no trace of the failed start
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     data = datasets.concatenate_datasets([datasets.load_from_disk(str(partial / f"shard-{c:05d}")) for c in range(len(chunks))])
     save_dataset_atomic(data, out_dir)
     write_json_atomic(out_dir / _META, settings)
