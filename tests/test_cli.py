@@ -27,6 +27,7 @@ def value_dir(tiny_model_dir, tmp_path_factory):
 
 def make_cases(tmp, tiny, other, value_dir):
     (tmp / "empty.txt").write_text("")
+    (tmp / "taken.jsonl").write_text("keep me\n")
     (tmp / "nan.py").write_text("def reward(prompts, responses):\n    return [float('nan')] * len(responses)\n")
     datasets.Dataset.from_dict({"prompt_ids": [[1]], "reward": [1.0]}).save_to_disk(str(tmp / "bad-data"))
     return {
@@ -44,13 +45,21 @@ def make_cases(tmp, tiny, other, value_dir):
                                "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
         "other tokenizer": (["generate", "--prompt", "hi", "--base-model", other, "--value", value_dir],
                             "uses a different tokenizer from the base model", None),
+        "negative limit": (["collect", "--quiet", "--out", tmp / "o5", "--limit", -1], "limit ≥ 1", tmp / "o5"),
+        "output exists": (["generate", "--prompt", "hi", "--base-model", tiny, "--out", tmp / "taken.jsonl"],
+                          "exists already", None),
+        "missing value model": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", tmp / "nope=2"],
+                                "is not a value model folder", None),
+        "non-finite beta": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "--beta", "nan"],
+                            "must be finite", None),
         "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
                             "lacks required columns: response_ids", tmp / "o4"),
     }
 
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
-         "non-finite reward", "other tokenizer", "missing columns"]
+         "non-finite reward", "other tokenizer", "missing columns", "negative limit", "output exists",
+         "missing value model", "non-finite beta"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -62,6 +71,9 @@ def test_bad_input(case, tmp_path, tiny_model_dir, other_tokenizer_model_dir, va
     assert len(lines) == 1 and lines[0].startswith("vas: error: ") and message in lines[0], result.stderr
     if must_not_exist is not None:
         assert not must_not_exist.exists()
+        assert not must_not_exist.with_name(must_not_exist.name + ".partial").exists()
+    if case == "output exists":
+        assert (tmp_path / "taken.jsonl").read_text() == "keep me\n"
 
 
 def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):

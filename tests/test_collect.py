@@ -14,10 +14,6 @@ def length_reward(prompts, responses):
     return torch.tensor([len(r) / 10 for r in responses])
 
 
-class Interrupted(Exception):
-    pass
-
-
 class FailingReward:
     """Scores like ``length_reward`` but raises on call number ``fail_at`` (an interrupted job)."""
 
@@ -27,7 +23,7 @@ class FailingReward:
     def __call__(self, prompts, responses):
         self.calls += 1
         if self.calls == self.fail_at:
-            raise Interrupted
+            raise KeyboardInterrupt
         return length_reward(prompts, responses)
 
 
@@ -45,7 +41,7 @@ def run(model, reward, out):
 def test_resume_gives_the_same_rows(model, tmp_path):
     whole = run(model, length_reward, tmp_path / "whole")
     assert len(whole) == 12 and set(COLUMNS) <= set(whole.column_names)
-    with pytest.raises(Interrupted):
+    with pytest.raises(KeyboardInterrupt):
         run(model, FailingReward(fail_at=2), tmp_path / "resumed")  # chunk 0 saved, chunk 1 lost
     assert not (tmp_path / "resumed").exists()
     assert sorted(p.name for p in (tmp_path / "resumed.partial").glob("shard-*")) == ["shard-00000"]
@@ -58,7 +54,7 @@ def test_resume_gives_the_same_rows(model, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(model, tmp_path):
-    with pytest.raises(Interrupted):
+    with pytest.raises(KeyboardInterrupt):
         run(model, FailingReward(fail_at=2), tmp_path / "d")
     policy, tokenizer = model
     with pytest.raises(VasError, match="other settings"):

@@ -7,7 +7,9 @@ status 2; an interrupt exits 130 and long jobs resume when the same command is r
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -49,9 +51,24 @@ def _quiet_libraries() -> None:
 
 def _floats(text: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
         raise VasError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise VasError(f"--{name} must be finite numbers, got {text!r}")
+    return values
+
+
+def _positive(**options: float) -> None:
+    """Raise VasError naming the first option that is not > 0."""
+    for name, value in options.items():
+        if not value > 0:
+            raise VasError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _new_output(path: Path) -> None:
+    if path.exists():
+        raise VasError(f"{path} exists already: choose another --out or delete it")
 
 
 def _setup(base_model: str, device: str, dtype: str):
@@ -154,7 +171,7 @@ def train(
 def generate(
     value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
     prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
-    prompts: Annotated[Optional[str], typer.Option(help="Prompt source instead of --prompt (see `vas collect`).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt source, used after any --prompt (see `vas collect`).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
     beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
@@ -180,6 +197,9 @@ def generate(
     texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
+    _positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if out:
+        _new_output(out)
     dev, tokenizer, policy = _setup(base_model, device, dtype)
     steering = None
     if value:
@@ -229,6 +249,8 @@ def evaluate(
     from vas.rewards import load_reward
     from vas.value import load_value_models
 
+    _new_output(out)
+    _positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
     held_out = load_prompts(prompts, start=start, limit=limit)
     scorer = load_reward(reward)
     ns = [int(n) for n in _floats(best_of, "best-of")]
@@ -284,14 +306,17 @@ def demo(
                f"report → {out / 'eval' / 'report.json'}\nplot → {out / 'eval' / 'reward_vs_kl.png'}")
 
 
+def _on_interrupt(signum, frame):
+    typer.echo("\nvas: interrupted; finished work is kept, run the same command again to resume", err=True)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point of the ``vas`` command."""
     _quiet_libraries()
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
     except VasError as exc:
         typer.echo(f"vas: error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("vas: interrupted; finished work is kept, run the same command again to resume", err=True)
-        sys.exit(130)

@@ -49,6 +49,15 @@ BUILTIN_PROMPTS = {"chitchat": chitchat_openings, "topics": topic_prompts}
 
 
 def _read_file(path: Path, field: str) -> list[str]:
+    try:
+        return _parse_file(path, field)
+    except UnicodeDecodeError:
+        raise VasError(f"{path} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise VasError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _parse_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         prompts = []
@@ -61,7 +70,9 @@ def _read_file(path: Path, field: str) -> list[str]:
                 raise VasError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or field not in record:
                 raise VasError(f"{path}:{number}: no {field!r} field")
-            prompts.append(str(record[field]))
+            if not isinstance(record[field], str):
+                raise VasError(f"{path}:{number}: {field!r} is not a string")
+            prompts.append(record[field])
         return prompts
     if suffix == ".csv":
         with path.open(newline="") as handle:
@@ -102,6 +113,8 @@ def load_prompts(source: str, *, field: str = "prompt", start: int = 0, limit: i
     Raises:
         VasError: if the source does not exist, lacks the field, or yields no prompt.
     """
+    if start < 0 or (limit is not None and limit < 1):
+        raise VasError(f"start must be ≥ 0 and limit ≥ 1, got start={start}, limit={limit}")
     if source in BUILTIN_PROMPTS:
         prompts = BUILTIN_PROMPTS[source]()
     elif source.startswith("hf:") or (Path(source).is_dir() and (Path(source) / "dataset_info.json").exists()):

@@ -113,6 +113,8 @@ class CallableReward:
             self.fn: Callable = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise VasError(f"cannot import reward function {target!r}: {exc}") from exc
+        if not callable(self.fn):
+            raise VasError(f"reward {target!r} is not a function")
 
     def __call__(self, prompts, responses):
         return torch.as_tensor(list(self.fn(list(prompts), list(responses))), dtype=torch.float32)
@@ -158,7 +160,7 @@ def load_reward(spec: str) -> Reward:
     terms = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
-            continue
+            raise VasError(f"empty term in reward spec {spec!r}")
         name, weight = item, 1.0
         head, sep, tail = item.rpartition("=")
         if sep:
@@ -167,8 +169,6 @@ def load_reward(spec: str) -> Reward:
             except ValueError:
                 raise VasError(f"bad weight in reward spec {item!r}: write name=NUMBER") from None
         terms.append((_one(name), weight))
-    if not terms:
-        raise VasError("empty reward spec")
     if len(terms) == 1 and terms[0][1] == 1.0:
         return terms[0][0]
     return WeightedReward(terms)
@@ -180,7 +180,12 @@ def score(reward: Reward, prompts: Sequence[str], responses: Sequence[str]) -> t
     Raises:
         VasError: if the reward returns the wrong shape or a non-finite value (NaN or ±inf).
     """
-    values = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
+    try:
+        values = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
+    except VasError:
+        raise
+    except Exception as exc:  # a user's reward function failed: name it, keep its message
+        raise VasError(f"the reward failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if values.shape[0] != len(responses):
         raise VasError(f"reward returned {values.shape[0]} values for {len(responses)} responses")
     bad = (~torch.isfinite(values)).nonzero().flatten()

@@ -7,6 +7,7 @@ every method in a comparison draws from the same π0 with the same temperature r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,6 +43,8 @@ class Steering:
             self.weights = [1.0] * len(self.value_models)
         if len(self.weights) != len(self.value_models):
             raise VasError(f"{len(self.weights)} weights given for {len(self.value_models)} value models")
+        if not math.isfinite(self.beta) or not all(math.isfinite(w) for w in self.weights):
+            raise VasError(f"beta and the weights must be finite numbers, got beta={self.beta}, weights={self.weights}")
 
     def check_top_k(self, vocab_size: int) -> None:
         """Raise :class:`VasError` unless 1 ≤ k ≤ ``vocab_size``."""
@@ -118,8 +121,8 @@ def sample(
         VasError: for no or an empty prompt, a prompt that does not fit the context window, k out of
             range, a temperature ≤ 0 or max_new_tokens < 1.
     """
-    if temperature <= 0:
-        raise VasError(f"temperature must be > 0, got {temperature}")
+    if not (0 < temperature < math.inf):
+        raise VasError(f"temperature must be a finite number > 0, got {temperature}")
     if max_new_tokens < 1:
         raise VasError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if not prompt_ids:

@@ -24,6 +24,21 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(path: str | Path) -> Path:
+    """A new empty folder beside ``path`` (to be renamed to it), with the usual permissions (0777 & ~umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def save_dataset_atomic(dataset: datasets.Dataset, path: str | Path) -> None:
     """``dataset.save_to_disk`` into a temporary folder beside ``path``, then rename it to ``path``.
 
@@ -33,8 +48,7 @@ def save_dataset_atomic(dataset: datasets.Dataset, path: str | Path) -> None:
     path = Path(path)
     if path.exists():
         raise VasError(f"{path} exists already")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         dataset.save_to_disk(str(tmp))
         tmp.rename(path)
@@ -65,6 +79,7 @@ def replace_atomic(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from vas.errors import VasError
+from vas.storage import make_temp_dir
 from vas.td import lambda_returns
 from vas.value import ValueModel
 
@@ -130,9 +130,12 @@ def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> t
     """
     key = "prompt_index" if "prompt_index" in data.column_names else None
     groups = sorted(set(data[key])) if key else list(range(len(data)))
-    n_val = math.floor(len(groups) * val_fraction)
-    if val_fraction > 0 and (n_val < 1 or n_val >= len(groups)):
-        raise VasError(f"cannot hold out {val_fraction:.0%} of {len(groups)} prompts for validation: collect more")
+    if not 0 <= val_fraction < 1:
+        raise VasError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = max(1, math.floor(len(groups) * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= len(groups):
+        raise VasError(f"cannot hold out {val_fraction:.0%} of {len(groups)} prompts for validation: collect more "
+                       "prompts or pass --val-fraction 0")
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     val_groups = {groups[i] for i in order[:n_val]}
     ids = data[key] if key else groups
@@ -185,6 +188,10 @@ def train_value_model(
     """
     if not 0 <= lam <= 1 or not 0 <= gamma <= 1:
         raise VasError(f"lam and gamma must lie in [0, 1], got lam={lam}, gamma={gamma}")
+    for name, value in (("epochs", epochs), ("learning_rate", learning_rate), ("batch_size", batch_size),
+                        ("lora_rank", lora_rank), ("lora_alpha", lora_alpha), ("save_steps", save_steps or 1)):
+        if not value > 0:
+            raise VasError(f"{name} must be > 0, got {value}")
     rewards = torch.tensor(data["reward"], dtype=torch.float32)
     if not bool(torch.isfinite(rewards).all()):
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
@@ -197,6 +204,8 @@ def train_value_model(
     if out_dir.exists():
         raise VasError(f"{out_dir} exists already: choose another --out or delete it")
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
+    if checkpoint_dir.exists() and not resume:
+        raise VasError(f"{checkpoint_dir} holds an interrupted run: pass --resume to continue it, or delete it")
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=epochs,
@@ -231,7 +240,7 @@ def train_value_model(
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     metrics = {"train_loss": result.training_loss, "history": history,
                **({k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {})}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)
     model.save_pretrained(
         tmp, tokenizer=tokenizer, lam=lam, gamma=gamma, train_rows=len(train_set), val_rows=len(val_set),
         metrics={k: v for k, v in metrics.items() if k != "history"}, **(metadata or {}),

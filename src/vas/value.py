@@ -277,6 +277,8 @@ def load_value_models(
     models, weights = [], []
     for spec in specs:
         path, weight = parse_weighted(spec)
+        if not (Path(path) / CONFIG_NAME).is_file():
+            raise VasError(f"value model {spec!r}: {path!r} is not a value model folder (no {CONFIG_NAME})")
         check_same_tokenizer(base_tokenizer, load_value_tokenizer(path), path)
         models.append(ValueModel.from_pretrained(path, device=device, dtype=dtype))
         weights.append(weight)
