@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help and usage errors ("Error: …", exit 2)
 )
 
 BaseModel = Annotated[str, typer.Option("--base-model", "-m", help="Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.")]
@@ -185,7 +186,7 @@ def generate(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ):
-    """Generate with Value Augmented Sampling (paper Eq. 5); without --value, plain sampling from π0."""
+    """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value."""
     import torch
 
     from vas.models import eos_token_ids
