@@ -1,0 +1,43 @@
+"""Evaluation: the Best-of-N estimator against brute force, the KL bound by hand, and a small run."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from helpers import random_value_model
+
+from vas.evaluate import best_of_n_kl_bound, best_of_n_weights, evaluate
+from vas.models import load_policy, load_tokenizer
+
+
+@pytest.mark.parametrize("n, N", [(3, 2), (5, 1), (5, 3), (6, 6)])
+def test_best_of_n_weights_equal_brute_force(n, N):
+    rewards = torch.tensor([0.3, -1.0, 2.5, 0.7, 0.1, 4.0][:n], dtype=torch.float64)
+    brute = sum(max(rewards[list(s)]) for s in itertools.combinations(range(n), N)) / math.comb(n, N)
+    got = (rewards.sort().values * best_of_n_weights(n, N)).sum()
+    assert float(got) == pytest.approx(float(brute), abs=1e-12)
+
+
+def test_best_of_n_kl_bound_by_hand():
+    assert best_of_n_kl_bound(1) == 0.0
+    assert best_of_n_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def length_reward(prompts, responses):
+    return torch.tensor([len(r) / 10 for r in responses])
+
+
+def test_small_evaluation_run(tiny_model_dir, tmp_path):
+    policy, tokenizer = load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    report = evaluate(policy, tokenizer, ["hello", "what a day", "i hate it"], length_reward,
+                      [random_value_model(tiny_model_dir)], tmp_path / "e", betas=(0.0, 3.0), top_k=5,
+                      best_of=(1, 2, 4), max_new_tokens=6, batch_size=4, progress=False)
+    assert json.loads((tmp_path / "e" / "report.json").read_text()) == report
+    assert (tmp_path / "e" / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bon = {b["n"]: b for b in report["best_of_n"]}
+    assert bon[1]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)  # best of 1 is plain sampling
+    assert report["plain"]["reward"] <= bon[2]["reward"] <= bon[4]["reward"]
+    vas = {v["beta"]: v for v in report["vas"]}
+    assert vas[0.0]["kl"] == pytest.approx(0.0, abs=1e-6) and vas[3.0]["kl"] > 0
