@@ -198,7 +198,7 @@ def generate(
     texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    _positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _positive(batch_size=batch_size)
     if out:
         _new_output(out)
     dev, tokenizer, policy = _setup(base_model, device, dtype)
@@ -251,7 +251,7 @@ def evaluate(
     from vas.value import load_value_models
 
     _new_output(out)
-    _positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _positive(batch_size=batch_size)
     held_out = load_prompts(prompts, start=start, limit=limit)
     scorer = load_reward(reward)
     ns = [int(n) for n in _floats(best_of, "best-of")]
