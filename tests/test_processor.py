@@ -1,6 +1,5 @@
 """The LogitsProcessor inside model.generate equals the library's own loop, and never serves a stale cache."""
 
-import torch
 from helpers import random_value_model
 
 from vas.models import load_policy

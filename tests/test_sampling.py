@@ -6,7 +6,7 @@ import torch
 from helpers import random_value_model
 
 from vas.errors import VasError
-from vas.models import load_policy, load_tokenizer
+from vas.models import load_policy
 from vas.sampling import Steering, sample
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]

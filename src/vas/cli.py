@@ -67,10 +67,6 @@ def _positive(**options: float) -> None:
             raise VasError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
-def _new_output(path: Path) -> None:
-    if path.exists():
-        raise VasError(f"{path} exists already: choose another --out or delete it")
-
 
 def _setup(base_model: str, device: str, dtype: str):
     from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
@@ -192,7 +188,7 @@ def generate(
     from vas.models import eos_token_ids
     from vas.prompts import encode_prompts, load_prompts
     from vas.sampling import Steering, sample
-    from vas.storage import write_text_atomic
+    from vas.storage import require_absent, write_text_atomic
     from vas.value import load_value_models
 
     texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
@@ -200,7 +196,7 @@ def generate(
         raise VasError("give --prompt TEXT or --prompts SOURCE")
     _positive(batch_size=batch_size)
     if out:
-        _new_output(out)
+        require_absent(out)
     dev, tokenizer, policy = _setup(base_model, device, dtype)
     steering = None
     if value:
@@ -246,11 +242,12 @@ def evaluate(
 ):
     """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time."""
     from vas.evaluate import evaluate as run
+    from vas.storage import require_absent
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.value import load_value_models
 
-    _new_output(out)
+    require_absent(out)
     _positive(batch_size=batch_size)
     held_out = load_prompts(prompts, start=start, limit=limit)
     scorer = load_reward(reward)

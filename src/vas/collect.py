@@ -25,7 +25,7 @@ from vas.models import eos_token_ids
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.sampling import sample
-from vas.storage import load_dataset_dir, save_dataset_atomic, write_json_atomic
+from vas.storage import load_dataset_dir, require_absent, save_dataset_atomic, write_json_atomic
 
 COLUMNS = {
     "prompt": "prompt text as given (before the chat template)",
@@ -83,8 +83,7 @@ def collect(
         "samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "seed": seed, "num_prompts": len(prompts), **(metadata or {}),
     }
-    if out_dir.exists():
-        raise VasError(f"{out_dir} exists already: choose another --out or delete it")
+    require_absent(out_dir)
     if samples_per_prompt < 1 or batch_size < 1:
         raise VasError("samples_per_prompt and batch_size must be ≥ 1")
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]

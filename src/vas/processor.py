@@ -19,8 +19,7 @@ import torch
 from transformers import LogitsProcessor
 
 from vas.errors import VasError
-from vas.guidance import steered_logprobs
-from vas.sampling import Steering
+from vas.sampling import Steering, steer
 from vas.value import CandidateScorer
 
 
@@ -74,7 +73,4 @@ class VASLogitsProcessor(LogitsProcessor):
         self.seen = input_ids.clone()
         self.steering.check_top_k(scores.shape[-1])
         base = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        candidates = base.topk(self.steering.top_k, dim=-1).indices
-        values = sum(w * s.score(new_ids, new_mask, candidates).to(base.device)
-                     for w, s in zip(self.steering.weights, self.scorers))
-        return steered_logprobs(base, candidates, values, self.steering.beta)
+        return steer(self.steering, self.scorers, base, new_ids, new_mask)

@@ -52,6 +52,31 @@ class Steering:
             raise VasError(f"k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
 
 
+def steer(
+    steering: Steering,
+    scorers: Sequence[CandidateScorer],
+    base_logprobs: torch.Tensor,
+    new_ids: torch.Tensor,
+    new_mask: torch.Tensor,
+) -> torch.Tensor:
+    """One VAS step: π0's top-k (B, k) scored by every value model, combined by Eq. 5.
+
+    Args:
+        steering: β, k and the value models' weights.
+        scorers: one :class:`CandidateScorer` per value model, in ``steering``'s order.
+        base_logprobs: (B, V) log π0 at the sampling temperature.
+        new_ids, new_mask: (B, P) tokens appended since the previous step (the prompt at the first step).
+
+    Returns:
+        (B, V) float32 log π of the steered policy.
+    """
+    candidates = base_logprobs.topk(steering.top_k, dim=-1).indices  # (B, k)
+    values = sum(
+        w * s.score(new_ids, new_mask, candidates).to(base_logprobs.device) for w, s in zip(steering.weights, scorers)
+    )
+    return steered_logprobs(base_logprobs, candidates, values, steering.beta)
+
+
 @dataclass
 class Samples:
     """Output of :func:`sample` for B prompts; lists have one entry per prompt.
@@ -164,11 +189,7 @@ def sample(
         lengths = lengths + new_mask.sum(dim=1)
         base = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V) log π0
         if steering is not None:
-            candidates = base.topk(steering.top_k, dim=-1).indices  # (B, k)
-            values = sum(
-                w * s.score(new_ids, new_mask, candidates).to(device) for w, s in zip(steering.weights, scorers)
-            )
-            logp = steered_logprobs(base, candidates, values, steering.beta)
+            logp = steer(steering, scorers, base, new_ids, new_mask)
             kl += torch.where(finished, 0.0, kl_divergence(logp, base))
         else:
             logp = base

@@ -24,6 +24,12 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def require_absent(path: str | Path) -> None:
+    """Raise :class:`VasError` if ``path`` exists: outputs are never overwritten."""
+    if Path(path).exists():
+        raise VasError(f"{path} exists already: choose another --out or delete it")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -45,9 +51,7 @@ def save_dataset_atomic(dataset: datasets.Dataset, path: str | Path) -> None:
     Raises:
         VasError: if ``path`` exists already.
     """
-    path = Path(path)
-    if path.exists():
-        raise VasError(f"{path} exists already")
+    require_absent(path)
     tmp = make_temp_dir(path)
     try:
         dataset.save_to_disk(str(tmp))

@@ -22,7 +22,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from vas.errors import VasError
-from vas.storage import make_temp_dir
+from vas.storage import make_temp_dir, require_absent
 from vas.td import lambda_returns
 from vas.value import ValueModel
 
@@ -201,8 +201,7 @@ def train_value_model(
         init_value=float(torch.tensor(train_set["reward"]).mean()), device=device,
     )
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise VasError(f"{out_dir} exists already: choose another --out or delete it")
+    require_absent(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     if checkpoint_dir.exists() and not resume:
         raise VasError(f"{checkpoint_dir} holds an interrupted run: pass --resume to continue it, or delete it")
