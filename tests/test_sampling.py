@@ -7,7 +7,7 @@ from helpers import random_value_model
 
 from vas.errors import VasError
 from vas.models import load_policy
-from vas.sampling import Steering, sample
+from vas.sampling import Steering, draw, sample
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 
@@ -102,3 +102,13 @@ def test_bad_k(policy, value_model, k):
 def test_prompt_longer_than_context_window(policy):
     with pytest.raises(VasError, match="exceeds the context window of 256"):
         run(policy, [[5] * 250], max_new_tokens=8)
+
+
+def test_draw_matches_the_distribution_and_never_draws_zero_probability_tokens():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    logprobs = probs.log().expand(20000, 2, 5).reshape(40000, 5)
+    tokens = draw(logprobs, torch.Generator().manual_seed(0)).view(20000, 2)
+    counts = torch.stack([torch.bincount(tokens[:, r], minlength=5) for r in range(2)]).float() / 20000
+    # 4 standard errors of a frequency estimated from 20000 draws is < 0.015.
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    assert counts[0, 1] == 0 and counts[0, 4] == 0 and counts[1, 4] == 1

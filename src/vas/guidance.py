@@ -43,11 +43,11 @@ def steered_logprobs(
     candidate_values = candidate_values.float()
     if not bool(torch.isfinite(candidate_values).all()):
         raise ValueError("value model returned a non-finite value")
-    base = base_logprobs.float()
     mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t)
-    bonus = (beta * mean_value).expand_as(base).clone()  # every token gets β·V̄ ...
-    bonus.scatter_(1, candidate_ids, beta * candidate_values)  # ... the top-k get β·V(s ⊕ x)
-    return torch.log_softmax(base + bonus, dim=-1)
+    # Every token gets β·V̄ and the top-k get β·V(s ⊕ x) instead. A bonus shared by all tokens cancels in
+    # the normalisation, so only the top-k's β·(V − V̄) is added.
+    logits = base_logprobs.float().scatter_add(1, candidate_ids, beta * (candidate_values - mean_value))
+    return torch.log_softmax(logits, dim=-1)
 
 
 def kl_divergence(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,18 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from ``exp(logprobs)`` by inverse-CDF sampling: (B, V) float → (B,) int64.
+
+    One uniform number per row and a cumulative sum, instead of ``torch.multinomial``'s V exponential
+    draws per row (≈ 8 ms a step for B = 8, V = 49k on 2 CPU cores, see BENCHMARKS.md). Zero-probability
+    tokens are never drawn.
+    """
+    cdf = logprobs.float().exp().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(
     policy: PreTrainedModel,
@@ -196,7 +208,7 @@ def sample(
         if greedy:
             token = logp.argmax(dim=-1)
         else:
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            token = draw(logp, generator)
         active = ~finished
         token = torch.where(active, token, torch.full_like(token, pad_token_id))
         tokens.append(token)
