@@ -3,7 +3,9 @@ save/load round trips and the tokenizer check."""
 
 import pytest
 import torch
+from conftest import make_tiny_model_dir
 from helpers import random_value_model
+from transformers import AutoModel
 
 from vas.errors import VasError
 from vas.models import load_tokenizer
@@ -19,8 +21,11 @@ def full_value(model, tokens):
     return model(ids, torch.ones_like(ids))[0, -1].item()
 
 
-def test_cached_candidates_equal_full_recompute(tiny_model_dir):
-    model = random_value_model(tiny_model_dir)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_cached_candidates_equal_full_recompute(tiny_model_dir, dtype, atol):
+    # bfloat16 is the GPU default: the additive mask is built in the backbone's dtype.
+    model = random_value_model(tiny_model_dir).to(dtype)
+    model.head.float()
     scorer = CandidateScorer(model)
     ids, mask = left_pad(PROMPTS, pad_id=0)
     generator = torch.Generator().manual_seed(1)
@@ -30,7 +35,7 @@ def test_cached_candidates_equal_full_recompute(tiny_model_dir):
         cands = torch.randint(0, 250, (3, 6), generator=generator)
         got = scorer.score(new_ids, new_mask, cands)
         expected = torch.tensor([[full_value(model, prefixes[b] + [int(c)]) for c in cands[b]] for b in range(3)])
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
         chosen = cands[:, step : step + 1]
         for b in range(3):
             prefixes[b].append(int(chosen[b]))
@@ -65,3 +70,23 @@ def test_different_tokenizer_is_refused(tiny_model_dir, other_tokenizer_model_di
 def test_not_a_value_model_directory(tmp_path):
     with pytest.raises(VasError, match="not a value model directory"):
         ValueModel.from_pretrained(tmp_path)
+
+
+def test_layer_truncated_value_model_reads_the_first_layers(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "deep", layers=4)
+    model = random_value_model(model_dir, seed=7, num_layers=1)
+    ids = torch.tensor([PROMPTS[0]])
+    # Independently: the full 4-layer body's hidden state after layer 1, through the final norm, LoRA merged.
+    full = AutoModel.from_pretrained(model_dir)
+    merged = model.backbone.merge_and_unload() if hasattr(model.backbone, "merge_and_unload") else model.backbone
+    full.layers[0].load_state_dict(merged.layers[0].state_dict())
+    hidden = full(ids, output_hidden_states=True).hidden_states[1]
+    expected = model.head(full.norm(hidden)).squeeze(-1)
+    torch.testing.assert_close(model(ids, torch.ones_like(ids)), expected, atol=1e-5, rtol=0)
+    model = random_value_model(model_dir, seed=7, num_layers=1)  # merge_and_unload above changed the first
+    model.save_pretrained(tmp_path / "v")
+    reloaded = ValueModel.from_pretrained(tmp_path / "v")
+    assert len(reloaded.backbone.layers) == 1
+    torch.testing.assert_close(reloaded(ids, torch.ones_like(ids)), expected, atol=1e-5, rtol=0)
+    with pytest.raises(VasError, match="has 4 layers: keep 1 to 4 of them, got 5"):
+        ValueModel.create(model_dir, num_layers=5)

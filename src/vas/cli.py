@@ -30,6 +30,7 @@ app = typer.Typer(
 BaseModel = Annotated[str, typer.Option("--base-model", "-m", help="Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.")]
 Device = Annotated[str, typer.Option(help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")]
 Dtype = Annotated[str, typer.Option(help="'auto' (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+ValueDtype = Annotated[str, typer.Option(help="Value models' dtype: 'auto' (bf16 where the hardware runs it natively: CUDA, CPUs with AVX512-BF16/AMX; else float32, float16 on CUDA), float32, bfloat16, float16.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
 MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
@@ -116,6 +117,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Dataset folder written by `vas collect`.")],
     out: Annotated[Path, typer.Option(help="Output value-model folder (must not exist).")],
     backbone: Annotated[Optional[str], typer.Option(help="Value backbone (causal LM); default: the data's base model.")] = None,
+    backbone_layers: Annotated[Optional[int], typer.Option(help="Keep only the backbone's first L layers: a cheaper value model (L = depth/4 costs about a quarter).")] = None,
     lam: Annotated[float, typer.Option("--lambda", help="TD(λ): 0.95 (paper); 0 = TD(0); 1 = Monte-Carlo.")] = 0.95,
     gamma: Annotated[float, typer.Option(help="Discount γ (paper: 1).")] = 1.0,
     epochs: Annotated[float, typer.Option(help="Training epochs.")] = 1.0,
@@ -152,7 +154,7 @@ def train(
 
         check_same_tokenizer(load_tokenizer(base_model), tokenizer, backbone)
     metrics = train_value_model(
-        dataset, out, backbone=backbone, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, lam=lam,
+        dataset, out, backbone=backbone, num_layers=backbone_layers, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, lam=lam,
         gamma=gamma, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, lora_rank=lora_rank,
         lora_alpha=lora_alpha, val_fraction=val_fraction, seed=seed, device=resolve_device(device),
         precision=precision, save_steps=save_steps, resume=resume, progress=not quiet,
@@ -181,11 +183,12 @@ def generate(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    value_dtype: ValueDtype = "auto",
 ):
     """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value."""
     import torch
 
-    from vas.models import eos_token_ids
+    from vas.models import eos_token_ids, resolve_value_dtype
     from vas.prompts import encode_prompts, load_prompts
     from vas.sampling import Steering, sample
     from vas.storage import require_absent, write_text_atomic
@@ -200,7 +203,7 @@ def generate(
     dev, tokenizer, policy = _setup(base_model, device, dtype)
     steering = None
     if value:
-        models, weights = load_value_models(value, tokenizer, device=dev, dtype=policy.dtype)
+        models, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
         steering = Steering(models, weights, beta=beta, top_k=top_k)
     ids = encode_prompts(tokenizer, texts)
     records = []
@@ -238,10 +241,12 @@ def evaluate(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    value_dtype: ValueDtype = "auto",
     quiet: Quiet = False,
 ):
     """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time."""
     from vas.evaluate import evaluate as run
+    from vas.models import resolve_value_dtype
     from vas.storage import require_absent
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
@@ -255,7 +260,7 @@ def evaluate(
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
     dev, tokenizer, policy = _setup(base_model, device, dtype)
-    models, weights = load_value_models(value, tokenizer, device=dev, dtype=policy.dtype)
+    models, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
     report = run(policy, tokenizer, held_out, scorer, models, out, weights=weights, betas=_floats(betas, "betas"),
                  top_k=top_k, best_of=ns, temperature=temperature, max_new_tokens=max_new_tokens,
                  batch_size=batch_size, seed=seed, progress=not quiet,

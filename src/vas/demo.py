@@ -39,7 +39,7 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     """
     from vas.collect import COLUMNS, collect
     from vas.evaluate import evaluate
-    from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype, resolve_value_dtype
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.storage import load_dataset_dir
@@ -75,7 +75,7 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
                                     metadata={"reward": DEMO_REWARD, "base_model": base_model})
         log(f"      validation MSE (TD(λ) targets) {metrics.get('eval_loss', float('nan')):.4f}, "
             f"(reward labels) {metrics.get('eval_mc_mse', float('nan')):.4f}")
-    value_model = ValueModel.from_pretrained(value_dir, device=dev, dtype=dtype)
+    value_model = ValueModel.from_pretrained(value_dir, device=dev, dtype=resolve_value_dtype("auto", dev))
 
     log(f"[3/3] evaluating on {size.eval_prompts} held-out prompts → {eval_dir}")
     held_out = load_prompts(DEMO_PROMPTS, start=size.train_prompts, limit=size.eval_prompts)

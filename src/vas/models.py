@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
 from vas.storage import make_temp_dir
@@ -139,6 +140,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products natively: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(probe() for probe in probes if probe is not None)
+    return False
+
+
+def resolve_value_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The value models' dtype for decoding: ``"auto"`` → bfloat16 where :func:`native_bf16`, else float16 on
+    CUDA and float32 on CPU; or a named dtype.
+
+    Separate from π0's dtype: the value model only re-weights π0's top-k by exp(β·V), so bf16's rounding
+    (≈ 0.4 % of V) moves β·V by ≈ 0.04 nats at β·V = 10, while π0 and the KL against it stay exact
+    (speed-ups measured in BENCHMARKS.md).
+    """
+    if dtype == "auto":
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return resolve_dtype(dtype, device)
+
+
 def load_policy(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The frozen base policy π0: a causal LM in eval mode with gradients off.
 
@@ -150,13 +177,39 @@ def load_policy(spec: str, device: torch.device | str = "cpu", dtype: torch.dtyp
     return model
 
 
-def load_backbone(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_backbone(
+    spec: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_layers: int | None = None,
+) -> PreTrainedModel:
     """The transformer body of ``spec`` without its LM head (``AutoModel``): the value model's backbone.
 
+    Args:
+        num_layers: keep only the first L transformer layers (then the final norm): a layer-truncated
+            backbone, about L / depth of the full cost per token. None keeps them all. The weights of the
+            dropped layers are never loaded.
+
     Returns a model whose forward gives ``last_hidden_state`` (B, S, H).
+
+    Raises:
+        VasError: if the model cannot be loaded, or ``num_layers`` is not between 1 and the model's depth.
     """
-    model = _load(AutoModel, spec, dtype=dtype)
-    return model.to(device)
+    if num_layers is None:
+        return _load(AutoModel, spec, dtype=dtype).to(device)
+    config = _load(AutoConfig, spec)
+    depth = config.num_hidden_layers
+    if not 1 <= num_layers <= depth:
+        raise VasError(f"the backbone {spec!r} has {depth} layers: keep 1 to {depth} of them, got {num_layers}")
+    overrides = {"num_hidden_layers": num_layers}
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding/full) must match the depth
+        overrides["layer_types"] = config.layer_types[:num_layers]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the dropped layers' weights are expected to be left unused
+    try:
+        return _load(AutoModel, spec, dtype=dtype, **overrides).to(device)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def context_window(model: PreTrainedModel) -> int | None:

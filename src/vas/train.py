@@ -151,6 +151,7 @@ def train_value_model(
     backbone: str,
     pad_token_id: int,
     tokenizer=None,
+    num_layers: int | None = None,
     lam: float = 0.95,
     gamma: float = 1.0,
     epochs: float = 1.0,
@@ -173,6 +174,8 @@ def train_value_model(
     Args:
         data: rows with ``prompt_ids``, ``response_ids`` and ``reward`` (output of :func:`vas.collect.collect`).
         backbone: causal LM spec for the value backbone (by default the base model's own weights).
+        num_layers: keep only the backbone's first L layers (a layer-truncated value model, cheaper to
+            decode with); None keeps all.
         lam, gamma: TD(λ) parameters (Table 4: 0.95, 1). λ = 0 → TD(0), λ = 1 → Monte-Carlo.
         precision: ``float32``, ``bf16`` or ``fp16`` mixed precision (GPU), passed to the Trainer.
         save_steps: checkpoint every that many steps into ``<out_dir>.checkpoints`` (None: once per epoch);
@@ -198,7 +201,7 @@ def train_value_model(
     train_set, val_set = split_by_prompt(data, val_fraction, seed)
     model = ValueModel.create(
         backbone, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        init_value=float(torch.tensor(train_set["reward"]).mean()), device=device,
+        init_value=float(torch.tensor(train_set["reward"]).mean()), num_layers=num_layers, device=device,
     )
     out_dir = Path(out_dir)
     require_absent(out_dir)

@@ -65,6 +65,7 @@ class ValueModel(nn.Module):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         init_value: float = 0.0,
+        num_layers: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "ValueModel":
@@ -72,9 +73,10 @@ class ValueModel(nn.Module):
 
         The backbone is frozen and wrapped with LoRA on all its linear layers (Table 4: rank 32, α 32);
         the head is zero-initialised with bias ``init_value`` (the training data's mean reward is a good
-        start), so every V(s) starts at ``init_value``.
+        start), so every V(s) starts at ``init_value``. ``num_layers`` keeps only the backbone's first L
+        layers (:func:`vas.models.load_backbone`), a cheaper value model for decoding.
         """
-        body = load_backbone(backbone, device=device, dtype=dtype)
+        body = load_backbone(backbone, device=device, dtype=dtype, num_layers=num_layers)
         body.requires_grad_(False)
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
         body = get_peft_model(body, lora)
@@ -83,7 +85,8 @@ class ValueModel(nn.Module):
         nn.init.constant_(head.bias, init_value)
         if Path(backbone).expanduser().exists():  # a local directory: store it absolute, to reload from anywhere
             backbone = str(Path(backbone).expanduser().resolve())
-        config = {"backbone": backbone, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
+        config = {"backbone": backbone, "num_layers": body.config.num_hidden_layers, "lora_rank": lora_rank,
+                  "lora_alpha": lora_alpha}
         return cls(body, head, config)
 
     @property
@@ -160,7 +163,7 @@ class ValueModel(nn.Module):
         if not config_path.is_file():
             raise VasError(f"{str(directory)!r} is not a value model directory (no {CONFIG_NAME})")
         config = json.loads(config_path.read_text())
-        body = load_backbone(config["backbone"], device=device, dtype=dtype)
+        body = load_backbone(config["backbone"], device=device, dtype=dtype, num_layers=config.get("num_layers"))
         body = PeftModel.from_pretrained(body, directory, is_trainable=trainable)
         if not trainable:
             body = body.merge_and_unload()
