@@ -1,6 +1,8 @@
 """The decoding loop: π0's logprobs against a plain forward pass, β = 0, batch/padding invariance, value-model
 composition, per-row EOS, and bad k / prompt lengths."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import random_value_model
@@ -112,3 +114,10 @@ def test_draw_matches_the_distribution_and_never_draws_zero_probability_tokens()
     # 4 standard errors of a frequency estimated from 20000 draws is < 0.015.
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
     assert counts[0, 1] == 0 and counts[0, 4] == 0 and counts[1, 4] == 1
+
+
+def test_decoding_uses_no_deprecated_cache_argument(policy, value_model):
+    # transformers 5.x renamed forward's past_key_values to cache and removes the old name in 5.40.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        run(policy, PROMPTS, Steering([value_model], beta=2.0, top_k=4), max_new_tokens=3)

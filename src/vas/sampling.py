@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from vas.errors import VasError
-from vas.models import context_window
+from vas.models import cache_kwargs, context_window
 from vas.guidance import kl_divergence, steered_logprobs
 from vas.value import CandidateScorer, ValueModel, position_ids_from_mask
 
@@ -194,8 +194,7 @@ def sample(
             input_ids=new_ids,
             attention_mask=attention,
             position_ids=position_ids_from_mask(new_mask, lengths),
-            past_key_values=cache,
-            use_cache=True,
+            **cache_kwargs(policy, cache),
             logits_to_keep=1,
         )
         lengths = lengths + new_mask.sum(dim=1)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
-from vas.models import load_backbone, load_tokenizer
+from vas.models import cache_kwargs, load_backbone, load_tokenizer
 
 CONFIG_NAME = "vas_value_config.json"
 HEAD_NAME = "value_head.safetensors"
@@ -98,7 +98,7 @@ class ValueModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """V at every position.
 
@@ -107,7 +107,7 @@ class ValueModel(nn.Module):
             attention_mask: (B, S) {0,1} padding mask (positions derived from it when ``position_ids`` is
                 None), or a ready (B, 1, S, S_past + S) additive float mask (then pass ``position_ids``).
             position_ids: (B, S) int64 or None.
-            past_key_values: the backbone's cache of earlier tokens, updated in place, or None.
+            cache: the backbone's KV cache of earlier tokens, updated in place, or None.
 
         Returns:
             (B, S) float32: V of the state ending at each position.
@@ -118,8 +118,7 @@ class ValueModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
+            **(cache_kwargs(self.backbone, cache) if cache is not None else {"use_cache": False}),
         )
         return self.head(out.last_hidden_state.float()).squeeze(-1)
 
@@ -246,7 +245,7 @@ class CandidateScorer:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
         values = self.model(
-            torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions, past_key_values=self.cache
+            torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions, cache=self.cache
         )
         self.cache.crop(-k)
         self.past_mask = torch.cat([self.past_mask, new_mask], dim=1)
