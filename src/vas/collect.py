@@ -25,7 +25,12 @@ from vas.models import eos_token_ids
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.sampling import sample
-from vas.storage import load_dataset_dir, require_absent, save_dataset_atomic, write_json_atomic
+from vas.storage import (
+    load_dataset_dir,
+    require_absent,
+    save_dataset_atomic,
+    write_json_atomic,
+)
 
 COLUMNS = {
     "prompt": "prompt text as given (before the chat template)",

@@ -47,12 +47,18 @@ def best_of_n_kl_bound(N: int) -> float:
     return math.log(N) - (N - 1) / N
 
 
-def _sem(x: torch.Tensor) -> float:
+def standard_error(x: torch.Tensor) -> float:
+    """Standard error of the mean of the 1-D tensor ``x`` (0 for fewer than two values)."""
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def _generate(policy, tokenizer, prompt_ids, *, steering, temperature, max_new_tokens, batch_size, seed, progress, desc):
-    """Sample one response per entry of ``prompt_ids`` in batches; returns texts, Samples fields, seconds."""
+def generate_responses(policy, tokenizer, prompt_ids, *, steering, temperature, max_new_tokens, batch_size, seed, progress, desc):
+    """Sample one response per entry of ``prompt_ids`` in batches of ``batch_size`` (batch b seeded with
+    ``seed * 7919 + b``), with ``steering`` or from π0 (None).
+
+    Returns:
+        (texts, lengths (N,) float32 tokens, kl (N,) float32 nats, seconds of decoding).
+    """
     texts, lengths, kls = [], [], []
     eos = eos_token_ids(policy, tokenizer)
     start = time.perf_counter()
@@ -100,7 +106,7 @@ def evaluate(
 
     pool_ids = [ids for ids in prompt_ids for _ in range(n_pool)]
     pool_prompts = [p for p in prompts for _ in range(n_pool)]
-    texts, lengths, _, seconds = _generate(policy, tokenizer, pool_ids, steering=None, seed=seed, desc="π0 samples", **common)
+    texts, lengths, _, seconds = generate_responses(policy, tokenizer, pool_ids, steering=None, seed=seed, desc="π0 samples", **common)
     t0 = time.perf_counter()
     rewards = score(reward, pool_prompts, texts)
     reward_seconds = time.perf_counter() - t0
@@ -109,7 +115,7 @@ def evaluate(
     report = {
         "settings": {"prompts": P, "n_pool": n_pool, "top_k": top_k, "temperature": temperature,
                      "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or []), **(metadata or {})},
-        "plain": {"reward": float(pool_r.mean()), "reward_sem": _sem(pool_r.mean(dim=1)), "kl": 0.0,
+        "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)), "kl": 0.0,
                   "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool)},
         "best_of_n": [],
         "vas": [],
@@ -120,7 +126,7 @@ def evaluate(
         w = best_of_n_weights(n_pool, N).float()
         per_prompt = (pool_r.gather(1, order) * w).sum(dim=1)
         report["best_of_n"].append({
-            "n": N, "reward": float(per_prompt.mean()), "reward_sem": _sem(per_prompt),
+            "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
             "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
             "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
             "seconds_per_prompt": N * per_sample,
@@ -131,12 +137,12 @@ def evaluate(
 
     for beta in betas:
         steering = Steering(value_models, weights, beta=beta, top_k=top_k)
-        v_texts, v_len, v_kl, v_seconds = _generate(policy, tokenizer, prompt_ids, steering=steering, seed=seed + 1,
+        v_texts, v_len, v_kl, v_seconds = generate_responses(policy, tokenizer, prompt_ids, steering=steering, seed=seed + 1,
                                                     desc=f"VAS β={beta:g}", **common)
         v_r = score(reward, prompts, v_texts)
         report["vas"].append({
-            "beta": beta, "reward": float(v_r.mean()), "reward_sem": _sem(v_r), "kl": float(v_kl.mean()),
-            "kl_sem": _sem(v_kl), "length": float(v_len.mean()), "seconds_per_prompt": v_seconds / P,
+            "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r), "kl": float(v_kl.mean()),
+            "kl_sem": standard_error(v_kl), "length": float(v_len.mean()), "seconds_per_prompt": v_seconds / P,
         })
         for i, example in enumerate(report["examples"]):
             example[f"vas_beta_{beta:g}"] = v_texts[i]

@@ -30,7 +30,8 @@ class Reward(Protocol):
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
 
 
-def _words(text: str) -> int:
+def word_count(text: str) -> int:
+    """Whitespace-separated words in ``text``: the unit of the verbosity and brevity rewards."""
     return len(text.split())
 
 
@@ -53,7 +54,7 @@ class WordCount:
         self.sign, self.per = sign, per
 
     def __call__(self, prompts, responses):
-        return torch.tensor([self.sign * _words(r) / self.per for r in responses], dtype=torch.float32)
+        return torch.tensor([self.sign * word_count(r) / self.per for r in responses], dtype=torch.float32)
 
 
 class Offensiveness:
