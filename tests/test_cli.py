@@ -30,6 +30,8 @@ def make_cases(tmp, tiny, other, value_dir):
     (tmp / "taken.jsonl").write_text("keep me\n")
     (tmp / "nan.py").write_text("def reward(prompts, responses):\n    return [float('nan')] * len(responses)\n")
     datasets.Dataset.from_dict({"prompt_ids": [[1]], "reward": [1.0]}).save_to_disk(str(tmp / "bad-data"))
+    datasets.Dataset.from_dict({"prompt_ids": [[1, 2]] * 4, "response_ids": [[3]] * 4, "reward": [1.0] * 4,
+                                "prompt_index": [0, 1, 2, 3]}).save_to_disk(str(tmp / "good-data"))
     return {
         "missing model": (["collect", "--quiet", "--out", tmp / "o1", "--limit", 2, "--base-model", tmp / "nope"],
                           "does not exist", tmp / "o1"),
@@ -54,12 +56,15 @@ def make_cases(tmp, tiny, other, value_dir):
                             "must be finite", None),
         "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
                             "lacks required columns: response_ids", tmp / "o4"),
+        "unknown experiment": (["experiment", "frontierr", "--out", tmp / "o6"], "unknown experiment 'frontierr'", tmp / "o6"),
+        "too many layers": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o7", "--backbone", tiny,
+                             "--backbone-layers", 9], "keep 1 to 2 of them, got 9", tmp / "o7"),
     }
 
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "other tokenizer", "missing columns", "negative limit", "output exists",
-         "missing value model", "non-finite beta"]
+         "missing value model", "non-finite beta", "unknown experiment", "too many layers"]
 
 
 @pytest.mark.parametrize("case", CASES)

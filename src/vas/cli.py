@@ -247,9 +247,9 @@ def evaluate(
     """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time."""
     from vas.evaluate import evaluate as run
     from vas.models import resolve_value_dtype
-    from vas.storage import require_absent
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
+    from vas.storage import require_absent
     from vas.value import load_value_models
 
     require_absent(out)
@@ -307,6 +307,34 @@ def demo(
     typer.echo(f"done in {(time.perf_counter() - start) / 60:.1f} min")
     typer.echo(f"samples → {out / 'samples'}\nvalue model → {out / 'value'}\n"
                f"report → {out / 'eval' / 'report.json'}\nplot → {out / 'eval' / 'reward_vs_kl.png'}")
+
+
+@app.command()
+def experiment(
+    name: Annotated[str, typer.Argument(help="Which experiment: beta-knob.")],
+    out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("vas-runs/experiments"),
+    base_model: BaseModel = DEFAULT_MODEL,
+    device: Device = "auto",
+    seed: Seed = 0,
+    quick: Annotated[bool, typer.Option(help="A seconds-long version, to check the set-up (numbers meaningless).")] = False,
+    quiet: Quiet = False,
+):
+    """Run one of the paper's claims at small scale; writes OUT/NAME/ and its section of OUT/REPORT.md."""
+    import time
+
+    from vas.experiments import EXPERIMENTS
+    from vas.experiments.report import write_section
+    from vas.models import resolve_device
+
+    if name not in EXPERIMENTS:
+        raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
+    module = EXPERIMENTS[name]
+    start = time.perf_counter()
+    section = module.run(out / name, base_model=base_model, device=resolve_device(device), seed=seed,
+                         size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
+    write_section(out / "REPORT.md", section)
+    typer.echo(f"{section.title}: {section.verdict} ({(time.perf_counter() - start) / 60:.1f} min)")
+    typer.echo(f"data → {out / name}\nreport → {out / 'REPORT.md'}")
 
 
 def _on_interrupt(signum, frame):

@@ -1,0 +1,192 @@
+"""β as a control knob (paper Fig. 5 and Table 6): verbosity reward on the App. C.5.4 topic prompts.
+
+One value model is trained on π0's responses to the topic prompts, rewarded by their length in words
+(``verbosity`` = words/100). At decoding time only β changes: the mean length of the responses to held-out
+topics is measured over a grid of β, negative β included (which steers towards low reward, i.e. short
+responses). The paper's claim is a monotone curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vas.experiments.report import Section
+
+NAME = "beta-knob"
+REWARD = "verbosity"
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores)."""
+
+    train_topics: int = 60
+    samples_per_prompt: int = 6
+    eval_topics: int = 20
+    max_new_tokens: int = 128
+    epochs: float = 2.0
+    learning_rate: float = 1e-3
+    lora_rank: int = 16
+    batch_size: int = 20
+    top_k: int = 10
+    betas: tuple[float, ...] = (-8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+    example_betas: tuple[float, ...] = (-4.0, 0.0, 4.0)
+
+
+QUICK = Size(train_topics=6, samples_per_prompt=2, eval_topics=3, max_new_tokens=12, epochs=1.0, batch_size=6,
+             betas=(-4.0, 0.0, 4.0))
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists without ties in ``x`` (ties in ``y`` get mean ranks)."""
+    def ranks(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        return torch.stack([((t < v).sum() + ((t == v).sum() + 1) / 2) for v in t])
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = float((rx.square().sum() * ry.square().sum()).sqrt())
+    return float((rx * ry).sum()) / denominator if denominator > 0 else 0.0
+
+
+def significant_decreases(rows: list[dict]) -> list[tuple[float, float]]:
+    """Adjacent β pairs (in increasing β) whose mean length drops by more than 2 standard errors of the difference."""
+    rows = sorted(rows, key=lambda r: r["beta"])
+    drops = []
+    for a, b in zip(rows, rows[1:]):
+        if a["words"] - b["words"] > 2 * math.hypot(a["words_sem"], b["words_sem"]):
+            drops.append((a["beta"], b["beta"]))
+    return drops
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vas.storage import replace_atomic
+
+    rows = sorted(rows, key=lambda r: r["beta"])
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    ax.errorbar([r["beta"] for r in rows], [r["words"] for r in rows], yerr=[r["words_sem"] for r in rows],
+                marker="o", capsize=3)
+    ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("β (symmetric log scale)")
+    ax.set_ylabel("mean words per response")
+    ax.set_title(f"Verbosity value model, β as a knob ({rows[0]['prompts']} held-out topics, ±1 s.e.)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with replace_atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Size, progress: bool,
+        log: Callable[[str], None]) -> Section:
+    """Train (or reuse) the verbosity value model in ``out``, sweep β on held-out topics, write
+    ``summary.json``, ``generations.csv`` and ``words_vs_beta.png`` there, and return the report section."""
+    from vas.evaluate import generate_responses, standard_error
+    from vas.models import (
+        load_policy,
+        load_tokenizer,
+        resolve_dtype,
+        resolve_value_dtype,
+    )
+    from vas.pipeline import Recipe, samples_and_value_model
+    from vas.prompts import encode_prompts, load_prompts
+    from vas.rewards import word_count
+    from vas.sampling import Steering
+    from vas.storage import write_json_atomic, write_text_atomic
+    from vas.value import ValueModel
+
+    tokenizer = load_tokenizer(base_model)
+    policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
+    recipe = Recipe(samples_per_prompt=size.samples_per_prompt, max_new_tokens=size.max_new_tokens,
+                    epochs=size.epochs, learning_rate=size.learning_rate, lora_rank=size.lora_rank,
+                    batch_size=size.batch_size)
+    data, value_dir = samples_and_value_model(
+        out, policy=policy, tokenizer=tokenizer, base_model=base_model,
+        prompts=load_prompts("topics", limit=size.train_topics), reward_spec=REWARD, recipe=recipe, seed=seed,
+        device=device, progress=progress, log=log, metadata={"prompts": "topics"},
+    )
+    value_model = ValueModel.from_pretrained(value_dir, device=device, dtype=resolve_value_dtype("auto", device))
+    held_out = load_prompts("topics", start=size.train_topics, limit=size.eval_topics)
+    prompt_ids = encode_prompts(tokenizer, held_out)
+
+    rows, generations = [], []
+    for beta in size.betas:
+        steering = Steering([value_model], beta=beta, top_k=size.top_k) if beta != 0 else None  # β = 0 is π0
+        texts, lengths, kl, seconds = generate_responses(
+            policy, tokenizer, prompt_ids, steering=steering, temperature=0.7, max_new_tokens=size.max_new_tokens,
+            batch_size=size.batch_size, seed=seed, progress=progress, desc=f"β={beta:g}")
+        words = torch.tensor([word_count(t) for t in texts], dtype=torch.float32)
+        capped = lengths >= size.max_new_tokens
+        rows.append({"beta": beta, "prompts": len(held_out), "words": float(words.mean()),
+                     "words_sem": standard_error(words), "tokens": float(lengths.mean()), "kl": float(kl.mean()),
+                     "at_token_limit": float(capped.float().mean()), "seconds_per_prompt": seconds / len(held_out)})
+        generations += [{"beta": beta, "prompt": p, "response": t, "words": int(w)} for p, t, w in zip(held_out, texts, words)]
+        log(f"β={beta:g}: {rows[-1]['words']:.1f} ± {rows[-1]['words_sem']:.1f} words, KL {rows[-1]['kl']:.2f}")
+
+    rho = spearman([r["beta"] for r in rows], [r["words"] for r in rows])
+    drops = significant_decreases(rows)
+    train_words = float(torch.tensor([word_count(t) for t in data["response"]], dtype=torch.float32).mean())
+    summary = {"settings": {"base_model": base_model, "reward": REWARD, "seed": seed, "top_k": size.top_k,
+                            "train_topics": size.train_topics, "samples_per_prompt": size.samples_per_prompt,
+                            "eval_topics": size.eval_topics, "max_new_tokens": size.max_new_tokens},
+               "train_mean_words": train_words, "rows": rows, "spearman": rho, "significant_decreases": drops}
+    write_json_atomic(out / "summary.json", summary)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["beta", "prompt", "response", "words"])
+    writer.writeheader()
+    writer.writerows(generations)
+    write_text_atomic(out / "generations.csv", buffer.getvalue())
+    plot(rows, out / "words_vs_beta.png")
+
+    monotone = not drops
+    verdict = "reproduced" if monotone and rho >= 0.9 else "partly reproduced" if rho >= 0.5 else "not reproduced"
+    table = "\n".join(
+        f"| {r['beta']:g} | {r['words']:.1f} ± {r['words_sem']:.1f} | {r['tokens']:.1f} | {100 * r['at_token_limit']:.0f} % "
+        f"| {r['kl']:.2f} |" for r in sorted(rows, key=lambda r: r["beta"]))
+    example_prompt = held_out[0]
+    examples = "\n".join(
+        f"| {g['beta']:g} | {g['words']} | {g['response'].strip().replace(chr(10), ' ').replace('|', '/')} |"
+        for g in generations if g["prompt"] == example_prompt and g["beta"] in size.example_betas)
+    reasons = []
+    if drops:
+        reasons.append("length falls significantly between β = " + ", ".join(f"{a:g} → {b:g}" for a, b in drops))
+    if max(r["at_token_limit"] for r in rows) > 0.5:
+        reasons.append(f"more than half the responses hit the {size.max_new_tokens}-token limit at large β, which "
+                       "caps the length the knob can reach")
+    body = f"""`vas experiment {NAME}`: a value model for `{REWARD}` (words/100) trained on {size.train_topics} topics ×
+{size.samples_per_prompt} π0 responses (mean {train_words:.1f} words, ≤ {size.max_new_tokens} tokens, TD(λ) λ = 0.95,
+{size.epochs:g} epochs); VAS with k = {size.top_k} on {size.eval_topics} held-out topics, one response each per β, same
+seeds for every β. β = 0 is plain sampling from π0.
+
+| β | words per response | tokens | at the token limit | KL(π‖π0) nats |
+|---|---|---|---|---|
+{table}
+
+![words vs β]({NAME}/words_vs_beta.png)
+
+Spearman rank correlation between β and mean length: **{rho:.2f}**; adjacent β steps where the length drops
+by more than 2 standard errors: {len(drops)}.{(" " + "; ".join(reasons) + ".") if reasons else ""}
+
+Responses to “{example_prompt.splitlines()[-1]}” (Table 6 analogue):
+
+| β | words | response |
+|---|---|---|
+{examples}
+
+Data: `{NAME}/summary.json`, `{NAME}/generations.csv`."""
+    return Section(NAME, "β as a control knob (Fig. 5, Table 6)",
+                   "With one verbosity value model, the response length is a monotone function of β, "
+                   "for positive and negative β alike.", verdict, body)
