@@ -92,7 +92,8 @@ def lm_collator(pad_id: int):
 
 
 def bench_training(device, rows: datasets.Dataset, batch: int, tmp: Path) -> dict:
-    tokens_per_step = sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows.select(range(batch)))
+    # non-padding tokens in an average step (the Trainer shuffles the rows)
+    tokens_per_step = batch * sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows) / len(rows)
     steps = len(rows) // batch
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
 
@@ -111,7 +112,8 @@ def bench_training(device, rows: datasets.Dataset, batch: int, tmp: Path) -> dic
             callbacks=[lm_timer]).train()
     value_tps = tokens_per_step * value_timer.steps / value_timer.seconds
     lm_tps = tokens_per_step * lm_timer.steps / lm_timer.seconds
-    return {"batch": batch, "steps": steps, "timed_steps": value_timer.steps, "tokens_per_step": tokens_per_step,
+    return {"batch": batch, "steps": steps, "timed_steps": value_timer.steps, "lora_lm_timed_steps": lm_timer.steps,
+            "tokens_per_step": tokens_per_step,
             "value_tokens_per_second": value_tps, "lora_lm_tokens_per_second": lm_tps,
             "value_over_lora_lm_time_per_token (target <= 1.3)": lm_tps / value_tps}
 
@@ -131,6 +133,9 @@ def bench_collection(device, n: int, batch: int, max_new: int, tmp: Path) -> dic
 
     ids = encode_prompts(tokenizer, prompts)
     eos = eos_token_ids(policy, tokenizer)
+    warm_ids, warm_mask = left_pad(ids[:batch], tokenizer.pad_token_id)
+    policy.generate(warm_ids.to(device), attention_mask=warm_mask.to(device), do_sample=True, max_new_tokens=4,
+                    pad_token_id=tokenizer.pad_token_id)
     start = time.perf_counter()
     hf_tokens = 0
     for i in range(0, n, batch):
@@ -142,7 +147,7 @@ def bench_collection(device, n: int, batch: int, max_new: int, tmp: Path) -> dic
         ended = torch.isin(new, torch.tensor(eos))
         lengths = torch.where(ended.any(1), ended.float().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
         hf_tokens += int(lengths.sum())
-        texts = tokenizer.batch_decode([row[:length] for row, length in zip(new.tolist(), lengths.tolist())],
+        texts = tokenizer.batch_decode([row[:length] for row, length in zip(new.tolist(), lengths.tolist(), strict=True)],
                                        skip_special_tokens=True)
         score(reward, prompts[i : i + batch], texts)
     hf = time.perf_counter() - start
@@ -164,7 +169,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"throughput-{device.type}{'-quick' if args.quick else ''}.json"
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = training_rows(tokenizer, 24 if args.quick else 96, 40)
+        rows = training_rows(tokenizer, 24 if args.quick else 160, 40)
         training = bench_training(device, rows, 4 if args.quick else 16, Path(tmp))
         collection = bench_collection(device, 8 if args.quick else 64, 4 if args.quick else 16, 8 if args.quick else 40, Path(tmp))
     report = {

@@ -15,8 +15,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from vas.errors import VasError
-from vas.models import cache_kwargs, context_window
 from vas.guidance import kl_divergence, steered_logprobs
+from vas.models import cache_kwargs, context_window
 from vas.value import CandidateScorer, ValueModel, position_ids_from_mask
 
 
