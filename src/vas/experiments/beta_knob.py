@@ -80,6 +80,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 marker="o", capsize=3)
     ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xticks([r["beta"] for r in rows], [f"{r['beta']:g}" for r in rows])
     ax.set_xlabel("β (symmetric log scale)")
     ax.set_ylabel("mean words per response")
     ax.set_title(f"Verbosity value model, β as a knob ({rows[0]['prompts']} held-out topics, ±1 s.e.)")
@@ -162,13 +163,13 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         for g in generations if g["prompt"] == example_prompt and g["beta"] in size.example_betas)
     reasons = []
     if drops:
-        reasons.append("length falls significantly between β = " + ", ".join(f"{a:g} → {b:g}" for a, b in drops))
+        reasons.append("Length falls significantly between β = " + ", ".join(f"{a:g} → {b:g}" for a, b in drops))
     if max(r["at_token_limit"] for r in rows) > 0.5:
-        reasons.append(f"more than half the responses hit the {size.max_new_tokens}-token limit at large β, which "
+        reasons.append(f"More than half the responses hit the {size.max_new_tokens}-token limit at some β, which "
                        "caps the length the knob can reach")
     body = f"""`vas experiment {NAME}`: a value model for `{REWARD}` (words/100) trained on {size.train_topics} topics ×
 {size.samples_per_prompt} π0 responses (mean {train_words:.1f} words, ≤ {size.max_new_tokens} tokens, TD(λ) λ = 0.95,
-{size.epochs:g} epochs); VAS with k = {size.top_k} on {size.eval_topics} held-out topics, one response each per β, same
+{size.epochs:g} epoch(s)); VAS with k = {size.top_k} on {size.eval_topics} held-out topics, one response each per β, same
 seeds for every β. β = 0 is plain sampling from π0.
 
 | β | words per response | tokens | at the token limit | KL(π‖π0) nats |
@@ -178,7 +179,7 @@ seeds for every β. β = 0 is plain sampling from π0.
 ![words vs β]({NAME}/words_vs_beta.png)
 
 Spearman rank correlation between β and mean length: **{rho:.2f}**; adjacent β steps where the length drops
-by more than 2 standard errors: {len(drops)}.{(" " + "; ".join(reasons) + ".") if reasons else ""}
+by more than 2 standard errors: {len(drops)}.{(" " + ". ".join(reasons) + ".") if reasons else ""}
 
 Responses to “{example_prompt.splitlines()[-1]}” (Table 6 analogue):
 
