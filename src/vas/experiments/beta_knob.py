@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vas.experiments.report import Section
+from vas.pipeline import Recipe
 
 NAME = "beta-knob"
 REWARD = "verbosity"
@@ -28,19 +29,14 @@ class Size:
     """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores)."""
 
     train_topics: int = 60
-    samples_per_prompt: int = 6
     eval_topics: int = 20
-    max_new_tokens: int = 128
-    epochs: float = 2.0
-    learning_rate: float = 1e-3
-    lora_rank: int = 16
-    batch_size: int = 20
+    recipe: Recipe = Recipe(samples_per_prompt=6, max_new_tokens=128, batch_size=20)
     top_k: int = 10
     betas: tuple[float, ...] = (-8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
     example_betas: tuple[float, ...] = (-4.0, 0.0, 4.0)
 
 
-QUICK = Size(train_topics=6, samples_per_prompt=2, eval_topics=3, max_new_tokens=12, epochs=1.0, batch_size=6,
+QUICK = Size(train_topics=6, eval_topics=3, recipe=Recipe(samples_per_prompt=2, max_new_tokens=12, epochs=1.0, batch_size=6),
              betas=(-4.0, 0.0, 4.0))
 
 
@@ -102,7 +98,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         resolve_dtype,
         resolve_value_dtype,
     )
-    from vas.pipeline import Recipe, samples_and_value_model
+    from vas.pipeline import samples_and_value_model
     from vas.prompts import encode_prompts, load_prompts
     from vas.rewards import word_count
     from vas.sampling import Steering
@@ -111,9 +107,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
 
     tokenizer = load_tokenizer(base_model)
     policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
-    recipe = Recipe(samples_per_prompt=size.samples_per_prompt, max_new_tokens=size.max_new_tokens,
-                    epochs=size.epochs, learning_rate=size.learning_rate, lora_rank=size.lora_rank,
-                    batch_size=size.batch_size)
+    recipe = size.recipe
     data, value_dir = samples_and_value_model(
         out, policy=policy, tokenizer=tokenizer, base_model=base_model,
         prompts=load_prompts("topics", limit=size.train_topics), reward_spec=REWARD, recipe=recipe, seed=seed,
@@ -127,10 +121,10 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     for beta in size.betas:
         steering = Steering([value_model], beta=beta, top_k=size.top_k) if beta != 0 else None  # β = 0 is π0
         texts, lengths, kl, seconds = generate_responses(
-            policy, tokenizer, prompt_ids, steering=steering, temperature=0.7, max_new_tokens=size.max_new_tokens,
-            batch_size=size.batch_size, seed=seed, progress=progress, desc=f"β={beta:g}")
+            policy, tokenizer, prompt_ids, steering=steering, temperature=0.7, max_new_tokens=recipe.max_new_tokens,
+            batch_size=recipe.batch_size, seed=seed, progress=progress, desc=f"β={beta:g}")
         words = torch.tensor([word_count(t) for t in texts], dtype=torch.float32)
-        capped = lengths >= size.max_new_tokens
+        capped = lengths >= recipe.max_new_tokens
         rows.append({"beta": beta, "prompts": len(held_out), "words": float(words.mean()),
                      "words_sem": standard_error(words), "tokens": float(lengths.mean()), "kl": float(kl.mean()),
                      "at_token_limit": float(capped.float().mean()), "seconds_per_prompt": seconds / len(held_out)})
@@ -141,8 +135,8 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     drops = significant_decreases(rows)
     train_words = float(torch.tensor([word_count(t) for t in data["response"]], dtype=torch.float32).mean())
     summary = {"settings": {"base_model": base_model, "reward": REWARD, "seed": seed, "top_k": size.top_k,
-                            "train_topics": size.train_topics, "samples_per_prompt": size.samples_per_prompt,
-                            "eval_topics": size.eval_topics, "max_new_tokens": size.max_new_tokens},
+                            "train_topics": size.train_topics, "samples_per_prompt": recipe.samples_per_prompt,
+                            "eval_topics": size.eval_topics, "max_new_tokens": recipe.max_new_tokens},
                "train_mean_words": train_words, "rows": rows, "spearman": rho, "significant_decreases": drops}
     write_json_atomic(out / "summary.json", summary)
     buffer = io.StringIO()
@@ -165,11 +159,11 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     if drops:
         reasons.append("Length falls significantly between β = " + ", ".join(f"{a:g} → {b:g}" for a, b in drops))
     if max(r["at_token_limit"] for r in rows) > 0.5:
-        reasons.append(f"More than half the responses hit the {size.max_new_tokens}-token limit at some β, which "
+        reasons.append(f"More than half the responses hit the {recipe.max_new_tokens}-token limit at some β, which "
                        "caps the length the knob can reach")
     body = f"""`vas experiment {NAME}`: a value model for `{REWARD}` (words/100) trained on {size.train_topics} topics ×
-{size.samples_per_prompt} π0 responses (mean {train_words:.1f} words, ≤ {size.max_new_tokens} tokens, TD(λ) λ = 0.95,
-{size.epochs:g} epoch(s)); VAS with k = {size.top_k} on {size.eval_topics} held-out topics, one response each per β, same
+{recipe.samples_per_prompt} π0 responses (mean {train_words:.1f} words, ≤ {recipe.max_new_tokens} tokens, TD(λ) λ = 0.95,
+{recipe.epochs:g} epoch(s)); VAS with k = {size.top_k} on {size.eval_topics} held-out topics, one response each per β, same
 seeds for every β. β = 0 is plain sampling from π0.
 
 | β | words per response | tokens | at the token limit | KL(π‖π0) nats |
