@@ -7,9 +7,10 @@ import datasets
 import pytest
 
 from vas.demo import DemoSize, run_demo
+from vas.pipeline import Recipe
 
-TINY = DemoSize(train_prompts=6, samples_per_prompt=2, eval_prompts=3, max_new_tokens=4, epochs=1.0, betas=(2.0,),
-                best_of=(1, 2), batch_size=4)
+TINY = DemoSize(train_prompts=6, eval_prompts=3, recipe=Recipe(samples_per_prompt=2, max_new_tokens=4, epochs=1.0, batch_size=4),
+                betas=(2.0,), best_of=(1, 2))
 
 
 def test_demo_stages_and_rerun(tiny_model_dir, tmp_path):
@@ -18,7 +19,7 @@ def test_demo_stages_and_rerun(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "d" / "eval" / "report.json").read_text()) == json.loads(json.dumps(report))
     assert [v["beta"] for v in report["vas"]] == [2.0]
     assert report["best_of_n"][0]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)  # best of 1 = plain
-    assert len(datasets.load_from_disk(str(tmp_path / "d" / "samples"))) == TINY.train_prompts * TINY.samples_per_prompt
+    assert len(datasets.load_from_disk(str(tmp_path / "d" / "samples"))) == TINY.train_prompts * TINY.recipe.samples_per_prompt
 
     logs.clear()
     shutil.rmtree(tmp_path / "d" / "eval")

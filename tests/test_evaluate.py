@@ -33,7 +33,7 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
     policy, tokenizer = load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
     report = evaluate(policy, tokenizer, ["hello", "what a day", "i hate it"], length_reward,
                       [random_value_model(tiny_model_dir)], tmp_path / "e", betas=(0.0, 3.0), top_k=5,
-                      best_of=(1, 2, 4), max_new_tokens=6, batch_size=4, progress=False)
+                      best_of=(1, 2, 4), vas_samples_per_prompt=2, max_new_tokens=6, batch_size=4, progress=False)
     assert json.loads((tmp_path / "e" / "report.json").read_text()) == report
     assert (tmp_path / "e" / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bon = {b["n"]: b for b in report["best_of_n"]}
@@ -41,3 +41,14 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
     assert report["plain"]["reward"] <= bon[2]["reward"] <= bon[4]["reward"]
     vas = {v["beta"]: v for v in report["vas"]}
     assert vas[0.0]["kl"] == pytest.approx(0.0, abs=1e-6) and vas[3.0]["kl"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
+    plain = [r for r in rows if r["method"] == "plain"]
+    assert len(plain) == 3 * 4 and len(rows) == 3 * 4 + 2 * 3 * 2  # pool of 4, 2 β × 3 prompts × 2 samples
+    for r in rows:  # every saved reward is the reward of the saved text
+        assert r["reward"] == pytest.approx(len(r["response"]) / 10, abs=1e-5)
+    assert sum(r["reward"] for r in plain) / len(plain) == pytest.approx(report["plain"]["reward"], abs=1e-5)
+    for beta in (0.0, 3.0):
+        steered = [r for r in rows if r["method"] == "vas" and r["beta"] == beta]
+        assert sum(r["kl"] for r in steered) / 6 == pytest.approx(vas[beta]["kl"], abs=1e-5)
+        assert sum(vas[beta]["reward_by_sample"]) / 2 == pytest.approx(vas[beta]["reward"], abs=1e-5)
+        assert vas[beta]["value_tokens"] == pytest.approx(vas[beta]["policy_tokens"] * 6)  # k + 1 = 6 per token

@@ -17,6 +17,15 @@ def test_eq5_hand_worked():
     torch.testing.assert_close(got, (unnormalised / unnormalised.sum())[None], atol=1e-6, rtol=0)
 
 
+def test_masked_variant_hand_worked():
+    # App. D.1's masked ablation: token 2 (outside the top-k) gets probability 0, the rest as in Eq. 5
+    got = steered_logprobs(BASE, torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]), beta=2.0,
+                           mask_outside_top_k=True).exp()
+    unnormalised = torch.tensor([0.5 * math.e**2, 0.3, 0.0])
+    torch.testing.assert_close(got, (unnormalised / unnormalised.sum())[None], atol=1e-6, rtol=0)
+    assert math.isfinite(float(kl_divergence(got.log(), BASE)))
+
+
 def test_beta_zero_is_base_policy():
     torch.manual_seed(0)
     base = torch.log_softmax(torch.randn(4, 50), dim=-1)

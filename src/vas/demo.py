@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vas.pipeline import Recipe, samples_and_value_model
+
 DEMO_REWARD = "positivity"
 DEMO_PROMPTS = "chitchat"
 
@@ -18,16 +20,11 @@ class DemoSize:
     """How big each stage of the demo is."""
 
     train_prompts: int = 256
-    samples_per_prompt: int = 2
     eval_prompts: int = 48
-    max_new_tokens: int = 40
-    epochs: float = 2.0
-    learning_rate: float = 1e-3
-    lora_rank: int = 16
+    recipe: Recipe = Recipe()
     betas: tuple[float, ...] = (2.0, 5.0, 10.0)
     top_k: int = 10
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
-    batch_size: int = 16
 
 
 def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), device: str = "auto",
@@ -45,7 +42,6 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
         resolve_dtype,
         resolve_value_dtype,
     )
-    from vas.pipeline import Recipe, samples_and_value_model
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.value import ValueModel
@@ -54,8 +50,7 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     dev = resolve_device(device)
     tokenizer = load_tokenizer(base_model)
     policy = load_policy(base_model, device=dev, dtype=resolve_dtype("auto", dev))
-    recipe = Recipe(samples_per_prompt=size.samples_per_prompt, max_new_tokens=size.max_new_tokens, epochs=size.epochs,
-                    learning_rate=size.learning_rate, lora_rank=size.lora_rank, batch_size=size.batch_size)
+    recipe = size.recipe
     _, value_dir = samples_and_value_model(
         out, policy=policy, tokenizer=tokenizer, base_model=base_model,
         prompts=load_prompts(DEMO_PROMPTS, limit=size.train_prompts), reward_spec=DEMO_REWARD, recipe=recipe,
@@ -67,6 +62,6 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     log(f"evaluating on {size.eval_prompts} held-out prompts → {eval_dir}")
     held_out = load_prompts(DEMO_PROMPTS, start=size.train_prompts, limit=size.eval_prompts)
     return evaluate(policy, tokenizer, held_out, load_reward(DEMO_REWARD), [value_model], eval_dir, betas=size.betas,
-                    top_k=size.top_k, best_of=size.best_of, max_new_tokens=size.max_new_tokens,
-                    batch_size=size.batch_size, seed=seed, progress=progress,
+                    top_k=size.top_k, best_of=size.best_of, max_new_tokens=recipe.max_new_tokens,
+                    batch_size=recipe.batch_size, seed=seed, progress=progress,
                     metadata={"task": "demo", "reward": DEMO_REWARD, "base_model": base_model, "size": asdict(size)})

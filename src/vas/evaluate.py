@@ -6,13 +6,20 @@ For every held-out prompt:
 * **Best-of-N** for each N ≤ n_pool: the expected reward of the best of N samples, estimated without bias
   from the pool (:func:`best_of_n_weights`), with the analytic KL bound log N − (N−1)/N (Stiennon et al.
   2020; Beirami et al. 2024). Cost: N samples and N reward calls per prompt.
-* **VAS** at each β: one steered sample per prompt; the exact sequence KL Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
+* **VAS** at each β: ``vas_samples_per_prompt`` steered samples per prompt; the exact sequence KL
+  Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
 
-Writes ``report.json`` and ``reward_vs_kl.png`` (atomically).
+Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt while decoding
+(``policy_tokens``: generated tokens; ``value_tokens``: (k + 1) per generated token for VAS), which does not
+depend on the machine.
+
+Writes ``report.json``, ``responses.jsonl`` (every response: method, β, sample, prompt, text, reward, KL,
+tokens) and ``reward_vs_kl.png`` (atomically).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -26,7 +33,7 @@ from vas.models import eos_token_ids
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.sampling import Steering, sample
-from vas.storage import replace_atomic, write_json_atomic
+from vas.storage import replace_atomic, write_json_atomic, write_text_atomic
 from vas.value import ValueModel
 
 
@@ -84,6 +91,7 @@ def evaluate(
     betas: Sequence[float] = (1.0, 2.0, 4.0),
     top_k: int = 10,
     best_of: Sequence[int] = (1, 2, 4, 8, 16),
+    vas_samples_per_prompt: int = 1,
     temperature: float = 0.7,
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -91,12 +99,16 @@ def evaluate(
     progress: bool = True,
     metadata: dict | None = None,
 ) -> dict:
-    """Run the comparison on held-out ``prompts`` and write ``report.json`` and ``reward_vs_kl.png``.
+    """Run the comparison on held-out ``prompts`` and write ``report.json``, ``responses.jsonl`` and
+    ``reward_vs_kl.png`` into ``out_dir``.
 
     Returns:
         The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
-        (mean), ``reward_sem``, ``kl`` (nats per response), ``length`` (tokens), ``seconds_per_prompt``;
-        plus ``examples`` (the first prompts' responses under each method) and ``settings``.
+        (mean), ``reward_sem`` (over prompts, of per-prompt means), ``kl`` (nats per response), ``length``
+        (tokens), ``seconds_per_prompt``, ``policy_tokens`` and ``value_tokens`` (per prompt); VAS entries
+        also have ``reward_by_sample`` (the mean over prompts of each of the ``vas_samples_per_prompt``
+        samples, which use different seeds); plus ``examples`` (the first prompts' responses under each
+        method) and ``settings``.
     """
     out_dir = Path(out_dir)
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -107,16 +119,23 @@ def evaluate(
     pool_ids = [ids for ids in prompt_ids for _ in range(n_pool)]
     pool_prompts = [p for p in prompts for _ in range(n_pool)]
     texts, lengths, _, seconds = generate_responses(policy, tokenizer, pool_ids, steering=None, seed=seed, desc="π0 samples", **common)
+    responses = [{"method": "plain", "beta": 0.0, "prompt_index": i // n_pool, "sample": i % n_pool,
+                  "prompt": pool_prompts[i], "response": t, "tokens": int(n), "kl": 0.0}
+                 for i, (t, n) in enumerate(zip(texts, lengths))]
     t0 = time.perf_counter()
     rewards = score(reward, pool_prompts, texts)
+    for row, r in zip(responses, rewards.tolist()):
+        row["reward"] = r
     reward_seconds = time.perf_counter() - t0
     pool_r, pool_len = rewards.view(P, n_pool), lengths.view(P, n_pool)
     per_sample = (seconds + reward_seconds) / (P * n_pool)
     report = {
-        "settings": {"prompts": P, "n_pool": n_pool, "top_k": top_k, "temperature": temperature,
+        "settings": {"prompts": P, "n_pool": n_pool, "top_k": top_k, "vas_samples_per_prompt": vas_samples_per_prompt,
+                     "temperature": temperature,
                      "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or []), **(metadata or {})},
         "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)), "kl": 0.0,
-                  "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool)},
+                  "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
+                  "policy_tokens": float(pool_len.mean()), "value_tokens": 0.0},
         "best_of_n": [],
         "vas": [],
         "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
@@ -129,26 +148,35 @@ def evaluate(
             "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
             "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
             "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
-            "seconds_per_prompt": N * per_sample,
+            "seconds_per_prompt": N * per_sample, "policy_tokens": N * float(pool_len.mean()), "value_tokens": 0.0,
         })
     best = pool_r.argmax(dim=1)
     for i, example in enumerate(report["examples"]):
         example[f"best_of_{n_pool}"] = texts[i * n_pool + int(best[i])]
 
+    m = vas_samples_per_prompt
+    v_ids, v_prompts = [ids for ids in prompt_ids for _ in range(m)], [p for p in prompts for _ in range(m)]
     for beta in betas:
         steering = Steering(value_models, weights, beta=beta, top_k=top_k)
-        v_texts, v_len, v_kl, v_seconds = generate_responses(policy, tokenizer, prompt_ids, steering=steering, seed=seed + 1,
-                                                    desc=f"VAS β={beta:g}", **common)
-        v_r = score(reward, prompts, v_texts)
+        v_texts, v_len, v_kl, v_seconds = generate_responses(policy, tokenizer, v_ids, steering=steering, seed=seed + 1,
+                                                             desc=f"VAS β={beta:g}", **common)
+        v_r = score(reward, v_prompts, v_texts)
         report["vas"].append({
-            "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r), "kl": float(v_kl.mean()),
-            "kl_sem": standard_error(v_kl), "length": float(v_len.mean()), "seconds_per_prompt": v_seconds / P,
+            "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r.view(P, m).mean(dim=1)),
+            "reward_by_sample": v_r.view(P, m).mean(dim=0).tolist(), "kl": float(v_kl.mean()),
+            "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
+            "seconds_per_prompt": v_seconds / (P * m), "policy_tokens": float(v_len.mean()),
+            "value_tokens": float(v_len.mean()) * (top_k + 1) * len(value_models),
         })
+        responses += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
+                       "response": t, "tokens": int(n), "kl": float(k), "reward": float(r)}
+                      for i, (t, n, k, r) in enumerate(zip(v_texts, v_len, v_kl, v_r))]
         for i, example in enumerate(report["examples"]):
-            example[f"vas_beta_{beta:g}"] = v_texts[i]
+            example[f"vas_beta_{beta:g}"] = v_texts[i * m]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "report.json", report)
+    write_text_atomic(out_dir / "responses.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in responses))
     plot_reward_vs_kl(report, out_dir / "reward_vs_kl.png")
     return report
 

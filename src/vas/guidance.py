@@ -7,7 +7,8 @@ this π0, so the augmentation is applied after the temperature, and β·V is nev
     log π(x|s) = log π0(x|s) + β·V(s ⊕ x) − log Z        for x in π0's top-k
     log π(x|s) = log π0(x|s) + β·mean_k V(s ⊕ ·) − log Z   for every other token        (Eq. 5)
 
-No token is masked (App. D.1 shows masking hurts), so a row can never become all −inf.
+By default no token is masked (App. D.1 shows masking hurts), so a row can never become all −inf; the
+masked variant of App. D.1 (π restricted to the top-k) is available for the ablation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def steered_logprobs(
     candidate_ids: torch.Tensor,
     candidate_values: torch.Tensor,
     beta: float,
+    mask_outside_top_k: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities of the steered policy π (paper Eq. 5).
 
@@ -28,6 +30,8 @@ def steered_logprobs(
         candidate_ids: (B, k) int64, the top-k token ids of π0 (any k distinct ids per row work).
         candidate_values: (B, k) float, V(s_t ⊕ x) for each candidate (weighted sum if several value models).
         beta: β, the strength of the value guidance. β = 0 returns ``base_logprobs`` normalised, i.e. π0.
+        mask_outside_top_k: give tokens outside the candidates probability 0 instead of β·mean(V) (the
+            masked variant of App. D.1; not Eq. 5). β = 0 then gives π0 renormalised over the top-k.
 
     Returns:
         (B, V) float32 log π(·|s_t), normalised over the vocabulary.
@@ -47,6 +51,8 @@ def steered_logprobs(
     # Every token gets β·V̄ and the top-k get β·V(s ⊕ x) instead. A bonus shared by all tokens cancels in
     # the normalisation, so only the top-k's β·(V − V̄) is added.
     logits = base_logprobs.float().scatter_add(1, candidate_ids, beta * (candidate_values - mean_value))
+    if mask_outside_top_k:
+        logits = torch.full_like(logits, -torch.inf).scatter(1, candidate_ids, logits.gather(1, candidate_ids))
     return torch.log_softmax(logits, dim=-1)
 
 

@@ -17,7 +17,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class Recipe:
-    """How samples are collected from π0 and how the value model is trained on them (App. C.1, Table 4)."""
+    """How samples are collected from π0 and how the value model is trained on them (App. C.1, Table 4).
+
+    ``backbone_layers`` keeps the value model's first L backbone layers (None: all of them).
+    """
 
     samples_per_prompt: int = 2
     max_new_tokens: int = 40
@@ -26,6 +29,78 @@ class Recipe:
     lora_rank: int = 16
     batch_size: int = 16
     lam: float = 0.95
+    backbone_layers: int | None = None
+
+
+def collected_samples(
+    directory: Path,
+    *,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward_spec: str,
+    recipe: Recipe,
+    seed: int,
+    progress: bool,
+    log: Callable[[str], None],
+    metadata: dict | None = None,
+) -> datasets.Dataset:
+    """``recipe.samples_per_prompt`` π0 responses per prompt scored by ``reward_spec``, collected into
+    ``directory`` (:func:`vas.collect.collect`), or loaded from it if it exists."""
+    from vas.collect import COLUMNS, collect
+    from vas.rewards import load_reward
+    from vas.storage import load_dataset_dir
+
+    if directory.exists():
+        log(f"samples: reusing {directory}")
+        return load_dataset_dir(directory, set(COLUMNS))
+    log(f"collecting {len(prompts)}×{recipe.samples_per_prompt} responses from π0 → {directory}")
+    return collect(policy, tokenizer, prompts, load_reward(reward_spec), directory,
+                   samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
+                   batch_size=recipe.batch_size, seed=seed, progress=progress,
+                   metadata={"reward": reward_spec, **(metadata or {})})
+
+
+def rescored(data: datasets.Dataset, reward_spec: str) -> datasets.Dataset:
+    """The same responses with their ``reward`` column replaced by ``reward_spec``'s scores (in memory), so
+    several value models for different rewards can be trained on one collection of π0 samples (Sec. 4.2)."""
+    from vas.rewards import load_reward, score
+
+    rewards = score(load_reward(reward_spec), data["prompt"], data["response"])
+    return data.remove_columns("reward").add_column("reward", rewards.tolist())
+
+
+def trained_value_model(
+    directory: Path,
+    data: datasets.Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    base_model: str,
+    recipe: Recipe,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    log: Callable[[str], None],
+    metadata: dict | None = None,
+) -> Path:
+    """Train a value model on ``data`` with ``recipe`` into ``directory`` (:func:`vas.train.train_value_model`),
+    or reuse ``directory`` if it exists. Returns ``directory`` (load it with
+    :meth:`vas.value.ValueModel.from_pretrained`)."""
+    from vas.train import train_value_model
+
+    if directory.exists():
+        log(f"value model: reusing {directory}")
+        return directory
+    layers = f", {recipe.backbone_layers} backbone layers" if recipe.backbone_layers else ""
+    log(f"training a value model (TD(λ), λ={recipe.lam:g}, {len(data)} responses{layers}) → {directory}")
+    metrics = train_value_model(data, directory, backbone=base_model, pad_token_id=tokenizer.pad_token_id,
+                                tokenizer=tokenizer, num_layers=recipe.backbone_layers, lam=recipe.lam,
+                                epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
+                                lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed, device=device,
+                                progress=progress, metadata={"base_model": base_model, **(metadata or {})})
+    log(f"      validation MSE (TD(λ) targets) {metrics.get('eval_loss', float('nan')):.4f}, "
+        f"(reward labels) {metrics.get('eval_mc_mse', float('nan')):.4f}")
+    return directory
 
 
 def samples_and_value_model(
@@ -43,37 +118,15 @@ def samples_and_value_model(
     log: Callable[[str], None],
     metadata: dict | None = None,
 ) -> tuple[datasets.Dataset, Path]:
-    """Collect ``recipe.samples_per_prompt`` scored responses per prompt into ``out/samples`` and train a
-    value model on them into ``out/value``; either folder, if present, is reused as is.
+    """:func:`collected_samples` into ``out/samples``, then :func:`trained_value_model` into ``out/value``.
 
     Returns:
-        The collected dataset and the value model's folder (load it with
-        :meth:`vas.value.ValueModel.from_pretrained`).
+        The collected dataset and the value model's folder.
     """
-    from vas.collect import COLUMNS, collect
-    from vas.rewards import load_reward
-    from vas.storage import load_dataset_dir
-    from vas.train import train_value_model
-
-    samples_dir, value_dir = out / "samples", out / "value"
-    metadata = {"base_model": base_model, "reward": reward_spec, **(metadata or {})}
-    if samples_dir.exists():
-        log(f"samples: reusing {samples_dir}")
-        data = load_dataset_dir(samples_dir, set(COLUMNS))
-    else:
-        log(f"collecting {len(prompts)}×{recipe.samples_per_prompt} responses from π0 → {samples_dir}")
-        data = collect(policy, tokenizer, prompts, load_reward(reward_spec), samples_dir,
-                       samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                       batch_size=recipe.batch_size, seed=seed, progress=progress, metadata=metadata)
-    if value_dir.exists():
-        log(f"value model: reusing {value_dir}")
-    else:
-        log(f"training the value model (TD(λ), λ={recipe.lam:g}) → {value_dir}")
-        metrics = train_value_model(data, value_dir, backbone=base_model, pad_token_id=tokenizer.pad_token_id,
-                                    tokenizer=tokenizer, lam=recipe.lam, epochs=recipe.epochs,
-                                    learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
-                                    lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed,
-                                    device=device, progress=progress, metadata=metadata)
-        log(f"      validation MSE (TD(λ) targets) {metrics.get('eval_loss', float('nan')):.4f}, "
-            f"(reward labels) {metrics.get('eval_mc_mse', float('nan')):.4f}")
+    metadata = {"reward": reward_spec, **(metadata or {})}
+    data = collected_samples(out / "samples", policy=policy, tokenizer=tokenizer, prompts=prompts,
+                             reward_spec=reward_spec, recipe=recipe, seed=seed, progress=progress, log=log,
+                             metadata={"base_model": base_model, **metadata})
+    value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
+                                    seed=seed, device=device, progress=progress, log=log, metadata=metadata)
     return data, value_dir

@@ -29,12 +29,15 @@ class Steering:
         weights: one weight per value model (default 1 each); composition is linear (Sec. 4.2).
         beta: β ≥ 0 in practice (negative β steers towards low reward); β = 0 gives π0 exactly.
         top_k: k, the number of π0's most likely tokens scored by the value models, 1 ≤ k ≤ vocabulary size.
+        mask_outside_top_k: sample only among the top-k (App. D.1's masked ablation) instead of giving the
+            other tokens β·mean(V) as Eq. 5 does.
     """
 
     value_models: Sequence[ValueModel]
     weights: Sequence[float] | None = None
     beta: float = 1.0
     top_k: int = 10
+    mask_outside_top_k: bool = False
 
     def __post_init__(self):
         if not self.value_models:
@@ -74,7 +77,7 @@ def steer(
     values = sum(
         w * s.score(new_ids, new_mask, candidates).to(base_logprobs.device) for w, s in zip(steering.weights, scorers)
     )
-    return steered_logprobs(base_logprobs, candidates, values, steering.beta)
+    return steered_logprobs(base_logprobs, candidates, values, steering.beta, steering.mask_outside_top_k)
 
 
 @dataclass
