@@ -56,6 +56,10 @@ def make_cases(tmp, tiny, other, value_dir):
                             "must be finite", None),
         "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
                             "lacks required columns: response_ids", tmp / "o4"),
+        "judge without responses": (["judge", tmp, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--betas", 1],
+                                    "responses.jsonl not found", None),
+        "judge nothing": (["judge", tmp, "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+                          "nothing to judge", None),
         "unknown experiment": (["experiment", "frontierr", "--out", tmp / "o6"], "unknown experiment 'frontierr'", tmp / "o6"),
         "too many layers": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o7", "--backbone", tiny,
                              "--backbone-layers", 9], "keep 1 to 2 of them, got 9", tmp / "o7"),
@@ -64,7 +68,8 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "other tokenizer", "missing columns", "negative limit", "output exists",
-         "missing value model", "non-finite beta", "unknown experiment", "too many layers"]
+         "missing value model", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
+         "judge nothing"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vas.experiments import beta_knob
+from vas.experiments import beta_knob, frontier
 from vas.experiments.report import HEADER, Section, write_section
 
 
@@ -40,8 +40,8 @@ def test_significant_decreases_by_hand():
 
 
 def test_beta_knob_quick_run(tiny_model_dir, tmp_path):
-    section = beta_knob.run(tmp_path / "beta-knob", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
-                            size=beta_knob.QUICK, progress=False, log=lambda _: None)
+    [section] = beta_knob.run(tmp_path / "beta-knob", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
+                              size=beta_knob.QUICK, progress=False, log=lambda _: None)
     out = tmp_path / "beta-knob"
     summary = json.loads((out / "summary.json").read_text())
     with open(out / "generations.csv", newline="") as f:
@@ -54,3 +54,51 @@ def test_beta_knob_quick_run(tiny_model_dir, tmp_path):
     assert (out / "words_vs_beta.png").read_bytes()[:4] == b"\x89PNG"
     assert section.verdict in ("reproduced", "partly reproduced", "not reproduced")
     assert f"**{summary['spearman']:.2f}**" in section.body
+
+
+def test_matmul_flops_per_token_by_hand(tiny_model_dir):
+    from vas.models import load_policy
+
+    policy = load_policy(tiny_model_dir)
+    # per layer: q, o 32×32; k, v 32×16 (2 KV heads of 8); gate, up, down 32×64; two norms of 32
+    layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32
+    vocab = policy.config.vocab_size
+    expected = 2 * (2 * layer + 32 + vocab * 32)  # 2 layers, final norm, untied LM head
+    assert frontier.matmul_flops_per_token(policy) == expected
+    assert frontier.matmul_flops_per_token(policy.model) == 2 * (2 * layer + 32)  # no LM head
+
+
+def test_frontier_quick_run(tiny_model_dir, tmp_path):
+    sections = frontier.run(tmp_path / "frontier", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
+                            size=frontier.QUICK, progress=False, log=lambda _: None)
+    assert [s.name for s in sections] == ["frontier", "judge"]
+    out = tmp_path / "frontier"
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "judged_responses.jsonl").read_text().splitlines()]
+    size = frontier.QUICK
+    assert len([r for r in rows if r["method"] == "vas"]) == len(size.betas) * size.eval_prompts * size.vas_samples_per_prompt
+    pool = {(r["prompt_index"], r["sample"]): r["judge"] for r in rows if r["method"] == "plain"}
+    n_pool = max(size.best_of)
+    for entry in summary["judged"]["vas"]:  # the judge's win rate, recounted from the saved scores
+        wins = []
+        for r in rows:
+            if r["method"] == "vas" and r["beta"] == entry["beta"]:
+                others = [pool[r["prompt_index"], s] for s in range(n_pool)]
+                wins.append(sum(1.0 if r["judge"] > o else 0.5 if r["judge"] == o else 0.0 for o in others) / n_pool)
+        assert entry["judge_win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
+    bon1 = next(b for b in summary["judged"]["best_of_n"] if b["n"] == 1)
+    assert bon1["judge_win_rate"] == pytest.approx(0.5, abs=1e-6) and bon1["reward_win_rate"] == pytest.approx(0.5, abs=1e-6)
+    flops = summary["flops_per_token"]
+    for entry in summary["report"]["vas"]:
+        assert entry["gflop"] == pytest.approx((entry["policy_tokens"] * flops["policy"]
+                                                + entry["value_tokens"] * flops["value"]) / 1e9)
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(s.verdict in ("reproduced", "partly reproduced", "not reproduced") for s in sections)
+    stages = list((tmp_path / "stages").iterdir())
+    assert len(stages) == 1 and (stages[0] / "samples").is_dir()
+    # a rerun reuses the stages and the evaluation
+    logs = []
+    frontier.run(tmp_path / "frontier", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
+                 size=frontier.QUICK, progress=False, log=logs.append)
+    assert any(line.startswith("evaluation: reusing") for line in logs)
+    assert any(line.startswith("value model: reusing") for line in logs)

@@ -10,7 +10,12 @@ from transformers import AutoModel
 from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.sampling import left_pad
-from vas.value import CandidateScorer, ValueModel, check_same_tokenizer, load_value_tokenizer
+from vas.value import (
+    CandidateScorer,
+    ValueModel,
+    check_same_tokenizer,
+    load_value_tokenizer,
+)
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 

@@ -311,7 +311,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="Which experiment: beta-knob.")],
+    name: Annotated[str, typer.Argument(help="Which experiment: frontier, beta-knob, composition or ablations.")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("vas-runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
@@ -330,11 +330,51 @@ def experiment(
         raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
     module = EXPERIMENTS[name]
     start = time.perf_counter()
-    section = module.run(out / name, base_model=base_model, device=resolve_device(device), seed=seed,
-                         size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
-    write_section(out / "REPORT.md", section)
-    typer.echo(f"{section.title}: {section.verdict} ({(time.perf_counter() - start) / 60:.1f} min)")
+    sections = module.run(out / name, base_model=base_model, device=resolve_device(device), seed=seed,
+                          size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
+    for section in sections:
+        write_section(out / "REPORT.md", section)
+        typer.echo(f"{section.title}: {section.verdict}")
+    typer.echo(f"finished in {(time.perf_counter() - start) / 60:.1f} min")
     typer.echo(f"data → {out / name}\nreport → {out / 'REPORT.md'}")
+
+
+@app.command()
+def judge(
+    results: Annotated[Path, typer.Argument(help="A `vas evaluate --out` folder (or an experiment's eval/ folder).")],
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1.")],
+    model: Annotated[str, typer.Option(help="The judge model's name at that endpoint.")],
+    betas: Annotated[str, typer.Option(help="Comma-separated β values of VAS to judge.")] = "",
+    best_of: Annotated[str, typer.Option(help="Comma-separated N of Best-of-N to judge (N < pool size).")] = "",
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    timeout: Annotated[float, typer.Option(help="Seconds per request (429/5xx are retried with backoff).")] = 60.0,
+    seed: Seed = 0,
+):
+    """Pairwise LLM judge (paper App. E.2) of VAS and Best-of-N against plain π0; writes llm_judge.json there."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vas.judge import LLMJudge, llm_win_rates, read_responses
+    from vas.storage import write_json_atomic
+
+    _positive(timeout=timeout)
+    chosen_betas = _floats(betas, "betas") if betas else []
+    ns = [int(n) for n in _floats(best_of, "best-of")] if best_of else []
+    if not chosen_betas and not ns:
+        raise VasError("nothing to judge: pass --betas and/or --best-of")
+    rows = read_responses(results)
+    client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
+    summary, verdicts = llm_win_rates(rows, client, betas=chosen_betas, best_of=ns, seed=seed)
+    write_json_atomic(results / "llm_judge.json", {"base_url": base_url, "model": model, "seed": seed,
+                                                    "summary": summary, "verdicts": verdicts})
+    table = Table(title=f"win rate against plain π0, judged by {model}")
+    for column in ("method", "win rate", "± s.e.", "pairs", "unparsed answers"):
+        table.add_column(column)
+    for method, entry in summary.items():
+        table.add_row(method, f"{entry['win_rate']:.3f}", f"{entry['win_rate_sem']:.3f}", str(entry["pairs"]),
+                      str(entry["unparsed"]))
+    Console().print(table)
+    typer.echo(f"verdicts → {results / 'llm_judge.json'}")
 
 
 def _on_interrupt(signum, frame):

@@ -47,6 +47,19 @@ class Positivity:
         return torch.tensor([self._analyzer.polarity_scores(r)["compound"] for r in responses], dtype=torch.float32)
 
 
+class TextBlobPolarity:
+    """TextBlob's pattern-lexicon polarity of each response, in [−1, 1]: a second sentiment scorer, built
+    independently of VADER, used as a judge that positivity value models were not trained on."""
+
+    def __init__(self):
+        from textblob import TextBlob
+
+        self._blob = TextBlob
+
+    def __call__(self, prompts, responses):
+        return torch.tensor([self._blob(r).sentiment.polarity for r in responses], dtype=torch.float32)
+
+
 class WordCount:
     """``sign`` · (words in the response) / ``per``: verbosity (sign +1) or brevity (sign −1)."""
 
@@ -138,6 +151,7 @@ _BUILTIN: dict[str, Callable[[], Reward]] = {
     "positivity": Positivity,
     "verbosity": lambda: WordCount(+1.0),
     "brevity": lambda: WordCount(-1.0),
+    "textblob": TextBlobPolarity,
     "offensive": Offensiveness,
 }
 

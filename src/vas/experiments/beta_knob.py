@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vas.experiments.report import Section
+from vas.experiments.report import Section, markdown_text, pyplot, save_figure
 from vas.pipeline import Recipe
 
 NAME = "beta-knob"
@@ -63,13 +63,7 @@ def significant_decreases(rows: list[dict]) -> list[tuple[float, float]]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vas.storage import replace_atomic
-
+    plt = pyplot()
     rows = sorted(rows, key=lambda r: r["beta"])
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
     ax.errorbar([r["beta"] for r in rows], [r["words"] for r in rows], yerr=[r["words_sem"] for r in rows],
@@ -81,14 +75,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("mean words per response")
     ax.set_title(f"Verbosity value model, β as a knob ({rows[0]['prompts']} held-out topics, ±1 s.e.)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with replace_atomic(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Size, progress: bool,
-        log: Callable[[str], None]) -> Section:
+        log: Callable[[str], None]) -> list[Section]:
     """Train (or reuse) the verbosity value model in ``out``, sweep β on held-out topics, write
     ``summary.json``, ``generations.csv`` and ``words_vs_beta.png`` there, and return the report section."""
     from vas.evaluate import generate_responses, standard_error
@@ -153,7 +144,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         f"| {r['kl']:.2f} |" for r in sorted(rows, key=lambda r: r["beta"]))
     example_prompt = held_out[0]
     examples = "\n".join(
-        f"| {g['beta']:g} | {g['words']} | {g['response'].strip().replace(chr(10), ' ').replace('|', '/')} |"
+        f"| {g['beta']:g} | {g['words']} | {markdown_text(g['response'])} |"
         for g in generations if g["prompt"] == example_prompt and g["beta"] in size.example_betas)
     reasons = []
     if drops:
@@ -182,6 +173,6 @@ Responses to “{example_prompt.splitlines()[-1]}” (Table 6 analogue):
 {examples}
 
 Data: `{NAME}/summary.json`, `{NAME}/generations.csv`."""
-    return Section(NAME, "β as a control knob (Fig. 5, Table 6)",
-                   "With one verbosity value model, the response length is a monotone function of β, "
-                   "for positive and negative β alike.", verdict, body)
+    return [Section(NAME, "β as a control knob (Fig. 5, Table 6)",
+                    "With one verbosity value model, the response length is a monotone function of β, "
+                    "for positive and negative β alike.", verdict, body)]

@@ -42,6 +42,33 @@ class Section:
                 f"**Verdict: {self.verdict}.**\n\n{self.body.strip()}\n<!-- end: {self.name} -->\n")
 
 
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from vas.storage import replace_atomic
+
+    fig.tight_layout()
+    with replace_atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def markdown_text(text: str) -> str:
+    """A response as one Markdown table cell: newlines → spaces, pipes escaped."""
+    return text.strip().replace("\n", " ").replace("|", "\\|")
+
+
 def write_section(report: str | Path, section: Section) -> None:
     """Put ``section`` into the report file (created with :data:`HEADER` if absent), atomically.
 

@@ -1,0 +1,99 @@
+"""What every experiment starts from: π0 loaded once, and the collect → train stages kept under
+``OUT/stages/`` so that experiments asking for the same samples or value model share them.
+
+A stage's folder name spells out the settings that made it, plus a short hash of the full recipe, so a
+change of any setting (or a ``--quick`` run) gets its own folder instead of reusing the wrong one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vas.pipeline import Recipe, collected_samples, rescored, trained_value_model
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@dataclass
+class Setup:
+    """One experiment run's models and settings.
+
+    Attributes:
+        out: the experiment's own folder (``OUT/NAME``); shared stages live in ``out.parent / "stages"``.
+        policy, tokenizer: π0 (float32 on CPU, ``--dtype auto`` elsewhere) and its tokenizer.
+        value_dtype: dtype value models are loaded in for decoding (``auto``: bf16 where native).
+    """
+
+    out: Path
+    base_model: str
+    device: torch.device
+    seed: int
+    progress: bool
+    log: Callable[[str], None]
+    policy: PreTrainedModel = field(repr=False)
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+    value_dtype: torch.dtype
+
+    @classmethod
+    def load(cls, out: Path, *, base_model: str, device: torch.device, seed: int, progress: bool,
+             log: Callable[[str], None]) -> Setup:
+        from vas.models import (
+            load_policy,
+            load_tokenizer,
+            resolve_dtype,
+            resolve_value_dtype,
+        )
+
+        tokenizer = load_tokenizer(base_model)
+        policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
+        return cls(out=Path(out), base_model=base_model, device=device, seed=seed, progress=progress, log=log,
+                   policy=policy, tokenizer=tokenizer, value_dtype=resolve_value_dtype("auto", device))
+
+    @property
+    def stages(self) -> Path:
+        return self.out.parent / "stages"
+
+    def samples(self, prompts: str, count: int, recipe: Recipe, reward: str) -> tuple[datasets.Dataset, Path]:
+        """π0's responses to the first ``count`` prompts of source ``prompts``, scored by ``reward``, and the
+        stage folder they are kept in (pass it to :meth:`value_model`)."""
+        from vas.prompts import load_prompts
+
+        name = (f"{prompts}-{count}x{recipe.samples_per_prompt}-{recipe.max_new_tokens}tok-seed{self.seed}-"
+                f"{_digest(self.base_model, recipe.samples_per_prompt, recipe.max_new_tokens, recipe.batch_size)}")
+        stage = self.stages / name
+        data = collected_samples(
+            stage / "samples", policy=self.policy, tokenizer=self.tokenizer,
+            prompts=load_prompts(prompts, limit=count), reward_spec=reward, recipe=recipe, seed=self.seed,
+            progress=self.progress, log=self.log, metadata={"base_model": self.base_model, "prompts": prompts})
+        return data, stage
+
+    def value_model(self, stage: Path, data: datasets.Dataset, reward: str, recipe: Recipe, *,
+                    prompts: int | None = None) -> Path:
+        """A value model for ``reward`` (the responses re-scored by it) trained with ``recipe`` on ``data``
+        from :meth:`samples`, restricted to its first ``prompts`` prompts if given; kept in ``stage``.
+        Returns its folder."""
+        if prompts is not None:
+            data = data.filter(lambda index: index < prompts, input_columns="prompt_index")
+        layers = f"L{recipe.backbone_layers}" if recipe.backbone_layers else "Lall"
+        name = (f"value-{reward}-lam{recipe.lam:g}-{layers}-{len(data)}rows-seed{self.seed}-"
+                f"{_digest(asdict(recipe), reward, len(data))}")
+        directory = stage / name
+        return trained_value_model(directory, data if directory.exists() else rescored(data, reward), tokenizer=self.tokenizer, base_model=self.base_model,
+                                   recipe=recipe, seed=self.seed, device=self.device, progress=self.progress,
+                                   log=self.log, metadata={"reward": reward})
+
+    def load_value_model(self, directory: Path):
+        from vas.value import ValueModel
+
+        return ValueModel.from_pretrained(directory, device=self.device, dtype=self.value_dtype)
+
