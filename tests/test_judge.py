@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from vas.errors import VasError
-from vas.judge import LLMJudge, best_of_n_win_rate, llm_win_rates, parse_verdict, win_rate_against_pool
+from vas.judge import (
+    LLMJudge,
+    best_of_n_win_rate,
+    llm_win_rates,
+    parse_verdict,
+    win_rate_against_pool,
+)
 
 
 def test_win_rate_against_pool_by_hand():
