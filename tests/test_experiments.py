@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from vas.experiments import beta_knob, frontier
-from vas.experiments.report import HEADER, Section, write_section
+from vas.experiments import ablations, beta_knob, composition, frontier
+from vas.experiments.report import HEADER, VERDICTS, Section, write_section
+from vas.rewards import load_reward
 
 
 def test_sections_are_appended_replaced_and_kept(tmp_path):
@@ -52,7 +53,7 @@ def test_beta_knob_quick_run(tiny_model_dir, tmp_path):
         assert len(words) == beta_knob.QUICK.eval_topics
         assert row["words"] == pytest.approx(sum(words) / len(words))
     assert (out / "words_vs_beta.png").read_bytes()[:4] == b"\x89PNG"
-    assert section.verdict in ("reproduced", "partly reproduced", "not reproduced")
+    assert section.verdict in VERDICTS
     assert f"**{summary['spearman']:.2f}**" in section.body
 
 
@@ -93,7 +94,7 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path):
         assert entry["gflop"] == pytest.approx((entry["policy_tokens"] * flops["policy"]
                                                 + entry["value_tokens"] * flops["value"]) / 1e9)
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert all(s.verdict in ("reproduced", "partly reproduced", "not reproduced") for s in sections)
+    assert all(s.verdict in VERDICTS for s in sections)
     stages = list((tmp_path / "stages").iterdir())
     assert len(stages) == 1 and (stages[0] / "samples").is_dir()
     # a rerun reuses the stages and the evaluation
@@ -102,3 +103,63 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path):
                  size=frontier.QUICK, progress=False, log=logs.append)
     assert any(line.startswith("evaluation: reusing") for line in logs)
     assert any(line.startswith("value model: reusing") for line in logs)
+
+
+def test_ablation_verdicts_by_hand():
+    assert ablations.lower(-0.05, 0.02) == "reproduced" and ablations.lower(0.05, 0.02) == "not reproduced"
+    assert ablations.lower(-0.03, 0.02) == "inconclusive"
+    assert ablations.verdict_of(["reproduced", "reproduced"]) == "reproduced"
+    assert ablations.verdict_of(["reproduced", "inconclusive"]) == "partly reproduced"
+    assert ablations.verdict_of(["not reproduced", "inconclusive"]) == "not reproduced"
+    assert ablations.verdict_of(["inconclusive", "inconclusive"]) == "inconclusive"
+
+
+def test_ablations_quick_run(tiny_model_dir, tmp_path):
+    size = ablations.QUICK
+    sections = ablations.run(tmp_path / "ablations", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
+                             size=size, progress=False, log=lambda _: None)
+    assert [s.name for s in sections] == ["ablations-targets", "ablations-top-k", "ablations-data"]
+    assert all(s.verdict in VERDICTS for s in sections)
+    out = tmp_path / "ablations"
+    summary = json.loads((out / "summary.json").read_text())
+    names = [r["condition"] for r in summary["rows"]]
+    assert len(names) == len(ablations.conditions(size)) == 7  # reference, 3 targets, masked, 2 k
+    reference = summary["rows"][0]
+    assert reference["delta"] == 0.0
+    for i, row in enumerate(summary["rows"]):  # each row's reward and paired Δ, recomputed from the saved rewards
+        saved = json.loads((out / "conditions" / f"{i:02d}.json").read_text())
+        first = json.loads((out / "conditions" / "00.json").read_text())
+        assert len(saved["texts"]) == size.eval_prompts * size.samples_per_prompt
+        assert row["reward"] == pytest.approx(sum(saved["positivity"]) / size.eval_prompts, abs=1e-6)
+        diffs = [a - b for a, b in zip(saved["positivity"], first["positivity"])]
+        assert row["delta"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
+    # value models: the full-data TD(λ) one, and TD(λ), TD(0), Monte-Carlo on the first 4 prompts
+    stage = next((tmp_path / "stages").iterdir())
+    assert len(list(stage.glob("value-*"))) == 4
+    assert (out / "ablations.png").read_bytes()[:4] == b"\x89PNG"
+    labels = json.loads((out / "halfway_labels.json").read_text())
+    assert len(labels["labels"]) == size.eval_prompts
+
+
+def test_composition_quick_run(tiny_model_dir, tmp_path):
+    size = composition.QUICK
+    [section] = composition.run(tmp_path / "composition", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
+                                size=size, progress=False, log=lambda _: None)
+    out = tmp_path / "composition"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["condition"] for r in summary["rows"]] == ["plain", "positivity alone, β=4", "brevity alone, β=4",
+                                                         "both (equal weights), β=4"]
+    plain = json.loads((out / "conditions" / "plain.json").read_text())
+    both = json.loads((out / "conditions" / "both-beta4.json").read_text())
+    for name in ("positivity", "brevity"):  # rewards recomputed from the saved texts; Δ paired over prompts
+        texts = both["texts"]
+        scored = load_reward(name)(["p"] * len(texts), texts).view(size.eval_prompts, size.samples_per_prompt).mean(1)
+        assert both[name] == pytest.approx(scored.tolist(), abs=1e-6)
+        row = summary["rows"][3]
+        diffs = [a - b for a, b in zip(both[name], plain[name])]
+        assert row[f"{name}_delta"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
+    assert plain["kl"] == [0.0] * size.eval_prompts and summary["rows"][3]["kl"] > 0
+    # the two value models were trained on the same samples, each on its own reward
+    configs = [json.loads((d / "vas_value_config.json").read_text()) for d in next((tmp_path / "stages").iterdir()).glob("value-*")]
+    assert sorted(c["reward"] for c in configs) == ["brevity", "positivity"]
+    assert section.verdict in VERDICTS and (out / "composition.png").read_bytes()[:4] == b"\x89PNG"

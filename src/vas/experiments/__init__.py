@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from vas.experiments import beta_knob, frontier
+from vas.experiments import ablations, beta_knob, composition, frontier
 
-EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, beta_knob)}
+EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, beta_knob, composition, ablations)}

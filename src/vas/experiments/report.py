@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from vas.storage import write_text_atomic
 
 HEADER = """# Reproducing the VAS paper's claims at small scale
@@ -15,7 +17,8 @@ the embedded SmolLM2-135M-Instruct as π0 and as the value model's backbone. Num
 held-out prompts ± one standard error unless a section says otherwise.
 """
 
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive")
+"""``inconclusive``: the measured differences are within their noise (two standard errors) at this size."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class Section:
     def markdown(self) -> str:
         return (f"<!-- section: {self.name} -->\n## {self.title}\n\n**Claim.** {self.claim}\n\n"
                 f"**Verdict: {self.verdict}.**\n\n{self.body.strip()}\n<!-- end: {self.name} -->\n")
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of a − b over paired per-prompt values (P,) (same prompts, same seeds)."""
+    from vas.evaluate import standard_error
+
+    d = (a - b).double()
+    return float(d.mean()), standard_error(d)
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -97,3 +97,36 @@ class Setup:
 
         return ValueModel.from_pretrained(directory, device=self.device, dtype=self.value_dtype)
 
+
+    def responses(self, cache: Path, prompts: list[str], steering, rewards: dict[str, Callable], *,
+                  samples_per_prompt: int, max_new_tokens: int, batch_size: int, desc: str) -> dict:
+        """``samples_per_prompt`` responses per prompt from π0 (``steering`` None) or VAS, scored by each of
+        ``rewards``; kept in the JSON file ``cache`` and reused from it when it exists (an interrupted
+        experiment resumes at the first condition it had not finished).
+
+        Returns:
+            ``{"texts": [P·m], "kl": [P], "tokens": [P], "seconds_per_response": float, NAME: [P] for each
+            reward}``: per-prompt means over the m samples. Every condition draws with the same seeds (see
+            :func:`vas.evaluate.generate_responses`), so differences between conditions are paired.
+        """
+        import json
+
+        from vas.evaluate import generate_responses
+        from vas.prompts import encode_prompts
+        from vas.rewards import score
+        from vas.storage import write_json_atomic
+
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        m, P = samples_per_prompt, len(prompts)
+        ids = encode_prompts(self.tokenizer, prompts)
+        texts, tokens, kl, seconds = generate_responses(
+            self.policy, self.tokenizer, [i for i in ids for _ in range(m)], steering=steering, temperature=0.7,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=self.seed, progress=self.progress, desc=desc)
+        result = {"texts": texts, "kl": kl.view(P, m).mean(dim=1).tolist(),
+                  "tokens": tokens.view(P, m).mean(dim=1).tolist(), "seconds_per_response": seconds / (P * m)}
+        repeated = [p for p in prompts for _ in range(m)]
+        for name, reward in rewards.items():
+            result[name] = score(reward, repeated, texts).view(P, m).mean(dim=1).tolist()
+        write_json_atomic(cache, result)
+        return result

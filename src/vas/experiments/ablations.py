@@ -1,0 +1,338 @@
+"""Ablations (paper App. D.1, D.2 and Table 3) on the frontier's task, positivity of chitchat replies.
+
+* **Value targets** (D.1): value models trained on the same data with TD(λ) (λ = 0.95), TD(0) (λ = 0) and
+  Monte-Carlo targets (λ = 1).
+* **Tokens outside the top-k** (D.1): Eq. 5's β·mean(V) against masking them (π restricted to the top-k).
+* **k** (D.2): k ∈ {5, 10, 20, 50} at a fixed β.
+* **Value accuracy against reward** (Table 3): value models trained on 3 training-set sizes; their MSE to
+  App. C.1's halfway labels (held-out π0 responses cut halfway, 10 π0 completions each, mean reward)
+  against the reward VAS reaches with them.
+
+All conditions decode the same held-out prompts with the same seeds at one β, so each is compared with the
+reference (TD(λ), all the data, k = 10, Eq. 5) by a paired per-prompt difference. The collected samples
+and the reference value model are the frontier experiment's (shared under ``stages/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from vas.experiments import frontier
+from vas.experiments.report import Section, paired_difference, pyplot, save_figure
+from vas.pipeline import Recipe
+
+NAME = "ablations"
+REWARD = frontier.REWARD
+PROMPTS = frontier.PROMPTS
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores once the frontier's stage exists)."""
+
+    train_prompts: int = frontier.Size.train_prompts
+    recipe: Recipe = frontier.Size.recipe
+    data_sizes: tuple[int, ...] = (128, 256, 512)
+    target_prompts: int = 128
+    eval_prompts: int = 48
+    samples_per_prompt: int = 3
+    beta: float = 8.0
+    top_k: int = 10
+    ks: tuple[int, ...] = (5, 20, 50)
+    completions: int = 10
+    batch_size: int = 16
+
+
+QUICK = Size(train_prompts=frontier.QUICK.train_prompts, recipe=frontier.QUICK.recipe, data_sizes=(4, 8), target_prompts=4,
+             eval_prompts=3, samples_per_prompt=2, ks=(2, 5), completions=2, batch_size=8)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One decoding condition: a value model (by training prompts and λ), k, and Eq. 5 or masking."""
+
+    name: str
+    prompts: int
+    lam: float
+    top_k: int
+    masked: bool = False
+
+    @property
+    def model_key(self) -> tuple[int, float]:
+        return self.prompts, self.lam
+
+
+def conditions(size: Size) -> list[Condition]:
+    """The reference first, then every ablated condition."""
+    lam = size.recipe.lam
+    full = size.train_prompts
+    out = [Condition("reference: TD(λ), all data, k={}, Eq. 5".format(size.top_k), full, lam, size.top_k)]
+    out += [Condition(f"TD(λ), {size.target_prompts} prompts", size.target_prompts, lam, size.top_k),
+            Condition(f"TD(0), {size.target_prompts} prompts", size.target_prompts, 0.0, size.top_k),
+            Condition(f"Monte-Carlo, {size.target_prompts} prompts", size.target_prompts, 1.0, size.top_k)]
+    out += [Condition(f"TD(λ), {n} prompts", n, lam, size.top_k) for n in size.data_sizes
+            if n not in (full, size.target_prompts)]
+    out += [Condition(f"masked outside the top-{size.top_k}", full, lam, size.top_k, masked=True)]
+    out += [Condition(f"k={k}", full, lam, k) for k in size.ks]
+    return out
+
+
+def verdict_of(claims: list[str]) -> str:
+    """Combine sub-claim verdicts: all reproduced → reproduced; all inconclusive → inconclusive; all not
+    reproduced (or not reproduced and inconclusive) → not reproduced; otherwise partly reproduced."""
+    if all(c == "reproduced" for c in claims):
+        return "reproduced"
+    if all(c == "inconclusive" for c in claims):
+        return "inconclusive"
+    if "reproduced" not in claims:
+        return "not reproduced"
+    return "partly reproduced"
+
+
+def lower(delta: float, sem: float) -> str:
+    """Verdict for a claim that a condition's reward is lower than the reference's: Δ = condition − reference."""
+    return "reproduced" if delta < -2 * sem else "not reproduced" if delta > 2 * sem else "inconclusive"
+
+
+def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Size, progress: bool,
+        log: Callable[[str], None]) -> list[Section]:
+    """Train (or reuse) the ablated value models, label held-out states, decode every condition (each
+    condition's responses are kept in ``out/conditions/`` and reused), write ``summary.json`` and
+    ``ablations.png``, and return three report sections."""
+    from vas.evaluate import standard_error
+    from vas.experiments.setup import Setup
+    from vas.prompts import load_prompts
+    from vas.rewards import load_reward
+    from vas.sampling import Steering
+    from vas.storage import write_json_atomic
+    from vas.validation import value_mse
+    from vas.value import ValueModel
+
+    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log)
+    data, stage = setup.samples(PROMPTS, size.train_prompts, size.recipe, REWARD)
+    reward = load_reward(REWARD)
+    held_out = load_prompts(PROMPTS, start=size.train_prompts, limit=size.eval_prompts)
+
+    labels = held_out_labels(setup, held_out, reward, size, out / "halfway_labels.json")
+
+    all_conditions = conditions(size)
+    models = {}
+    for key in sorted({c.model_key for c in all_conditions}):
+        prompts, lam = key
+        recipe = replace(size.recipe, lam=lam)
+        models[key] = setup.value_model(stage, data, REWARD, recipe, prompts=None if prompts == size.train_prompts else prompts)
+    accuracy = {}
+    for key, directory in models.items():
+        accuracy[key] = value_mse(ValueModel.from_pretrained(directory), labels, setup.tokenizer.pad_token_id)
+
+    results = {}
+    loaded = {}
+    for i, condition in enumerate(all_conditions):
+        if condition.model_key not in loaded:
+            loaded[condition.model_key] = setup.load_value_model(models[condition.model_key])
+        steering = Steering([loaded[condition.model_key]], beta=size.beta, top_k=condition.top_k,
+                            mask_outside_top_k=condition.masked)
+        results[condition.name] = setup.responses(
+            out / "conditions" / f"{i:02d}.json", held_out, steering, {REWARD: reward},
+            samples_per_prompt=size.samples_per_prompt, max_new_tokens=size.recipe.max_new_tokens,
+            batch_size=size.batch_size, desc=condition.name)
+        log(f"{condition.name}: reward {sum(results[condition.name][REWARD]) / len(held_out):.3f}")
+    plain = setup.responses(out / "conditions" / "plain.json", held_out, None, {REWARD: reward},
+                            samples_per_prompt=size.samples_per_prompt, max_new_tokens=size.recipe.max_new_tokens,
+                            batch_size=size.batch_size, desc="plain π0")
+
+    reference = torch.tensor(results[all_conditions[0].name][REWARD])
+    rows = []
+    for condition in all_conditions:
+        r = results[condition.name]
+        rewards = torch.tensor(r[REWARD])
+        delta, delta_sem = paired_difference(rewards, reference)
+        acc = accuracy[condition.model_key]
+        rows.append({"condition": condition.name, "prompts": condition.prompts, "lam": condition.lam,
+                     "top_k": condition.top_k, "masked": condition.masked,
+                     "reward": float(rewards.mean()), "reward_sem": standard_error(rewards),
+                     "delta": delta, "delta_sem": delta_sem, "kl": sum(r["kl"]) / len(r["kl"]),
+                     "tokens": sum(r["tokens"]) / len(r["tokens"]), "seconds_per_response": r["seconds_per_response"],
+                     "halfway_mse": acc["mse"], "explained": acc["explained"]})
+    plain_rewards = torch.tensor(plain[REWARD])
+    summary = {"settings": {"beta": size.beta, "eval_prompts": size.eval_prompts, "samples_per_prompt": size.samples_per_prompt,
+                            "completions": size.completions, "recipe": size.recipe.__dict__, "seed": seed},
+               "plain": {"reward": float(plain_rewards.mean()), "reward_sem": standard_error(plain_rewards)},
+               "labels": {"mean": float(labels.labels.mean()), "variance": float(labels.labels.var(unbiased=False)),
+                          "noise": float(labels.label_variance.mean()), "states": len(labels.labels)},
+               "rows": rows}
+    write_json_atomic(out / "summary.json", summary)
+    plot(summary, size, out / "ablations.png")
+    return sections(summary, size)
+
+
+def held_out_labels(setup, held_out: list[str], reward, size: Size, cache: Path):
+    """App. C.1's validation labels for one π0 response per held-out prompt (:func:`vas.validation.halfway_labels`),
+    kept in the JSON file ``cache`` and reused from it."""
+    import json
+
+    from vas.models import eos_token_ids
+    from vas.prompts import encode_prompts
+    from vas.sampling import sample
+    from vas.storage import write_json_atomic
+    from vas.validation import HalfwayLabels, halfway_labels
+
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        return HalfwayLabels(saved["prompt_ids"], saved["prefix_ids"], torch.tensor(saved["labels"]),
+                             torch.tensor(saved["label_variance"]))
+    setup.log(f"halfway labels: {len(held_out)} held-out π0 responses, {size.completions} completions of each half")
+    ids = encode_prompts(setup.tokenizer, held_out)
+    seed = setup.seed + 12345  # not the seed of the decoding runs
+    responses = sample(setup.policy, ids, eos_token_ids=eos_token_ids(setup.policy, setup.tokenizer),
+                       pad_token_id=setup.tokenizer.pad_token_id, max_new_tokens=size.recipe.max_new_tokens,
+                       generator=torch.Generator(device=setup.policy.device).manual_seed(seed))
+    labels = halfway_labels(setup.policy, setup.tokenizer, held_out, ids, responses.token_ids, reward,
+                            completions=size.completions, max_new_tokens=size.recipe.max_new_tokens, seed=seed)
+    write_json_atomic(cache, {"prompt_ids": labels.prompt_ids, "prefix_ids": labels.prefix_ids,
+                              "labels": labels.labels.tolist(), "label_variance": labels.label_variance.tolist()})
+    return labels
+
+
+def plot(summary: dict, size: Size, path: Path) -> None:
+    plt = pyplot()
+    rows = summary["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(13.0, 4.6), dpi=110, gridspec_kw={"width_ratios": [1.4, 1]})
+    ax = axes[0]
+    y = list(range(len(rows)))[::-1]
+    ax.errorbar([r["delta"] for r in rows], y, xerr=[2 * r["delta_sem"] for r in rows], marker="o", linestyle="none",
+                capsize=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [f"{r['condition']} (KL {r['kl']:.1f})" for r in rows], fontsize=8)
+    ax.set_xlabel("reward − reference's reward, paired over prompts (±2 s.e.)")
+    ax.set_title(f"Ablations at β = {size.beta:g} ({summary['settings']['eval_prompts']} prompts × "
+                 f"{summary['settings']['samples_per_prompt']} samples)")
+    ax.grid(alpha=0.3, axis="x")
+    ax = axes[1]
+    data_rows = [r for r in rows if r["lam"] == size.recipe.lam and not r["masked"] and r["top_k"] == size.top_k]
+    data_rows.sort(key=lambda r: r["prompts"])
+    ax.errorbar([r["halfway_mse"] for r in data_rows], [r["reward"] for r in data_rows],
+                yerr=[r["reward_sem"] for r in data_rows], marker="o", capsize=3, label="TD(λ), by training prompts")
+    for r in data_rows:
+        ax.annotate(f"{r['prompts']} prompts", (r["halfway_mse"], r["reward"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    others = [r for r in rows if r["lam"] != size.recipe.lam]
+    ax.errorbar([r["halfway_mse"] for r in others], [r["reward"] for r in others], yerr=[r["reward_sem"] for r in others],
+                marker="s", capsize=3, linestyle="none", label="TD(0) / Monte-Carlo")
+    for r in others:
+        ax.annotate(r["condition"].split(",")[0], (r["halfway_mse"], r["reward"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    ax.axvline(summary["labels"]["variance"], color="grey", linestyle=":", linewidth=0.8)
+    ax.axvline(summary["labels"]["noise"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("MSE to App. C.1 halfway labels (dotted: labels' variance; dashed: their noise)")
+    ax.set_ylabel(f"reward at β = {size.beta:g}")
+    ax.set_title("Value accuracy vs reward (Table 3)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def sections(summary: dict, size: Size) -> list[Section]:
+    """Three sections (targets, top-k, value accuracy), each with its verdict from the numbers alone."""
+    from vas.experiments.beta_knob import spearman
+
+    rows = {r["condition"]: r for r in summary["rows"]}
+    ordered = summary["rows"]
+    reference = ordered[0]
+    n = size.target_prompts
+
+    def line(r):
+        return (f"| {r['condition']} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['delta']:+.3f} ± {r['delta_sem']:.3f} | "
+                f"{r['kl']:.2f} | {r['tokens']:.1f} | {r['halfway_mse']:.4f} | {r['explained']:+.2f} |")
+
+    header = ("| condition | reward | Δ vs reference (paired) | KL nats | tokens | MSE to halfway labels | "
+              "share of label variance explained |\n|---|---|---|---|---|---|---|")
+    labels = summary["labels"]
+    common = (f"VAS at β = {size.beta:g} on {size.eval_prompts} held-out chitchat openings × {size.samples_per_prompt} "
+              f"samples, same seeds in every condition; plain π0: {summary['plain']['reward']:.3f} ± "
+              f"{summary['plain']['reward_sem']:.3f}. Halfway labels: {labels['states']} held-out states, "
+              f"{size.completions} completions each (label variance {labels['variance']:.4f}, label noise "
+              f"{labels['noise']:.4f}, i.e. the MSE a perfect V^π0 would still show).")
+
+    td_lam, td0, mc = rows[f"TD(λ), {n} prompts"], rows[f"TD(0), {n} prompts"], rows[f"Monte-Carlo, {n} prompts"]
+    d0, s0 = td0["reward"] - td_lam["reward"], (td0["delta_sem"] ** 2 + td_lam["delta_sem"] ** 2) ** 0.5
+    dm, sm = mc["reward"] - td_lam["reward"], (mc["delta_sem"] ** 2 + td_lam["delta_sem"] ** 2) ** 0.5
+    targets_verdict = lower(d0, s0)
+    targets = Section(
+        "ablations-targets", "Ablation: TD(λ) against TD(0) and Monte-Carlo targets (App. D.1)",
+        "Training the value model with TD(0) instead of TD(λ) gives a small loss of reward (higher value error).",
+        targets_verdict,
+        f"""`vas experiment {NAME}`. Three value models trained on the same {n} training prompts × {size.recipe.samples_per_prompt} responses,
+differing only in λ. {common}
+
+{header}
+{line(td_lam)}
+{line(td0)}
+{line(mc)}
+
+TD(0) − TD(λ): {d0:+.3f} ± {s0:.3f} (s.e., approximate); Monte-Carlo − TD(λ): {dm:+.3f} ± {sm:.3f}. MSE to the halfway
+labels: TD(λ) {td_lam['halfway_mse']:.4f}, TD(0) {td0['halfway_mse']:.4f}, Monte-Carlo {mc['halfway_mse']:.4f}.
+{"The difference is within two standard errors: at this size the experiment cannot tell the targets apart." if targets_verdict == "inconclusive" else ""}
+
+![ablations]({NAME}/ablations.png)""")
+
+    masked = rows[f"masked outside the top-{size.top_k}"]
+    masked_verdict = lower(masked["delta"], masked["delta_sem"])
+    k_rows = sorted([r for r in ordered if r["condition"].startswith("k=")] + [reference], key=lambda r: r["top_k"])
+    largest = k_rows[-1]
+    k_verdict = lower(largest["delta"], largest["delta_sem"])
+    topk = Section(
+        "ablations-top-k", "Ablation: tokens outside the top-k, and k (App. D.1, D.2)",
+        "Masking the tokens outside the top-k (instead of giving them β·mean(V), Eq. 5) costs reward considerably; "
+        "at a fixed β, a small k (10–20) does better than a large one.",
+        verdict_of([masked_verdict, k_verdict]),
+        f"""{common} The value model is the reference's (all {size.train_prompts} training prompts, TD(λ)).
+
+{header}
+{line(reference)}
+{line(masked)}
+{chr(10).join(line(r) for r in k_rows if r is not reference)}
+
+Masking: {masked['delta']:+.3f} ± {masked['delta_sem']:.3f} against Eq. 5 ({masked_verdict}); its KL is {masked['kl']:.2f}
+against {reference['kl']:.2f}. The paper's D.1 text describes removing the bonus of the tokens outside the top-k;
+this experiment masks them (probability 0), the stronger variant that PITFALLS.md warns about. k = {largest['top_k']}
+against k = {size.top_k}: {largest['delta']:+.3f} ± {largest['delta_sem']:.3f} ({k_verdict}). A larger k also costs more: seconds per
+response {", ".join(f"k={r['top_k']}: {r['seconds_per_response']:.2f}" for r in k_rows)}.""")
+
+    data_rows = sorted([r for r in ordered if r["lam"] == size.recipe.lam and not r["masked"] and r["top_k"] == size.top_k],
+                       key=lambda r: r["prompts"])
+    mse_falls = all(a["halfway_mse"] > b["halfway_mse"] for a, b in zip(data_rows, data_rows[1:]))
+    reward_rises = all(a["reward"] < b["reward"] for a, b in zip(data_rows, data_rows[1:]))
+    rho = spearman([r["halfway_mse"] for r in data_rows], [r["reward"] for r in data_rows])
+    gap = data_rows[-1]["reward"] - data_rows[0]["reward"]
+    gap_sem = (data_rows[-1]["reward_sem"] ** 2 + data_rows[0]["reward_sem"] ** 2) ** 0.5
+    if mse_falls and reward_rises and gap > 2 * gap_sem:
+        data_verdict = "reproduced"
+    elif mse_falls and reward_rises:
+        data_verdict = "inconclusive"
+    elif mse_falls or reward_rises:
+        data_verdict = "partly reproduced"
+    else:
+        data_verdict = "not reproduced"
+    table = "\n".join(f"| {r['prompts']} × {size.recipe.samples_per_prompt} | {r['halfway_mse']:.4f} | {r['explained']:+.2f} | "
+                      f"{r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['kl']:.2f} |" for r in data_rows)
+    accuracy = Section(
+        "ablations-data", "Ablation: value accuracy against reward over training-set sizes (Table 3)",
+        "More training data gives a value model with lower validation MSE (to App. C.1's halfway labels), and "
+        "lower MSE goes with higher reward.",
+        data_verdict,
+        f"""{common}
+
+| training responses | MSE to halfway labels | share of label variance explained | reward | KL nats |
+|---|---|---|---|---|
+{table}
+
+MSE falls with more data: {"yes" if mse_falls else "no"}; reward rises: {"yes" if reward_rises else "no"} (largest − smallest
+size: {gap:+.3f} ± {gap_sem:.3f}); Spearman ρ(MSE, reward) = {rho:.2f} over {len(data_rows)} sizes (the paper's Table 3: ρ = −1
+over 3 sizes). A model can only be as good as the label noise allows ({labels['noise']:.4f}); the variance of the
+labels ({labels['variance']:.4f}) is the MSE of the best constant.""")
+    return [targets, topk, accuracy]
