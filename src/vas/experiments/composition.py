@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 
 from vas.experiments import frontier
-from vas.experiments.report import Section, markdown_text, paired_difference, pyplot, save_figure
+from vas.experiments.report import (
+    Section,
+    markdown_text,
+    paired_difference,
+    pyplot,
+    save_figure,
+)
 from vas.pipeline import Recipe
 
 NAME = "composition"
