@@ -93,3 +93,18 @@ def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):
     records = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello", "what a day"]
     assert all(1 <= r["tokens"] <= 5 and r["kl"] >= 0 for r in records)
+
+
+def test_experiment_all_quick_writes_every_section(tmp_path, tiny_model_dir):
+    result = vas("experiment", "all", "--quick", "--quiet", "--base-model", tiny_model_dir, "--out", tmp_path / "x")
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "x" / "REPORT.md").read_text()
+    from vas.experiments import EXPERIMENTS
+
+    sections = ["frontier", "judge", "beta-knob", "composition", "ablations-targets", "ablations-top-k", "ablations-data"]
+    assert [report.index(f"<!-- section: {name} -->") for name in sections] == sorted(
+        report.index(f"<!-- section: {name} -->") for name in sections)  # all there, in the order they ran
+    for name in EXPERIMENTS:
+        assert (tmp_path / "x" / name / "summary.json").is_file()
+    # the frontier, composition and ablations share one collection of π0 samples
+    assert len(list((tmp_path / "x" / "stages").iterdir())) == 1

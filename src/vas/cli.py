@@ -311,7 +311,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="Which experiment: frontier, beta-knob, composition or ablations.")],
+    name: Annotated[str, typer.Argument(help="frontier, beta-knob, composition, ablations, or all (in that order).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("vas-runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
@@ -326,17 +326,18 @@ def experiment(
     from vas.experiments.report import write_section
     from vas.models import resolve_device
 
-    if name not in EXPERIMENTS:
-        raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
-    module = EXPERIMENTS[name]
-    start = time.perf_counter()
-    sections = module.run(out / name, base_model=base_model, device=resolve_device(device), seed=seed,
-                          size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
-    for section in sections:
-        write_section(out / "REPORT.md", section)
-        typer.echo(f"{section.title}: {section.verdict}")
-    typer.echo(f"finished in {(time.perf_counter() - start) / 60:.1f} min")
-    typer.echo(f"data → {out / name}\nreport → {out / 'REPORT.md'}")
+    if name not in EXPERIMENTS and name != "all":
+        raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} or all")
+    for chosen in EXPERIMENTS if name == "all" else [name]:
+        module = EXPERIMENTS[chosen]
+        start = time.perf_counter()
+        sections = module.run(out / chosen, base_model=base_model, device=resolve_device(device), seed=seed,
+                              size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
+        for section in sections:
+            write_section(out / "REPORT.md", section)
+            typer.echo(f"{section.title}: {section.verdict}")
+        typer.echo(f"{chosen} finished in {(time.perf_counter() - start) / 60:.1f} min; data → {out / chosen}")
+    typer.echo(f"report → {out / 'REPORT.md'}")
 
 
 @app.command()
