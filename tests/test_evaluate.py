@@ -51,4 +51,9 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
         steered = [r for r in rows if r["method"] == "vas" and r["beta"] == beta]
         assert sum(r["kl"] for r in steered) / 6 == pytest.approx(vas[beta]["kl"], abs=1e-5)
         assert sum(vas[beta]["reward_by_sample"]) / 2 == pytest.approx(vas[beta]["reward"], abs=1e-5)
-        assert vas[beta]["value_tokens"] == pytest.approx(vas[beta]["policy_tokens"] * 6)  # k + 1 = 6 per token
+        prompt_tokens = sum(len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False))
+                            for p in ["hello", "what a day", "i hate it"]) / 3
+        generated = vas[beta]["policy_tokens"] - prompt_tokens
+        assert generated == pytest.approx(sum(r["tokens"] for r in steered) / 6)
+        assert vas[beta]["value_tokens"] == pytest.approx(prompt_tokens + generated * 6)  # k + 1 = 6 per token

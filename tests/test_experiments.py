@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from vas.errors import VasError
 from vas.experiments import ablations, beta_knob, composition, frontier
 from vas.experiments.report import HEADER, VERDICTS, Section, write_section
 from vas.rewards import load_reward
@@ -126,13 +127,22 @@ def test_ablations_quick_run(tiny_model_dir, tmp_path):
     assert len(names) == len(ablations.conditions(size)) == 7  # reference, 3 targets, masked, 2 k
     reference = summary["rows"][0]
     assert reference["delta"] == 0.0
-    for i, row in enumerate(summary["rows"]):  # each row's reward and paired Δ, recomputed from the saved rewards
-        saved = json.loads((out / "conditions" / f"{i:02d}.json").read_text())
-        first = json.loads((out / "conditions" / "00.json").read_text())
+    conditions = ablations.conditions(size)
+    first = json.loads((out / "conditions" / f"{conditions[0].slug}.json").read_text())
+    for condition, row in zip(conditions, summary["rows"]):  # reward and paired Δ, recomputed from the saved rewards
+        saved = json.loads((out / "conditions" / f"{condition.slug}.json").read_text())
         assert len(saved["texts"]) == size.eval_prompts * size.samples_per_prompt
         assert row["reward"] == pytest.approx(sum(saved["positivity"]) / size.eval_prompts, abs=1e-6)
         diffs = [a - b for a, b in zip(saved["positivity"], first["positivity"])]
         assert row["delta"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
+    td0 = json.loads((out / "conditions" / "prompts4-lam0-k10.json").read_text())["positivity"]
+    td_lambda = json.loads((out / "conditions" / "prompts4-lam0.95-k10.json").read_text())["positivity"]
+    assert summary["targets"]["td0_minus_td_lambda"][0] == pytest.approx(
+        sum(a - b for a, b in zip(td0, td_lambda)) / len(td0), abs=1e-6)
+    # a rerun with other settings in the same folder is refused, not mixed in
+    with pytest.raises(VasError, match="other settings"):
+        ablations.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=1, size=size, progress=False,
+                      log=lambda _: None)
     # value models: the full-data TD(λ) one, and TD(λ), TD(0), Monte-Carlo on the first 4 prompts
     stage = next((tmp_path / "stages").iterdir())
     assert len(list(stage.glob("value-*"))) == 4

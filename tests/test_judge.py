@@ -25,26 +25,35 @@ def test_win_rate_against_pool_by_hand():
     assert got.tolist() == pytest.approx([(2.5 + 1.5) / 6])
 
 
-@pytest.mark.parametrize("N", [1, 2, 3, 5])
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
 def test_best_of_n_win_rate_equals_brute_force(N):
     torch.manual_seed(N)
     rewards = torch.randperm(5).float()[None]  # distinct rewards decide the best of N
     judge = torch.tensor([[0.3, 0.0, 0.3, 0.9, -0.2]])  # ties included
-    expected = []
+    expected = []  # every N-subset, its best member against every pool sample outside the subset
     for subset in itertools.combinations(range(5), N):
         best = max(subset, key=lambda i: float(rewards[0, i]))
-        others = [j for j in range(5) if j != best]
-        expected.append(sum(1.0 if judge[0, best] > judge[0, j] else 0.5 if judge[0, best] == judge[0, j] else 0.0
-                            for j in others) / len(others))
+        for j in set(range(5)) - set(subset):
+            expected.append(1.0 if judge[0, best] > judge[0, j] else 0.5 if judge[0, best] == judge[0, j] else 0.0)
     got = best_of_n_win_rate(rewards, judge, N)
     assert float(got[0]) == pytest.approx(sum(expected) / len(expected), abs=1e-6)
     if N == 1:  # a plain sample against other plain samples
         assert float(got[0]) == pytest.approx(0.5, abs=1e-6)
 
 
+def test_best_of_n_win_rate_with_the_reward_as_judge():
+    # judge = reward (continuous): the best of N beats an independent sample with probability N / (N + 1)
+    torch.manual_seed(0)
+    rewards = torch.rand(400, 12)
+    for N in (1, 3, 8):
+        assert float(best_of_n_win_rate(rewards, rewards, N).mean()) == pytest.approx(N / (N + 1), abs=1e-6)
+    with pytest.raises(ValueError, match="N < n"):
+        best_of_n_win_rate(rewards, rewards, 12)
+
+
 def test_parse_verdict():
     assert parse_verdict("Output (a)") == "a" and parse_verdict("output (B).") == "b"
-    assert parse_verdict("Output(b)") == "b"
+    assert parse_verdict("Output(b)") == "b" and parse_verdict("Output (b), output about tone") == "b"
     assert parse_verdict("I cannot decide") is None and parse_verdict("Output (a) or Output (b)") is None
 
 

@@ -9,9 +9,10 @@ For every held-out prompt:
 * **VAS** at each β: ``vas_samples_per_prompt`` steered samples per prompt; the exact sequence KL
   Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
 
-Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt while decoding
-(``policy_tokens``: generated tokens; ``value_tokens``: (k + 1) per generated token for VAS), which does not
-depend on the machine.
+Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt (independent of
+the machine): ``policy_tokens`` = prompt + response for each of the N samples of Best-of-N (the pool
+repeats the prompt) or the one of VAS; ``value_tokens`` = prompt + (k + 1) per generated token for each of
+VAS's value models.
 
 Writes ``report.json``, ``responses.jsonl`` (every response: method, β, sample, prompt, text, reward, KL,
 tokens) and ``reward_vs_kl.png`` (atomically).
@@ -106,14 +107,15 @@ def evaluate(
         The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
         (mean), ``reward_sem`` (over prompts, of per-prompt means), ``kl`` (nats per response), ``length``
         (tokens), ``seconds_per_prompt``, ``policy_tokens`` and ``value_tokens`` (per prompt); VAS entries
-        also have ``reward_by_sample`` (the mean over prompts of each of the ``vas_samples_per_prompt``
-        samples, which use different seeds); plus ``examples`` (the first prompts' responses under each
+        also have ``reward_by_sample`` (the mean over prompts of the j-th of the ``vas_samples_per_prompt``
+        independent samples of each prompt, for j = 1 … m); plus ``examples`` (the first prompts' responses under each
         method) and ``settings``.
     """
     out_dir = Path(out_dir)
     prompt_ids = encode_prompts(tokenizer, prompts)
     n_pool = max(best_of)
     P = len(prompts)
+    prompt_tokens = sum(len(ids) for ids in prompt_ids) / P
     common = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
     pool_ids = [ids for ids in prompt_ids for _ in range(n_pool)]
@@ -135,7 +137,7 @@ def evaluate(
                      "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or []), **(metadata or {})},
         "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)), "kl": 0.0,
                   "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
-                  "policy_tokens": float(pool_len.mean()), "value_tokens": 0.0},
+                  "policy_tokens": prompt_tokens + float(pool_len.mean()), "value_tokens": 0.0},
         "best_of_n": [],
         "vas": [],
         "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
@@ -148,7 +150,7 @@ def evaluate(
             "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
             "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
             "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
-            "seconds_per_prompt": N * per_sample, "policy_tokens": N * float(pool_len.mean()), "value_tokens": 0.0,
+            "seconds_per_prompt": N * per_sample, "policy_tokens": N * (prompt_tokens + float(pool_len.mean())), "value_tokens": 0.0,
         })
     best = pool_r.argmax(dim=1)
     for i, example in enumerate(report["examples"]):
@@ -165,8 +167,8 @@ def evaluate(
             "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r.view(P, m).mean(dim=1)),
             "reward_by_sample": v_r.view(P, m).mean(dim=0).tolist(), "kl": float(v_kl.mean()),
             "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
-            "seconds_per_prompt": v_seconds / (P * m), "policy_tokens": float(v_len.mean()),
-            "value_tokens": float(v_len.mean()) * (top_k + 1) * len(value_models),
+            "seconds_per_prompt": v_seconds / (P * m), "policy_tokens": prompt_tokens + float(v_len.mean()),
+            "value_tokens": (prompt_tokens + float(v_len.mean()) * (top_k + 1)) * len(value_models),
         })
         responses += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
                        "response": t, "tokens": int(n), "kl": float(k), "reward": float(r)}

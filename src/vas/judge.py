@@ -11,6 +11,7 @@ Win rates count a tie as half a win, so two samples of the same policy have a wi
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ from pathlib import Path
 import torch
 
 from vas.errors import VasError
-from vas.evaluate import best_of_n_weights
 
 
 def _wins(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,28 +41,40 @@ def win_rate_against_pool(judge_scores: torch.Tensor, pool_scores: torch.Tensor)
 
 
 def best_of_n_win_rate(pool_rewards: torch.Tensor, pool_scores: torch.Tensor, N: int) -> torch.Tensor:
-    """Per-prompt win rate of Best-of-N (chosen by the reward) against a plain π0 sample (judged by the judge),
-    estimated without bias from one pool of n samples per prompt.
+    """Per-prompt win rate of Best-of-N (chosen by the reward) against a plain π0 sample (both judged by the
+    judge), estimated without bias from one pool of n samples per prompt.
 
-    The best of N is the i-th smallest reward with probability w_i (:func:`vas.evaluate.best_of_n_weights`);
-    it is compared with each of the other n − 1 pool samples (never with itself), so N = 1 gives 0.5.
+    Over every N-subset S of the pool and every opponent j outside S: the best of S is the i-th smallest
+    reward of S's members, and the pair (i, j) occurs in C(i−1, N−1) subsets when j ranks above i and in
+    C(i−2, N−1) when j ranks below (S must hold i but not j); the estimate is the weighted mean of the win
+    indicators over all pairs, the weights summing to C(n, N)·(n − N). N = 1 gives 0.5.
 
     Args:
         pool_rewards: (P, n) reward of the pool samples (what Best-of-N maximises).
         pool_scores: (P, n) judge score of the same samples.
+        N: 1 ≤ N < n (an opponent must remain outside the subset).
 
     Returns:
         (P,) float32.
+
+    Raises:
+        ValueError: unless 1 ≤ N < n.
     """
     P, n = pool_rewards.shape
-    if n < 2:
-        raise ValueError("need at least two pool samples per prompt")
+    if not 1 <= N < n:
+        raise ValueError(f"need 1 ≤ N < n (pool size), got N={N}, n={n}")
     order = pool_rewards.argsort(dim=1)
     sorted_scores = pool_scores.gather(1, order)  # (P, n), by increasing reward
-    pairwise = _wins(sorted_scores[:, :, None], sorted_scores[:, None, :])  # (P, n, n)
-    pairwise = pairwise * (1 - torch.eye(n))  # no comparison of a sample with itself
-    against_others = pairwise.sum(dim=2) / (n - 1)  # (P, n)
-    return (against_others * best_of_n_weights(n, N).float()).sum(dim=1)
+    pairwise = _wins(sorted_scores[:, :, None], sorted_scores[:, None, :])  # (P, n, n): best i vs opponent j
+    weights = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):  # 0-based rank i has i samples below it
+        for j in range(n):
+            if j > i:
+                weights[i, j] = math.comb(i, N - 1)
+            elif j < i:
+                weights[i, j] = math.comb(i - 1, N - 1)
+    weights /= math.comb(n, N) * (n - N)
+    return (pairwise.double() * weights).sum(dim=(1, 2)).float()
 
 
 def read_responses(eval_dir: str | Path) -> list[dict]:
@@ -109,7 +121,7 @@ USER_PROMPT = """In this task, we will ask you to select the preferred output AI
 
 def parse_verdict(text: str) -> str | None:
     """``"a"`` or ``"b"`` from a judge's answer such as ``Output (b)``; None if it names neither or both."""
-    found = set(re.findall(r"output\s*\(?\s*([ab])\s*\)?", text.lower()))
+    found = set(re.findall(r"output\s*\(?\s*([ab])\b", text.lower()))
     return found.pop() if len(found) == 1 else None
 
 

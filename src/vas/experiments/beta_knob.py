@@ -83,28 +83,22 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     """Train (or reuse) the verbosity value model in ``out``, sweep β on held-out topics, write
     ``summary.json``, ``generations.csv`` and ``words_vs_beta.png`` there, and return the report section."""
     from vas.evaluate import generate_responses, standard_error
-    from vas.models import (
-        load_policy,
-        load_tokenizer,
-        resolve_dtype,
-        resolve_value_dtype,
-    )
+    from vas.experiments.setup import Setup
     from vas.pipeline import samples_and_value_model
     from vas.prompts import encode_prompts, load_prompts
     from vas.rewards import word_count
     from vas.sampling import Steering
     from vas.storage import write_json_atomic, write_text_atomic
-    from vas.value import ValueModel
 
-    tokenizer = load_tokenizer(base_model)
-    policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
+    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)
+    tokenizer, policy = setup.tokenizer, setup.policy
     recipe = size.recipe
     data, value_dir = samples_and_value_model(
         out, policy=policy, tokenizer=tokenizer, base_model=base_model,
         prompts=load_prompts("topics", limit=size.train_topics), reward_spec=REWARD, recipe=recipe, seed=seed,
         device=device, progress=progress, log=log, metadata={"prompts": "topics"},
     )
-    value_model = ValueModel.from_pretrained(value_dir, device=device, dtype=resolve_value_dtype("auto", device))
+    value_model = setup.load_value_model(value_dir)
     held_out = load_prompts("topics", start=size.train_topics, limit=size.eval_topics)
     prompt_ids = encode_prompts(tokenizer, held_out)
 

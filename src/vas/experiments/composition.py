@@ -62,7 +62,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.sampling import Steering
     from vas.storage import write_json_atomic
 
-    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log)
+    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)
     data, stage = setup.samples(PROMPTS, size.train_prompts, size.recipe, frontier.REWARD)
     value_models = [setup.load_value_model(setup.value_model(stage, data, reward, size.recipe)) for reward in REWARDS]
     rewards = {name: load_reward(name) for name in REWARDS}
@@ -133,15 +133,20 @@ def section(summary: dict, size: Size) -> Section:
                 and improves(r["brevity_delta"], r["brevity_delta_sem"])]
     some = [r for r in both if improves(r["positivity_delta"], r["positivity_delta_sem"])
             or improves(r["brevity_delta"], r["brevity_delta_sem"])]
-    verdict = "reproduced" if together else "partly reproduced" if some else "not reproduced"
+    worse = [r for r in both if r["positivity_delta"] < -2 * r["positivity_delta_sem"]
+             or r["brevity_delta"] < -2 * r["brevity_delta_sem"]]
+    verdict = ("reproduced" if together else "partly reproduced" if some else "not reproduced" if worse
+               else "inconclusive")
     if together:
         finding = ("Both rewards improve together (each by more than two paired standard errors) at β = "
                    + ", ".join(f"{r['condition'].split('β=')[1]}" for r in together) + ".")
     elif some:
         finding = ("The combination improves only one of the two rewards significantly at each β: the other is "
                    "within noise of plain sampling, or traded away.")
+    elif worse:
+        finding = "Neither reward improves significantly with the combination, and one gets significantly worse."
     else:
-        finding = "Neither reward improves significantly with the combination."
+        finding = "Neither reward moves by more than two standard errors with the combination."
     examples = "\n".join(f"| {e['condition']} | {markdown_text(e['response'])} |" for e in summary["examples"])
     body = f"""`vas experiment {NAME}`: a positivity value model (the frontier's) and a brevity value model (brevity =
 − words / 100) trained separately with the same recipe on the same π0 samples, re-scored. Decoding on

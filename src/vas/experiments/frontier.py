@@ -12,6 +12,7 @@ is reported under both scorers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,8 @@ def matmul_flops_per_token(model: torch.nn.Module) -> float:
 
 
 def judge_table(rows: list[dict], report: dict) -> dict:
-    """Win rates against plain π0 samples under the optimised reward and under the judge, per method."""
+    """Win rates against plain π0 samples under the optimised reward and under the judge, per method
+    (Best-of-N for N below the pool size only, see :func:`vas.judge.best_of_n_win_rate`)."""
     from vas.evaluate import best_of_n_weights, standard_error
     from vas.judge import best_of_n_win_rate, pool_tensor, win_rate_against_pool
 
@@ -81,6 +83,8 @@ def judge_table(rows: list[dict], report: dict) -> dict:
         result["vas"].append(out)
     order = pool_reward.argsort(dim=1)
     for entry in report["best_of_n"]:
+        if entry["n"] >= pool_reward.shape[1]:
+            continue  # the win rate needs an opponent outside the N samples
         out = {"n": entry["n"]}
         weights = best_of_n_weights(pool_reward.shape[1], entry["n"]).float()
         for key, pool in (("reward", pool_reward), ("judge", pool_judge)):
@@ -153,7 +157,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.rewards import load_reward, score
     from vas.storage import write_json_atomic, write_text_atomic
 
-    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log)
+    setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)
     recipe = size.recipe
     data, stage = setup.samples(PROMPTS, size.train_prompts, recipe, REWARD)
     value_dir = setup.value_model(stage, data, REWARD, recipe)
@@ -175,9 +179,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         row["judge"] = j
     judged = judge_table(rows, report)
 
-    from vas.value import ValueModel
-
-    value_model = ValueModel.from_pretrained(value_dir)
+    value_model = setup.load_value_model(value_dir)
     policy_flops, value_flops = matmul_flops_per_token(setup.policy), matmul_flops_per_token(value_model.backbone)
     for entry in report["vas"] + report["best_of_n"] + [report["plain"]]:
         entry["gflop"] = (entry["policy_tokens"] * policy_flops + entry["value_tokens"] * value_flops) / 1e9
@@ -198,7 +200,8 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
     vas = sorted(report["vas"], key=lambda v: v["beta"])
     judged_vas = {j["beta"]: j for j in judged["vas"]}
     judged_bon = {j["n"]: j for j in judged["best_of_n"]}
-    reaching = [v for v in vas if v["reward"] >= reference["reward"]]
+    # "reaches" Best-of-N's reward: not below it by more than two standard errors of the difference
+    reaching = [v for v in vas if v["reward"] >= reference["reward"] - 2 * math.hypot(v["reward_sem"], reference["reward_sem"])]
     cheaper = [v for v in reaching if v["kl"] < reference["kl"] and v["seconds_per_prompt"] < reference["seconds_per_prompt"]]
     if cheaper:
         verdict = "reproduced"
@@ -219,33 +222,40 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
     plain_j = {"reward_win_rate": 0.5, "judge_win_rate": 0.5, "judge_win_rate_sem": 0.0,
                "judge_mean": judged["plain"]["judge_mean"]}
     lines = [row("plain π0", report["plain"], plain_j)]
-    lines += [row(f"Best-of-{b['n']}", b, judged_bon[b["n"]]) for b in report["best_of_n"]]
+    no_judge = {"reward_win_rate": float("nan"), "judge_win_rate": float("nan"), "judge_win_rate_sem": float("nan"),
+                "judge_mean": float("nan")}
+    lines += [row(f"Best-of-{b['n']}", b, judged_bon.get(b["n"], no_judge)) for b in report["best_of_n"]]
     lines += [row(f"VAS β={v['beta']:g}", v, judged_vas[v["beta"]]) for v in vas]
     best_vas = max(vas, key=lambda v: v["reward"])
     reasons = []
     if not reaching:
         reasons.append(
-            f"No β reaches Best-of-{size.reference_n}'s reward ({reference['reward']:.3f}); the best VAS point is "
+            f"No β reaches Best-of-{size.reference_n}'s reward ({reference['reward']:.3f}, within two standard errors); "
+            f"the best VAS point is "
             f"β={best_vas['beta']:g} with {best_vas['reward']:.3f} at KL {best_vas['kl']:.2f}. At the same KL, "
             "Best-of-N's points lie above VAS's (plot, left)")
     elif not cheaper:
         v = reaching[0]
-        reasons.append(f"VAS reaches Best-of-{size.reference_n}'s reward first at β={v['beta']:g}, but at KL "
-                       f"{v['kl']:.2f} against Best-of-{size.reference_n}'s ≤ {reference['kl']:.2f}, or at a higher "
-                       "decoding time")
+        reasons.append(f"VAS reaches Best-of-{size.reference_n}'s reward (within two standard errors) first at "
+                       f"β={v['beta']:g}, but at KL {v['kl']:.2f} against Best-of-{size.reference_n}'s bound "
+                       f"{reference['kl']:.2f}, or in more decoding time ({v['seconds_per_prompt']:.2f} s against "
+                       f"{reference['seconds_per_prompt']:.2f} s per prompt)")
     else:
         v = cheaper[0]
-        reasons.append(f"VAS at β={v['beta']:g} reaches {v['reward']:.3f} ≥ {reference['reward']:.3f} at KL "
-                       f"{v['kl']:.2f} (Best-of-{size.reference_n}: ≤ {reference['kl']:.2f}) in "
+        reasons.append(f"VAS at β={v['beta']:g} reaches {v['reward']:.3f} (Best-of-{size.reference_n}: "
+                       f"{reference['reward']:.3f}) at KL {v['kl']:.2f}, below Best-of-{size.reference_n}'s bound "
+                       f"{reference['kl']:.2f} (its true KL may be lower than the bound), in "
                        f"{v['seconds_per_prompt']:.2f} s per prompt ({reference['seconds_per_prompt']:.2f} s)")
     body = f"""`vas experiment {NAME}`: positivity (VADER compound, in [−1, 1]) of replies to chitchat openings. The value
 model ({value_layers} of π0's {policy_layers} layers, LoRA r = {recipe.lora_rank}, TD(λ) λ = {recipe.lam:g}, {recipe.epochs:g} epochs,
-lr {recipe.learning_rate:g}) is trained on {train_rows} π0 responses ({size.train_prompts} openings × {recipe.samples_per_prompt}, ≤ {recipe.max_new_tokens} tokens,
-τ = 0.7). Evaluation on {report['settings']['prompts']} held-out openings: Best-of-N from a pool of {report['settings']['n_pool']}
+lr {recipe.learning_rate:g}) is trained on π0's responses to {size.train_prompts} openings × {recipe.samples_per_prompt} ({train_rows} responses, ≤ {recipe.max_new_tokens} tokens,
+τ = 0.7; the responses to 10 % of the openings are held out for its validation). Evaluation on {report['settings']['prompts']} held-out openings: Best-of-N from a pool of {report['settings']['n_pool']}
 π0 samples per prompt (unbiased estimator; KL is the analytic bound log N − (N−1)/N); VAS with k = {size.top_k},
-{size.vas_samples_per_prompt} samples per prompt with different seeds (the range over seeds in brackets), exact KL. Cost:
-wall seconds per prompt at batch {size.batch_size} on 2 CPU cores (Best-of-N: N × the pool's per-sample time,
-reward included; the value model in bf16 where the CPU has it) and matmul GFLOP per prompt. Win rates are
+{size.vas_samples_per_prompt} independent samples per prompt (in brackets: the range of the mean over prompts of the 1st, 2nd, …
+sample), exact KL. Cost: wall seconds per prompt at batch {size.batch_size} on this machine (Best-of-N: N × the pool's
+per-sample time, reward included; the value model in bf16 where the CPU has it) and matmul GFLOP per prompt
+(prompt and response tokens through π0, N times for Best-of-N; for VAS also the prompt and k + 1 tokens per
+step through the value model). Win rates are
 against π0 samples of the same prompt (ties count ½); TextBlob polarity is the judge VAS was not trained on.
 
 | method | reward (VADER) | KL nats | tokens | s / prompt | GFLOP / prompt | win rate, VADER | win rate, TextBlob | mean TextBlob |
@@ -258,7 +268,7 @@ against π0 samples of the same prompt (ties count ½); TextBlob polarity is the
 
 Data: `{NAME}/summary.json`, every response with both scores in `{NAME}/judged_responses.jsonl`, the raw
 evaluation in `{NAME}/eval/`. An LLM judge (App. E.2's pairwise protocol) can be run on the same responses:
-`vas judge {NAME}/eval --base-url URL --model NAME --beta B --best-of {size.reference_n}`."""
+`vas judge {NAME}/eval --base-url URL --model NAME --betas B --best-of {size.reference_n}`."""
     return Section(NAME, "Reward–KL frontier and cost, with an unoptimised judge (Fig. 2/3, Table 1)",
                    f"VAS reaches Best-of-{size.reference_n}'s reward at lower KL and lower decoding time.", verdict, body)
 
@@ -267,8 +277,10 @@ def judge_section(report: dict, judged: dict) -> Section:
     """The unoptimised judge's section: do the gains under VADER survive under TextBlob?"""
     winners = [j for j in judged["vas"] + judged["best_of_n"] if j["reward_win_rate"] > 0.6]
     held = [j for j in winners if j["judge_win_rate"] > 0.5 + 2 * j["judge_win_rate_sem"]]
-    verdict = ("reproduced" if winners and len(held) == len(winners) else "partly reproduced" if held
-               else "not reproduced")
+    if not winners:
+        verdict = "inconclusive"  # nothing won under the optimised reward, so there is nothing to check
+    else:
+        verdict = "reproduced" if len(held) == len(winners) else "partly reproduced" if held else "not reproduced"
 
     def name(j):
         return f"VAS β={j['beta']:g}" if "beta" in j else f"Best-of-{j['n']}"
@@ -285,8 +297,9 @@ def judge_section(report: dict, judged: dict) -> Section:
             "VADER win rate would point to hacking by the value model")
     body = f"""Same responses as the frontier above, also scored by TextBlob polarity (a pattern-lexicon sentiment
 scorer, in [−1, 1], that neither the value model nor Best-of-N's selection saw). Win rate against plain π0
-samples of the same prompt, ties ½, ± s.e. over {report['settings']['prompts']} prompts. Plain π0's mean TextBlob
-score is {judged['plain']['judge_mean']:.3f}.
+samples of the same prompt, ties ½, ± s.e. over {report['settings']['prompts']} prompts; Best-of-N by an unbiased
+estimator over the pool (its best of N against pool samples outside those N, so N = {report['settings']['n_pool']} has no row). Plain π0's
+mean TextBlob score is {judged['plain']['judge_mean']:.3f}.
 
 | method | win rate, VADER (optimised) | win rate, TextBlob (judge) | mean VADER | mean TextBlob |
 |---|---|---|---|---|

@@ -2,7 +2,9 @@
 ``OUT/stages/`` so that experiments asking for the same samples or value model share them.
 
 A stage's folder name spells out the settings that made it, plus a short hash of the full recipe, so a
-change of any setting (or a ``--quick`` run) gets its own folder instead of reusing the wrong one.
+change of any setting (or a ``--quick`` run) gets its own stage folder instead of reusing the wrong one.
+An experiment's own folder (``OUT/NAME``, with its cached decoding results) records the settings it was
+made with in ``settings.json``; running it again with other settings is refused rather than mixing results.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vas.errors import VasError
 from vas.pipeline import Recipe, collected_samples, rescored, trained_value_model
 
 
@@ -46,14 +49,26 @@ class Setup:
 
     @classmethod
     def load(cls, out: Path, *, base_model: str, device: torch.device, seed: int, progress: bool,
-             log: Callable[[str], None]) -> Setup:
+             log: Callable[[str], None], size) -> Setup:
+        """Load π0 and claim ``out`` for an experiment of this ``size`` (a dataclass), seed and base model.
+
+        Raises:
+            VasError: if ``out`` holds results made with other settings.
+        """
         from vas.models import (
             load_policy,
             load_tokenizer,
             resolve_dtype,
             resolve_value_dtype,
         )
+        from vas.storage import write_json_atomic
 
+        settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base_model": base_model}))
+        recorded = Path(out) / "settings.json"
+        if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+            raise VasError(f"{out} holds results made with other settings (size, seed or base model): use another "
+                           f"--out, or delete {out} to start over")
+        write_json_atomic(recorded, settings)
         tokenizer = load_tokenizer(base_model)
         policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
         return cls(out=Path(out), base_model=base_model, device=device, seed=seed, progress=progress, log=log,
@@ -81,7 +96,10 @@ class Setup:
                     prompts: int | None = None) -> Path:
         """A value model for ``reward`` (the responses re-scored by it) trained with ``recipe`` on ``data``
         from :meth:`samples`, restricted to its first ``prompts`` prompts if given; kept in ``stage``.
-        Returns its folder."""
+        Returns its folder. ``recipe.backbone_layers`` is capped at π0's depth."""
+        depth = self.policy.config.num_hidden_layers
+        if recipe.backbone_layers and recipe.backbone_layers > depth:
+            recipe = replace(recipe, backbone_layers=depth)
         if prompts is not None:
             data = data.filter(lambda index: index < prompts, input_columns="prompt_index")
         layers = f"L{recipe.backbone_layers}" if recipe.backbone_layers else "Lall"
