@@ -22,18 +22,24 @@ from vas.pipeline import Recipe
 
 NAME = "beta-knob"
 REWARD = "verbosity"
+ISSUE_GRID_LIMIT = 8.0  # the issue's β grid: 0, 0.5, 1, 2, 4, 8 and their negatives
 
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores)."""
+    """How big each stage is (defaults: ≈ 30 minutes on 2 CPU cores).
+
+    β multiplies V, which is in the reward's units (words / 100): the issue's grid (0 … 8 and its negatives)
+    is extended to ±64 so that the KL spans several nats, whatever the curve turns out to be.
+    """
 
     train_topics: int = 60
     eval_topics: int = 20
     recipe: Recipe = Recipe(samples_per_prompt=6, max_new_tokens=128, batch_size=20)
     top_k: int = 10
-    betas: tuple[float, ...] = (-8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-    example_betas: tuple[float, ...] = (-4.0, 0.0, 4.0)
+    betas: tuple[float, ...] = (-64.0, -32.0, -16.0, -8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0,
+                                64.0)
+    example_betas: tuple[float, ...] = (-16.0, 0.0, 16.0)
 
 
 QUICK = Size(train_topics=6, eval_topics=3, recipe=Recipe(samples_per_prompt=2, max_new_tokens=12, epochs=1.0, batch_size=6),
@@ -82,47 +88,53 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         log: Callable[[str], None]) -> list[Section]:
     """Train (or reuse) the verbosity value model in ``out``, sweep β on held-out topics, write
     ``summary.json``, ``generations.csv`` and ``words_vs_beta.png`` there, and return the report section."""
-    from vas.evaluate import generate_responses, standard_error
+    from vas.evaluate import standard_error
     from vas.experiments.setup import Setup
     from vas.pipeline import samples_and_value_model
-    from vas.prompts import encode_prompts, load_prompts
+    from vas.prompts import load_prompts
     from vas.rewards import word_count
     from vas.sampling import Steering
     from vas.storage import write_json_atomic, write_text_atomic
 
     setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)
-    tokenizer, policy = setup.tokenizer, setup.policy
     recipe = size.recipe
     data, value_dir = samples_and_value_model(
-        out, policy=policy, tokenizer=tokenizer, base_model=base_model,
+        out, policy=setup.policy, tokenizer=setup.tokenizer, base_model=base_model,
         prompts=load_prompts("topics", limit=size.train_topics), reward_spec=REWARD, recipe=recipe, seed=seed,
         device=device, progress=progress, log=log, metadata={"prompts": "topics"},
     )
     value_model = setup.load_value_model(value_dir)
     held_out = load_prompts("topics", start=size.train_topics, limit=size.eval_topics)
-    prompt_ids = encode_prompts(tokenizer, held_out)
+
+    def words_of(prompts, responses):
+        return torch.tensor([float(word_count(r)) for r in responses])
 
     rows, generations = [], []
     for beta in size.betas:
         steering = Steering([value_model], beta=beta, top_k=size.top_k) if beta != 0 else None  # β = 0 is π0
-        texts, lengths, kl, seconds = generate_responses(
-            policy, tokenizer, prompt_ids, steering=steering, temperature=0.7, max_new_tokens=recipe.max_new_tokens,
-            batch_size=recipe.batch_size, seed=seed, progress=progress, desc=f"β={beta:g}")
-        words = torch.tensor([word_count(t) for t in texts], dtype=torch.float32)
-        capped = lengths >= recipe.max_new_tokens
+        result = setup.responses(out / "betas" / f"beta{beta:g}.json", held_out, steering, {"words": words_of},
+                                 samples_per_prompt=1, max_new_tokens=recipe.max_new_tokens,
+                                 batch_size=recipe.batch_size, desc=f"β={beta:g}")
+        words, tokens = torch.tensor(result["words"]), torch.tensor(result["tokens"])
         rows.append({"beta": beta, "prompts": len(held_out), "words": float(words.mean()),
-                     "words_sem": standard_error(words), "tokens": float(lengths.mean()), "kl": float(kl.mean()),
-                     "at_token_limit": float(capped.float().mean()), "seconds_per_prompt": seconds / len(held_out)})
-        generations += [{"beta": beta, "prompt": p, "response": t, "words": int(w)} for p, t, w in zip(held_out, texts, words)]
+                     "words_sem": standard_error(words), "tokens": float(tokens.mean()),
+                     "kl": sum(result["kl"]) / len(result["kl"]),
+                     "at_token_limit": float((tokens >= recipe.max_new_tokens).float().mean()),
+                     "seconds_per_prompt": result["seconds_per_response"]})
+        generations += [{"beta": beta, "prompt": p, "response": t, "words": int(w)}
+                        for p, t, w in zip(held_out, result["texts"], words)]
         log(f"β={beta:g}: {rows[-1]['words']:.1f} ± {rows[-1]['words_sem']:.1f} words, KL {rows[-1]['kl']:.2f}")
 
     rho = spearman([r["beta"] for r in rows], [r["words"] for r in rows])
     drops = significant_decreases(rows)
+    small = [r for r in rows if abs(r["beta"]) <= ISSUE_GRID_LIMIT]
+    rho_small = spearman([r["beta"] for r in small], [r["words"] for r in small]) if len(small) > 1 else float("nan")
     train_words = float(torch.tensor([word_count(t) for t in data["response"]], dtype=torch.float32).mean())
     summary = {"settings": {"base_model": base_model, "reward": REWARD, "seed": seed, "top_k": size.top_k,
                             "train_topics": size.train_topics, "samples_per_prompt": recipe.samples_per_prompt,
                             "eval_topics": size.eval_topics, "max_new_tokens": recipe.max_new_tokens},
-               "train_mean_words": train_words, "rows": rows, "spearman": rho, "significant_decreases": drops}
+               "train_mean_words": train_words, "rows": rows, "spearman": rho, "significant_decreases": drops,
+               "spearman_small_beta": rho_small}
     write_json_atomic(out / "summary.json", summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["beta", "prompt", "response", "words"])
@@ -159,6 +171,11 @@ seeds for every β. β = 0 is plain sampling from π0.
 
 Spearman rank correlation between β and mean length: **{rho:.2f}**; adjacent β steps where the length drops
 by more than 2 standard errors: {len(drops)}.{(" " + ". ".join(reasons) + ".") if reasons else ""}
+
+Units: V is in the reward's units (words / 100), so β·V changes a token's log-probability by β/100 nats per
+word of expected length; the paper does not give its verbosity reward's scale. On the issue's grid alone
+(|β| ≤ {ISSUE_GRID_LIMIT:g}) the KL stays at or below {max(r['kl'] for r in small):.2f} nats and ρ = {rho_small:.2f}; the grid is
+extended to ±{max(abs(r['beta']) for r in rows):g} so that the knob's whole range shows.
 
 Responses to “{example_prompt.splitlines()[-1]}” (Table 6 analogue):
 
