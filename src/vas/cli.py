@@ -351,7 +351,7 @@ def judge(
     timeout: Annotated[float, typer.Option(help="Seconds per request (429/5xx are retried with backoff).")] = 60.0,
     seed: Seed = 0,
 ):
-    """Pairwise LLM judge (paper App. E.2) of VAS and Best-of-N against plain π0; writes llm_judge.json there."""
+    """Pairwise LLM judge of VAS and Best-of-N against plain π0, as in the paper's Appendix E; writes llm_judge.json there."""
     from rich.console import Console
     from rich.table import Table
 
