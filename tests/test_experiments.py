@@ -23,6 +23,9 @@ def test_sections_are_appended_replaced_and_kept(tmp_path):
     assert "first body" not in text and "second body" in text and "b body" in text
     assert text.index("## A") < text.index("## B")  # a replaced section keeps its place
     assert text.count("<!-- section: a -->") == 1 and "**Verdict: partly reproduced.**" in text
+    # the summary below the header lists every section's claim and current verdict, in order
+    assert "| A | claim a | **partly reproduced** |\n| B | claim b | **not reproduced** |" in text
+    assert text.index("<!-- summary -->") < text.index("## A") and text.count("<!-- summary -->") == 1
     with pytest.raises(ValueError, match="verdict must be one of"):
         write_section(report, Section("c", "C", "claim", "maybe", "body"))
 

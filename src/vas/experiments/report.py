@@ -84,8 +84,21 @@ def markdown_text(text: str) -> str:
     return text.strip().replace("\n", " ").replace("|", "\\|")
 
 
+SUMMARY = re.compile(r"<!-- summary -->\n.*?<!-- end summary -->\n", re.DOTALL)
+SECTION_HEAD = re.compile(r"<!-- section: (?P<name>[^ ]+) -->\n## (?P<title>[^\n]+)\n\n\*\*Claim\.\*\* (?P<claim>.*?)\n\n"
+                          r"\*\*Verdict: (?P<verdict>[^*]+)\.\*\*", re.DOTALL)
+
+
+def summary_table(text: str) -> str:
+    """The report's summary block: one row per section found in ``text`` (claim and verdict), in order."""
+    rows = [f"| {m['title']} | {' '.join(m['claim'].split())} | **{m['verdict']}** |" for m in SECTION_HEAD.finditer(text)]
+    return ("<!-- summary -->\n| experiment | claim | verdict |\n|---|---|---|\n" + "\n".join(rows)
+            + "\n<!-- end summary -->\n")
+
+
 def write_section(report: str | Path, section: Section) -> None:
-    """Put ``section`` into the report file (created with :data:`HEADER` if absent), atomically.
+    """Put ``section`` into the report file (created with :data:`HEADER` if absent), atomically, and
+    rewrite the summary table of every section's verdict below the header.
 
     Raises:
         ValueError: if the verdict is not one of :data:`VERDICTS`.
@@ -100,4 +113,8 @@ def write_section(report: str | Path, section: Section) -> None:
         text = pattern.sub(lambda _: section.markdown(), text)
     else:
         text = text.rstrip("\n") + "\n\n" + section.markdown()
+    if not SUMMARY.search(text):  # before the first section
+        first = text.index("<!-- section: ")
+        text = text[:first] + summary_table("") + "\n" + text[first:]
+    text = SUMMARY.sub(lambda _: summary_table(text), text)
     write_text_atomic(report, text)
