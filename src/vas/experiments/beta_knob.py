@@ -37,8 +37,7 @@ class Size:
     eval_topics: int = 20
     recipe: Recipe = Recipe(samples_per_prompt=6, max_new_tokens=128, batch_size=20)
     top_k: int = 10
-    betas: tuple[float, ...] = (-64.0, -32.0, -16.0, -8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0,
-                                64.0)
+    betas: tuple[float, ...] = (-64.0, -16.0, -8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
     example_betas: tuple[float, ...] = (-16.0, 0.0, 16.0)
 
 
