@@ -264,7 +264,7 @@ def evaluate(
     report = run(policy, tokenizer, held_out, scorer, models, out, weights=weights, betas=_floats(betas, "betas"),
                  top_k=top_k, best_of=ns, temperature=temperature, max_new_tokens=max_new_tokens,
                  batch_size=batch_size, seed=seed, progress=not quiet,
-                 metadata={"base_model": base_model, "reward": reward, "value": value, "prompts": prompts})
+                 metadata={"base_model": base_model, "reward": reward, "value": value, "prompt_source": prompts})
     print_report(report)
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
 

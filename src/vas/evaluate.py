@@ -132,9 +132,9 @@ def evaluate(
     pool_r, pool_len = rewards.view(P, n_pool), lengths.view(P, n_pool)
     per_sample = (seconds + reward_seconds) / (P * n_pool)
     report = {
-        "settings": {"prompts": P, "n_pool": n_pool, "top_k": top_k, "vas_samples_per_prompt": vas_samples_per_prompt,
+        "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": top_k, "vas_samples_per_prompt": vas_samples_per_prompt,
                      "temperature": temperature,
-                     "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or []), **(metadata or {})},
+                     "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or [])},
         "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)), "kl": 0.0,
                   "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
                   "policy_tokens": prompt_tokens + float(pool_len.mean()), "value_tokens": 0.0},

@@ -166,13 +166,14 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     if (eval_dir / "report.json").is_file() and (eval_dir / "responses.jsonl").is_file():
         log(f"evaluation: reusing {eval_dir}")
         report = json.loads((eval_dir / "report.json").read_text())
+        report["settings"]["prompts"] = len(held_out)  # the count (reports before 2026-11-30 stored the source here)
     else:
         value_model = setup.load_value_model(value_dir)
         report = evaluate(setup.policy, setup.tokenizer, held_out, load_reward(REWARD), [value_model], eval_dir,
                           betas=size.betas, top_k=size.top_k, best_of=size.best_of,
                           vas_samples_per_prompt=size.vas_samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
                           batch_size=size.batch_size, seed=seed, progress=progress,
-                          metadata={"reward": REWARD, "base_model": base_model, "prompts": PROMPTS})
+                          metadata={"reward": REWARD, "base_model": base_model, "prompt_source": PROMPTS})
         del value_model
     rows = read_responses(eval_dir)
     for row, j in zip(rows, score(load_reward(JUDGE), [r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()):
@@ -211,22 +212,29 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
         verdict = "not reproduced"
 
     def row(name, e, j):
+        if j is None:  # no opponent left outside the N samples: no win rate
+            j = {"reward_win_rate": None}
         spread = ""
         if "reward_by_sample" in e and len(e["reward_by_sample"]) > 1:
             spread = f" ({min(e['reward_by_sample']):.3f}–{max(e['reward_by_sample']):.3f})"
         kl = f"≤ {e['kl']:.2f}" if e.get("kl_is_bound") else f"{e['kl']:.2f}"
+        wins = ("— | — | —" if j["reward_win_rate"] is None else
+                f"{j['reward_win_rate']:.2f} | {j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f} | {j['judge_mean']:.3f}")
         return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f}{spread} | {kl} | {e['length']:.1f} | "
-                f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {j['reward_win_rate']:.2f} | "
-                f"{j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f} | {j['judge_mean']:.3f} |")
+                f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {wins} |")
 
     plain_j = {"reward_win_rate": 0.5, "judge_win_rate": 0.5, "judge_win_rate_sem": 0.0,
                "judge_mean": judged["plain"]["judge_mean"]}
     lines = [row("plain π0", report["plain"], plain_j)]
-    no_judge = {"reward_win_rate": float("nan"), "judge_win_rate": float("nan"), "judge_win_rate_sem": float("nan"),
-                "judge_mean": float("nan")}
-    lines += [row(f"Best-of-{b['n']}", b, judged_bon.get(b["n"], no_judge)) for b in report["best_of_n"]]
+    lines += [row(f"Best-of-{b['n']}", b, judged_bon.get(b["n"])) for b in report["best_of_n"]]
     lines += [row(f"VAS β={v['beta']:g}", v, judged_vas[v["beta"]]) for v in vas]
     best_vas = max(vas, key=lambda v: v["reward"])
+    at_bound = [v for v in vas if v["kl"] <= reference["kl"]]
+    kl_note = ""
+    if at_bound:
+        v = max(at_bound, key=lambda v: v["reward"])
+        kl_note = (f"At a KL within Best-of-{size.reference_n}'s bound ({reference['kl']:.2f} nats) VAS reaches at most "
+                   f"{v['reward']:.3f} (β={v['beta']:g}, KL {v['kl']:.2f}).")
     reasons = []
     if not reaching:
         reasons.append(
@@ -236,10 +244,14 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
             "Best-of-N's points lie above VAS's (plot, left)")
     elif not cheaper:
         v = reaching[0]
+        kl_lower = v["kl"] < reference["kl"]
+        time_lower = v["seconds_per_prompt"] < reference["seconds_per_prompt"]
         reasons.append(f"VAS reaches Best-of-{size.reference_n}'s reward (within two standard errors) first at "
-                       f"β={v['beta']:g}, but at KL {v['kl']:.2f} against Best-of-{size.reference_n}'s bound "
-                       f"{reference['kl']:.2f}, or in more decoding time ({v['seconds_per_prompt']:.2f} s against "
-                       f"{reference['seconds_per_prompt']:.2f} s per prompt)")
+                       f"β={v['beta']:g}: {v['reward']:.3f} against {reference['reward']:.3f}, at KL {v['kl']:.2f} "
+                       f"({'below' if kl_lower else 'above'} Best-of-{size.reference_n}'s bound {reference['kl']:.2f}) "
+                       f"in {v['seconds_per_prompt']:.2f} s per prompt ({'less' if time_lower else 'more'} than "
+                       f"Best-of-{size.reference_n}'s {reference['seconds_per_prompt']:.2f} s) and "
+                       f"{v['gflop']:.0f} GFLOP ({reference['gflop']:.0f})")
     else:
         v = cheaper[0]
         reasons.append(f"VAS at β={v['beta']:g} reaches {v['reward']:.3f} (Best-of-{size.reference_n}: "
@@ -264,7 +276,7 @@ against π0 samples of the same prompt (ties count ½); TextBlob polarity is the
 
 ![frontier]({NAME}/frontier.png)
 
-{". ".join(reasons)}.
+{". ".join(reasons)}.{(" " + kl_note) if kl_note else ""}
 
 Data: `{NAME}/summary.json`, every response with both scores in `{NAME}/judged_responses.jsonl`, the raw
 evaluation in `{NAME}/eval/`. An LLM judge (App. E.2's pairwise protocol) can be run on the same responses:
@@ -290,11 +302,18 @@ def judge_section(report: dict, judged: dict) -> Section:
              for j in sorted(judged["best_of_n"], key=lambda j: j["n"]) + sorted(judged["vas"], key=lambda j: j["beta"])]
     lost = [name(j) for j in winners if j not in held]
     note = ("Every method that wins under VADER (win rate > 0.6) also wins under TextBlob by more than two standard "
-            "errors." if not lost else
+            "errors" if not lost else
             "Winning under VADER but not significantly under TextBlob: " + ", ".join(lost) + ". The two lexicons "
             "disagree on many short replies (TextBlob scores most of them exactly 0, a tie), so a smaller margin "
             "is expected even without reward hacking; a gap much larger for VAS than for Best-of-N at the same "
             "VADER win rate would point to hacking by the value model")
+    gaps = {group: [j["reward_win_rate"] - j["judge_win_rate"] for j in judged[key] if j["reward_win_rate"] > 0.6]
+            for group, key in (("VAS", "vas"), ("Best-of-N", "best_of_n"))}
+    gap_note = ""
+    if gaps["VAS"] and gaps["Best-of-N"]:
+        gap_note = (" Among the points that win under VADER, the win rate drops from VADER to TextBlob by "
+                    f"{sum(gaps['VAS']) / len(gaps['VAS']):.2f} on average for VAS and by "
+                    f"{sum(gaps['Best-of-N']) / len(gaps['Best-of-N']):.2f} for Best-of-N.")
     body = f"""Same responses as the frontier above, also scored by TextBlob polarity (a pattern-lexicon sentiment
 scorer, in [−1, 1], that neither the value model nor Best-of-N's selection saw). Win rate against plain π0
 samples of the same prompt, ties ½, ± s.e. over {report['settings']['prompts']} prompts; Best-of-N by an unbiased
@@ -305,8 +324,8 @@ mean TextBlob score is {judged['plain']['judge_mean']:.3f}.
 |---|---|---|---|---|
 {chr(10).join(lines)}
 
-{note}. The right panel of the frontier plot shows the same numbers: points on the dotted diagonal win as
-often under the judge as under the reward they were selected for."""
+{note}.{gap_note} The right panel of the frontier plot shows the same numbers: points on the dotted diagonal
+win as often under the judge as under the reward they were selected for."""
     return Section("judge", "A judge that was not optimised (Sec. 4's win rates, App. E)",
                    "VAS's (and Best-of-N's) gains in the optimised reward also show as wins under a judge the "
                    "method was not optimised for, i.e. they are not reward hacking.", verdict, body)
