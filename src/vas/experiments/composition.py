@@ -58,7 +58,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.evaluate import standard_error
     from vas.experiments.setup import Setup
     from vas.prompts import load_prompts
-    from vas.rewards import load_reward
+    from vas.rewards import load_reward, score
     from vas.sampling import Steering
     from vas.storage import write_json_atomic
 
@@ -96,7 +96,8 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     summary = {"settings": {"betas": list(size.betas), "weights": list(size.weights), "top_k": size.top_k,
                             "eval_prompts": size.eval_prompts, "samples_per_prompt": size.samples_per_prompt,
                             "seed": seed},
-               "rows": rows, "example_prompt": held_out[0], "examples": examples}
+               "rows": rows, "example_prompt": held_out[0], "examples": examples,
+               "training_reward_std": {n: float(score(r, data["prompt"], data["response"]).std()) for n, r in rewards.items()}}
     write_json_atomic(out / "summary.json", summary)
     plot(summary, out / "composition.png")
     return [section(summary, size)]
@@ -159,8 +160,9 @@ weights {size.weights[0]:g} : {size.weights[1]:g} for “both”. Δ is the pair
 
 ![composition]({NAME}/composition.png)
 
-{finding} The two rewards are on different scales (VADER in [−1, 1]; brevity {min(r['brevity'] for r in rows):.2f} …
-{max(r['brevity'] for r in rows):.2f} here), so equal weights do not mean an equal pull.
+{finding} The two rewards are on different scales: over π0's training responses their standard deviations are
+{summary['training_reward_std']['positivity']:.3f} (positivity) and {summary['training_reward_std']['brevity']:.3f} (brevity), and each value model's
+differences between candidate tokens scale with them, so equal weights do not mean an equal pull.
 
 First sample for “{markdown_text(summary['example_prompt'])}”:
 
