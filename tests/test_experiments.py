@@ -110,8 +110,12 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path):
 
 
 def test_ablation_verdicts_by_hand():
-    assert ablations.lower(-0.05, 0.02) == "reproduced" and ablations.lower(0.05, 0.02) == "not reproduced"
-    assert ablations.lower(-0.03, 0.02) == "inconclusive"
+    worse = ablations.worse
+    assert worse(-0.05, 0.02, 0.0, 0.1) == "reproduced"  # less reward, same KL
+    assert worse(0.0, 0.02, 1.0, 0.2) == "reproduced"  # same reward, more KL
+    assert worse(0.05, 0.02, 0.0, 0.1) == "not reproduced" and worse(0.0, 0.02, -1.0, 0.2) == "not reproduced"
+    assert worse(-0.05, 0.02, -1.0, 0.2) == "inconclusive"  # less reward for less KL: a trade
+    assert worse(-0.03, 0.02, 0.1, 0.1) == "inconclusive"  # within noise
     assert ablations.verdict_of(["reproduced", "reproduced"]) == "reproduced"
     assert ablations.verdict_of(["reproduced", "inconclusive"]) == "partly reproduced"
     assert ablations.verdict_of(["not reproduced", "inconclusive"]) == "not reproduced"
@@ -140,7 +144,7 @@ def test_ablations_quick_run(tiny_model_dir, tmp_path):
         assert row["delta"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
     td0 = json.loads((out / "conditions" / "prompts4-lam0-k10.json").read_text())["positivity"]
     td_lambda = json.loads((out / "conditions" / "prompts4-lam0.95-k10.json").read_text())["positivity"]
-    assert summary["targets"]["td0_minus_td_lambda"][0] == pytest.approx(
+    assert summary["targets"]["td0_minus_td_lambda_positivity"][0] == pytest.approx(
         sum(a - b for a, b in zip(td0, td_lambda)) / len(td0), abs=1e-6)
     # a rerun with other settings in the same folder is refused, not mixed in
     with pytest.raises(VasError, match="other settings"):

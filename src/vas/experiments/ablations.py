@@ -98,9 +98,21 @@ def verdict_of(claims: list[str]) -> str:
     return "partly reproduced"
 
 
-def lower(delta: float, sem: float) -> str:
-    """Verdict for a claim that a condition's reward is lower than the reference's: Δ = condition − reference."""
-    return "reproduced" if delta < -2 * sem else "not reproduced" if delta > 2 * sem else "inconclusive"
+def worse(delta: float, sem: float, kl_delta: float, kl_sem: float) -> str:
+    """Verdict for a claim that a condition is worse than the reference on the reward–KL plane, from paired
+    differences (condition − reference) of reward (Δ) and KL, each with its standard error, at one β.
+
+    Worse (``reproduced``): lower reward without less KL, or no more reward for more KL. Better (``not
+    reproduced``): more reward without more KL, or as much reward for less KL. Anything else, including a
+    trade of reward for KL, needs a β grid to decide (``inconclusive``).
+    """
+    higher, lower = delta > 2 * sem, delta < -2 * sem
+    more_kl, less_kl = kl_delta > 2 * kl_sem, kl_delta < -2 * kl_sem
+    if (lower and not less_kl) or (not higher and more_kl):
+        return "reproduced"
+    if (higher and not more_kl) or (not lower and less_kl):
+        return "not reproduced"
+    return "inconclusive"
 
 
 def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Size, progress: bool,
@@ -150,24 +162,29 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                             batch_size=size.batch_size, desc="plain π0")
 
     reference = torch.tensor(results[all_conditions[0].name][REWARD])
+    reference_kl = torch.tensor(results[all_conditions[0].name]["kl"])
     rows = []
     for condition in all_conditions:
         r = results[condition.name]
         rewards = torch.tensor(r[REWARD])
         delta, delta_sem = paired_difference(rewards, reference)
+        kl_delta, kl_delta_sem = paired_difference(torch.tensor(r["kl"]), reference_kl)
         acc = accuracy[condition.model_key]
         rows.append({"condition": condition.name, "prompts": condition.prompts, "lam": condition.lam,
                      "top_k": condition.top_k, "masked": condition.masked,
                      "reward": float(rewards.mean()), "reward_sem": standard_error(rewards),
                      "delta": delta, "delta_sem": delta_sem, "kl": sum(r["kl"]) / len(r["kl"]),
+                     "kl_delta": kl_delta, "kl_delta_sem": kl_delta_sem,
                      "tokens": sum(r["tokens"]) / len(r["tokens"]), "seconds_per_response": r["seconds_per_response"],
                      "halfway_mse": acc["mse"], "explained": acc["explained"]})
     plain_rewards = torch.tensor(plain[REWARD])
-    by_name = {c.name: torch.tensor(results[c.name][REWARD]) for c in all_conditions}
     n = size.target_prompts
-    td_lambda = by_name[f"TD(λ), {n} prompts"]
-    targets = {"td0_minus_td_lambda": paired_difference(by_name[f"TD(0), {n} prompts"], td_lambda),
-               "monte_carlo_minus_td_lambda": paired_difference(by_name[f"Monte-Carlo, {n} prompts"], td_lambda)}
+    targets = {}
+    for key, name in (("td0_minus_td_lambda", f"TD(0), {n} prompts"),
+                      ("monte_carlo_minus_td_lambda", f"Monte-Carlo, {n} prompts")):
+        for measure in (REWARD, "kl"):
+            targets[f"{key}_{measure}"] = paired_difference(torch.tensor(results[name][measure]),
+                                                            torch.tensor(results[f"TD(λ), {n} prompts"][measure]))
     summary = {"settings": {"beta": size.beta, "eval_prompts": size.eval_prompts, "samples_per_prompt": size.samples_per_prompt,
                             "completions": size.completions, "recipe": size.recipe.__dict__, "seed": seed},
                "plain": {"reward": float(plain_rewards.mean()), "reward_sem": standard_error(plain_rewards)},
@@ -268,8 +285,10 @@ def sections(summary: dict, size: Size) -> list[Section]:
               f"{labels['noise']:.4f}, i.e. the MSE a perfect V^π0 would still show).")
 
     td_lam, td0, mc = rows[f"TD(λ), {n} prompts"], rows[f"TD(0), {n} prompts"], rows[f"Monte-Carlo, {n} prompts"]
-    (d0, s0), (dm, sm) = summary["targets"]["td0_minus_td_lambda"], summary["targets"]["monte_carlo_minus_td_lambda"]
-    targets_verdict = lower(d0, s0)
+    t = summary["targets"]
+    (d0, s0), (k0, ks0) = t[f"td0_minus_td_lambda_{REWARD}"], t["td0_minus_td_lambda_kl"]
+    (dm, sm), (km, ksm) = t[f"monte_carlo_minus_td_lambda_{REWARD}"], t["monte_carlo_minus_td_lambda_kl"]
+    targets_verdict = worse(d0, s0, k0, ks0)
     targets = Section(
         "ablations-targets", "Ablation: TD(λ) against TD(0) and Monte-Carlo targets (App. D.1)",
         "Training the value model with TD(0) targets instead of TD(λ) costs a little reward (the paper: “probably "
@@ -283,17 +302,21 @@ differing only in λ. {common}
 {line(td0)}
 {line(mc)}
 
-Paired over prompts: TD(0) − TD(λ) = {d0:+.3f} ± {s0:.3f}; Monte-Carlo − TD(λ) = {dm:+.3f} ± {sm:.3f}. MSE to the halfway
-labels: TD(λ) {td_lam['halfway_mse']:.4f}, TD(0) {td0['halfway_mse']:.4f}, Monte-Carlo {mc['halfway_mse']:.4f}.
-{"The difference is within two standard errors: at this size the experiment cannot tell the targets apart." if targets_verdict == "inconclusive" else ""}
+Paired over prompts, reward: TD(0) − TD(λ) = {d0:+.3f} ± {s0:.3f}, Monte-Carlo − TD(λ) = {dm:+.3f} ± {sm:.3f}; KL:
+{k0:+.2f} ± {ks0:.2f} and {km:+.2f} ± {ksm:.2f} nats. MSE to the halfway labels: TD(λ) {td_lam['halfway_mse']:.4f}, TD(0)
+{td0['halfway_mse']:.4f}, Monte-Carlo {mc['halfway_mse']:.4f}. All three are compared at one β: a value model whose V
+varies more between candidate tokens moves further from π0 at the same β, so a condition is called worse only
+if it has less reward without less KL, or no more reward for more KL (otherwise it trades one for the other and
+a β grid per model would be needed: inconclusive). TD(0) propagates the reward one step back per pass over the
+data, so after {size.recipe.epochs:g} epochs its V is{" nearly" if td0["kl"] < 0.25 * td_lam["kl"] else ""} flat over the candidates (KL {td0['kl']:.2f} at β = {size.beta:g}).
 
 ![ablations]({NAME}/ablations.png)""")
 
     masked = rows[f"masked outside the top-{size.top_k}"]
-    masked_verdict = lower(masked["delta"], masked["delta_sem"])
+    masked_verdict = worse(masked["delta"], masked["delta_sem"], masked["kl_delta"], masked["kl_delta_sem"])
     k_rows = sorted([r for r in ordered if r["condition"].startswith("k=")] + [reference], key=lambda r: r["top_k"])
     largest = k_rows[-1]
-    k_verdict = lower(largest["delta"], largest["delta_sem"])
+    k_verdict = worse(largest["delta"], largest["delta_sem"], largest["kl_delta"], largest["kl_delta_sem"])
     topk = Section(
         "ablations-top-k", "Ablation: tokens outside the top-k, and k (App. D.1, D.2)",
         "Masking the tokens outside the top-k (instead of giving them β·mean(V), Eq. 5) costs reward considerably; "
@@ -306,10 +329,10 @@ labels: TD(λ) {td_lam['halfway_mse']:.4f}, TD(0) {td0['halfway_mse']:.4f}, Mont
 {line(masked)}
 {chr(10).join(line(r) for r in k_rows if r is not reference)}
 
-Masking: {masked['delta']:+.3f} ± {masked['delta_sem']:.3f} against Eq. 5 ({masked_verdict}); its KL is {masked['kl']:.2f}
-against {reference['kl']:.2f}. The paper's D.1 text describes removing the bonus of the tokens outside the top-k;
+Masking: reward {masked['delta']:+.3f} ± {masked['delta_sem']:.3f} and KL {masked['kl_delta']:+.2f} ± {masked['kl_delta_sem']:.2f} nats against Eq. 5
+(paired; worse means less reward without less KL, or no more reward for more KL: {masked_verdict}). The paper's D.1 text describes removing the bonus of the tokens outside the top-k;
 this experiment masks them (probability 0), the stronger variant that PITFALLS.md warns about. k = {largest['top_k']}
-against k = {size.top_k}: {largest['delta']:+.3f} ± {largest['delta_sem']:.3f} ({k_verdict}). A larger k also costs more: seconds per
+against k = {size.top_k}: reward {largest['delta']:+.3f} ± {largest['delta_sem']:.3f}, KL {largest['kl_delta']:+.2f} ± {largest['kl_delta_sem']:.2f} (worse: {k_verdict}). A larger k also costs more: seconds per
 response {", ".join(f"k={r['top_k']}: {r['seconds_per_response']:.2f}" for r in k_rows)}.""")
 
     data_rows = sorted([r for r in ordered if r["lam"] == size.recipe.lam and not r["masked"] and r["top_k"] == size.top_k],
