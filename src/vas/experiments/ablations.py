@@ -307,8 +307,8 @@ Paired over prompts, reward: TD(0) − TD(λ) = {d0:+.3f} ± {s0:.3f}, Monte-Car
 {td0['halfway_mse']:.4f}, Monte-Carlo {mc['halfway_mse']:.4f}. All three are compared at one β: a value model whose V
 varies more between candidate tokens moves further from π0 at the same β, so a condition is called worse only
 if it has less reward without less KL, or no more reward for more KL (otherwise it trades one for the other and
-a β grid per model would be needed: inconclusive). TD(0) propagates the reward one step back per pass over the
-data, so after {size.recipe.epochs:g} epochs its V is{" nearly" if td0["kl"] < 0.25 * td_lam["kl"] else ""} flat over the candidates (KL {td0['kl']:.2f} at β = {size.beta:g}).
+a β grid per model would be needed: inconclusive). TD(0) targets bootstrap each state from the next state's
+current estimate only, so the final reward reaches early states slowly; after {size.recipe.epochs:g} epochs its V is{" nearly" if td0["kl"] < 0.25 * td_lam["kl"] else ""} flat over the candidates (KL {td0['kl']:.2f} at β = {size.beta:g}).
 
 ![ablations]({NAME}/ablations.png)""")
 
