@@ -254,7 +254,7 @@ def plot(summary: dict, size: Size, path: Path) -> None:
                     xytext=(4, -10), fontsize=8)
     ax.axvline(summary["labels"]["variance"], color="grey", linestyle=":", linewidth=0.8)
     ax.axvline(summary["labels"]["noise"], color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("MSE to App. C.1 halfway labels (dotted: labels' variance; dashed: their noise)")
+    ax.set_xlabel("MSE to halfway labels (dotted: label variance; dashed: label noise)")
     ax.set_ylabel(f"reward at β = {size.beta:g}")
     ax.set_title("Value accuracy vs reward (Table 3)")
     ax.legend(fontsize=8)
