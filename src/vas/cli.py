@@ -6,6 +6,7 @@ status 2; an interrupt exits 130 and long jobs resume when the same command is r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -334,6 +335,8 @@ def experiment(
         sections = module.run(out / chosen, base_model=base_model, device=resolve_device(device), seed=seed,
                               size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
         for section in sections:
+            if quick:
+                section = dataclasses.replace(section, title=section.title + " [--quick smoke test: numbers meaningless]")
             write_section(out / "REPORT.md", section)
             typer.echo(f"{section.title}: {section.verdict}")
         typer.echo(f"{chosen} finished in {(time.perf_counter() - start) / 60:.1f} min; data → {out / chosen}")

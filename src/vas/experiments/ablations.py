@@ -319,8 +319,8 @@ current estimate only, so the final reward reaches early states slowly; after {s
     k_verdict = worse(largest["delta"], largest["delta_sem"], largest["kl_delta"], largest["kl_delta_sem"])
     topk = Section(
         "ablations-top-k", "Ablation: tokens outside the top-k, and k (App. D.1, D.2)",
-        "Masking the tokens outside the top-k (instead of giving them β·mean(V), Eq. 5) costs reward considerably; "
-        "at a fixed β, a small k (10–20) does better than a large one.",
+        "Masking the tokens outside the top-k (instead of giving them β·mean(V), Eq. 5) makes VAS worse on the "
+        "reward–KL plane; at a fixed β, a small k (10–20) does better than a large one.",
         verdict_of([masked_verdict, k_verdict]),
         f"""{common} The value model is the reference's (all {size.train_prompts} training prompts, TD(λ)).
 
@@ -331,7 +331,7 @@ current estimate only, so the final reward reaches early states slowly; after {s
 
 Masking: reward {masked['delta']:+.3f} ± {masked['delta_sem']:.3f} and KL {masked['kl_delta']:+.2f} ± {masked['kl_delta_sem']:.2f} nats against Eq. 5
 (paired; worse means less reward without less KL, or no more reward for more KL: {masked_verdict}). The paper's D.1 text describes removing the bonus of the tokens outside the top-k;
-this experiment masks them (probability 0), the stronger variant that PITFALLS.md warns about. k = {largest['top_k']}
+this experiment masks them (probability 0), the stronger variant (those tokens can never be sampled). k = {largest['top_k']}
 against k = {size.top_k}: reward {largest['delta']:+.3f} ± {largest['delta_sem']:.3f}, KL {largest['kl_delta']:+.2f} ± {largest['kl_delta_sem']:.2f} (worse: {k_verdict}). A larger k also costs more: seconds per
 response {", ".join(f"k={r['top_k']}: {r['seconds_per_response']:.2f}" for r in k_rows)}.""")
 

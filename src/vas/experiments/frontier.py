@@ -207,7 +207,10 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
     # "reaches" Best-of-N's reward: not below it by more than two standard errors of the difference
     reaching = [v for v in vas if v["reward"] >= reference["reward"] - 2 * math.hypot(v["reward_sem"], reference["reward_sem"])]
     cheaper = [v for v in reaching if v["kl"] < reference["kl"] and v["seconds_per_prompt"] < reference["seconds_per_prompt"]]
-    if cheaper:
+    plain = report["plain"]
+    if not any(v["reward"] > plain["reward"] + 2 * math.hypot(v["reward_sem"], plain["reward_sem"]) for v in vas):
+        verdict = "inconclusive"  # VAS never beats plain sampling beyond noise: nothing to compare
+    elif cheaper:
         verdict = "reproduced"
     elif reaching:
         verdict = "partly reproduced"
@@ -242,7 +245,7 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
                "token where V misranks the top-k, while Best-of-N ranks whole responses by the true reward and its "
                "KL is bounded by log N whatever it picks. The value model is also small (a quarter of a 135M "
                f"model, trained on {train_rows} responses) next to the paper's 7B value models trained on tens of "
-               "thousands")
+               "thousands of samples")
     at_bound = [v for v in vas if v["kl"] <= reference["kl"]]
     kl_note = ""
     if at_bound:
@@ -331,7 +334,8 @@ def judge_section(report: dict, judged: dict) -> Section:
     body = f"""Same responses as the frontier above, also scored by TextBlob polarity (a pattern-lexicon sentiment
 scorer, in [−1, 1], that neither the value model nor Best-of-N's selection saw). Win rate against plain π0
 samples of the same prompt, ties ½, ± s.e. over {report['settings']['prompts']} prompts; Best-of-N by an unbiased
-estimator over the pool (its best of N against pool samples outside those N, so N = {report['settings']['n_pool']} has no row). Plain π0's
+estimator over the pool (its best of N against pool samples outside those N, so N = {report['settings']['n_pool']} has no row; its
+VADER win rate is N/(N+1) by construction when rewards do not tie). Plain π0's
 mean TextBlob score is {judged['plain']['judge_mean']:.3f}.
 
 | method | win rate, VADER (optimised) | win rate, TextBlob (judge) | mean VADER | mean TextBlob |
