@@ -125,5 +125,5 @@ def test_llm_win_rates_against_stub_server(stub_server):
 def test_llm_judge_error_is_one_clear_line(stub_server):
     StubJudge.status = 500
     judge = LLMJudge(stub_server, "stub", api_key="none", timeout=5, max_retries=0)
-    with pytest.raises(VasError, match="judge endpoint failed"):
+    with pytest.raises(VasError, match=f"judge endpoint {stub_server} failed"):
         judge.prefer("q", "a", "b")

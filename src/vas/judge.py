@@ -139,7 +139,7 @@ class LLMJudge:
     def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_retries: int = 4):
         from openai import OpenAI
 
-        self.model = model
+        self.model, self.base_url = model, base_url
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
     def prefer(self, instruction: str, output_a: str, output_b: str) -> str | None:
@@ -153,7 +153,7 @@ class LLMJudge:
                           {"role": "user", "content": USER_PROMPT.format(instruction=instruction, output_a=output_a,
                                                                          output_b=output_b)}])
         except openai.OpenAIError as exc:
-            raise VasError(f"the judge endpoint failed: {type(exc).__name__}: {exc}") from None
+            raise VasError(f"the judge endpoint {self.base_url} failed: {type(exc).__name__}: {exc}") from None
         return parse_verdict(answer.choices[0].message.content or "")
 
 
