@@ -141,15 +141,11 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         prompts, lam = key
         recipe = replace(size.recipe, lam=lam)
         models[key] = setup.value_model(stage, data, REWARD, recipe, prompts=None if prompts == size.train_prompts else prompts)
-    accuracy = {}
-    for key, directory in models.items():  # measured in the dtype the decoding uses
-        accuracy[key] = value_mse(setup.load_value_model(directory), labels, setup.tokenizer.pad_token_id)
+    loaded = {key: setup.load_value_model(directory) for key, directory in models.items()}  # decoding's dtype
+    accuracy = {key: value_mse(model, labels, setup.tokenizer.pad_token_id) for key, model in loaded.items()}
 
     results = {}
-    loaded = {}
     for condition in all_conditions:
-        if condition.model_key not in loaded:
-            loaded[condition.model_key] = setup.load_value_model(models[condition.model_key])
         steering = Steering([loaded[condition.model_key]], beta=size.beta, top_k=condition.top_k,
                             mask_outside_top_k=condition.masked)
         results[condition.name] = setup.responses(

@@ -163,24 +163,22 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     value_dir = setup.value_model(stage, data, REWARD, recipe)
     eval_dir = out / "eval"
     held_out = load_prompts(PROMPTS, start=size.train_prompts, limit=size.eval_prompts)
+    value_model = setup.load_value_model(value_dir)
     if (eval_dir / "report.json").is_file() and (eval_dir / "responses.jsonl").is_file():
         log(f"evaluation: reusing {eval_dir}")
         report = json.loads((eval_dir / "report.json").read_text())
         report["settings"]["prompts"] = len(held_out)  # the count (reports before 2026-11-30 stored the source here)
     else:
-        value_model = setup.load_value_model(value_dir)
         report = evaluate(setup.policy, setup.tokenizer, held_out, load_reward(REWARD), [value_model], eval_dir,
                           betas=size.betas, top_k=size.top_k, best_of=size.best_of,
                           vas_samples_per_prompt=size.vas_samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
                           batch_size=size.batch_size, seed=seed, progress=progress,
                           metadata={"reward": REWARD, "base_model": base_model, "prompt_source": PROMPTS})
-        del value_model
     rows = read_responses(eval_dir)
     for row, j in zip(rows, score(load_reward(JUDGE), [r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()):
         row["judge"] = j
     judged = judge_table(rows, report)
 
-    value_model = setup.load_value_model(value_dir)
     policy_flops, value_flops = matmul_flops_per_token(setup.policy), matmul_flops_per_token(value_model.backbone)
     for entry in report["vas"] + report["best_of_n"] + [report["plain"]]:
         entry["gflop"] = (entry["policy_tokens"] * policy_flops + entry["value_tokens"] * value_flops) / 1e9
