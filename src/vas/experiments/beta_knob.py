@@ -27,7 +27,7 @@ ISSUE_GRID_LIMIT = 8.0  # the issue's β grid: 0, 0.5, 1, 2, 4, 8 and their nega
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 30 minutes on 2 CPU cores).
+    """How big each stage is (defaults: ≈ 20 minutes on 2 CPU cores).
 
     β multiplies V, which is in the reward's units (words / 100): the issue's grid (0 … 8 and its negatives)
     is extended to ±64 so that the KL spans several nats, whatever the curve turns out to be.
@@ -35,7 +35,7 @@ class Size:
 
     train_topics: int = 60
     eval_topics: int = 20
-    recipe: Recipe = Recipe(samples_per_prompt=6, max_new_tokens=128, batch_size=20)
+    recipe: Recipe = Recipe(samples_per_prompt=6, max_new_tokens=128, batch_size=20, backbone_layers=8)
     top_k: int = 10
     betas: tuple[float, ...] = (-64.0, -16.0, -8.0, -4.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
     example_betas: tuple[float, ...] = (-16.0, 0.0, 16.0)

@@ -30,7 +30,7 @@ PROMPTS = frontier.PROMPTS
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 15 minutes on 2 CPU cores once the frontier's stage exists)."""
+    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores, the frontier's stage included)."""
 
     train_prompts: int = frontier.Size.train_prompts
     recipe: Recipe = frontier.Size.recipe

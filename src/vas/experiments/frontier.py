@@ -30,10 +30,10 @@ PROMPTS = "chitchat"
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores)."""
+    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores, the shared stage included)."""
 
-    train_prompts: int = 512
-    eval_prompts: int = 40
+    train_prompts: int = 256
+    eval_prompts: int = 32
     recipe: Recipe = Recipe(samples_per_prompt=4, backbone_layers=8)
     top_k: int = 10
     betas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -241,9 +241,10 @@ def frontier_section(report: dict, judged: dict, size: Size, *, value_layers: in
                f"{accuracy.get('eval_mc_mse', float('nan')):.3f}); see the ablations below for its error against "
                "App. C.1's halfway labels and how the reward grows with the training data. VAS pays KL at every "
                "token where V misranks the top-k, while Best-of-N ranks whole responses by the true reward and its "
-               "KL is bounded by log N whatever it picks. The value model is also small (a quarter of a 135M "
-               f"model, trained on {train_rows} responses) next to the paper's 7B value models trained on tens of "
-               "thousands of samples")
+               f"KL is bounded by log N whatever it picks. The value model is also small ({value_layers} of π0's "
+               f"{policy_layers} layers, trained on {train_rows} responses) next to the paper's 7B value models "
+               "trained on tens of "
+               "thousands of samples.")
     at_bound = [v for v in vas if v["kl"] <= reference["kl"]]
     kl_note = ""
     if at_bound:
