@@ -45,8 +45,13 @@ def make_cases(tmp, tiny, other, value_dir):
                       "k must be between 1 and the vocabulary size", None),
         "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
                                "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
-        "other tokenizer": (["generate", "--prompt", "hi", "--base-model", other, "--value", value_dir],
-                            "uses a different tokenizer from the base model", None),
+        "other tokenizer": (["evaluate", "--base-model", other, "--value", value_dir, "--out", tmp / "o6", "--limit", 2],
+                            "uses a different tokenizer from the base model", tmp / "o6"),
+        "value backbone without API": (["collect", "--quiet", "--out", tmp / "o7", "--limit", 2, "--base-model", tiny,
+                                        "--value-backbone", tiny], "--value-backbone is for collecting through an API",
+                                       tmp / "o7"),
+        "API extra not JSON": (["generate", "--prompt", "hi", "--api-base-url", "http://127.0.0.1:9/v1", "--api-extra", "{x"],
+                               "--api-extra must be a JSON object", None),
         "negative limit": (["collect", "--quiet", "--out", tmp / "o5", "--limit", -1], "limit ≥ 1", tmp / "o5"),
         "output exists": (["generate", "--prompt", "hi", "--base-model", tiny, "--out", tmp / "taken.jsonl"],
                           "exists already", None),
@@ -67,7 +72,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
-         "non-finite reward", "other tokenizer", "missing columns", "negative limit", "output exists",
+         "non-finite reward", "other tokenizer", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
          "missing value model", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
          "judge nothing"]
 
@@ -93,6 +98,16 @@ def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):
     records = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello", "what a day"]
     assert all(1 <= r["tokens"] <= 5 and r["kl"] >= 0 for r in records)
+
+
+def test_generate_with_a_value_model_of_another_tokenizer_goes_through_text(tmp_path, other_tokenizer_model_dir, value_dir):
+    """The base model's vocabulary differs from the value model's: candidates are steered as text."""
+    result = vas("generate", "--prompt", "zebra", "--base-model", other_tokenizer_model_dir, "--value", value_dir,
+                 "--beta", 4, "--max-new-tokens", 4, "--quiet", "--out", tmp_path / "t.jsonl")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["prompt"] == "zebra" and 1 <= records[0]["tokens"] <= 4
+    assert records[0]["kl"] > 0 and 0 <= records[0]["outside_mass"] <= 1
 
 
 def test_experiment_all_quick_writes_every_section(tmp_path, tiny_model_dir):

@@ -36,6 +36,15 @@ Seed = Annotated[int, typer.Option(help="Random seed.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
 MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ApiBaseUrl = Annotated[Optional[str], typer.Option(help="Use π0 behind this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) instead of a local model.")]
+ApiModel = Annotated[str, typer.Option(help="The model's name at --api-base-url.")]
+ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key.")]
+ApiChat = Annotated[bool, typer.Option(help="Use the chat endpoint (steering needs a server that continues a partial assistant message, e.g. vLLM).")]
+ApiTemplate = Annotated[Optional[str], typer.Option(help="Completions endpoint: format prompts with this local model's chat template (e.g. smollm2-135m-instruct); default: send them as they are.")]
+ApiExtra = Annotated[str, typer.Option(help="Extra JSON fields for every request, e.g. '{\"top_k\": 0, \"min_p\": 0}' for llama.cpp.")]
+ApiStop = Annotated[list[str], typer.Option(help="A string that ends a response; repeat for several.")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight at once (API).")]
+Timeout = Annotated[float, typer.Option(help="Seconds per request; 429, 5xx and timeouts are retried with backoff.")]
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -70,6 +79,27 @@ def _positive(**options: float) -> None:
 
 
 
+def _api_policy(base_url: str, model: str, key_env: str, chat: bool, template: str | None, extra: str,
+                stop: list[str], timeout: float):
+    """The API base policy of the --api-* options."""
+    from vas.api import ApiPolicy, Endpoint, chat_template
+
+    _positive(timeout=timeout)
+    try:
+        extra_body = json.loads(extra)
+    except json.JSONDecodeError:
+        raise VasError(f"--api-extra must be a JSON object, got {extra!r}") from None
+    if not isinstance(extra_body, dict):
+        raise VasError(f"--api-extra must be a JSON object, got {extra!r}")
+    if template is not None and chat:
+        raise VasError("--api-template is for the completions endpoint; the chat endpoint applies the server's template")
+    from vas.models import load_tokenizer
+
+    endpoint = Endpoint(base_url, model, api_key=os.environ.get(key_env, "none"), chat=chat, timeout=timeout,
+                        extra_body=extra_body, stop=tuple(stop))
+    return ApiPolicy(endpoint, chat_template(load_tokenizer(template)) if template else None)
+
+
 def _setup(base_model: str, device: str, dtype: str):
     from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
 
@@ -95,20 +125,44 @@ def collect(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    api_base_url: ApiBaseUrl = None,
+    api_model: ApiModel = "default",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    api_chat: ApiChat = False,
+    api_template: ApiTemplate = None,
+    api_extra: ApiExtra = "{}",
+    api_stop: ApiStop = [],
+    value_backbone: Annotated[Optional[str], typer.Option(help="With --api-base-url: the value model's backbone, whose tokenizer the token columns use (default: --base-model).")] = None,
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 60.0,
     quiet: Quiet = False,
 ):
-    """Sample responses from the frozen base policy π0 and score them with the reward."""
+    """Sample responses from the frozen base policy π0 (local, or through an API) and score them with the reward."""
     from vas.collect import collect as run
+    from vas.collect import collect_api
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
 
     prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
-    _, tokenizer, policy = _setup(base_model, device, dtype)
-    data = run(policy, tokenizer, prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
-               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-               progress=not quiet, metadata={"base_model": base_model, "reward": reward, "prompts": prompts,
-                                             "start": start, "limit": limit})
+    metadata = {"base_model": base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
+    if api_base_url:
+        from vas.models import load_tokenizer
+
+        _positive(concurrency=concurrency)
+        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout)
+        backbone = value_backbone or base_model
+        data = collect_api(policy, load_tokenizer(backbone), prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
+                           temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, concurrency=concurrency,
+                           progress=not quiet, metadata={**metadata, "base_model": backbone, "api_base_url": api_base_url,
+                                                         "api_model": api_model, "api_template": api_template})
+    else:
+        if value_backbone:
+            raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
+        _, tokenizer, policy = _setup(base_model, device, dtype)
+        data = run(policy, tokenizer, prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
+                   temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                   progress=not quiet, metadata=metadata)
     rewards = data["reward"]
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 
@@ -180,16 +234,33 @@ def generate(
     max_new_tokens: MaxNew = 64,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
-    out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing (text-level runs resume from <out>.partial).")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
     value_dtype: ValueDtype = "auto",
+    api_base_url: ApiBaseUrl = None,
+    api_model: ApiModel = "default",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    api_chat: ApiChat = False,
+    api_template: ApiTemplate = None,
+    api_extra: ApiExtra = "{}",
+    api_stop: ApiStop = [],
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 60.0,
+    quiet: Quiet = False,
 ):
-    """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value."""
+    """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value.
+
+    With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint, steered through its top-k
+    log-probabilities (Sec. 4.4); value models then read text with their own tokenizers. The same text-level
+    path serves a local base model whose tokenizer differs from the value models'.
+    """
+    import tempfile
+
     import torch
 
-    from vas.models import eos_token_ids, resolve_value_dtype
+    from vas.models import eos_token_ids, resolve_device, resolve_value_dtype
     from vas.prompts import encode_prompts, load_prompts
     from vas.sampling import Steering, sample
     from vas.storage import require_absent, write_text_atomic
@@ -198,30 +269,53 @@ def generate(
     texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    _positive(batch_size=batch_size)
+    _positive(batch_size=batch_size, concurrency=concurrency)
     if out:
         require_absent(out)
-    dev, tokenizer, policy = _setup(base_model, device, dtype)
-    steering = None
-    if value:
-        models, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
-        steering = Steering(models, weights, beta=beta, top_k=top_k)
-    ids = encode_prompts(tokenizer, texts)
-    records = []
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    for i in range(0, len(ids), batch_size):
-        result = sample(policy, ids[i : i + batch_size], eos_token_ids=eos_token_ids(policy, tokenizer),
-                        pad_token_id=tokenizer.pad_token_id, steering=steering, temperature=temperature,
-                        max_new_tokens=max_new_tokens, greedy=greedy, generator=generator)
-        for j, tokens in enumerate(result.token_ids):
-            records.append({"prompt": texts[i + j], "response": tokenizer.decode(tokens, skip_special_tokens=True),
-                            "kl": float(result.kl[j]), "tokens": len(tokens)})
-    if out:
-        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
-        typer.echo(f"{len(records)} responses → {out}")
+    dev = resolve_device(device)
+    pairs, weights = load_value_models(value, None, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
+    if api_base_url:
+        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout)
     else:
-        for r in records:
-            typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
+        _, tokenizer, model = _setup(base_model, device, dtype)
+        text_level = any(t.get_vocab() != tokenizer.get_vocab() for _, t in pairs)
+        if text_level:
+            from vas.text_sampling import LocalTopKPolicy
+
+            policy = LocalTopKPolicy(model, tokenizer, eos_token_ids(model, tokenizer))
+            concurrency = 1  # one local model, one KV cache: prompts one after another
+    if api_base_url or text_level:
+        from vas.text_sampling import TextSteering
+        from vas.text_sampling import generate as run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run(policy, texts, TextSteering(pairs, weights, beta=beta if pairs else 0.0, top_k=top_k),
+                       out or Path(tmp) / "out.jsonl", temperature=temperature, max_new_tokens=max_new_tokens,
+                       greedy=greedy, seed=seed, concurrency=concurrency, progress=not quiet,
+                       settings={"value": value, "base": api_base_url or base_model, "api_model": api_model})
+        records = [{"prompt": r["prompt"], "response": r["response"], "kl": r["kl"], "tokens": r["tokens"],
+                    "finished": r["finished"], "outside_mass": r["outside_mass"]} for r in rows]
+        if out:
+            typer.echo(f"{len(records)} responses → {out}")
+            return
+    else:
+        steering = Steering([m for m, _ in pairs], weights, beta=beta, top_k=top_k) if pairs else None
+        ids = encode_prompts(tokenizer, texts)
+        records = []
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        for i in range(0, len(ids), batch_size):
+            result = sample(model, ids[i : i + batch_size], eos_token_ids=eos_token_ids(model, tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, steering=steering, temperature=temperature,
+                            max_new_tokens=max_new_tokens, greedy=greedy, generator=generator)
+            for j, tokens in enumerate(result.token_ids):
+                records.append({"prompt": texts[i + j], "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                                "kl": float(result.kl[j]), "tokens": len(tokens)})
+        if out:
+            write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+            typer.echo(f"{len(records)} responses → {out}")
+            return
+    for r in records:
+        typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
 
 
 @app.command()
@@ -261,7 +355,8 @@ def evaluate(
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
     dev, tokenizer, policy = _setup(base_model, device, dtype)
-    models, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
+    pairs, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
+    models = [m for m, _ in pairs]
     report = run(policy, tokenizer, held_out, scorer, models, out, weights=weights, betas=_floats(betas, "betas"),
                  top_k=top_k, best_of=ns, temperature=temperature, max_new_tokens=max_new_tokens,
                  batch_size=batch_size, seed=seed, progress=not quiet,

@@ -145,3 +145,84 @@ def collect(
     shutil.rmtree(partial)
     return load_dataset_dir(out_dir, set(COLUMNS))
 
+
+
+def collect_api(
+    policy,
+    value_tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward: Reward,
+    out_dir: str | Path,
+    *,
+    samples_per_prompt: int = 1,
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    concurrency: int = 8,
+    value_prompt=None,
+    metadata: dict | None = None,
+    progress: bool = True,
+) -> datasets.Dataset:
+    """Sample π0's responses through an OpenAI-compatible endpoint (:class:`vas.api.ApiPolicy`), score them and
+    save them for training a value model with ``value_tokenizer`` (Sec. 3.3, Sec. 4.4).
+
+    One request per response (servers such as llama.cpp ignore ``n > 1``), ``concurrency`` at once; response
+    r asks for seed (seed, r), which servers that honour seeds make reproducible. Every finished response is
+    kept in ``<out_dir>.partial`` at once, so an interrupted or failed collection resumes. The token columns
+    hold the *value model's* tokenization: ``prompt_ids`` its chat template of the prompt, ``response_ids``
+    the response text re-tokenized, plus its EOS when the server ended the response (``finished``): exactly
+    what :class:`vas.value.TextCandidateScorer` reads at decoding time. ``value_prompt`` (a str → str map, or
+    None for the identity) chooses the prompt text the value model reads, as :class:`vas.text_sampling.TextSteering`'s
+    does at decoding time. There is no ``logprobs`` column.
+
+    Returns:
+        The dataset: columns prompt, prompt_ids, response, response_ids, reward, finished, prompt_index.
+
+    Raises:
+        VasError: if ``out_dir`` exists, the partial file holds other settings, a request fails (finished
+            responses are kept), or a reward is non-finite.
+    """
+    import math
+
+    from vas.storage import RowLog
+    from vas.text_sampling import prompts_digest, run_concurrently
+
+    out_dir = Path(out_dir)
+    if samples_per_prompt < 1:
+        raise VasError("samples_per_prompt must be ≥ 1")
+    if not (0 <= temperature < math.inf) or max_new_tokens < 1:
+        raise VasError(f"temperature must be ≥ 0 and max_new_tokens ≥ 1, got {temperature} and {max_new_tokens}")
+    if value_tokenizer.eos_token_id is None:
+        raise VasError("the value model's tokenizer has no EOS token")
+    settings = {"samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "seed": seed, "num_prompts": len(prompts), "prompts_sha256": prompts_digest(prompts),
+                "policy": getattr(policy, "settings", {}), **(metadata or {})}
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
+    log = RowLog(out_dir, settings, key="row")
+
+    async def work(r: int):
+        i, prompt = rows[r]
+        c = await policy.sample(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed(seed, r))
+        log.append({"row": r, "prompt_index": i, "response": c.text, "finished": c.finished})
+
+    run_concurrently(policy, [r for r in range(len(rows)) if r not in log.rows], work, concurrency=concurrency,
+                     total=len(rows), desc="collect", progress=progress)
+    done = [log.rows[r] for r in range(len(rows))]
+    prompt_ids = encode_prompts(value_tokenizer, [value_prompt(p) if value_prompt else p for p in prompts])
+    texts = [d["response"] for d in done]
+    eos = value_tokenizer.eos_token_id
+    response_ids = [value_tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if d["finished"] else [])
+                    for t, d in zip(texts, done)]
+    rewards = score(reward, [p for _, p in rows], texts)
+    save_dataset_atomic(datasets.Dataset.from_dict({
+        "prompt": [p for _, p in rows],
+        "prompt_ids": [prompt_ids[i] for i, _ in rows],
+        "response": texts,
+        "response_ids": response_ids,
+        "reward": rewards.tolist(),
+        "finished": [d["finished"] for d in done],
+        "prompt_index": [i for i, _ in rows],
+    }), out_dir)
+    write_json_atomic(out_dir / _META, settings)
+    log.finish(write=False)
+    return load_dataset_dir(out_dir, REQUIRED_FOR_TRAINING)

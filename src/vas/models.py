@@ -232,6 +232,14 @@ def cache_kwargs(model: torch.nn.Module, cache) -> dict:
     return {_cache_argument(type(base)): cache, "use_cache": True}
 
 
+def crop_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions of a KV cache (in place). transformers 5.x's ``crop`` takes the
+    number of positions to remove, as a negative count."""
+    remove = cache.get_seq_length() - length
+    if remove > 0:
+        cache.crop(-remove)
+
+
 @functools.cache
 def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

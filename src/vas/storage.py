@@ -89,3 +89,61 @@ def replace_atomic(path: str | Path):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+class RowLog:
+    """The finished rows of a long job, kept as they finish so that an interrupted job resumes.
+
+    Rows are appended as JSON lines to ``<out>.partial`` (its first line holds the job's settings), one
+    ``write`` and ``fsync`` per row; a line torn by a crash is dropped on reopening. :meth:`finish` writes
+    all rows to ``out`` atomically, in key order, and removes the partial file.
+    (:func:`vas.collect.collect_api` and :func:`vas.text_sampling.generate` use it.)
+
+    Args:
+        out: the final JSON-lines file (must not exist).
+        settings: JSON-able settings of the job; a partial file with finished rows under other settings is
+            refused (one without rows is started afresh).
+        key: the row field that identifies a row (an int).
+
+    Raises:
+        VasError: if ``out`` exists, or the partial file holds rows made with other settings.
+    """
+
+    def __init__(self, out: str | Path, settings: dict, key: str = "prompt_index"):
+        self.out, self.key = Path(out), key
+        require_absent(self.out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        settings = json.loads(json.dumps(settings))
+        self.rows: dict[int, dict] = {}
+        if self.partial.exists():
+            lines = self.partial.read_text(encoding="utf-8", errors="replace").split("\n")
+            previous = json.loads(lines[0])
+            if previous != settings and any(line.strip() for line in lines[1:]):
+                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                raise VasError(f"{self.partial} was started with other settings ({', '.join(changed)}): "
+                               "delete it or restore them")
+            for line in lines[1:] if previous == settings else []:  # no finished row: new settings are fine
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the torn last line of a crash, or the final newline
+                self.rows[row[key]] = row
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.partial, "".join(json.dumps(r) + "\n" for r in [settings, *self.rows.values()]))
+
+    def append(self, row: dict) -> None:
+        """Keep one finished row (durably)."""
+        with open(self.partial, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")  # ASCII: a torn line never splits a character
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[row[self.key]] = row
+
+    def finish(self, write: bool = True) -> list[dict]:
+        """Write every row to ``out`` as JSON lines (atomically, in key order; unless ``write`` is False, for a
+        caller that saves them in another form), remove the partial file, and return the rows."""
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        if write:
+            write_text_atomic(self.out, "".join(json.dumps(r) + "\n" for r in rows))
+        self.partial.unlink()
+        return rows

@@ -8,12 +8,16 @@ model's KV cache of the prefix and scores all k candidates of all rows in one fo
 ``[tokens new since the last step, x_1 … x_k]`` with a 4D attention mask in which each candidate sees the
 prefix and itself only, all candidates sitting at the row's next position. The candidates' keys are then
 cropped from the cache, so the prefix is never re-fed and the cache is never copied.
+
+A value model with a tokenizer of its own (an API base policy, or any other policy tokenizer) scores
+candidate *strings* instead: :class:`TextCandidateScorer`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -22,7 +26,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
-from vas.models import cache_kwargs, load_backbone, load_tokenizer
+from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer
 
 CONFIG_NAME = "vas_value_config.json"
 HEAD_NAME = "value_head.safetensors"
@@ -185,8 +189,8 @@ def load_value_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
 def check_same_tokenizer(base: PreTrainedTokenizerBase, value: PreTrainedTokenizerBase, name: str) -> None:
     """Raise :class:`VasError` unless the two tokenizers map text to the same ids.
 
-    VAS scores π0's candidate token ids with the value model, so both must share a vocabulary (a
-    cross-tokenizer mode that re-tokenizes text does not exist yet).
+    The token-level path scores π0's candidate token ids with the value model, so both must share a
+    vocabulary; value models with another tokenizer go through the text level (:mod:`vas.text_sampling`).
     """
     if base.get_vocab() != value.get_vocab():
         raise VasError(
@@ -253,6 +257,84 @@ class CandidateScorer:
         return values[:, P:]
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TextCandidateScorer:
+    """V(s ⊕ x) for candidate *strings*, for a value model with its own tokenizer (one prompt; Sec. 4.4).
+
+    The base policy's tokens are never seen: the state is text. For each candidate string c the value model
+    reads ``prompt_ids + tokenize(text + c)`` (an ending candidate, ``None``, reads
+    ``prompt_ids + tokenize(text) + [EOS]``), the same tokenization its training rows had
+    (:func:`vas.collect.collect_api`). Appending text can change the last few tokens (merges), so the KV
+    cache keeps only the prefix that every candidate's tokenization shares; it is cropped back when a later
+    step re-tokenizes the end of the text differently. One forward per call: the new stable tokens, then all
+    candidate suffixes laid side by side in one row, each seeing the cache, the new tokens and itself
+    (custom 4D mask, the same idea as :class:`CandidateScorer`).
+    """
+
+    def __init__(self, model: ValueModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]):
+        if not prompt_ids:
+            raise VasError("the value model's prompt is empty after tokenization")
+        if tokenizer.eos_token_id is None:
+            raise VasError("the value model's tokenizer has no EOS token: ending candidates cannot be scored")
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.cache = DynamicCache(config=model.backbone.config)
+        self.cached_ids: list[int] = []  # the ids whose keys and values are in the cache
+
+    def sequence(self, text: str, candidate: str | None) -> list[int]:
+        """The value model's ids of the state ``text ⊕ candidate`` (``None``: the response ends)."""
+        if candidate is None:
+            return self.prompt_ids + self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return self.prompt_ids + self.tokenizer(text + candidate, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def score(self, text: str, candidates: Sequence[str | None]) -> torch.Tensor:
+        """V(prompt ⊕ text ⊕ c) for each candidate c.
+
+        Args:
+            text: the response so far.
+            candidates: k candidate continuations (strings; ``None`` for the end of the response).
+
+        Returns:
+            (k,) float32 values.
+        """
+        sequences = [self.sequence(text, c) for c in candidates]
+        stable = min(min(common_prefix_length(sequences[0], s) for s in sequences), min(map(len, sequences)) - 1)
+        keep = common_prefix_length(self.cached_ids, sequences[0][:stable])
+        crop_cache(self.cache, keep)
+        new = sequences[0][keep:stable]
+        suffixes = [s[stable:] for s in sequences]  # each ≥ 1 token
+        device = self.model.device
+        P, lengths = len(new), [len(s) for s in suffixes]
+        Q = P + sum(lengths)
+        positions = list(range(keep, stable)) + [stable + j for n in lengths for j in range(n)]
+        allowed = torch.zeros(Q, keep + Q, dtype=torch.bool)
+        allowed[:, :keep] = True
+        allowed[:, keep : keep + P] = torch.tril(torch.ones(Q, P, dtype=torch.bool))  # suffix rows see all new tokens
+        start, ends = P, []
+        for n in lengths:  # each suffix sees itself causally
+            allowed[start : start + n, keep + start : keep + start + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            start += n
+            ends.append(start - 1)
+        dtype = self.model.backbone.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        ids = torch.tensor([new + [t for s in suffixes for t in s]], device=device)
+        values = self.model(ids, mask[None, None].to(device), position_ids=torch.tensor([positions], device=device),
+                            cache=self.cache)
+        crop_cache(self.cache, stable)
+        self.cached_ids = sequences[0][:stable]
+        return values[0, ends].float().cpu()
+
+
 def parse_weighted(spec: str) -> tuple[str, float]:
     """``"PATH=WEIGHT"`` → (PATH, WEIGHT); a plain ``"PATH"`` has weight 1."""
     head, sep, tail = spec.rpartition("=")
@@ -266,22 +348,32 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 def load_value_models(
     specs: list[str],
-    base_tokenizer: PreTrainedTokenizerBase,
+    base_tokenizer: PreTrainedTokenizerBase | None,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[list[ValueModel], list[float]]:
+) -> tuple[list[tuple[ValueModel, PreTrainedTokenizerBase]], list[float]]:
     """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition).
 
+    Args:
+        specs: the value model folders, each optionally ``=WEIGHT``.
+        base_tokenizer: the base policy's tokenizer, which every value model must share (the token-level
+            path); None for the text-level path, where each value model keeps its own.
+
+    Returns:
+        (value model, its tokenizer) pairs and the weights.
+
     Raises:
-        VasError: if a path is not a value model, or a value model's tokenizer differs from the base model's.
+        VasError: if a path is not a value model, or a value model's tokenizer differs from ``base_tokenizer``.
     """
-    models, weights = [], []
+    pairs, weights = [], []
     for spec in specs:
         path, weight = parse_weighted(spec)
         if not (Path(path) / CONFIG_NAME).is_file():
             raise VasError(f"value model {spec!r}: {path!r} is not a value model folder (no {CONFIG_NAME})")
-        check_same_tokenizer(base_tokenizer, load_value_tokenizer(path), path)
-        models.append(ValueModel.from_pretrained(path, device=device, dtype=dtype))
+        tokenizer = load_value_tokenizer(path)
+        if base_tokenizer is not None:
+            check_same_tokenizer(base_tokenizer, tokenizer, path)
+        pairs.append((ValueModel.from_pretrained(path, device=device, dtype=dtype), tokenizer))
         weights.append(weight)
-    return models, weights
+    return pairs, weights

@@ -1,0 +1,283 @@
+"""An OpenAI-compatible endpoint as the base policy π0 (paper Sec. 4.4: a black-box model steered through
+the top-k log-probabilities of its next token).
+
+Two requests, both through the official ``openai`` client (``AsyncOpenAI``: timeouts, and retries with
+exponential backoff on connection errors, 408, 409, 429 and 5xx):
+
+* :meth:`ApiPolicy.next_token`: one token with its top-k log-probabilities (``max_tokens=1``) for the text so
+  far: what VAS steers with, one request per generated token.
+* :meth:`ApiPolicy.sample`: a whole response sampled by the server at temperature τ: plain sampling, and
+  the collection of π0's samples for training a value model (Sec. 3.3).
+
+Both endpoints are supported. The completions endpoint takes the prompt text as given (apply the model's
+chat template first, e.g. with ``template``) and the response so far appended to it. The chat endpoint
+sends the prompt as a user message and the response so far as a partial assistant message that the server
+must *continue* (vLLM's ``continue_final_message``); a server that instead closes that message and opens a
+new one (llama.cpp, OpenAI) cannot be steered through chat: use its completions endpoint.
+
+Log-probabilities are requested at temperature 1 (the model's own distribution; τ is applied by the caller,
+:mod:`vas.text_sampling`). llama.cpp returns special tokens (EOS, end of turn) as empty strings; other servers
+may spell them out (``<|im_end|>``): pass those as ``stop`` strings. An empty candidate, or one that completes
+a stop string, ends the response and is returned as ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vas.errors import VasError
+
+END = None  # the candidate that ends the response
+# llama.cpp's server truncates its samples by default (top-k 40, min-p 0.05, repetition penalty 1.1): these
+# request fields turn that off, so that sampled responses come from π0 itself
+LLAMA_CPP_UNTRUNCATED = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+# llama.cpp's server gives no log-probabilities when its own sample ends the response: after this many more
+# such answers (each a fresh draw at temperature 1) the end is taken as certain
+SAMPLED_END_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where π0 lives.
+
+    Attributes:
+        base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
+        model: the model name the server expects.
+        api_key: the key (any string for servers that need none).
+        chat: use the chat endpoint instead of completions (see the module docstring).
+        timeout: seconds per request before it is abandoned (and retried).
+        max_retries: retries per request on connection errors, 408, 409, 429 and 5xx, with exponential backoff.
+        extra_body: extra JSON fields for every request, e.g. ``{"top_k": 0, "min_p": 0, "repeat_penalty": 1}``
+            for llama.cpp, whose default samplers otherwise truncate π0.
+        stop: strings that end a response (besides special tokens, which arrive as empty strings).
+    """
+
+    base_url: str
+    model: str
+    api_key: str = "none"
+    chat: bool = False
+    timeout: float = 60.0
+    max_retries: int = 5
+    extra_body: dict = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled response: its text, the number of tokens the server generated, and whether it ended by
+    itself (``finish_reason == "stop"``) rather than at the token limit."""
+
+    text: str
+    tokens: int
+    finished: bool
+
+
+class ApiPolicy:
+    """π0 behind an OpenAI-compatible endpoint (async; share one instance between concurrent prompts).
+
+    Args:
+        endpoint: the server, model and request settings.
+        template: maps a prompt to the text sent to the completions endpoint (e.g. the model's chat template);
+            identity by default. Not used with the chat endpoint.
+    """
+
+    def __init__(self, endpoint: Endpoint, template: Callable[[str], str] | None = None):
+        from openai import AsyncOpenAI
+
+        self.endpoint = endpoint
+        self.template = template or (lambda prompt: prompt)
+        self.client = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout,
+                                  max_retries=endpoint.max_retries)
+
+    async def _request(self, extra: dict | None = None, **kwargs):
+        import openai
+
+        e = self.endpoint
+        body = {**e.extra_body, **(extra or {})} or None
+        try:
+            if e.chat:
+                return await self.client.chat.completions.create(model=e.model, extra_body=body, **kwargs)
+            return await self.client.completions.create(model=e.model, extra_body=body, **kwargs)
+        except openai.APITimeoutError:
+            raise VasError(f"{e.base_url}: no answer within {e.timeout:g} s ({e.max_retries} retries)") from None
+        except openai.APIConnectionError:
+            raise VasError(f"cannot reach {e.base_url} ({e.max_retries} retries)") from None
+        except openai.APIStatusError as exc:
+            message = re.sub(r"^Error code: \d+ - ", "", _first_line(exc.message))
+            raise VasError(f"{e.base_url} answered HTTP {exc.status_code}: {message}") from None
+        except openai.OpenAIError as exc:
+            raise VasError(f"{e.base_url}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+    def _messages(self, prompt: str, text: str) -> list[dict]:
+        messages = [{"role": "user", "content": prompt}]
+        if text:
+            messages.append({"role": "assistant", "content": text})
+        return messages
+
+    async def next_token(self, prompt: str, text: str, top_k: int) -> list[tuple[str | None, float]]:
+        """π0's top-k next tokens after ``prompt ⊕ text``, at temperature 1.
+
+        Args:
+            prompt: the prompt (before the template).
+            text: the response so far.
+            top_k: k, how many candidates to ask for (servers cap it: 5 for older OpenAI models, 20 now).
+
+        Returns:
+            At most k (candidate, log p) pairs, most likely first. The candidate is the token's text, or ``None``
+            for a token that ends the response. Tokens with the same text are merged (their probabilities
+            added; the completions endpoint's answer, a dict keyed by text, keeps only one of them), tokens that
+            are only part of a character are skipped, and extra entries (llama.cpp adds the sampled token) are
+            dropped.
+
+        Raises:
+            VasError: if the request fails, the answer has no log-probabilities, or it has fewer than k.
+        """
+        e = self.endpoint
+        pairs, ended = await self._top_logprobs(prompt, text, top_k)
+        # llama.cpp's server answers without log-probabilities when it samples the end of the response, and when
+        # its cache holds the prompt whole (e.g. the text so far plus the token it sampled last time); and a
+        # completions answer, a dict keyed by text, loses tokens whose text repeats. Ask again, for more, after a
+        # different prompt.
+        for _ in range(SAMPLED_END_RETRIES if not e.chat else 0):
+            if len(pairs) >= top_k:
+                break
+            await self._request(prompt="\n", max_tokens=1)
+            pairs, ended = await self._top_logprobs(prompt, text, 2 * top_k - len(pairs))
+        if not pairs and ended:
+            return [(END, 0.0)]  # it sampled the end every time: π0's end is all but certain
+        if not pairs:
+            raise VasError(f"{e.base_url} returned no log-probabilities: the server must support "
+                           f"{'logprobs/top_logprobs' if e.chat else 'logprobs'} for steering")
+        if len(pairs) < top_k:
+            raise VasError(f"{e.base_url} returned {len(pairs)} log-probabilities where k = {top_k} were asked: "
+                           f"use --top-k {len(pairs)} or less")
+        merged: dict[str | None, float] = {}
+        for token, logprob in pairs:
+            if "\ufffd" in token:
+                continue  # part of a multi-byte character: no text to append
+            key = self.candidate(token, text)
+            merged[key] = _logaddexp(merged[key], logprob) if key in merged else float(logprob)
+        return sorted(merged.items(), key=lambda kv: -kv[1])[:top_k]
+
+    async def _top_logprobs(self, prompt: str, text: str, top_k: int) -> tuple[list[tuple[str, float]], bool]:
+        """The answer's (token text, log p) pairs for the next token (empty if it has none), and whether the
+        server's own sample was the end of the response."""
+        if self.endpoint.chat:
+            extra = {"continue_final_message": True, "add_generation_prompt": False} if text else None
+            answer = await self._request(extra, messages=self._messages(prompt, text), max_tokens=1, temperature=1.0,
+                                         top_p=1.0, logprobs=True, top_logprobs=top_k)
+            content = answer.choices[0].logprobs.content if answer.choices and answer.choices[0].logprobs else None
+            return ([(t.token, t.logprob) for t in content[0].top_logprobs] if content else []), False
+        answer = await self._request(prompt=self.template(prompt) + text, max_tokens=1, temperature=1.0, top_p=1.0,
+                                     logprobs=top_k)
+        if not answer.choices:
+            return [], False
+        choice = answer.choices[0]
+        top = choice.logprobs.top_logprobs if choice.logprobs is not None else None
+        return (list(top[0].items()) if top and top[0] else []), choice.finish_reason == "stop" and not choice.text
+
+    def candidate(self, token: str, text: str = "") -> str | None:
+        """The candidate a token's text stands for after the response ``text``: ``None`` (the end) for an empty
+        text, or when ``text + token`` completes a stop string; else the token's text."""
+        if token == "":
+            return END
+        tail = text[-max((len(s) for s in self.endpoint.stop), default=0):] + token
+        if any(s in tail and s not in tail[: -len(token)] for s in self.endpoint.stop):
+            return END
+        return token
+
+    @property
+    def settings(self) -> dict:
+        """What decides this policy's answers (the API key left out), for resumed runs to check."""
+        e = self.endpoint
+        return {"base_url": e.base_url, "model": e.model, "chat": e.chat, "extra_body": e.extra_body,
+                "stop": list(e.stop), "template": self.template("{prompt}")}
+
+    async def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, seed: int | None = None) -> Completion:
+        """One response sampled by the server from π0 at temperature τ (top-p 1).
+
+        Raises:
+            VasError: if the request fails.
+        """
+        e = self.endpoint
+        common = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                      **({"stop": list(e.stop)} if e.stop else {}))
+        if e.chat:
+            answer = await self._request(messages=self._messages(prompt, ""), **common)
+            text = answer.choices[0].message.content or ""
+        else:
+            answer = await self._request(prompt=self.template(prompt), **common)
+            text = answer.choices[0].text
+        tokens = answer.usage.completion_tokens if answer.usage is not None else 0
+        return Completion(text, tokens, answer.choices[0].finish_reason == "stop")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def chat_template(tokenizer) -> Callable[[str], str]:
+    """The prompt → text map of a local tokenizer's chat template (user turn, assistant turn opened), for the
+    completions endpoint of a chat model; the identity if the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return lambda prompt: prompt
+    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                        tokenize=False)
+
+
+def _logaddexp(a: float, b: float) -> float:
+    high = max(a, b)
+    return high if high == -math.inf else high + math.log1p(math.exp(min(a, b) - high))
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "(no message)"
+
+
+@contextmanager
+def llama_cpp_server(model_path: str | Path, *, n_ctx: int = 2048, startup_timeout: float = 180.0):
+    """Serve a GGUF model with llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (a free port) while
+    the ``with`` block runs; yields the base URL (``http://127.0.0.1:PORT/v1``). Needs
+    ``pip install 'llama-cpp-python[server]'``. Pass :data:`LLAMA_CPP_UNTRUNCATED` as ``extra_body`` so that
+    its samplers draw from π0 itself.
+
+    Raises:
+        VasError: if the server exits or does not answer within ``startup_timeout`` seconds.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host",
+                                "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "false"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                urllib.request.urlopen(url + "/models", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    error = (process.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+                    raise VasError(f"llama_cpp.server exited: {error[-1] if error else 'no message'}") from None
+                if time.monotonic() > deadline:
+                    raise VasError(f"llama_cpp.server did not answer within {startup_timeout:g} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -1,0 +1,248 @@
+"""The text-level path (Sec. 4.4): an OpenAI-compatible base policy (against a fault-injecting stub server),
+value models with their own tokenizer, concurrent steering that resumes, and collection through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+from helpers import random_value_model
+from stub_openai import DISTRIBUTION, RESPONSE, StubServer
+
+from vas.api import ApiPolicy, Endpoint
+from vas.errors import VasError
+from vas.models import load_policy, load_tokenizer
+from vas.prompts import encode_prompts
+from vas.text_sampling import LocalTopKPolicy, TextSteering, generate, steer_text
+from vas.value import TextCandidateScorer
+
+
+@pytest.fixture
+def stub():
+    server = StubServer()
+    yield server
+    server.stop()
+
+
+def policy_for(stub, **kwargs) -> ApiPolicy:
+    return ApiPolicy(Endpoint(stub.url, "stub", **{"timeout": 5.0, "max_retries": 2, **kwargs}))
+
+
+def next_token(policy, k, text=""):
+    async def run():
+        try:
+            return await policy.next_token("hi", text, k)
+        finally:
+            await policy.close()
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_next_token_top_k_with_the_end_token_as_none(stub, chat):
+    pairs = next_token(policy_for(stub, chat=chat), 5, text="so far")
+    expected = sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:5]
+    assert [c for c, _ in pairs] == [t or None for t, _ in expected]
+    assert [lp for _, lp in pairs] == pytest.approx([math.log(p) for _, p in expected])
+    path, body = stub.requests[0]
+    assert body["max_tokens"] == 1 and body["temperature"] == 1.0
+    if chat:  # the partial answer is continued, not closed
+        assert path.endswith("/chat/completions") and body["continue_final_message"] is True
+        assert body["messages"][-1] == {"role": "assistant", "content": "so far"}
+    else:
+        assert body["prompt"] == "hiso far" and body["logprobs"] == 5
+
+
+def test_retries_on_429_500_and_timeouts(stub, monkeypatch):
+    monkeypatch.setattr("stub_openai.SLOW", 1.0)
+    stub.faults = ["429", "500", "timeout"]
+    policy = policy_for(stub, timeout=0.5, max_retries=3)
+    assert next_token(policy, 2)[0][0] == " good"
+    assert len(stub.requests) == 4
+
+
+def test_errors_are_one_clear_line(stub):
+    stub.faults = ["500"] * 3
+    with pytest.raises(VasError, match=r"answered HTTP 500: injected 500$"):
+        next_token(policy_for(stub, max_retries=2), 2)
+    stub.faults = ["no_logprobs"] + [None, "no_logprobs"] * 4  # a server without log-probabilities
+    with pytest.raises(VasError, match="returned no log-probabilities"):
+        next_token(policy_for(stub), 2)
+    stub.faults = ["few_logprobs"] + [None, "few_logprobs"] * 4  # a server that caps top_logprobs at 3
+    with pytest.raises(VasError, match=r"returned 3 log-probabilities where k = 5 were asked: use --top-k 3"):
+        next_token(policy_for(stub), 5)
+    with pytest.raises(VasError, match="cannot reach http://127.0.0.1:9/v1"):
+        next_token(ApiPolicy(Endpoint("http://127.0.0.1:9/v1", "x", max_retries=0)), 2)
+
+
+def test_one_answer_without_or_with_too_few_log_probabilities_is_asked_again(stub):
+    """llama.cpp's server answers a prompt its cache holds whole without log-probabilities; a completions answer
+    (a dict keyed by text) loses tokens whose text repeats. Both are asked again, for more, after another prompt."""
+    stub.faults = ["no_logprobs"]
+    assert next_token(policy_for(stub), 2, text="x")[0][0] == " good"
+    assert [(body["prompt"], body.get("logprobs")) for _, body in stub.requests] == [("hix", 2), ("\n", None), ("hix", 4)]
+    stub.requests.clear()
+    stub.faults = ["few_logprobs"]
+    assert len(next_token(policy_for(stub), 5)) == 5
+    assert [body.get("logprobs") for _, body in stub.requests] == [5, None, 7]
+    stub.faults = ["sampled_end", None, "sampled_end"]
+    assert len(next_token(policy_for(stub), 5)) == 5  # a later draw was not the end
+    stub.faults = ["sampled_end"] + [None, "sampled_end"] * 4
+    assert next_token(policy_for(stub), 5) == [(None, 0.0)]  # the end, every time
+
+
+def full_forward_value(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        return float(model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, -1])
+
+
+def test_text_scorer_equals_a_full_forward_while_the_tokenization_of_the_end_changes(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = random_value_model(tiny_model_dir)
+    prompt_ids = encode_prompts(tokenizer, ["hello"])[0]
+    scorer = TextCandidateScorer(model, tokenizer, prompt_ids)
+    # " hel" is Ġh e l, " hello" is Ġh e llo: the cached "l" must be cropped, not reused.
+    steps = [("", [" hel", " hap", None]), (" hel", ["p", "!", None]), (" hello", [" day", "!", None]),
+             (" hello day", ["?", " i", None])]
+    tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert tokens(" hello")[:2] == tokens(" hel")[:2] and tokens(" hello")[2] != tokens(" hel")[2]
+    for text, candidates in steps:
+        got = scorer.score(text, candidates)
+        for value, c in zip(got.tolist(), candidates):
+            ids = prompt_ids + tokens(text + (c or "")) + ([tokenizer.eos_token_id] if c is None else [])
+            assert value == pytest.approx(full_forward_value(model, ids), abs=1e-5)
+        if text == " hel":
+            assert scorer.cached_ids == prompt_ids + tokens(" hel")
+    assert scorer.cached_ids == prompt_ids + tokens(" hello day")
+
+
+class FixedPolicy:
+    """The stub's distribution, without a server."""
+
+    async def next_token(self, prompt, text, top_k):
+        return [(t or None, math.log(p)) for t, p in sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:top_k]]
+
+
+def test_steer_text_is_eq5_over_the_top_k(tiny_model_dir):
+    """Greedy steps against π by hand: log p / τ + β·(V − V̄) over the k candidates, V by full forwards."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = random_value_model(tiny_model_dir, seed=3)
+    prompt_ids = encode_prompts(tokenizer, ["hi"])[0]
+    beta, tau, k = 4.0, 0.7, 4
+    text, kl = "", 0.0
+    top = sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:k]
+    for _ in range(3):
+        values = torch.tensor([full_forward_value(model, prompt_ids + tokenizer(text + t, add_special_tokens=False)["input_ids"])
+                               for t, _ in top])
+        base = torch.log_softmax(torch.tensor([math.log(p) for _, p in top]) / tau, 0)
+        steered = torch.log_softmax(base + beta * (values - values.mean()), 0)
+        kl += float((steered.exp() * (steered - base)).sum())
+        text += top[int(steered.argmax())][0]
+    result = asyncio.run(steer_text(FixedPolicy(), "hi", TextSteering([(model, tokenizer)], beta=beta, top_k=k),
+                                    temperature=tau, max_new_tokens=3, greedy=True))
+    assert result.response == text and result.tokens == 3 and not result.finished
+    assert result.kl == pytest.approx(kl, rel=1e-4)
+    assert result.outside_mass == pytest.approx(1 - sum(p for _, p in top))
+
+
+def test_plain_top_k_sampling_follows_pi0_restricted_to_the_top_k():
+    """β = 0 and no value model: first tokens over many seeds match p / Σ_top-k p at τ = 1."""
+    k, n = 3, 3000
+    top = sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:k]
+    counts = {t: 0 for t, _ in top}
+    for seed in range(n):
+        r = asyncio.run(steer_text(FixedPolicy(), "hi", TextSteering(top_k=k), temperature=1.0, max_new_tokens=1, seed=seed))
+        counts[r.response] += 1
+    total = sum(p for _, p in top)
+    for t, p in top:
+        assert counts[t] / n == pytest.approx(p / total, abs=0.03)
+
+
+def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    steering = TextSteering([(random_value_model(tiny_model_dir), tokenizer)], beta=2.0, top_k=4)
+    prompts = ["one", "two", "three", "four"]
+    run = dict(temperature=0.7, max_new_tokens=3, seed=5, progress=False)
+    whole = generate(policy_for(stub), prompts, steering, tmp_path / "whole.jsonl", concurrency=3, **run)
+    requests = len(stub.requests)
+    stub.faults = [None] * (requests - 1) + ["500"]  # the last request fails (no retries)
+    with pytest.raises(VasError, match="HTTP 500"):
+        generate(policy_for(stub, max_retries=0), prompts, steering, tmp_path / "cut.jsonl", concurrency=1, **run)
+    partial = (tmp_path / "cut.jsonl.partial").read_text().splitlines()
+    assert len(partial) == 1 + 3 and not (tmp_path / "cut.jsonl").exists()
+    with pytest.raises(VasError, match="other settings"):
+        generate(policy_for(stub), prompts, steering, tmp_path / "cut.jsonl", concurrency=1, **{**run, "seed": 6})
+    resumed = generate(policy_for(stub), prompts, steering, tmp_path / "cut.jsonl", concurrency=1, **run)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole]
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "cut.jsonl").read_text().splitlines()] == prompts
+
+
+def test_collect_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_path):
+    from vas.collect import collect_api
+    from vas.rewards import load_reward
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = collect_api(policy_for(stub), tokenizer, ["a", "b"], load_reward("verbosity"), tmp_path / "data",
+                       samples_per_prompt=2, max_new_tokens=8, seed=3, progress=False)
+    assert len(data) == 4 and data["response"] == [RESPONSE] * 4 and data["prompt_index"] == [0, 0, 1, 1]
+    assert data["response_ids"][0] == tokenizer(RESPONSE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert data["prompt_ids"][2] == encode_prompts(tokenizer, ["b"])[0]
+    assert data["reward"] == pytest.approx([len(RESPONSE.split()) / 100] * 4)
+    seeds = sorted(body["seed"] for _, body in stub.requests)
+    assert len(set(seeds)) == 4 and all(body["temperature"] == 0.7 for _, body in stub.requests)
+
+
+def test_local_top_k_policy_matches_the_model_and_its_cache(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir)
+    policy = LocalTopKPolicy(model, tokenizer, [tokenizer.eos_token_id])
+    prompt_ids = encode_prompts(tokenizer, ["hello"])[0]
+    for text in ["", " what a", " what a wonderful", " what"]:  # grows, then rewinds
+        pairs = asyncio.run(policy.next_token("hello", text, 5))
+        ids = prompt_ids + (tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        expected = {}  # most likely first, skipping bytes that are only part of a character, same texts merged
+        for token in logp.argsort(descending=True).tolist():
+            piece = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"] + [token],
+                                     skip_special_tokens=True)[len(text):]
+            if "\ufffd" not in piece or token == tokenizer.eos_token_id:
+                key = None if token == tokenizer.eos_token_id else piece or None
+                expected[key] = math.log(math.exp(expected.get(key, -math.inf)) + math.exp(float(logp[token])))
+            if len(expected) == 5:
+                break
+        expected = list(expected.items())
+        assert [c for c, _ in pairs] == [c for c, _ in expected]
+        assert [lp for _, lp in pairs] == pytest.approx([lp for _, lp in expected], abs=1e-5)
+
+
+def test_row_log_drops_a_torn_line_and_restarts_a_partial_without_rows(tmp_path):
+    from vas.storage import RowLog
+
+    out = tmp_path / "rows.jsonl"
+    log = RowLog(out, {"a": 1})
+    log.append({"prompt_index": 1, "text": "é"})
+    with open(tmp_path / "rows.jsonl.partial", "a") as f:
+        f.write('{"prompt_index": 0, "te')  # a crash in the middle of a write
+    again = RowLog(out, {"a": 1})
+    assert list(again.rows) == [1] and again.rows[1]["text"] == "é"
+    with pytest.raises(VasError, match=r"other settings \(a\)"):
+        RowLog(out, {"a": 2})
+    again.append({"prompt_index": 0, "text": "x"})
+    assert [r["prompt_index"] for r in again.finish()] == [0, 1] and not (tmp_path / "rows.jsonl.partial").exists()
+    assert [json.loads(line)["prompt_index"] for line in out.read_text().splitlines()] == [0, 1]
+    RowLog(tmp_path / "fresh.jsonl", {"a": 1})  # a start that failed before any row …
+    assert RowLog(tmp_path / "fresh.jsonl", {"a": 2}).rows == {}  # … does not pin its settings
+
+
+def test_stop_strings_end_the_response_across_token_boundaries():
+    policy = ApiPolicy(Endpoint("http://127.0.0.1:9/v1", "x", stop=("<|im_end|>",)))
+    assert policy.candidate("", "any") is None
+    assert policy.candidate("<|im_end|>", "done") is None
+    assert policy.candidate("end|>", "done <|im_") is None  # completes the stop string
+    assert policy.candidate(" more", "done <|im_end|> and") == " more"  # an earlier stop string is not this token's
+    assert policy.candidate(" fine", "done") == " fine"

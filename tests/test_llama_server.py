@@ -1,0 +1,102 @@
+"""The API path against a real OpenAI-compatible server: llama-cpp-python's, serving the embedded SmolLM2 GGUF
+on 127.0.0.1 (started and stopped here). Its known quirks are part of what is tested: it ignores ``n > 1``,
+its ``echo`` logprobs are wrong (neither is used), and it answers an exact repeat of its previous prompt
+without log-probabilities (:meth:`vas.api.ApiPolicy.next_token` asks again)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import random_value_model
+
+from vas.api import (
+    LLAMA_CPP_UNTRUNCATED,
+    ApiPolicy,
+    Endpoint,
+    chat_template,
+    llama_cpp_server,
+)
+from vas.models import _embedded_gguf, eos_token_ids, load_policy, load_tokenizer
+from vas.text_sampling import LocalTopKPolicy, TextSteering, generate
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    with llama_cpp_server(_embedded_gguf()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(EMBEDDED)
+
+
+def api(url, tokenizer) -> ApiPolicy:
+    return ApiPolicy(Endpoint(url, EMBEDDED, timeout=60, extra_body=LLAMA_CPP_UNTRUNCATED), chat_template(tokenizer))
+
+
+def test_server_top_k_matches_the_local_model_and_survives_a_repeated_prompt(server_url, tokenizer):
+    """The server's top-k (Q4_1 weights) against the same model dequantised and run by transformers."""
+    model = load_policy(EMBEDDED)
+    local = LocalTopKPolicy(model, tokenizer, eos_token_ids(model, tokenizer))
+    policy = api(server_url, tokenizer)
+    prompt, text = "What is the capital of France?", "The capital of France is"
+
+    async def run():
+        try:
+            first = await policy.next_token(prompt, text, 5)
+            again = await policy.next_token(prompt, text, 5)  # an exact repeat: no logprobs on the first try
+            return first, again, await local.next_token(prompt, text, 5)
+        finally:
+            await policy.close()
+
+    first, again, reference = asyncio.run(run())
+    assert first == again and len(first) == 5
+    assert first[0][0] == reference[0][0] == " Paris"
+    assert first[0][1] == pytest.approx(reference[0][1], abs=0.1)
+
+
+def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_url, tokenizer, tmp_path):
+    """β = 0, greedy, one request per token: the same text as one greedy completion request."""
+    policy = api(server_url, tokenizer)
+    prompt = "Name three colours."
+
+    async def one_request():
+        try:
+            return await policy.sample(prompt, max_new_tokens=12, temperature=0.0)
+        finally:
+            await policy.close()
+
+    whole = asyncio.run(one_request())
+    rows = generate(api(server_url, tokenizer), [prompt], TextSteering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
+                    temperature=1.0, max_new_tokens=12, greedy=True, progress=False)
+    assert rows[0]["response"] == whole.text and rows[0]["tokens"] == whole.tokens == 12
+
+
+def test_steering_through_the_server_with_a_value_model_of_another_tokenizer(server_url, tokenizer, tiny_model_dir, tmp_path):
+    value_tokenizer = load_tokenizer(tiny_model_dir)
+    steering = TextSteering([(random_value_model(tiny_model_dir), value_tokenizer)], beta=4.0, top_k=5)
+    prompts = ["Say something nice.", "Describe the sea."]
+    rows = generate(api(server_url, tokenizer), prompts, steering, tmp_path / "steered.jsonl", temperature=0.7,
+                    max_new_tokens=8, concurrency=2, seed=1, progress=False)
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert 1 <= r["tokens"] <= 8 and r["response"] and r["kl"] > 0 and 0 <= r["outside_mass"] < 1
+
+
+def test_collect_through_the_server_is_reproducible(server_url, tokenizer, tmp_path):
+    from vas.collect import collect_api
+    from vas.rewards import load_reward
+
+    def run(out):
+        return collect_api(api(server_url, tokenizer), tokenizer, ["Say hi.", "Tell me a joke."], load_reward("verbosity"),
+                           tmp_path / out, samples_per_prompt=2, max_new_tokens=16, seed=7, concurrency=2, progress=False)
+
+    a, b = run("a"), run("b")
+    assert a["response"] == b["response"] and len(set(a["response"])) >= 2
+    for response, ids, finished in zip(a["response"], a["response_ids"], a["finished"]):
+        expected = tokenizer(response, add_special_tokens=False)["input_ids"]
+        assert ids == expected + ([tokenizer.eos_token_id] if finished else [])
