@@ -75,6 +75,15 @@ def test_errors_are_one_clear_line(stub):
         next_token(policy_for(stub), 5)
     with pytest.raises(VasError, match="cannot reach http://127.0.0.1:9/v1"):
         next_token(ApiPolicy(Endpoint("http://127.0.0.1:9/v1", "x", max_retries=0)), 2)
+    with pytest.raises(VasError, match="must start with http:// or https://"):
+        ApiPolicy(Endpoint("127.0.0.1:9/v1", "x"))
+
+
+def test_a_run_that_fails_before_any_row_leaves_nothing(stub, tmp_path):
+    stub.faults = ["500"]
+    with pytest.raises(VasError, match="HTTP 500") as caught:
+        generate(policy_for(stub, max_retries=0), ["one"], TextSteering(top_k=2), tmp_path / "x.jsonl", progress=False)
+    assert "kept" not in str(caught.value) and not (tmp_path / "x.jsonl.partial").exists()
 
 
 def test_one_answer_without_or_with_too_few_log_probabilities_is_asked_again(stub):
@@ -168,7 +177,7 @@ def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_
     whole = generate(policy_for(stub), prompts, steering, tmp_path / "whole.jsonl", concurrency=3, **run)
     requests = len(stub.requests)
     stub.faults = [None] * (requests - 1) + ["500"]  # the last request fails (no retries)
-    with pytest.raises(VasError, match="HTTP 500"):
+    with pytest.raises(VasError, match=r"HTTP 500.*; 3 of 4 finished responses are kept in .*cut.jsonl.partial: run the"):
         generate(policy_for(stub, max_retries=0), prompts, steering, tmp_path / "cut.jsonl", concurrency=1, **run)
     partial = (tmp_path / "cut.jsonl.partial").read_text().splitlines()
     assert len(partial) == 1 + 3 and not (tmp_path / "cut.jsonl").exists()

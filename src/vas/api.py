@@ -89,6 +89,8 @@ class ApiPolicy:
     def __init__(self, endpoint: Endpoint, template: Callable[[str], str] | None = None):
         from openai import AsyncOpenAI
 
+        if not re.match(r"https?://", endpoint.base_url):
+            raise VasError(f"the API base URL must start with http:// or https://, got {endpoint.base_url!r}")
         self.endpoint = endpoint
         self.template = template or (lambda prompt: prompt)
         self.client = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout,
@@ -108,10 +110,11 @@ class ApiPolicy:
         except openai.APIConnectionError:
             raise VasError(f"cannot reach {e.base_url} ({e.max_retries} retries)") from None
         except openai.APIStatusError as exc:
-            message = re.sub(r"^Error code: \d+ - ", "", _first_line(exc.message))
-            raise VasError(f"{e.base_url} answered HTTP {exc.status_code}: {message}") from None
+            message = re.sub(r"^Error code: \d+ - ", "", _one_line(exc.message))
+            hint = " (does the base URL end in /v1?)" if exc.status_code == 404 else ""
+            raise VasError(f"{e.base_url} answered HTTP {exc.status_code}{hint}: {message}") from None
         except openai.OpenAIError as exc:
-            raise VasError(f"{e.base_url}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+            raise VasError(f"{e.base_url}: {type(exc).__name__}: {_one_line(str(exc))}") from None
 
     def _messages(self, prompt: str, text: str) -> list[dict]:
         messages = [{"role": "user", "content": prompt}]
@@ -234,8 +237,10 @@ def _logaddexp(a: float, b: float) -> float:
     return high if high == -math.inf else high + math.log1p(math.exp(min(a, b) - high))
 
 
-def _first_line(text: str) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else "(no message)"
+def _one_line(text: str, limit: int = 400) -> str:
+    """A server's message on one line (whitespace runs joined), cut at ``limit`` characters."""
+    text = " ".join((text or "").split())
+    return (text[:limit] + " …" if len(text) > limit else text) or "(no message)"
 
 
 @contextmanager

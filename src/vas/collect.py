@@ -206,7 +206,7 @@ def collect_api(
         log.append({"row": r, "prompt_index": i, "response": c.text, "finished": c.finished})
 
     run_concurrently(policy, [r for r in range(len(rows)) if r not in log.rows], work, concurrency=concurrency,
-                     total=len(rows), desc="collect", progress=progress)
+                     total=len(rows), desc="collect", progress=progress, log=log)
     done = [log.rows[r] for r in range(len(rows))]
     prompt_ids = encode_prompts(value_tokenizer, [value_prompt(p) if value_prompt else p for p in prompts])
     texts = [d["response"] for d in done]

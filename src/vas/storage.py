@@ -119,7 +119,7 @@ class RowLog:
             lines = self.partial.read_text(encoding="utf-8", errors="replace").split("\n")
             previous = json.loads(lines[0])
             if previous != settings and any(line.strip() for line in lines[1:]):
-                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                changed = _changed(previous, settings)
                 raise VasError(f"{self.partial} was started with other settings ({', '.join(changed)}): "
                                "delete it or restore them")
             for line in lines[1:] if previous == settings else []:  # no finished row: new settings are fine
@@ -130,6 +130,11 @@ class RowLog:
                 self.rows[row[key]] = row
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.partial, "".join(json.dumps(r) + "\n" for r in [settings, *self.rows.values()]))
+
+    def abandon(self) -> None:
+        """Remove the partial file if it holds no finished row (a run that failed before finishing one)."""
+        if not self.rows:
+            self.partial.unlink(missing_ok=True)
 
     def append(self, row: dict) -> None:
         """Keep one finished row (durably)."""
@@ -147,3 +152,15 @@ class RowLog:
             write_text_atomic(self.out, "".join(json.dumps(r) + "\n" for r in rows))
         self.partial.unlink()
         return rows
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two settings dicts, nested dicts as ``outer.inner``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out

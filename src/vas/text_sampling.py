@@ -162,13 +162,15 @@ async def _values(scorers, weights, text, candidates, lock) -> torch.Tensor:
 
 
 def run_concurrently(policy, todo: Sequence[int], work, *, concurrency: int, total: int, desc: str,
-                     progress: bool) -> None:
+                     progress: bool, log: RowLog | None = None) -> None:
     """Run the coroutine ``work(i)`` for every i in ``todo``, at most ``concurrency`` at once, with a progress bar
     over ``total`` items; on the first failure cancel the rest, and in every case close the policy (its
-    HTTP client) if it has ``close``. ``work`` keeps its own results (e.g. in a :class:`vas.storage.RowLog`).
+    HTTP client) if it has ``close``. ``work`` keeps its results in ``log``; a failure's message then says how
+    many are kept, and a partial file without any is removed.
 
     Raises:
-        VasError: if ``concurrency`` < 1; else whatever ``work`` raises first.
+        VasError: if ``concurrency`` < 1; else what ``work`` raised first (a :class:`VasError` with the
+            finished rows counted in its message).
     """
     if concurrency < 1:
         raise VasError(f"concurrency must be ≥ 1, got {concurrency}")
@@ -192,7 +194,15 @@ def run_concurrently(policy, todo: Sequence[int], work, *, concurrency: int, tot
                 if close is not None:
                     await close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except VasError as exc:
+        if log is None or not log.rows:
+            if log is not None:
+                log.abandon()
+            raise
+        raise VasError(f"{exc}; {len(log.rows)} of {total} finished responses are kept in {log.partial}: run the "
+                       "same command again to resume") from None
 
 
 def prompts_digest(prompts: Sequence[str]) -> str:
@@ -239,7 +249,7 @@ def generate(policy: TopKPolicy, prompts: Sequence[str], steering: TextSteering,
         log.append({"prompt_index": i, "prompt": prompts[i], **asdict(result), "seconds": time.perf_counter() - start})
 
     run_concurrently(policy, [i for i in range(len(prompts)) if i not in log.rows], work, concurrency=concurrency,
-                     total=len(prompts), desc="steer", progress=progress)
+                     total=len(prompts), desc="steer", progress=progress, log=log)
     return log.finish()
 
 
