@@ -98,6 +98,11 @@ def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):
     records = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello", "what a day"]
     assert all(1 <= r["tokens"] <= 5 and r["kl"] >= 0 for r in records)
+    (tmp_path / "p.txt").write_text("first\nsecond\nthird\n")
+    result = vas("generate", "--prompts", tmp_path / "p.txt", "--start", 1, "--limit", 1, "--base-model", tiny_model_dir,
+                 "--max-new-tokens", 2, "--out", tmp_path / "s.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "s.jsonl").read_text().splitlines()] == ["second"]
 
 
 def test_generate_with_a_value_model_of_another_tokenizer_goes_through_text(tmp_path, other_tokenizer_model_dir, value_dir):

@@ -226,6 +226,7 @@ def generate(
     value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
     prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
     prompts: Annotated[Optional[str], typer.Option(help="Prompt source, used after any --prompt (see `vas collect`).")] = None,
+    start: Annotated[int, typer.Option(help="Index of the first prompt used from --prompts.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
     beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
@@ -266,7 +267,7 @@ def generate(
     from vas.storage import require_absent, write_text_atomic
     from vas.value import load_value_models
 
-    texts = list(prompt) + (load_prompts(prompts, limit=limit) if prompts else [])
+    texts = list(prompt) + (load_prompts(prompts, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
     _positive(batch_size=batch_size, concurrency=concurrency)
