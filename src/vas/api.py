@@ -23,6 +23,7 @@ a stop string, ends the response and is returned as ``None``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -225,11 +226,17 @@ class ApiPolicy:
 
 def chat_template(tokenizer) -> Callable[[str], str]:
     """The prompt → text map of a local tokenizer's chat template (user turn, assistant turn opened), for the
-    completions endpoint of a chat model; the identity if the tokenizer has no template."""
+    completions endpoint of a chat model; the identity if the tokenizer has no template. Rendered prompts are
+    cached: steering asks for the same prompt once per token."""
     if not getattr(tokenizer, "chat_template", None):
         return lambda prompt: prompt
-    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                        tokenize=False)
+
+    @functools.lru_cache(maxsize=4096)
+    def render(prompt: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    return render
 
 
 def _logaddexp(a: float, b: float) -> float:

@@ -26,6 +26,7 @@ from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.sampling import sample
 from vas.storage import (
+    changed_settings,
     load_dataset_dir,
     require_absent,
     save_dataset_atomic,
@@ -101,7 +102,7 @@ def collect(
     if meta_path.exists():
         previous = json.loads(meta_path.read_text())
         if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            changed = changed_settings(previous, settings)
             raise VasError(f"{partial} was started with other settings ({', '.join(changed)}): delete it or restore them")
     else:
         write_json_atomic(meta_path, settings)

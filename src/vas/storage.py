@@ -119,7 +119,7 @@ class RowLog:
             lines = self.partial.read_text(encoding="utf-8", errors="replace").split("\n")
             previous = json.loads(lines[0])
             if previous != settings and any(line.strip() for line in lines[1:]):
-                changed = _changed(previous, settings)
+                changed = changed_settings(previous, settings)
                 raise VasError(f"{self.partial} was started with other settings ({', '.join(changed)}): "
                                "delete it or restore them")
             for line in lines[1:] if previous == settings else []:  # no finished row: new settings are fine
@@ -154,13 +154,13 @@ class RowLog:
         return rows
 
 
-def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
+def changed_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
     """The keys whose values differ between two settings dicts, nested dicts as ``outer.inner``."""
     out = []
     for k in sorted(set(a) | set(b)):
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed(x, y, f"{prefix}{k}.")
+            out += changed_settings(x, y, f"{prefix}{k}.")
         elif x != y:
             out.append(prefix + k)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,8 +33,10 @@ from tqdm.auto import tqdm
 
 from vas.errors import VasError
 from vas.guidance import kl_divergence, steered_logprobs
+from vas.models import cache_kwargs, crop_cache
+from vas.prompts import encode_prompts
 from vas.storage import RowLog
-from vas.value import TextCandidateScorer, ValueModel
+from vas.value import TextCandidateScorer, ValueModel, common_prefix_length
 
 
 class TopKPolicy(Protocol):
@@ -116,13 +119,11 @@ async def steer_text(policy: TopKPolicy, prompt: str, steering: TextSteering, *,
         VasError: from the policy (failed request, missing or too few log-probabilities), or for a value model
             that returns a non-finite value.
     """
-    from vas.prompts import encode_prompts
-
     if not (0 < temperature < math.inf):
         raise VasError(f"temperature must be a finite number > 0, got {temperature}")
     value_prompt = steering.value_prompt(prompt) if steering.value_prompt else prompt
     scorers = [TextCandidateScorer(model, tokenizer, encode_prompts(tokenizer, [value_prompt])[0])
-               for model, tokenizer in steering.value_models]
+               for model, tokenizer in steering.value_models] if steering.beta != 0 else []
     rng = random.Random(seed)
     text, kl, outside, finished, steps = "", 0.0, 0.0, False, 0
     while steps < max_new_tokens:
@@ -131,7 +132,7 @@ async def steer_text(policy: TopKPolicy, prompt: str, steering: TextSteering, *,
         logp = torch.tensor([lp for _, lp in pairs], dtype=torch.float64)
         outside += max(0.0, 1.0 - float(logp.exp().sum()))
         base = torch.log_softmax(logp / temperature, dim=0).float()[None]  # (1, k) log π0 restricted to the top-k
-        if scorers and steering.beta != 0:
+        if scorers:
             values = await _values(scorers, steering.weights, text, candidates, value_lock)
             ids = torch.arange(len(candidates))[None]
             try:
@@ -274,19 +275,16 @@ class LocalTopKPolicy:
         self.model, self.tokenizer, self.eos = model, tokenizer, set(eos_token_ids)
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._cache, self._cached_ids = None, []
+        self._prompt: tuple[str | None, list[int]] = (None, [])
 
     async def next_token(self, prompt: str, text: str, top_k: int) -> list[tuple[str | None, float]]:
         with torch.no_grad():
             return self._next_token(prompt, text, top_k)
 
     def _next_token(self, prompt: str, text: str, top_k: int) -> list[tuple[str | None, float]]:
-        import os
-
-        from vas.models import cache_kwargs, crop_cache
-        from vas.prompts import encode_prompts
-        from vas.value import common_prefix_length
-
-        prompt_ids = encode_prompts(self.tokenizer, [prompt])[0]
+        if self._prompt[0] != prompt:  # the chat template once per prompt, not once per token
+            self._prompt = (prompt, encode_prompts(self.tokenizer, [prompt])[0])
+        prompt_ids = self._prompt[1]
         response_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         ids = prompt_ids + response_ids
         keep = common_prefix_length(self._cached_ids, ids[:-1])
