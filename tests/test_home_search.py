@@ -6,17 +6,18 @@ import pytest
 
 from vas.errors import VasError
 from vas.home_search import (
-    EXAMPLE,
     HomeSearchReward,
     Query,
+    example_for,
     field_f1,
     generate_queries,
     parse_calls,
     prompt,
     success,
+    value_prompt,
 )
 
-QUERY = Query("I want to buy a condo in Boston, MA with 2 bedrooms and priced at most $500,000.",
+QUERY = Query("I want to buy a condo in Boston, MA with 2 bedrooms and a price of at most $500,000.",
               (("set_location", "Boston, MA"), ("set_buy_or_rent", "buy"), ("select_home_type", ["Condo"]),
                ("set_num_beds", 2), ("set_max_price", 500000), ("search", None)))
 RIGHT = """API.set_location("Boston, MA")
@@ -58,9 +59,31 @@ def test_field_f1_by_hand():
 
 def test_prompts_and_reward():
     zero, one = prompt(QUERY, one_shot=False), prompt(QUERY, one_shot=True)
-    assert EXAMPLE.text not in zero and EXAMPLE.text in one and EXAMPLE.call_text() in one
+    example = example_for(QUERY)
+    assert example.text not in zero and f"Task: {example.text}\nAction:\n{example.call_text()}\n\nTask: {QUERY.text}" in one
+    assert value_prompt(zero) == f"Home Search API calls, zero-shot. Task: {QUERY.text}"
+    assert value_prompt(one) == f"Home Search API calls, one-shot. Task: {QUERY.text}"
     assert zero.endswith(f"Task: {QUERY.text}\nReturn only the relevant API calls, not any other kind of response.\nAction:\n")
     reward = HomeSearchReward([QUERY])
     assert reward([zero, one], [RIGHT, "API.search()"]).tolist() == [1.0, 0.0]
     with pytest.raises(VasError, match="no known Home Search query"):
         reward(["Task: something else\nReturn only"], [RIGHT])
+
+
+def test_one_shot_example_matches_the_query_in_size_not_in_answer():
+    queries = generate_queries(200, criteria=1, seed=5)
+    examples = [example_for(q) for q in queries]
+    assert examples == [example_for(q) for q in queries]  # the same example for the same query, always
+    assert all(len(e.calls) == len(q.calls) and e.calls[0] != q.calls[0] for q, e in zip(queries, examples))
+    # buy-or-rent is drawn independently of the query's: copying it is right about half of the time
+    same_mode = sum(e.calls[1] == q.calls[1] for q, e in zip(queries, examples)) / len(queries)
+    assert 0.4 < same_mode < 0.6
+
+
+def test_query_text_grammar_by_hand():
+    texts = {q.text for q in generate_queries(400, criteria=2, seed=0)}
+    assert not any("with priced" in t or " 1 bedrooms" in t or " 1 balconies" in t for t in texts)
+    assert any(" 1 bedroom " in t or t.endswith(" 1 bedroom.") for t in texts)
+    for q in generate_queries(200, criteria=0, seed=3, locations=["Boston, MA"]):  # says buy or rent, as the truth
+        wants = {"buy": ("buy ", "purchase ", "for sale "), "rent": ("rent ", "lease ", "for rent ")}[q.calls[1][1]]
+        assert q.calls[0] == ("set_location", "Boston, MA") and any(w in q.text for w in wants)

@@ -14,9 +14,12 @@ F1 over the (function, value) pairs is kept as a diagnostic (:func:`field_f1`).
 from __future__ import annotations
 
 import ast
+import hashlib
+import itertools
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vas.errors import VasError
@@ -57,22 +60,33 @@ API.set_num_swimming_pools(value: int)
 """
 
 LOCATIONS = ("Boston, MA", "Austin, TX", "Seattle, WA", "Denver, CO", "Miami, FL", "Chicago, IL", "Portland, OR",
-             "San Diego, CA", "Atlanta, GA", "Phoenix, AZ", "Nashville, TN", "Raleigh, NC")
+             "San Diego, CA", "Atlanta, GA", "Phoenix, AZ", "Nashville, TN", "Raleigh, NC", "Madison, WI",
+             "Columbus, OH", "Pittsburgh, PA", "Baltimore, MD", "Richmond, VA", "Charlotte, NC", "Tampa, FL",
+             "Orlando, FL", "New Orleans, LA", "Houston, TX", "Dallas, TX", "San Antonio, TX", "Tucson, AZ",
+             "Albuquerque, NM", "Salt Lake City, UT", "Boise, ID", "Spokane, WA", "Sacramento, CA", "Fresno, CA",
+             "Oakland, CA", "Las Vegas, NV", "Reno, NV", "Omaha, NE", "Kansas City, MO", "St. Louis, MO",
+             "Minneapolis, MN", "Milwaukee, WI", "Detroit, MI", "Indianapolis, IN", "Louisville, KY",
+             "Memphis, TN", "Birmingham, AL", "Charleston, SC", "Providence, RI", "Hartford, CT", "Buffalo, NY")
+# how a query says buy or rent: "{kind}" is what is wanted, e.g. "a home", "a condo or townhouse", "land"
+OPENINGS = {"buy": ("I want to buy {kind} in {location}", "I'm looking to purchase {kind} in {location}",
+                    "Find me {kind} for sale in {location}"),
+            "rent": ("I want to rent {kind} in {location}", "I'm looking to lease {kind} in {location}",
+                     "Find me {kind} for rent in {location}")}
 HOME_TYPES = {"buy": ("House", "Townhouse", "Condo", "Land", "Multi-family", "Mobile", "Co-op"),
               "rent": ("House", "Townhouse", "Condo", "Apartment")}
 # criterion → (function, phrase template)
 CRITERIA = {
     "home_types": ("select_home_type", "{v}"),
-    "min_price": ("set_min_price", "priced at least ${v:,}"),
-    "max_price": ("set_max_price", "priced at most ${v:,}"),
+    "min_price": ("set_min_price", "a price of at least ${v:,}"),
+    "max_price": ("set_max_price", "a price of at most ${v:,}"),
     "min_square_feet": ("set_min_square_feet", "at least {v:,} square feet"),
     "max_square_feet": ("set_max_square_feet", "at most {v:,} square feet"),
-    "num_beds": ("set_num_beds", "{v} bedrooms"),
-    "num_baths": ("set_num_baths", "{v:g} bathrooms"),
-    "num_garages": ("set_num_garages", "{v} garages"),
-    "num_balconies": ("set_num_balconies", "{v} balconies"),
-    "num_swimming_pools": ("set_num_swimming_pools", "{v} swimming pools"),
-    "floor_number": ("set_floor_number", "on floor {v}"),
+    "num_beds": ("set_num_beds", "{v} bedroom{s}"),
+    "num_baths": ("set_num_baths", "{v:g} bathroom{s}"),
+    "num_garages": ("set_num_garages", "{v} garage{s}"),
+    "num_balconies": ("set_num_balconies", "{v} balcon{ies}"),
+    "num_swimming_pools": ("set_num_swimming_pools", "{v} swimming pool{s}"),
+    "floor_number": ("set_floor_number", "a floor number of {v}"),
     "max_commute_time": ("set_max_commute_time", "a commute of at most {v} minutes to my office"),
 }
 
@@ -105,9 +119,18 @@ def _value(name: str, rng: random.Random, mode: str):
     return rng.randint(1, 4)
 
 
-def generate_queries(n: int, *, criteria: int = 2, seed: int = 0) -> list[Query]:
-    """``n`` queries, each with location, buy-or-rent and ``criteria`` more criteria (distinct, never both a
-    minimum and a maximum of the same quantity with min > max).
+_NOUNS = {"Land": "land", "Multi-family": "multi-family home", "Mobile": "mobile home"}
+
+
+def _phrase(name: str, value) -> str:
+    one = value == 1
+    return CRITERIA[name][1].format(v=value, s="" if one else "s", ies="y" if one else "ies")
+
+
+def generate_queries(n: int, *, criteria: int = 2, seed: int = 0, locations: Sequence[str] = LOCATIONS) -> list[Query]:
+    """``n`` queries, each with a location (one of ``locations``), buy-or-rent (said one of three ways) and
+    ``criteria`` more criteria (distinct, never both a minimum and a maximum of the same quantity with
+    min > max). Queries may repeat: with no extra criteria there are 6 per location.
 
     Raises:
         ValueError: if ``criteria`` is negative or larger than the number of criteria.
@@ -118,17 +141,16 @@ def generate_queries(n: int, *, criteria: int = 2, seed: int = 0) -> list[Query]
     queries = []
     for _ in range(n):
         mode = rng.choice(("buy", "rent"))
-        location = rng.choice(LOCATIONS)
+        location = rng.choice(locations)
         chosen = rng.sample(sorted(CRITERIA), criteria)
         values = {name: _value(name, rng, mode) for name in chosen}
         for low, high in (("min_price", "max_price"), ("min_square_feet", "max_square_feet")):
             if low in values and high in values and values[low] > values[high]:
                 values[low], values[high] = values[high], values[low]
-        kind = " or ".join(t.lower() for t in values["home_types"]) if "home_types" in values else "home"
-        phrases = [CRITERIA[name][1].format(v=values[name]) for name in chosen if name != "home_types"]
-        verb = "buy" if mode == "buy" else "rent"
-        article = "an" if kind[0] in "aeiou" else "a"
-        text = f"I want to {verb} {article} {kind} in {location}"
+        kind = " or ".join(_NOUNS.get(t, t.lower()) for t in values.get("home_types", ["home"]))
+        phrases = [_phrase(name, values[name]) for name in chosen if name != "home_types"]
+        article = "" if kind.startswith("land") else "an " if kind[0] in "aeiou" else "a "
+        text = rng.choice(OPENINGS[mode]).format(kind=article + kind, location=location)
         text += (" with " + ", ".join(phrases[:-1]) + (" and " if len(phrases) > 1 else "") + phrases[-1]) if phrases else ""
         calls = [("set_location", location), ("set_buy_or_rent", mode)]
         calls += [(CRITERIA[name][0], values[name]) for name in chosen]
@@ -137,22 +159,36 @@ def generate_queries(n: int, *, criteria: int = 2, seed: int = 0) -> list[Query]
     return queries
 
 
-EXAMPLE = Query("I want to rent an apartment in Madison, WI with 2 bedrooms and at most $1,800.",
-                (("set_location", "Madison, WI"), ("set_buy_or_rent", "rent"), ("select_home_type", ["Apartment"]),
-                 ("set_num_beds", 2), ("set_max_price", 1800), ("search", None)))
+def example_for(query: Query) -> Query:
+    """The worked example that the one-shot prompt shows with ``query``: a generated query with as many criteria,
+    for another location, from a generator seeded by the query's text (sha256), so a query always gets the same
+    example. Its buy-or-rent and criteria are drawn independently of the query's: a model that copies the
+    example rather than reading the query is right only by chance.
+
+    The paper does not give its example (App. C.5.3). A fixed example with criteria the query lacks is copied
+    whole by small models (measured: 0/20 one-shot successes for Gemma-3-270M, which copies its extra calls).
+    """
+    seed = int.from_bytes(hashlib.sha256(query.text.encode()).digest()[:8], "big")
+    criteria = len(query.calls) - 3
+    for attempt in itertools.count():
+        (example,) = generate_queries(1, criteria=criteria, seed=seed + attempt)
+        if example.calls[0] != query.calls[0]:
+            return example
 
 
 def prompt(query: Query, *, one_shot: bool) -> str:
-    """The paper's prompt (App. C.5.3) for ``query``; ``one_shot`` puts one worked example before the task."""
-    example = f"Task: {EXAMPLE.text}\nAction:\n{EXAMPLE.call_text()}\n\n" if one_shot else ""
-    return (f"{API_DESCRIPTION}{example}Task: {query.text}\n"
+    """The paper's prompt (App. C.5.3) for ``query``; ``one_shot`` puts :func:`example_for` ``query``, with its
+    answer, before the task."""
+    example = example_for(query) if one_shot else None
+    shown = f"Task: {example.text}\nAction:\n{example.call_text()}\n\n" if example else ""
+    return (f"{API_DESCRIPTION}{shown}Task: {query.text}\n"
             "Return only the relevant API calls, not any other kind of response.\nAction:\n")
 
 
 def value_prompt(text: str) -> str:
     """What a value model reads of a :func:`prompt`: the query and whether the example was shown, without the
     long API description that every prompt shares (it tells the value model nothing, and costs it ~600 tokens)."""
-    shots = "one-shot" if f"Task: {EXAMPLE.text}" in text else "zero-shot"
+    shots = "one-shot" if text.count("Task: ") > 1 else "zero-shot"
     return f"Home Search API calls, {shots}. Task: {task(text) or text}"
 
 
