@@ -38,7 +38,7 @@ from vas.api import (
     chat_template,
     llama_cpp_server,
 )
-from vas.models import _embedded_gguf, load_tokenizer
+from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
 from vas.prompts import load_prompts
 from vas.text_sampling import TextSteering, generate
 from vas.value import ValueModel
@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     value = ValueModel.create(EMBEDDED, lora_rank=16, num_layers=8).eval()
     results = []
-    with llama_cpp_server(_embedded_gguf(), n_ctx=4096) as url:
+    with llama_cpp_server(gguf_file(EMBEDDED_MODEL), n_ctx=4096) as url:
         def policy():
             return ApiPolicy(Endpoint(url, EMBEDDED, extra_body=LLAMA_CPP_UNTRUNCATED), chat_template(tokenizer))
 

@@ -17,7 +17,13 @@ from vas.api import (
     chat_template,
     llama_cpp_server,
 )
-from vas.models import _embedded_gguf, eos_token_ids, load_policy, load_tokenizer
+from vas.models import (
+    EMBEDDED_MODEL,
+    eos_token_ids,
+    gguf_file,
+    load_policy,
+    load_tokenizer,
+)
 from vas.text_sampling import LocalTopKPolicy, TextSteering, generate
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -25,7 +31,7 @@ EMBEDDED = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def server_url():
-    with llama_cpp_server(_embedded_gguf()) as url:
+    with llama_cpp_server(gguf_file(EMBEDDED_MODEL)) as url:
         yield url
 
 
@@ -34,8 +40,9 @@ def tokenizer():
     return load_tokenizer(EMBEDDED)
 
 
-def api(url, tokenizer) -> ApiPolicy:
-    return ApiPolicy(Endpoint(url, EMBEDDED, timeout=60, extra_body=LLAMA_CPP_UNTRUNCATED), chat_template(tokenizer))
+def api(url, tokenizer, stream: bool = False) -> ApiPolicy:
+    return ApiPolicy(Endpoint(url, EMBEDDED, timeout=60, extra_body=LLAMA_CPP_UNTRUNCATED, stream=stream),
+                     chat_template(tokenizer))
 
 
 def test_server_top_k_matches_the_local_model_and_survives_a_repeated_prompt(server_url, tokenizer):
@@ -59,8 +66,9 @@ def test_server_top_k_matches_the_local_model_and_survives_a_repeated_prompt(ser
     assert first[0][1] == pytest.approx(reference[0][1], abs=0.1)
 
 
-def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_url, tokenizer, tmp_path):
-    """β = 0, greedy, one request per token: the same text as one greedy completion request."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_url, tokenizer, tmp_path, stream):
+    """β = 0, greedy, one request per token (streamed or not): the same text as one greedy completion request."""
     policy = api(server_url, tokenizer)
     prompt = "Name three colours."
 
@@ -71,9 +79,24 @@ def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_u
             await policy.close()
 
     whole = asyncio.run(one_request())
-    rows = generate(api(server_url, tokenizer), [prompt], TextSteering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
+    rows = generate(api(server_url, tokenizer, stream), [prompt], TextSteering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
                     temperature=1.0, max_new_tokens=12, greedy=True, progress=False)
     assert rows[0]["response"] == whole.text and rows[0]["tokens"] == whole.tokens == 12
+
+
+def test_streamed_next_token_is_the_same_answer(server_url, tokenizer):
+    prompt, texts = "What is the capital of France?", ["The capital of France is", "The capital of France is Paris"]
+
+    async def run(policy):
+        try:
+            return [await policy.next_token(prompt, text, 5) for text in texts]
+        finally:
+            await policy.close()
+
+    plain, streamed = asyncio.run(run(api(server_url, tokenizer))), asyncio.run(run(api(server_url, tokenizer, True)))
+    for a, b in zip(plain, streamed):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert [lp for _, lp in a] == pytest.approx([lp for _, lp in b], abs=0.05)  # prompt-cache reuse moves the last digits
 
 
 def test_steering_through_the_server_with_a_value_model_of_another_tokenizer(server_url, tokenizer, tiny_model_dir, tmp_path):

