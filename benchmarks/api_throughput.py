@@ -1,16 +1,17 @@
 """Tokens per second of steering through an OpenAI-compatible API, against plain API sampling, in one run.
 
-    python benchmarks/api_throughput.py [--prompts 8] [--tokens 32] [--out benchmarks/results/api-cpu.json]
+    python benchmarks/api_throughput.py [--policy smollm2-135m-instruct] [--prompts 8] [--tokens 32] [--out FILE]
 
-Starts llama-cpp-python's server on 127.0.0.1 with the embedded SmolLM2 GGUF and measures, on the same
-chitchat prompts and token limit:
+Starts llama-cpp-python's server on 127.0.0.1 with π0's GGUF (the embedded SmolLM2, with its chat template,
+or gemma-3-270m, raw prompts) and measures, on the same chitchat prompts and token limit:
 
 - plain API sampling: one request per response (the server generates every token), τ = 0.7;
 - token by token, β = 0: one request per token with its top-k, no value model (the cost of the protocol);
 - VAS through the API: the same plus a value model (SmolLM2 backbone, first 8 of 30 layers, LoRA, float32,
   its own KV cache) scoring the k candidate strings at every step.
 
-Each token-by-token configuration runs at concurrency 1 and 4. The server evaluates one request at a time,
+Each token-by-token configuration runs at concurrency 1 and 4, and at concurrency 1 with each next token
+streamed (``Endpoint.stream``: llama-cpp-python then computes log-probabilities for that token only). The server evaluates one request at a time,
 so concurrency overlaps only the client's work (value model, HTTP) with the server's. Tokens/s counts
 generated tokens (the server's, or requests made).
 """
@@ -43,25 +44,25 @@ from vas.prompts import load_prompts
 from vas.text_sampling import TextSteering, generate
 from vas.value import ValueModel
 
-EMBEDDED = "smollm2-135m-instruct"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default=EMBEDDED_MODEL, help="π0: a name vas.models.gguf_file knows, or a .gguf")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/api-cpu.json"))
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(EMBEDDED)
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
     prompts = load_prompts("chitchat", start=2000, limit=args.prompts)
     torch.manual_seed(0)
-    value = ValueModel.create(EMBEDDED, lora_rank=16, num_layers=8).eval()
+    value = ValueModel.create(EMBEDDED_MODEL, lora_rank=16, num_layers=8).eval()
     results = []
-    with llama_cpp_server(gguf_file(EMBEDDED_MODEL), n_ctx=4096) as url:
-        def policy():
-            return ApiPolicy(Endpoint(url, EMBEDDED, extra_body=LLAMA_CPP_UNTRUNCATED), chat_template(tokenizer))
+    template = chat_template(tokenizer) if args.policy == EMBEDDED_MODEL else None
+    with llama_cpp_server(gguf_file(args.policy), n_ctx=4096) as url:
+        def policy(stream=False):
+            return ApiPolicy(Endpoint(url, args.policy, extra_body=LLAMA_CPP_UNTRUNCATED, stream=stream), template)
 
         async def plain(concurrency):
             p, gate = policy(), asyncio.Semaphore(concurrency)
@@ -82,20 +83,22 @@ def main() -> None:
             results.append({"method": "plain API sampling (one request per response)", "concurrency": concurrency,
                             "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds})
             print(results[-1], flush=True)
-        for name, steering in (("token by token, β = 0 (no value model)", TextSteering(top_k=args.top_k, beta=0.0)),
-                               ("VAS through the API (8-layer value model)",
-                                TextSteering([(value, tokenizer)], beta=4.0, top_k=args.top_k))):
-            for concurrency in (1, 4):
-                with tempfile.TemporaryDirectory() as tmp:
-                    start = time.perf_counter()
-                    rows = generate(policy(), prompts, steering, Path(tmp) / "out.jsonl", temperature=0.7,
-                                    max_new_tokens=args.tokens, concurrency=concurrency, progress=False)
-                    seconds = time.perf_counter() - start
-                tokens = sum(r["tokens"] for r in rows)
-                results.append({"method": name, "concurrency": concurrency, "tokens": tokens, "seconds": seconds,
-                                "tokens_per_second": tokens / seconds,
-                                "outside_mass": sum(r["outside_mass"] for r in rows) / len(rows)})
-                print(results[-1], flush=True)
+        configurations = [(name, steering, concurrency, stream)
+                          for name, steering in (("token by token, β = 0 (no value model)", TextSteering(top_k=args.top_k, beta=0.0)),
+                                                 ("VAS through the API (8-layer value model)",
+                                                  TextSteering([(value, tokenizer)], beta=4.0, top_k=args.top_k)))
+                          for concurrency, stream in ((1, False), (4, False), (1, True))]
+        for name, steering, concurrency, stream in configurations:
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                rows = generate(policy(stream), prompts, steering, Path(tmp) / "out.jsonl", temperature=0.7,
+                                max_new_tokens=args.tokens, concurrency=concurrency, progress=False)
+                seconds = time.perf_counter() - start
+            tokens = sum(r["tokens"] for r in rows)
+            results.append({"method": name + (", streamed" if stream else ""), "concurrency": concurrency,
+                            "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+                            "outside_mass": sum(r["outside_mass"] for r in rows) / len(rows)})
+            print(results[-1], flush=True)
     plain_rate = results[0]["tokens_per_second"]
     lines = ["| method | concurrency | tokens | s | tokens/s | vs plain API sampling (concurrency 1) |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -104,6 +107,7 @@ def main() -> None:
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                    "policy": args.policy,
                                     "prompts": len(prompts), "max_new_tokens": args.tokens, "top_k": args.top_k,
                                     "results": results}, indent=2) + "\n")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vas.errors import VasError
-from vas.experiments import ablations, beta_knob, composition, frontier
+from vas.experiments import ablations, beta_knob, composition, frontier, tool_use
 from vas.experiments.report import HEADER, VERDICTS, Section, write_section
 from vas.rewards import load_reward
 
@@ -180,3 +180,52 @@ def test_composition_quick_run(tiny_model_dir, tmp_path):
     configs = [json.loads((d / "vas_value_config.json").read_text()) for d in next((tmp_path / "stages").iterdir()).glob("value-*")]
     assert sorted(c["reward"] for c in configs) == ["brevity", "positivity"]
     assert section.verdict in VERDICTS and (out / "composition.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wilson_interval_and_tool_use_verdicts_by_hand():
+    assert tool_use.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert tool_use.wilson(0, 10)[0] == 0.0 and tool_use.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert tool_use.paired_gain([True, False, False, True], [True, True, False, False]) == (1, 1)
+
+    def summary(one_shot, steered):
+        rows = [{"condition": c, "successes": sum(w), "queries": len(w), "rate": sum(w) / len(w), "ci95": [0, 1],
+                 "field_f1": 0.5, "tokens": 10, "seconds_per_query": 1.0, "outside_mass": 0.01, "wins": w}
+                for c, w in (("zero-shot", one_shot), ("zero-shot + VAS", one_shot), ("one-shot", one_shot),
+                             ("one-shot + VAS", steered))]
+        return {"rows": rows, "training_data": {"responses": 4, "success_rate": 0.5},
+                "settings": {"policy": "gemma-3-270m", "value_backbone": "smollm2-135m-instruct"},
+                "sizing": [{"criteria": 0, "successes": 3, "queries": 5, "field_f1": 0.5}],
+                "examples": [{"query": "q", "truth": "t", "one-shot": "a", "one-shot + VAS": "b"}]}
+
+    base = [False] * 20 + [True] * 5
+    # 9 fixed, 0 broken: 9 > 2·√9 = 6
+    assert tool_use.section(summary(base, [True] * 9 + [False] * 11 + [True] * 5), tool_use.Size()).verdict == "reproduced"
+    # 4 fixed, 1 broken: 3 < 2·√5
+    assert tool_use.section(summary(base, [True] * 4 + [False] * 16 + [False] + [True] * 4), tool_use.Size()).verdict == "inconclusive"
+    assert tool_use.section(summary([True] * 25, [False] * 25), tool_use.Size()).verdict == "not reproduced"
+
+
+@pytest.mark.slow
+def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_path):
+    """π0 is the embedded GGUF behind llama.cpp's server; the value model is the tiny model (another tokenizer)."""
+    from vas.home_search import success
+
+    out = tmp_path / "tool-use"
+    size = tool_use.QUICK
+    [section] = tool_use.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=0, size=size,
+                             progress=False, log=lambda _: None)
+    summary = json.loads((out / "summary.json").read_text())
+    train, held_out = tool_use.split_queries(size, 0)
+    assert not {q.calls[0] for q in train} & {q.calls[0] for q in held_out}
+    assert [r["condition"] for r in summary["rows"]] == [c for c, _, _ in tool_use.CONDITIONS]
+    for row, (label, _, _) in zip(summary["rows"], tool_use.CONDITIONS):
+        responses = [json.loads(line)["response"] for line in
+                     (out / "conditions" / (label.replace(" + ", "-").replace(" ", "-") + ".jsonl")).read_text().splitlines()]
+        assert row["wins"] == [success(q, r) for q, r in zip(held_out, responses)] and row["queries"] == size.eval_queries
+    assert summary["training_data"]["responses"] == size.train_queries * size.recipe.samples_per_prompt
+    assert [r["criteria"] for r in summary["sizing"]] == list(tool_use.SIZING)
+    assert all(r["queries"] == size.sizing_queries and 0 <= r["successes"] <= r["queries"] for r in summary["sizing"])
+    assert section.verdict in VERDICTS and (out / "tool_use.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(VasError, match="other settings"):
+        tool_use.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=1, size=size, progress=False,
+                     log=lambda _: None)

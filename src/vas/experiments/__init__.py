@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from vas.experiments import ablations, beta_knob, composition, frontier
+from vas.experiments import ablations, beta_knob, composition, frontier, tool_use
 
-EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, beta_knob, composition, ablations)}
+EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, beta_knob, composition, ablations, tool_use)}

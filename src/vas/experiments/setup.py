@@ -27,6 +27,23 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def claim(out: Path, size, *, seed: int, base_model: str) -> None:
+    """Record in ``out/settings.json`` that ``out`` holds an experiment of this ``size`` (a dataclass), seed and
+    base model.
+
+    Raises:
+        VasError: if ``out`` holds results made with other settings.
+    """
+    from vas.storage import write_json_atomic
+
+    settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base_model": base_model}))
+    recorded = Path(out) / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise VasError(f"{out} holds results made with other settings (size, seed or base model): use another "
+                       f"--out, or delete {out} to start over")
+    write_json_atomic(recorded, settings)
+
+
 @dataclass
 class Setup:
     """One experiment run's models and settings.
@@ -61,14 +78,8 @@ class Setup:
             resolve_dtype,
             resolve_value_dtype,
         )
-        from vas.storage import write_json_atomic
 
-        settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base_model": base_model}))
-        recorded = Path(out) / "settings.json"
-        if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-            raise VasError(f"{out} holds results made with other settings (size, seed or base model): use another "
-                           f"--out, or delete {out} to start over")
-        write_json_atomic(recorded, settings)
+        claim(out, size, seed=seed, base_model=base_model)
         tokenizer = load_tokenizer(base_model)
         policy = load_policy(base_model, device=device, dtype=resolve_dtype("auto", device))
         return cls(out=Path(out), base_model=base_model, device=device, seed=seed, progress=progress, log=log,
