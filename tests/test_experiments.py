@@ -192,9 +192,11 @@ def test_wilson_interval_and_tool_use_verdicts_by_hand():
                  "field_f1": 0.5, "tokens": 10, "seconds_per_query": 1.0, "outside_mass": 0.01, "wins": w}
                 for c, w in (("zero-shot", one_shot), ("zero-shot + VAS", one_shot), ("one-shot", one_shot),
                              ("one-shot + VAS", steered))]
-        return {"rows": rows, "training_data": {"responses": 4, "success_rate": 0.5},
+        return {"rows": rows, "training_data": {"responses": 4, "success_rate": 0.5, "reward_variance": 0.25,
+                                                "validation_mse": 0.2},
                 "settings": {"policy": "gemma-3-270m", "value_backbone": "smollm2-135m-instruct"},
                 "sizing": [{"criteria": 0, "successes": 3, "queries": 5, "field_f1": 0.5}],
+                "decision_margin": {"mean": 0.01, "positive": 3, "queries": 5},
                 "examples": [{"query": "q", "truth": "t", "one-shot": "a", "one-shot + VAS": "b"}]}
 
     base = [False] * 20 + [True] * 5
@@ -226,6 +228,29 @@ def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_pat
     assert [r["criteria"] for r in summary["sizing"]] == list(tool_use.SIZING)
     assert all(r["queries"] == size.sizing_queries and 0 <= r["successes"] <= r["queries"] for r in summary["sizing"])
     assert section.verdict in VERDICTS and (out / "tool_use.png").read_bytes()[:4] == b"\x89PNG"
+    # the decision margin, against full forwards of the value model on each candidate's whole sequence
+    from vas.home_search import prompt, value_prompt
+    from vas.models import load_tokenizer
+    from vas.prompts import encode_prompts
+    from vas.value import ValueModel
+
+    value, tokenizer = ValueModel.from_pretrained(out / "value").eval(), load_tokenizer(tiny_model_dir)
+    margins = []
+    for q in held_out:
+        ids = encode_prompts(tokenizer, [value_prompt(prompt(q, one_shot=True))])[0]
+        v = {}
+        for word in ("buy", "rent"):
+            seq = torch.tensor([ids + tokenizer(tool_use.decision_prefix(q) + word, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                v[word] = float(value(seq, torch.ones_like(seq))[0, -1])
+        right = q.calls[1][1]
+        margins.append(v[right] - v["rent" if right == "buy" else "buy"])
+    assert summary["decision_margin"]["mean"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert summary["decision_margin"]["positive"] == sum(m > 0 for m in margins)
+    # run again: every stage and condition is read back, nothing is recomputed differently
+    again = tool_use.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=0, size=size, progress=False,
+                         log=lambda _: None)
+    assert again == [section] and json.loads((out / "summary.json").read_text()) == summary
     with pytest.raises(VasError, match="other settings"):
         tool_use.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=1, size=size, progress=False,
                      log=lambda _: None)

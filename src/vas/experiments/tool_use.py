@@ -126,6 +126,35 @@ def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: 
     return rows
 
 
+def decision_prefix(query) -> str:
+    """A right answer to ``query`` up to the token that decides most one-shot answers: buy or rent (π0 copies
+    the example's, which is right half of the time)."""
+    return f"API.set_location({query.calls[0][1]!r})\nAPI.set_buy_or_rent('"
+
+
+def decision_margin(value, tokenizer, queries) -> dict:
+    """The value model at that decision: V(s ⊕ right) − V(s ⊕ wrong) on each one-shot prompt, where s is
+    :func:`decision_prefix` and right, wrong are ``buy`` and ``rent`` (a diagnostic of what VAS can do there:
+    β times the margin, in nats, is what it adds to the right token's log-probability over the wrong one's).
+
+    Returns:
+        mean (the margin, in reward units, averaged over queries), positive (how many margins are > 0), queries.
+    """
+    from vas.home_search import prompt, value_prompt
+    from vas.prompts import encode_prompts
+    from vas.value import TextCandidateScorer
+
+    margins = []
+    for q in queries:
+        right = q.calls[1][1]
+        wrong = "rent" if right == "buy" else "buy"
+        scorer = TextCandidateScorer(value, tokenizer, encode_prompts(tokenizer, [value_prompt(prompt(q, one_shot=True))])[0])
+        with torch.no_grad():
+            v = scorer.score(decision_prefix(q), [right, wrong])
+        margins.append(float(v[0] - v[1]))
+    return {"mean": sum(margins) / len(margins), "positive": sum(m > 0 for m in margins), "queries": len(margins)}
+
+
 def check(size: Size) -> None:
     """Fail in one line before anything runs (`vas experiment all` runs this experiment last) if π0's GGUF or
     llama-cpp-python's server is not installed.
@@ -199,7 +228,9 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         for label, one_shot, vas in CONDITIONS:
             path = out / "conditions" / (label.replace(" + ", "-").replace(" ", "-") + ".jsonl")
             prompts = [prompt(q, one_shot=one_shot) for q in held_out]
-            if vas:
+            if vas and path.exists():  # finished earlier: an interrupted experiment resumes
+                rows[label] = [json.loads(line) for line in path.read_text().splitlines()]
+            elif vas:
                 steering = TextSteering([(value, tokenizer)], beta=size.beta, top_k=size.top_k, value_prompt=value_prompt)
                 rows[label] = generate(policy(), prompts, steering, path, temperature=0.7,
                                        max_new_tokens=recipe.max_new_tokens, greedy=True, seed=seed,
@@ -208,6 +239,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                 rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens)
             hits = sum(success(q, r["response"]) for q, r in zip(held_out, rows[label]))
             log(f"{label}: {hits}/{len(held_out)} correct")
+        margin = decision_margin(value, tokenizer, held_out)
 
     table = []
     for label, _, _ in CONDITIONS:
@@ -221,11 +253,13 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                       "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / len(wins)
                                        if rows[label][0]["outside_mass"] is not None else None),
                       "wins": wins})
-    training = {"responses": len(data), "success_rate": sum(data["reward"]) / len(data)}
+    rate = sum(data["reward"]) / len(data)
+    training = {"responses": len(data), "success_rate": rate, "reward_variance": rate * (1 - rate),
+                "validation_mse": value.value_config.get("metrics", {}).get("eval_final_mse")}
     summary = {"settings": {"policy": size.policy, "value_backbone": base_model, "criteria": size.criteria, "train_queries": size.train_queries,
                             "eval_queries": size.eval_queries, "beta": size.beta, "top_k": size.top_k,
                             "recipe": recipe.__dict__, "seed": seed},
-               "training_data": training, "sizing": sizing, "rows": table,
+               "training_data": training, "sizing": sizing, "decision_margin": margin, "rows": table,
                "examples": [{"query": held_out[0].text, "truth": held_out[0].call_text(),
                              **{label: rows[label][0]["response"] for label, _, _ in CONDITIONS}}]}
     write_json_atomic(out / "summary.json", summary)
@@ -240,6 +274,9 @@ def plot(table: list[dict], path: Path) -> None:
     rates = [r["rate"] for r in table]
     errors = [[r["rate"] - r["ci95"][0] for r in table], [r["ci95"][1] - r["rate"] for r in table]]
     ax.bar(x, rates, yerr=errors, capsize=4, color=["#bbbbbb", "#4477aa", "#bbbbbb", "#4477aa"])
+    for i, r in enumerate(table):
+        ax.annotate(f"{r['successes']}/{r['queries']}", (i, r["ci95"][1]), textcoords="offset points", xytext=(0, 4),
+                    ha="center", fontsize=9)
     ax.set_xticks(list(x), [r["condition"] for r in table])
     ax.set_ylabel("success rate on held-out queries (95 % Wilson CI)")
     ax.set_ylim(0, 1)
@@ -270,6 +307,8 @@ def section(summary: dict, size: Size) -> Section:
     example = summary["examples"][0]
     t = summary["training_data"]
     settings = summary["settings"]
+    m = summary["decision_margin"]
+    mse = "—" if t.get("validation_mse") is None else f"{t['validation_mse']:.3f}"
     sizing = ", ".join(f"{r['successes']}/{r['queries']} correct with {r['criteria']}" for r in summary["sizing"])
     body = f"""`vas experiment {NAME}`: π0 is {settings['policy']} (a GGUF served by llama-cpp-python's
 OpenAI-compatible server on 127.0.0.1), used only through the API: whole responses for collection, the top-{size.top_k}
@@ -298,6 +337,13 @@ Paired over the same queries, VAS fixed {gains['zero-shot'][0]} and broke {gains
 fixed {gains['one-shot'][0]} and broke {gains['one-shot'][1]} one-shot answers (the claim needs the fixes to exceed
 the breaks by more than two standard deviations of a sign test). The one-shot base rate is
 {100 * one:.0f} %, {band} the 10–60 % band the task was sized for.
+
+What VAS can do at the token that decides most one-shot answers (buy or rent, after the right location;
+π0 tends to copy the example's): the value model's margin V(right) − V(wrong) there is {m['mean']:+.3f} on
+average over the held-out queries, positive on {m['positive']}/{m['queries']}, so β·margin adds
+{size.beta * m['mean']:+.2f} nats to the right token's log-probability over the wrong one's. On the
+finished responses of its held-out training prompts the value model's MSE is {mse} against a reward variance
+of {t['reward_variance']:.3f}.
 
 First held-out query: “{example['query']}”; truth:
 ```
