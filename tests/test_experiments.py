@@ -194,7 +194,8 @@ def test_wilson_interval_and_tool_use_verdicts_by_hand():
                              ("one-shot + VAS", steered))]
         return {"rows": rows, "training_data": {"responses": 4, "success_rate": 0.5, "reward_variance": 0.25,
                                                 "validation_mse": 0.2},
-                "settings": {"policy": "gemma-3-270m", "value_backbone": "smollm2-135m-instruct"},
+                "settings": {"policy": "gemma-3-270m", "value_backbone": "smollm2-135m-instruct", "eval_queries": 25,
+                             "held_out_cities": 12},
                 "sizing": [{"criteria": 0, "successes": 3, "queries": 5, "field_f1": 0.5}],
                 "decision_margin": {"mean": 0.01, "positive": 3, "queries": 5},
                 "examples": [{"query": "q", "truth": "t", "one-shot": "a", "one-shot + VAS": "b"}]}

@@ -6,6 +6,8 @@ import pytest
 
 from vas.errors import VasError
 from vas.home_search import (
+    EXAMPLE_LOCATIONS,
+    LOCATIONS,
     HomeSearchReward,
     Query,
     example_for,
@@ -74,7 +76,9 @@ def test_one_shot_example_matches_the_query_in_size_not_in_answer():
     queries = generate_queries(200, criteria=1, seed=5)
     examples = [example_for(q) for q in queries]
     assert examples == [example_for(q) for q in queries]  # the same example for the same query, always
-    assert all(len(e.calls) == len(q.calls) and e.calls[0] != q.calls[0] for q, e in zip(queries, examples))
+    assert all(len(e.calls) == len(q.calls) and e.calls[0][1] in EXAMPLE_LOCATIONS for q, e in zip(queries, examples))
+    assert not set(EXAMPLE_LOCATIONS) & set(LOCATIONS)  # no query's city is ever shown in an example
+    assert len({q.text for q in generate_queries(72, criteria=0, seed=1, locations=LOCATIONS[::4])}) == 72  # distinct
     # buy-or-rent is drawn independently of the query's: copying it is right about half of the time
     same_mode = sum(e.calls[1] == q.calls[1] for q, e in zip(queries, examples)) / len(queries)
     assert 0.4 < same_mode < 0.6
@@ -84,6 +88,10 @@ def test_query_text_grammar_by_hand():
     texts = {q.text for q in generate_queries(400, criteria=2, seed=0)}
     assert not any("with priced" in t or " 1 bedrooms" in t or " 1 balconies" in t for t in texts)
     assert any(" 1 bedroom " in t or t.endswith(" 1 bedroom.") for t in texts)
-    for q in generate_queries(200, criteria=0, seed=3, locations=["Boston, MA"]):  # says buy or rent, as the truth
+    boston = generate_queries(6, criteria=0, seed=3, locations=["Boston, MA"])  # every way to ask, once each
+    assert len({q.text for q in boston}) == 6 and sorted(q.calls[1][1] for q in boston) == ["buy"] * 3 + ["rent"] * 3
+    for q in boston:  # says buy or rent, as the truth
         wants = {"buy": ("buy ", "purchase ", "for sale "), "rent": ("rent ", "lease ", "for rent ")}[q.calls[1][1]]
         assert q.calls[0] == ("set_location", "Boston, MA") and any(w in q.text for w in wants)
+    with pytest.raises(ValueError, match="only 6 distinct queries"):
+        generate_queries(7, criteria=0, locations=["Boston, MA"])

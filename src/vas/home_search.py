@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import itertools
 import random
 import re
 from collections import Counter
@@ -60,13 +59,16 @@ API.set_num_swimming_pools(value: int)
 """
 
 LOCATIONS = ("Boston, MA", "Austin, TX", "Seattle, WA", "Denver, CO", "Miami, FL", "Chicago, IL", "Portland, OR",
-             "San Diego, CA", "Atlanta, GA", "Phoenix, AZ", "Nashville, TN", "Raleigh, NC", "Madison, WI",
+             "San Diego, CA", "Atlanta, GA", "Phoenix, AZ", "Nashville, TN", "Raleigh, NC", "Tulsa, OK",
              "Columbus, OH", "Pittsburgh, PA", "Baltimore, MD", "Richmond, VA", "Charlotte, NC", "Tampa, FL",
              "Orlando, FL", "New Orleans, LA", "Houston, TX", "Dallas, TX", "San Antonio, TX", "Tucson, AZ",
              "Albuquerque, NM", "Salt Lake City, UT", "Boise, ID", "Spokane, WA", "Sacramento, CA", "Fresno, CA",
              "Oakland, CA", "Las Vegas, NV", "Reno, NV", "Omaha, NE", "Kansas City, MO", "St. Louis, MO",
              "Minneapolis, MN", "Milwaukee, WI", "Detroit, MI", "Indianapolis, IN", "Louisville, KY",
              "Memphis, TN", "Birmingham, AL", "Charleston, SC", "Providence, RI", "Hartford, CT", "Buffalo, NY")
+# the one-shot examples' cities: never a query's, so no query's city shows up in another query's prompt
+EXAMPLE_LOCATIONS = ("Madison, WI", "Ann Arbor, MI", "Burlington, VT", "Santa Fe, NM", "Savannah, GA", "Eugene, OR",
+                     "Durham, NC", "Boulder, CO")
 # how a query says buy or rent: "{kind}" is what is wanted, e.g. "a home", "a condo or townhouse", "land"
 OPENINGS = {"buy": ("I want to buy {kind} in {location}", "I'm looking to purchase {kind} in {location}",
                     "Find me {kind} for sale in {location}"),
@@ -128,18 +130,23 @@ def _phrase(name: str, value) -> str:
 
 
 def generate_queries(n: int, *, criteria: int = 2, seed: int = 0, locations: Sequence[str] = LOCATIONS) -> list[Query]:
-    """``n`` queries, each with a location (one of ``locations``), buy-or-rent (said one of three ways) and
-    ``criteria`` more criteria (distinct, never both a minimum and a maximum of the same quantity with
-    min > max). Queries may repeat: with no extra criteria there are 6 per location.
+    """``n`` distinct queries, each with a location (one of ``locations``), buy-or-rent (said one of three ways)
+    and ``criteria`` more criteria (distinct, never both a minimum and a maximum of the same quantity with
+    min > max).
 
     Raises:
-        ValueError: if ``criteria`` is negative or larger than the number of criteria.
+        ValueError: if ``criteria`` is negative or larger than the number of criteria, or if ``n`` distinct
+            queries cannot be drawn (with no extra criteria there are only 6 per location).
     """
     if not 0 <= criteria <= len(CRITERIA):
         raise ValueError(f"criteria must be between 0 and {len(CRITERIA)}, got {criteria}")
+    if criteria == 0 and n > 6 * len(set(locations)):
+        raise ValueError(f"only {6 * len(set(locations))} distinct queries have no extra criteria in "
+                         f"{len(set(locations))} locations; {n} were asked for")
     rng = random.Random(seed)
-    queries = []
-    for _ in range(n):
+    queries: list[Query] = []
+    seen: set[str] = set()
+    while len(queries) < n:
         mode = rng.choice(("buy", "rent"))
         location = rng.choice(locations)
         chosen = rng.sample(sorted(CRITERIA), criteria)
@@ -155,25 +162,24 @@ def generate_queries(n: int, *, criteria: int = 2, seed: int = 0, locations: Seq
         calls = [("set_location", location), ("set_buy_or_rent", mode)]
         calls += [(CRITERIA[name][0], values[name]) for name in chosen]
         calls.append(("search", None))
-        queries.append(Query(text + ".", tuple(calls)))
+        if text not in seen:
+            seen.add(text)
+            queries.append(Query(text + ".", tuple(calls)))
     return queries
 
 
 def example_for(query: Query) -> Query:
     """The worked example that the one-shot prompt shows with ``query``: a generated query with as many criteria,
-    for another location, from a generator seeded by the query's text (sha256), so a query always gets the same
-    example. Its buy-or-rent and criteria are drawn independently of the query's: a model that copies the
-    example rather than reading the query is right only by chance.
+    in one of :data:`EXAMPLE_LOCATIONS` (never a query's city), from a generator seeded by the query's text
+    (sha256), so a query always gets the same example. Its buy-or-rent and criteria are drawn independently of
+    the query's: a model that copies the example rather than reading the query is right only by chance.
 
     The paper does not give its example (App. C.5.3). A fixed example with criteria the query lacks is copied
     whole by small models (measured: 0/20 one-shot successes for Gemma-3-270M, which copies its extra calls).
     """
     seed = int.from_bytes(hashlib.sha256(query.text.encode()).digest()[:8], "big")
-    criteria = len(query.calls) - 3
-    for attempt in itertools.count():
-        (example,) = generate_queries(1, criteria=criteria, seed=seed + attempt)
-        if example.calls[0] != query.calls[0]:
-            return example
+    (example,) = generate_queries(1, criteria=len(query.calls) - 3, seed=seed, locations=EXAMPLE_LOCATIONS)
+    return example
 
 
 def prompt(query: Query, *, one_shot: bool) -> str:

