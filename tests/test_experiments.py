@@ -2,6 +2,7 @@
 seconds-long run of the β-knob experiment on the tiny model."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -255,3 +256,15 @@ def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_pat
     with pytest.raises(VasError, match="other settings"):
         tool_use.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=1, size=size, progress=False,
                      log=lambda _: None)
+
+
+def test_tool_use_check_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(VasError, match=r"pip install 'value-augmented-sampling\[tool-use\]'"):
+        tool_use.check(tool_use.QUICK)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with pytest.raises(VasError, match="no GGUF model"):
+        tool_use.check(dataclasses.replace(tool_use.QUICK, policy="missing.gguf"))
