@@ -24,12 +24,13 @@ a stop string, ends the response and is returned as ``None``.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from vas.errors import VasError
 
@@ -173,7 +174,7 @@ class ApiPolicy:
             if "\ufffd" in token:
                 continue  # part of a multi-byte character: no text to append
             key = self.candidate(token, text)
-            merged[key] = _logaddexp(merged[key], logprob) if key in merged else float(logprob)
+            merged[key] = float(np.logaddexp(merged[key], logprob)) if key in merged else float(logprob)
         return sorted(merged.items(), key=lambda kv: -kv[1])[:top_k]
 
     async def _top_logprobs(self, prompt: str, text: str, top_k: int) -> tuple[list[tuple[str, float]], bool]:
@@ -253,11 +254,6 @@ def chat_template(tokenizer) -> Callable[[str], str]:
                                              tokenize=False)
 
     return render
-
-
-def _logaddexp(a: float, b: float) -> float:
-    high = max(a, b)
-    return high if high == -math.inf else high + math.log1p(math.exp(min(a, b) - high))
 
 
 def _one_line(text: str, limit: int = 400) -> str:

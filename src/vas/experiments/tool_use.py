@@ -74,7 +74,8 @@ def split_queries(size: Size, seed: int) -> tuple[list, list]:
     return train, generate_queries(size.eval_queries, criteria=size.criteria, seed=seed + 1, locations=HELD_OUT_CITIES)
 
 
-def sized(policy: Callable, size: Size, seed: int, folder: Path, log: Callable[[str], None]) -> list[dict]:
+def sized(policy: Callable, size: Size, seed: int, folder: Path, log: Callable[[str], None], *,
+          progress: bool) -> list[dict]:
     """One-shot π0's greedy success at each number of extra criteria in :data:`SIZING`, on
     ``size.sizing_queries`` fresh queries each: the measurement behind ``size.criteria`` (targeted:
     10–60 %, room for VAS to move). ``policy()`` makes an :class:`vas.api.ApiPolicy`; the responses are kept in ``folder``.
@@ -89,7 +90,8 @@ def sized(policy: Callable, size: Size, seed: int, folder: Path, log: Callable[[
         queries = generate_queries(size.sizing_queries, criteria=criteria, seed=seed + 2 + criteria)
         answers = [r["response"] for r in greedy_responses(policy(), [prompt(q, one_shot=True) for q in queries],
                                                            folder / f"criteria{criteria}.jsonl",
-                                                           max_new_tokens=size.recipe.max_new_tokens)]
+                                                           max_new_tokens=size.recipe.max_new_tokens,
+                                                           progress=progress)]
         rows.append({"criteria": criteria, "successes": sum(success(q, a) for q, a in zip(queries, answers)),
                      "queries": len(queries), "field_f1": sum(field_f1(q, a) for q, a in zip(queries, answers)) / len(queries)})
         log(f"sizing: one-shot π0, {criteria} extra criteria: {rows[-1]['successes']}/{len(queries)} correct")
@@ -110,35 +112,31 @@ def cached(path: Path, prompts: list[str]) -> list[dict]:
     return rows
 
 
-def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int) -> list[dict]:
-    """π0's greedy response to each prompt, one request each (temperature 0), kept in ``path`` (JSON lines,
-    written at once when all are done); closes ``policy``. At every step that is the token VAS at β = 0 would
-    pick, since π0's argmax is always in its top-k. Rows as :func:`vas.text_sampling.generate`'s, with
-    ``kl`` 0 and ``outside_mass`` None (not asked for)."""
-    import asyncio
+def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int, progress: bool) -> list[dict]:
+    """π0's greedy response to each prompt, one request each (temperature 0), kept in ``path`` (JSON lines;
+    finished rows are kept in ``<path>.partial`` as they finish, so an interrupted run resumes); closes
+    ``policy``. At every step that is the token VAS at β = 0 would pick, since π0's argmax is always in its
+    top-k. Rows as :func:`vas.text_sampling.generate`'s, with ``kl`` 0 and ``outside_mass`` None (not asked for)."""
     import time
 
-    from vas.storage import write_text_atomic
+    from vas.storage import RowLog
+    from vas.text_sampling import prompts_digest, run_concurrently
 
     if path.exists():
         return cached(path, prompts)
+    log = RowLog(path, {"greedy": True, "max_new_tokens": max_new_tokens, "num_prompts": len(prompts),
+                        "prompts_sha256": prompts_digest(prompts), "policy": policy.settings})
 
-    async def run():
-        rows = []
-        try:
-            for i, text in enumerate(prompts):
-                start = time.perf_counter()
-                answer = await policy.sample(text, max_new_tokens=max_new_tokens, temperature=0.0)
-                rows.append({"prompt_index": i, "prompt": text, "response": answer.text, "tokens": answer.tokens,
-                             "finished": answer.finished, "kl": 0.0, "outside_mass": None,
-                             "seconds": time.perf_counter() - start})
-        finally:
-            await policy.close()
-        return rows
+    async def work(i: int):
+        start = time.perf_counter()
+        answer = await policy.sample(prompts[i], max_new_tokens=max_new_tokens, temperature=0.0)
+        log.append({"prompt_index": i, "prompt": prompts[i], "response": answer.text, "tokens": answer.tokens,
+                    "finished": answer.finished, "kl": 0.0, "outside_mass": None,
+                    "seconds": time.perf_counter() - start})
 
-    rows = asyncio.run(run())
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    run_concurrently(policy, [i for i in range(len(prompts)) if i not in log.rows], work, concurrency=1,
+                     total=len(prompts), desc="greedy", progress=progress, log=log)
+    return log.finish()
 
 
 def decision_prefix(query) -> str:
@@ -170,9 +168,9 @@ def decision_margin(value, tokenizer, queries) -> dict:
     return {"mean": sum(margins) / len(margins), "positive": sum(m > 0 for m in margins), "queries": len(margins)}
 
 
-def check(size: Size) -> None:
+def check(size: Size) -> Path:
     """Fail in one line before anything runs (`vas experiment all` runs this experiment last) if π0's GGUF or
-    llama-cpp-python's server is not installed.
+    llama-cpp-python's server is not installed; else return the GGUF file.
 
     Raises:
         VasError: naming what to install.
@@ -186,7 +184,7 @@ def check(size: Size) -> None:
                                                           "starlette_context")):
         raise VasError("the tool-use experiment serves π0 with llama-cpp-python: pip install "
                        "'value-augmented-sampling[tool-use]' (or 'llama-cpp-python[server]')")
-    gguf_file(size.policy)
+    return gguf_file(size.policy)
 
 
 def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Size, progress: bool,
@@ -208,14 +206,13 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         success,
         value_prompt,
     )
-    from vas.models import gguf_file, load_tokenizer
+    from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
     from vas.storage import load_dataset_dir, write_json_atomic
     from vas.text_sampling import TextSteering, generate
     from vas.value import ValueModel
 
-    check(size)
-    gguf = gguf_file(size.policy)
+    gguf = check(size)
     claim(out, size, seed=seed, base_model=base_model)
     train, held_out = split_queries(size, seed)
     reward = HomeSearchReward(train)
@@ -226,7 +223,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         def policy():  # raw completions: π0 is a base model, prompted in the paper's format
             return ApiPolicy(Endpoint(url, size.policy, extra_body=LLAMA_CPP_UNTRUNCATED, stop=STOP, stream=True))
 
-        sizing = sized(policy, size, seed, out / "sizing", log)
+        sizing = sized(policy, size, seed, out / "sizing", log, progress=progress)
         samples = out / "samples"
         if samples.exists():
             log(f"samples: reusing {samples}")
@@ -240,7 +237,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
                                         seed=seed, device=device, progress=progress, log=log)
         value = ValueModel.from_pretrained(value_dir, device=device).eval()
-        rows = {}
+        rows, wins = {}, {}
         for label, one_shot, vas in CONDITIONS:
             path = out / "conditions" / (label.replace(" + ", "-").replace(" ", "-") + ".jsonl")
             prompts = [prompt(q, one_shot=one_shot) for q in held_out]
@@ -253,23 +250,24 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                                        max_new_tokens=recipe.max_new_tokens, greedy=True, seed=seed,
                                        concurrency=size.concurrency, progress=progress)
             else:
-                rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens)
-            hits = sum(success(q, r["response"]) for q, r in zip(held_out, rows[label]))
-            log(f"{label}: {hits}/{len(held_out)} correct")
+                rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens,
+                                               progress=progress)
+            wins[label] = [success(q, r["response"]) for q, r in zip(held_out, rows[label])]
+            log(f"{label}: {sum(wins[label])}/{len(held_out)} correct")
         margin = decision_margin(value, tokenizer, held_out)
 
     table = []
     for label, _, _ in CONDITIONS:
-        wins = [success(q, r["response"]) for q, r in zip(held_out, rows[label])]
-        low, high = wilson(sum(wins), len(wins))
-        table.append({"condition": label, "successes": sum(wins), "queries": len(wins), "rate": sum(wins) / len(wins),
+        n = len(held_out)
+        low, high = wilson(sum(wins[label]), n)
+        table.append({"condition": label, "successes": sum(wins[label]), "queries": n, "rate": sum(wins[label]) / n,
                       "ci95": [low, high],
-                      "field_f1": sum(field_f1(q, r["response"]) for q, r in zip(held_out, rows[label])) / len(wins),
-                      "tokens": sum(r["tokens"] for r in rows[label]) / len(wins),
-                      "seconds_per_query": sum(r["seconds"] for r in rows[label]) / len(wins),
-                      "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / len(wins)
+                      "field_f1": sum(field_f1(q, r["response"]) for q, r in zip(held_out, rows[label])) / n,
+                      "tokens": sum(r["tokens"] for r in rows[label]) / n,
+                      "seconds_per_query": sum(r["seconds"] for r in rows[label]) / n,
+                      "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / n
                                        if rows[label][0]["outside_mass"] is not None else None),
-                      "wins": wins})
+                      "wins": wins[label]})
     rate = sum(data["reward"]) / len(data)
     training = {"responses": len(data), "success_rate": rate, "reward_variance": rate * (1 - rate),
                 "validation_mse": value.value_config.get("metrics", {}).get("eval_final_mse")}
