@@ -14,14 +14,22 @@ REWARD = torch.tensor([1.0])
 @pytest.mark.parametrize(
     "lam, expected",
     [
-        (0.0, [0.4, 0.7, 0.9, 1.0]),  # TD(0): G_t = V(s_{t+1})
+        (0.0, [0.4, 0.7, 1.0, 1.0]),  # TD(0): G_t = V(s_{t+1}), and V(s_3) is the reward, not 0.9
         (1.0, [1.0, 1.0, 1.0, 1.0]),  # Monte-Carlo: G_t = r
-        # G_2 = .05·.9 + .95·1 = .995; G_1 = .05·.7 + .95·.995 = .98025; G_0 = .05·.4 + .95·.98025 = .9512375
-        (0.95, [0.9512375, 0.98025, 0.995, 1.0]),
+        # G_2 = .05·r + .95·1 = 1; G_1 = .05·.7 + .95·1 = .985; G_0 = .05·.4 + .95·.985 = .95575
+        (0.95, [0.95575, 0.985, 1.0, 1.0]),
     ],
 )
 def test_hand_worked_trajectory(lam, expected):
     got = lambda_returns(VALUES, REWARD, MASK, lam=lam, gamma=1.0)
+    torch.testing.assert_close(got, torch.tensor([expected]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lam, expected", [(0.0, [0.4, 1.0, 1.0]), (0.5, [0.7, 1.0, 1.0])])
+def test_state_before_the_end_bootstraps_from_the_reward(lam, expected):
+    # V(s_0), V(s_1), V(s_2) = 0.2, 0.4, 0.7 with s_2 finished and r = 1: the prediction 0.7 must not be used.
+    # λ = 0.5: G_1 = .5·r + .5·G_2 = 1; G_0 = .5·.4 + .5·1 = .7
+    got = lambda_returns(torch.tensor([[0.2, 0.4, 0.7]]), REWARD, torch.ones(1, 3, dtype=torch.bool), lam=lam)
     torch.testing.assert_close(got, torch.tensor([expected]), atol=1e-6, rtol=0)
 
 
@@ -32,9 +40,10 @@ def test_discount_with_monte_carlo():
 
 def forward_view(values, reward, lam, gamma):
     """G^λ_t = (1−λ) Σ_{n=1}^{T−t} λ^{n−1} G^{(n)}_t + λ^{T−t} γ^{T−t} r, with n-step returns
-    G^{(n)}_t = γ^n V(s_{t+n}) (no intermediate reward; s_T is a state whose value is bootstrapped too,
-    and the reward is its Monte-Carlo return)."""
+    G^{(n)}_t = γ^n V(s_{t+n}) (no intermediate reward), where V(s_T) = r: the finished state's value is its
+    reward."""
     T = len(values) - 1
+    values = values[:T] + [reward]
     out = []
     for t in range(T + 1):
         if t == T:

@@ -7,9 +7,11 @@ Conventions (one trajectory, t = 0 … T):
 
 * s_0 is the prompt, s_t the prompt plus t response tokens, s_T the finished response.
 * The reward r arrives on reaching s_T and the value of a finished state is its reward: G_T = r.
-* G_t = γ · [(1 − λ) · V(s_{t+1}) + λ · G_{t+1}] for t < T (no intermediate rewards).
+* G_t = γ · [(1 − λ) · V(s_{t+1}) + λ · G_{t+1}] for t < T (no intermediate rewards), where the value of the
+  finished state is its reward, V(s_T) = r, never the value model's prediction V̂(s_T).
 
-λ = 0 gives TD(0) targets G_t = γ V(s_{t+1}); λ = 1 with γ = 1 gives the Monte-Carlo return G_t = r.
+λ = 0 gives TD(0) targets G_t = γ V(s_{t+1}) (so G_{T−1} = γ r); λ = 1 with γ = 1 gives the Monte-Carlo
+return G_t = r.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def lambda_returns(
 
     Args:
         values: (B, S) float, V(s_t) for states t = 0 … S−1, left-aligned (index 0 is s_0). Entries where
-            ``state_mask`` is 0 are ignored. Treated as constants (no gradient flows through the targets).
+            ``state_mask`` is 0, and each row's last state s_T (whose value is its reward), are ignored.
+            Treated as constants (no gradient flows through the targets).
         rewards: (B,) float, the reward of each finished trajectory.
         state_mask: (B, S) bool or {0, 1}, 1 for real states. Each row must be a prefix of ones of length
             T_b + 1 ≥ 1 (states s_0 … s_{T_b}).
@@ -59,6 +62,8 @@ def lambda_returns(
     rewards = rewards.detach().float().to(values.device)
     last = lengths - 1  # (B,) index of s_T
     B, S = values.shape
+    # the value of the finished state is its reward: bootstrapping from s_T uses r, not V̂(s_T)
+    values = torch.where(torch.arange(S, device=values.device)[None, :] == last[:, None], rewards[:, None], values)
     returns = torch.zeros_like(values)
     # G at step t+1, carried backwards; rows whose last state is beyond t are reset to r at t == last.
     g_next = torch.zeros(B, dtype=values.dtype, device=values.device)
