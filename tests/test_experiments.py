@@ -10,7 +10,7 @@ import torch
 
 from vas.errors import VasError
 from vas.experiments import ablations, beta_knob, composition, frontier, tool_use
-from vas.experiments.report import HEADER, VERDICTS, Section, write_section
+from vas.experiments.report import HEADER, Section, write_section
 from vas.rewards import load_reward
 
 
@@ -58,8 +58,57 @@ def test_beta_knob_quick_run(tiny_model_dir, tmp_path):
         assert len(words) == beta_knob.QUICK.eval_topics
         assert row["words"] == pytest.approx(sum(words) / len(words))
     assert (out / "words_vs_beta.png").read_bytes()[:4] == b"\x89PNG"
-    assert section.verdict in VERDICTS
+    # the claim's rule on the saved numbers: monotone (no significant drop) with ρ ≥ 0.9; otherwise ρ ≥ 0.5 is partly
+    rho, drops = summary["spearman"], summary["significant_decreases"]
+    assert drops == [list(d) for d in beta_knob.significant_decreases(summary["rows"])]
+    assert section.verdict == ("reproduced" if not drops and rho >= 0.9 else "partly reproduced" if rho >= 0.5
+                               else "not reproduced")
     assert f"**{summary['spearman']:.2f}**" in section.body
+
+
+def beta_knob_section(tmp_path, monkeypatch, words: dict[float, list[int]]) -> Section:
+    """beta_knob.run at the QUICK size with π0, the value model and decoding stubbed out: at each β the held-out
+    topics' responses are ``words[β]`` words long (and as many tokens)."""
+    import vas.experiments.setup
+    import vas.pipeline
+
+    class Stub:
+        policy = tokenizer = None
+
+        @classmethod
+        def load(cls, out, **settings):
+            return cls()
+
+        def load_value_model(self, directory):
+            return "value model"
+
+        def responses(self, cache, prompts, steering, rewards, **settings):
+            counts = words[0.0 if steering is None else steering.beta]
+            texts = [" ".join(["word"] * n) for n in counts]
+            return {"texts": texts, "words": rewards["words"](prompts, texts).tolist(), "tokens": [float(n) for n in counts],
+                    "kl": [0.0] * len(counts), "seconds_per_response": 0.1}
+
+    monkeypatch.setattr(vas.experiments.setup, "Setup", Stub)
+    monkeypatch.setattr(vas.pipeline, "samples_and_value_model",
+                        lambda out, **settings: ({"response": ["two words", "three more words"]}, out / "value"))
+    [section] = beta_knob.run(tmp_path / "beta-knob", base_model="stub", device=torch.device("cpu"), seed=0,
+                              size=beta_knob.QUICK, progress=False, log=lambda _: None)
+    return section
+
+
+def test_beta_knob_verdicts_by_hand(tmp_path, monkeypatch):
+    # 2, 5, 9 words on average at β = −4, 0, 4: ranks agree (ρ = 1), no drop
+    section = beta_knob_section(tmp_path / "up", monkeypatch, {-4.0: [1, 2, 3], 0.0: [4, 5, 6], 4.0: [8, 9, 10]})
+    assert section.verdict == "reproduced" and "**1.00**" in section.body
+    assert "| -4 | 2.0 ± 0.6 | 2.0 | 0 % | 0.00 |" in section.body  # s.e. of 1, 2, 3: 1/√3
+    # 8, 4, 10: ranks 2, 1, 3 against 1, 2, 3, Σd² = 2, ρ = 1 − 6·2/(3·8) = 0.5; 8 → 4 drops 4 > 2·√(2/3) ≈ 1.63
+    section = beta_knob_section(tmp_path / "dip", monkeypatch, {-4.0: [7, 8, 9], 0.0: [3, 4, 5], 4.0: [9, 10, 11]})
+    assert section.verdict == "partly reproduced" and "**0.50**" in section.body
+    assert "more than 2 standard errors: 1. Length falls significantly between β = -4 → 0." in section.body
+    # 9, 5, 2: ρ = −1, two drops
+    section = beta_knob_section(tmp_path / "down", monkeypatch, {-4.0: [8, 9, 10], 0.0: [4, 5, 6], 4.0: [1, 2, 3]})
+    assert section.verdict == "not reproduced" and "**-1.00**" in section.body
+    assert "between β = -4 → 0, 0 → 4." in section.body
 
 
 def test_matmul_flops_per_token_by_hand(tiny_model_dir):
@@ -99,7 +148,10 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path):
         assert entry["gflop"] == pytest.approx((entry["policy_tokens"] * flops["policy"]
                                                 + entry["value_tokens"] * flops["value"]) / 1e9)
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert all(s.verdict in VERDICTS for s in sections)
+    # the verdicts follow from the saved numbers (the rules themselves: test_frontier_verdicts_by_hand)
+    assert sections[0].verdict == frontier.frontier_section(
+        summary["report"], summary["judged"], size, value_layers=1, policy_layers=2, train_rows=16, accuracy={}).verdict
+    assert sections[1] == frontier.judge_section(summary["report"], summary["judged"])
     stages = list((tmp_path / "stages").iterdir())
     assert len(stages) == 1 and (stages[0] / "samples").is_dir()
     # a rerun reuses the stages and the evaluation
@@ -108,6 +160,68 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path):
                  size=frontier.QUICK, progress=False, log=logs.append)
     assert any(line.startswith("evaluation: reusing") for line in logs)
     assert any(line.startswith("value model: reusing") for line in logs)
+
+
+def frontier_numbers(vas, judged_vas=(), judged_bon=()):
+    """report and judged dicts for the frontier's sections: plain π0 at 0.100 ± 0.020 (1 s per prompt),
+    Best-of-16 at 0.500 ± 0.030 (KL bound 1.84, 16 s); ``vas``: (β, reward, s.e., KL, seconds) per β;
+    ``judged_*``: (β or N, VADER win rate, TextBlob win rate, its s.e.)."""
+    def entry(reward, sem, kl, seconds, **more):
+        return {"reward": reward, "reward_sem": sem, "kl": kl, "length": 10.0, "seconds_per_prompt": seconds,
+                "gflop": 1.0, **more}
+
+    report = {"settings": {"prompts": 32, "n_pool": 32}, "plain": entry(0.1, 0.02, 0.0, 1.0),
+              "best_of_n": [entry(0.5, 0.03, 1.84, 16.0, n=16, kl_is_bound=True)],
+              "vas": [entry(r, sem, kl, seconds, beta=beta) for beta, r, sem, kl, seconds in vas]}
+    judged = {"plain": {"reward_mean": 0.1, "judge_mean": 0.05}, "vas": [], "best_of_n": []}
+    for group, key, points in (("vas", "beta", judged_vas), ("best_of_n", "n", judged_bon)):
+        judged[group] = [{key: x, "reward_win_rate": r, "reward_win_rate_sem": 0.05, "judge_win_rate": j,
+                          "judge_win_rate_sem": j_sem, "reward_mean": 0.3, "judge_mean": 0.1} for x, r, j, j_sem in points]
+    if not judged_vas:  # the frontier's table needs a judged row for every β
+        judged["vas"] = [{"beta": v[0], "reward_win_rate": 0.5, "reward_win_rate_sem": 0.05, "judge_win_rate": 0.5,
+                          "judge_win_rate_sem": 0.05, "reward_mean": 0.3, "judge_mean": 0.1} for v in vas]
+    return report, judged
+
+
+def test_frontier_verdicts_by_hand():
+    def frontier_section(*vas):
+        report, judged = frontier_numbers(vas)
+        return frontier.frontier_section(report, judged, frontier.Size(), value_layers=8, policy_layers=30,
+                                         train_rows=1024, accuracy={})
+
+    # β=4 beats plain (0.30 − 0.10 > 2·√(0.03² + 0.02²) ≈ 0.072) but stays below Best-of-16's 0.50 − 2·√2·0.03 ≈ 0.415;
+    # β=8 (0.45) reaches it at KL 1.00 < 1.84 in 4 s < 16 s
+    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.45, 0.03, 1.0, 4.0))
+    assert section.verdict == "reproduced"
+    assert "VAS at β=8 reaches 0.450 (Best-of-16: 0.500) at KL 1.00, below Best-of-16's bound 1.84" in section.body
+    # the same reward at KL 2.50, above the bound
+    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.45, 0.03, 2.5, 4.0))
+    assert section.verdict == "partly reproduced"
+    assert "first at β=8: 0.450 against 0.500, at KL 2.50 (above Best-of-16's bound 1.84)" in section.body
+    # 0.40 < 0.415: does not reach Best-of-16
+    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.40, 0.03, 1.0, 4.0))
+    assert section.verdict == "not reproduced"
+    assert "the best VAS point is β=8 with 0.400 at KL 1.00" in section.body
+    # 0.15 − 0.10 < 2·√2·0.02 ≈ 0.057: VAS never beats plain sampling beyond noise
+    assert frontier_section((4.0, 0.12, 0.02, 0.5, 3.0), (8.0, 0.15, 0.02, 1.0, 4.0)).verdict == "inconclusive"
+
+
+def test_judge_verdicts_by_hand():
+    def judge_section(judged_vas, judged_bon):
+        report, judged = frontier_numbers([(v[0], 0.3, 0.03, 1.0, 2.0) for v in judged_vas], judged_vas, judged_bon)
+        return frontier.judge_section(report, judged)
+
+    # both win under VADER (> 0.6) and under TextBlob by more than 2 s.e. (0.70 > 0.60, 0.65 > 0.60)
+    section = judge_section([(8.0, 0.8, 0.7, 0.05)], [(4, 0.8, 0.65, 0.05)])
+    assert section.verdict == "reproduced"
+    assert "by 0.10 on average for VAS and by 0.15 for Best-of-N" in section.body
+    # Best-of-4's 0.65 is within 2 s.e. (0.08) of a coin flip
+    section = judge_section([(8.0, 0.8, 0.7, 0.05)], [(4, 0.8, 0.65, 0.08)])
+    assert section.verdict == "partly reproduced"
+    assert "Winning under VADER but not significantly under TextBlob: Best-of-4." in section.body
+    assert judge_section([(8.0, 0.8, 0.55, 0.05)], [(4, 0.8, 0.65, 0.08)]).verdict == "not reproduced"
+    # nothing wins under VADER (0.6 is not above 0.6), whatever TextBlob says
+    assert judge_section([(8.0, 0.6, 0.9, 0.01)], [(4, 0.55, 0.9, 0.01)]).verdict == "inconclusive"
 
 
 def test_ablation_verdicts_by_hand():
@@ -123,14 +237,64 @@ def test_ablation_verdicts_by_hand():
     assert ablations.verdict_of(["inconclusive", "inconclusive"]) == "inconclusive"
 
 
+def ablations_summary(changes: dict[str, dict], targets: dict[str, tuple]) -> dict:
+    """A summary for :func:`ablations.sections` at the default size: every condition at reward 0.300 ± 0.010,
+    KL 1.0 and no paired difference from the reference, except for ``changes`` (by condition name)."""
+    rows = []
+    for c in ablations.conditions(ablations.Size()):
+        row = {"condition": c.name, "prompts": c.prompts, "lam": c.lam, "top_k": c.top_k, "masked": c.masked,
+               "reward": 0.3, "reward_sem": 0.01, "delta": 0.0, "delta_sem": 0.01, "kl": 1.0, "kl_delta": 0.0,
+               "kl_delta_sem": 0.1, "tokens": 20.0, "seconds_per_response": 1.0, "halfway_mse": 0.05, "explained": 0.1}
+        rows.append({**row, **changes.get(c.name, {})})
+    return {"plain": {"reward": 0.1, "reward_sem": 0.01}, "rows": rows,
+            "labels": {"mean": 0.2, "variance": 0.09, "noise": 0.01, "states": 32},
+            "targets": {f"{key}_{measure}": targets.get(f"{key}_{measure}", [0.0, 0.01])
+                        for key in ("td0_minus_td_lambda", "monte_carlo_minus_td_lambda") for measure in ("positivity", "kl")}}
+
+
+def test_ablation_sections_by_hand():
+    size = ablations.Size()  # the reference: 256 prompts, k = 10; data sizes 64, 128, 256; largest k 50
+    reference = "reference: TD(λ), all data, k=10, Eq. 5"
+    assert ablations.conditions(size)[0].name == reference
+    by_size = {"TD(λ), 64 prompts": {"halfway_mse": 0.08, "reward": 0.20, "reward_sem": 0.02},
+               "TD(λ), 128 prompts": {"halfway_mse": 0.06, "reward": 0.25, "reward_sem": 0.02},
+               reference: {"halfway_mse": 0.04, "reward": 0.30, "reward_sem": 0.02}}
+    changes = {**by_size,
+               "masked outside the top-10": {"delta": -0.05, "delta_sem": 0.02},  # less reward, same KL: worse
+               "k=50": {"kl_delta": 1.0, "kl_delta_sem": 0.2}}  # same reward for more KL: worse
+    targets = {"td0_minus_td_lambda_positivity": [-0.05, 0.02]}  # TD(0): less reward, same KL
+    sections = ablations.sections(ablations_summary(changes, targets), size)
+    # MSE falls 0.08 → 0.06 → 0.04, reward rises 0.20 → 0.25 → 0.30; 0.10 > 2·√2·0.02 ≈ 0.057
+    assert [s.verdict for s in sections] == ["reproduced", "reproduced", "reproduced"]
+    assert "TD(0) − TD(λ) = -0.050 ± 0.020" in sections[0].body
+    assert "k = 50\nagainst k = 10: reward +0.000 ± 0.010, KL +1.00 ± 0.20 (worse: reproduced)" in sections[1].body
+    assert "size: +0.100 ± 0.028); Spearman ρ(MSE, reward) = -1.00 over 3 sizes" in sections[2].body
+    # TD(0) with more reward for no more KL; k = 50 better than k = 10; reward rising by only 0.02 < 0.057
+    changes.update({"k=50": {"delta": 0.05, "delta_sem": 0.02},
+                    "TD(λ), 128 prompts": {"halfway_mse": 0.06, "reward": 0.21, "reward_sem": 0.02},
+                    reference: {"halfway_mse": 0.04, "reward": 0.22, "reward_sem": 0.02}})
+    targets = {"td0_minus_td_lambda_positivity": [0.05, 0.02]}
+    assert [s.verdict for s in ablations.sections(ablations_summary(changes, targets), size)] == [
+        "not reproduced", "partly reproduced", "inconclusive"]
+    # TD(0): less reward for less KL, a trade; masking and k within noise; MSE not falling, reward rising
+    changes = {**by_size, "TD(λ), 128 prompts": {"halfway_mse": 0.09, "reward": 0.25, "reward_sem": 0.02}}
+    targets = {"td0_minus_td_lambda_positivity": [-0.05, 0.02], "td0_minus_td_lambda_kl": [-1.0, 0.2]}
+    assert [s.verdict for s in ablations.sections(ablations_summary(changes, targets), size)] == [
+        "inconclusive", "inconclusive", "partly reproduced"]
+    # neither MSE falling nor reward rising with data
+    changes = {"TD(λ), 64 prompts": {"halfway_mse": 0.03, "reward": 0.35}}
+    assert ablations.sections(ablations_summary(changes, {}), size)[2].verdict == "not reproduced"
+
+
 def test_ablations_quick_run(tiny_model_dir, tmp_path):
     size = ablations.QUICK
     sections = ablations.run(tmp_path / "ablations", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
                              size=size, progress=False, log=lambda _: None)
     assert [s.name for s in sections] == ["ablations-targets", "ablations-top-k", "ablations-data"]
-    assert all(s.verdict in VERDICTS for s in sections)
     out = tmp_path / "ablations"
     summary = json.loads((out / "summary.json").read_text())
+    # the sections follow from the saved numbers (the verdicts' rules: test_ablation_sections_by_hand)
+    assert sections == ablations.sections(summary, size)
     names = [r["condition"] for r in summary["rows"]]
     assert len(names) == len(ablations.conditions(size)) == 7  # reference, 3 targets, masked, 2 k
     reference = summary["rows"][0]
@@ -180,7 +344,33 @@ def test_composition_quick_run(tiny_model_dir, tmp_path):
     # the two value models were trained on the same samples, each on its own reward
     configs = [json.loads((d / "vas_value_config.json").read_text()) for d in next((tmp_path / "stages").iterdir()).glob("value-*")]
     assert sorted(c["reward"] for c in configs) == ["brevity", "positivity"]
-    assert section.verdict in VERDICTS and (out / "composition.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "composition.png").read_bytes()[:4] == b"\x89PNG"
+    # the section follows from the saved numbers (the verdict's rule: test_composition_verdicts_by_hand)
+    assert section == composition.section(summary, size)
+
+
+def test_composition_verdicts_by_hand():
+    def section(*both):
+        """``both``: (β, Δ positivity, its s.e., Δ brevity, its s.e.) of the combination at each β."""
+        def row(condition, positivity_delta=0.0, positivity_sem=0.01, brevity_delta=0.0, brevity_sem=0.01):
+            return {"condition": condition, "positivity": 0.1 + positivity_delta, "positivity_sem": 0.02,
+                    "positivity_delta": positivity_delta, "positivity_delta_sem": positivity_sem,
+                    "brevity": -0.4 + brevity_delta, "brevity_sem": 0.02, "brevity_delta": brevity_delta,
+                    "brevity_delta_sem": brevity_sem, "kl": 1.0}
+
+        rows = [row("plain"), row("positivity alone, β=4", 0.2), row("brevity alone, β=4", 0.0, 0.01, 0.1)]
+        rows += [row(f"both (equal weights), β={beta:g}", *numbers) for beta, *numbers in both]
+        summary = {"rows": rows, "example_prompt": "Hi!", "examples": [{"condition": "plain", "response": "Hello."}],
+                   "training_reward_std": {"positivity": 0.3, "brevity": 0.2}}
+        return composition.section(summary, composition.Size())
+
+    # β=4: both Δ above 2 s.e. (0.10 > 0.06, 0.05 > 0.04); β=8: brevity's 0.03 is not
+    result = section((4.0, 0.10, 0.03, 0.05, 0.02), (8.0, 0.10, 0.03, 0.03, 0.02))
+    assert result.verdict == "reproduced" and "each by more than two paired standard errors) at β = 4." in result.body
+    assert "| both (equal weights), β=4 | 0.200 ± 0.020 | +0.100 ± 0.030 | -0.350 ± 0.020 | 35.0 |" in result.body
+    assert section((8.0, 0.10, 0.03, 0.03, 0.02)).verdict == "partly reproduced"
+    assert section((4.0, 0.01, 0.03, -0.05, 0.02)).verdict == "not reproduced"  # brevity worse by 2.5 s.e.
+    assert section((4.0, 0.01, 0.03, -0.03, 0.02)).verdict == "inconclusive"  # all within 2 s.e.
 
 
 def test_wilson_interval_and_tool_use_verdicts_by_hand():
@@ -229,7 +419,14 @@ def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_pat
     assert summary["training_data"]["responses"] == size.train_queries * size.recipe.samples_per_prompt
     assert [r["criteria"] for r in summary["sizing"]] == list(tool_use.SIZING)
     assert all(r["queries"] == size.sizing_queries and 0 <= r["successes"] <= r["queries"] for r in summary["sizing"])
-    assert section.verdict in VERDICTS and (out / "tool_use.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "tool_use.png").read_bytes()[:4] == b"\x89PNG"
+    # two held-out queries: VAS fixes f and breaks b one-shot answers, f + b ≤ 2, so |f − b| ≤ 2 never exceeds
+    # the sign test's 2·√(f + b) (> 2 for f + b = 2): whatever the models do, the verdict is inconclusive
+    rows = {r["condition"]: r["wins"] for r in summary["rows"]}
+    fixed = sum(not a and b for a, b in zip(rows["one-shot"], rows["one-shot + VAS"]))
+    broke = sum(a and not b for a, b in zip(rows["one-shot"], rows["one-shot + VAS"]))
+    assert section.verdict == "inconclusive"
+    assert f"fixed {fixed} and broke {broke} one-shot answers" in section.body
     # the decision margin, against full forwards of the value model on each candidate's whole sequence
     from vas.home_search import prompt, value_prompt
     from vas.models import load_tokenizer

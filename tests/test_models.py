@@ -15,10 +15,19 @@ def test_native_bf16_on_cpu_matches_the_cpu_flags():
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def test_value_dtype_auto_and_named():
-    cpu = torch.device("cpu")
-    expected = torch.bfloat16 if native_bf16(cpu) else torch.float32
-    assert resolve_value_dtype("auto", cpu) == expected
+def test_value_dtype_auto_and_named(monkeypatch):
+    import vas.models
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU
+    # "auto": bf16 wherever bf16 is native, else float16 on CUDA and float32 on CPU (each branch forced)
+    for native, on_cpu, on_cuda in ((True, torch.bfloat16, torch.bfloat16), (False, torch.float32, torch.float16)):
+        monkeypatch.setattr(vas.models, "native_bf16", lambda device, native=native: native)
+        assert resolve_value_dtype("auto", cpu) == on_cpu and resolve_value_dtype("auto", cuda) == on_cuda
+    monkeypatch.undo()
+    if Path("/proc/cpuinfo").is_file():  # and on this CPU, from its flags rather than from native_bf16
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        expected = torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+        assert resolve_value_dtype("auto", cpu) == expected
     assert resolve_value_dtype("float32", cpu) == torch.float32
     assert resolve_value_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(VasError, match="unknown dtype 'int8'"):
