@@ -41,7 +41,8 @@ from vas.api import (
 )
 from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
 from vas.prompts import load_prompts
-from vas.text_sampling import TextSteering, generate
+from vas.decoding import Steering
+from vas.jobs import generate
 from vas.value import ValueModel
 
 
@@ -84,15 +85,15 @@ def main() -> None:
                             "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds})
             print(results[-1], flush=True)
         configurations = [(name, steering, concurrency, stream)
-                          for name, steering in (("token by token, β = 0 (no value model)", TextSteering(top_k=args.top_k, beta=0.0)),
+                          for name, steering in (("token by token, β = 0 (no value model)", Steering(top_k=args.top_k, beta=0.0)),
                                                  ("VAS through the API (8-layer value model)",
-                                                  TextSteering([(value, tokenizer)], beta=4.0, top_k=args.top_k)))
+                                                  Steering([value], beta=4.0, top_k=args.top_k)))
                           for concurrency, stream in ((1, False), (4, False), (1, True))]
         for name, steering, concurrency, stream in configurations:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 rows = generate(policy(stream), prompts, steering, Path(tmp) / "out.jsonl", temperature=0.7,
-                                max_new_tokens=args.tokens, concurrency=concurrency, progress=False)
+                                max_new_tokens=args.tokens, batch_size=1, concurrency=concurrency, progress=False)
                 seconds = time.perf_counter() - start
             tokens = sum(r["tokens"] for r in rows)
             results.append({"method": name + (", streamed" if stream else ""), "concurrency": concurrency,

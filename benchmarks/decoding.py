@@ -12,8 +12,8 @@ round-robin, so that slow spells of a shared machine hit all of them alike; rati
 round, and their median and range reported.
 
 - ``plain-generate``: ``model.generate`` (do_sample, top_k=0), transformers' own loop: the baseline.
-- ``plain-loop``: :func:`vas.sampling.sample` without steering (our loop, which VAS uses).
-- ``vas``: :func:`vas.sampling.sample` with a value model the size of π0 (same backbone, LoRA merged), or
+- ``plain-loop``: :func:`vas.decoding.sample` without steering (our loop, which VAS uses).
+- ``vas``: :func:`vas.decoding.sample` with a value model the size of π0 (same backbone, LoRA merged), or
   a layer-truncated one (``layers``: its first L layers), in π0's dtype or in ``value_dtype``.
 - ``naive``: the authors' way: each of the k candidates scored by its own forward pass over the whole
   re-fed context (no cache). Its cost per step grows linearly with the position, so it is timed at 4
@@ -109,14 +109,15 @@ class NaiveScorer:
         self.ids = self.mask = None
         self.step, self.seconds, self.max_abs_diff = 0, [], 0.0
 
-    def score(self, new_ids, new_mask, candidates):
+    def score(self, rollout, candidates, active=None):
         import torch
 
-        from vas.value import position_ids_from_mask
+        from vas.models import position_ids_from_mask
 
+        new_ids, new_mask = rollout.appended.ids, rollout.appended.mask
         self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=1)
         self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
-        fast = self.fast.score(new_ids, new_mask, candidates)
+        fast = self.fast.score(rollout, candidates)
         if self.step in self.timed_steps:
             mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             positions = position_ids_from_mask(mask)
@@ -145,7 +146,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     import torch
     import transformers
 
-    import vas.sampling
+    import vas.decoding
     from vas.models import (
         EMBEDDED_MODEL,
         load_policy,
@@ -155,7 +156,8 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     )
     from vas.prompts import encode_prompts, load_prompts
     from vas.rewards import load_reward, score
-    from vas.sampling import left_pad
+    from vas.models import left_pad
+    from vas.policies import LocalPolicy
     from vas.value import CandidateScorer, ValueModel
 
     transformers.utils.logging.set_verbosity_error()
@@ -171,16 +173,16 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
         path = args.value_full if config.get("layers") is None else args.value_quarter
         value_dtype = resolve_dtype(config.get("value_dtype", args.dtype), device)
         value_model = ValueModel.from_pretrained(path, device=device, dtype=value_dtype)
-        steering = vas.sampling.Steering([value_model], beta=1.0, top_k=config["k"])
+        steering = vas.decoding.Steering([value_model], beta=1.0, top_k=config["k"])
     T, B = config["tokens"], config["batch"]
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     record = {**config, "loaded_mib": _peak_mib(device)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def loop(tokens):
-        return vas.sampling.sample(policy, prompt_ids, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id,
-                                   steering=steering, max_new_tokens=tokens, generator=generator)
+        local = LocalPolicy(policy, tokenizer, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+        return vas.decoding.sample(local, prompt_ids, steering, max_new_tokens=tokens, generator=generator)
 
     def hf_generate(n, tokens):
         ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
@@ -203,7 +205,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
             scorers.append(NaiveScorer(model, CandidateScorer(model), steps, device))
             return scorers[-1]
 
-        vas.sampling.CandidateScorer = make  # the loop builds its scorers through this name
+        vas.decoding.CandidateScorer = make  # the loop builds its scorers through this name
         with around():
             loop(T)
         # per step: π0's step (a plain-loop run, warmed up by the run above) + the naive scoring

@@ -48,7 +48,7 @@ from vas.models import (
 )
 from vas.prompts import encode_prompts, load_prompts
 from vas.rewards import load_reward, score
-from vas.sampling import left_pad
+from vas.models import left_pad
 from vas.train import train_value_model
 
 WARMUP_STEPS = 2

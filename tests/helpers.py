@@ -17,3 +17,12 @@ def random_value_model(model_dir: str, seed: int = 0, lora_rank: int = 4, num_la
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.2)
     return model.eval()
+
+
+def tokens(ids, mask):
+    """What a token-level scorer reads from a rollout: the tokens appended since the last step."""
+    from types import SimpleNamespace
+
+    from vas.policies import Appended
+
+    return SimpleNamespace(appended=Appended(ids, mask))

@@ -12,11 +12,13 @@ import torch
 from helpers import random_value_model
 from stub_openai import DISTRIBUTION, RESPONSE, StubServer
 
-from vas.api import ApiPolicy, Endpoint
+from vas.api import ApiPolicy, ApiRollout, Endpoint
+from vas.decoding import Steering, sample
 from vas.errors import VasError
+from vas.jobs import generate
 from vas.models import load_policy, load_tokenizer
+from vas.policies import LocalPolicy, visible_text
 from vas.prompts import encode_prompts
-from vas.text_sampling import LocalTopKPolicy, TextSteering, generate, steer_text
 from vas.value import TextCandidateScorer
 
 
@@ -82,7 +84,8 @@ def test_errors_are_one_clear_line(stub):
 def test_a_run_that_fails_before_any_row_leaves_nothing(stub, tmp_path):
     stub.faults = ["500"]
     with pytest.raises(VasError, match="HTTP 500") as caught:
-        generate(policy_for(stub, max_retries=0), ["one"], TextSteering(top_k=2), tmp_path / "x.jsonl", progress=False)
+        generate(policy_for(stub, max_retries=0), ["one"], Steering(top_k=2), tmp_path / "x.jsonl", batch_size=1,
+                 progress=False)
     assert "kept" not in str(caught.value) and not (tmp_path / "x.jsonl.partial").exists()
 
 
@@ -118,7 +121,7 @@ def test_text_scorer_equals_a_full_forward_while_the_tokenization_of_the_end_cha
     tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert tokens(" hello")[:2] == tokens(" hel")[:2] and tokens(" hello")[2] != tokens(" hel")[2]
     for text, candidates in steps:
-        got = scorer.score(text, candidates)
+        got = scorer.score(text, [None if c is None else text + c for c in candidates])
         for value, c in zip(got.tolist(), candidates):
             ids = prompt_ids + tokens(text + (c or "")) + ([tokenizer.eos_token_id] if c is None else [])
             assert value == pytest.approx(full_forward_value(model, ids), abs=1e-5)
@@ -129,6 +132,9 @@ def test_text_scorer_equals_a_full_forward_while_the_tokenization_of_the_end_cha
 
 class FixedPolicy:
     """The stub's distribution, without a server."""
+
+    def start(self, prompts, max_new_tokens):
+        return ApiRollout(self, prompts)
 
     async def next_token(self, prompt, text, top_k):
         return [(t or None, math.log(p)) for t, p in sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:top_k]]
@@ -149,11 +155,11 @@ def test_steer_text_is_eq5_over_the_top_k(tiny_model_dir):
         steered = torch.log_softmax(base + beta * (values - values.mean()), 0)
         kl += float((steered.exp() * (steered - base)).sum())
         text += top[int(steered.argmax())][0]
-    result = asyncio.run(steer_text(FixedPolicy(), "hi", TextSteering([(model, tokenizer)], beta=beta, top_k=k),
-                                    temperature=tau, max_new_tokens=3, greedy=True))
-    assert result.response == text and result.tokens == 3 and not result.finished
-    assert result.kl == pytest.approx(kl, rel=1e-4)
-    assert result.outside_mass == pytest.approx(1 - sum(p for _, p in top))
+    result = sample(FixedPolicy(), ["hi"], Steering([model], beta=beta, top_k=k), temperature=tau, max_new_tokens=3,
+                    greedy=True)
+    assert result.texts == [text] and result.steps.tolist() == [3] and not bool(result.finished[0])
+    assert float(result.kl[0]) == pytest.approx(kl, rel=1e-4)
+    assert float(result.outside_mass[0]) == pytest.approx(1 - sum(p for _, p in top), rel=1e-5)
 
 
 def test_plain_top_k_sampling_follows_pi0_restricted_to_the_top_k():
@@ -161,9 +167,10 @@ def test_plain_top_k_sampling_follows_pi0_restricted_to_the_top_k():
     k, n = 3, 3000
     top = sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:k]
     counts = {t: 0 for t, _ in top}
-    for seed in range(n):
-        r = asyncio.run(steer_text(FixedPolicy(), "hi", TextSteering(top_k=k), temperature=1.0, max_new_tokens=1, seed=seed))
-        counts[r.response] += 1
+    result = sample(FixedPolicy(), ["hi"] * n, Steering(top_k=k), temperature=1.0, max_new_tokens=1,
+                    generator=torch.Generator().manual_seed(0))
+    for text in result.texts:
+        counts[text] += 1
     total = sum(p for _, p in top)
     for t, p in top:
         assert counts[t] / n == pytest.approx(p / total, abs=0.03)
@@ -171,9 +178,9 @@ def test_plain_top_k_sampling_follows_pi0_restricted_to_the_top_k():
 
 def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_model_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_model_dir)
-    steering = TextSteering([(random_value_model(tiny_model_dir), tokenizer)], beta=2.0, top_k=4)
+    steering = Steering([random_value_model(tiny_model_dir)], beta=2.0, top_k=4)
     prompts = ["one", "two", "three", "four"]
-    run = dict(temperature=0.7, max_new_tokens=3, seed=5, progress=False)
+    run = dict(temperature=0.7, max_new_tokens=3, seed=5, batch_size=1, progress=False)
     whole = generate(policy_for(stub), prompts, steering, tmp_path / "whole.jsonl", concurrency=3, **run)
     requests = len(stub.requests)
     stub.faults = [None] * (requests - 1) + ["500"]  # the last request fails (no retries)
@@ -191,12 +198,12 @@ def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_
 
 
 def test_collect_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_path):
-    from vas.collect import collect_api
+    from vas.collect import collect
     from vas.rewards import load_reward
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    data = collect_api(policy_for(stub), tokenizer, ["a", "b"], load_reward("verbosity"), tmp_path / "data",
-                       samples_per_prompt=2, max_new_tokens=8, seed=3, progress=False)
+    data = collect(policy_for(stub), ["a", "b"], load_reward("verbosity"), tmp_path / "data", value_tokenizer=tokenizer,
+                   samples_per_prompt=2, max_new_tokens=8, seed=3, progress=False)
     assert len(data) == 4 and data["response"] == [RESPONSE] * 4 and data["prompt_index"] == [0, 0, 1, 1]
     assert data["response_ids"][0] == tokenizer(RESPONSE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert data["prompt_ids"][2] == encode_prompts(tokenizer, ["b"])[0]
@@ -205,32 +212,41 @@ def test_collect_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_pat
     assert len(set(seeds)) == 4 and all(body["temperature"] == 0.7 for _, body in stub.requests)
 
 
-def test_local_top_k_policy_matches_the_model_and_its_cache(tiny_model_dir):
+def test_a_local_policy_steered_by_a_value_model_of_another_tokenizer_is_eq5(tiny_model_dir, other_tokenizer_model_dir):
+    """Greedy steps by hand: the full vocabulary's log π0 / τ, the top-k candidates' values read as text by the
+    value model's own tokenizer (full forwards), β·(V − V̄) added to the top-k only (Eq. 5)."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir)
-    policy = LocalTopKPolicy(model, tokenizer, [tokenizer.eos_token_id])
+    value = random_value_model(other_tokenizer_model_dir, seed=5)
+    assert value.tokenizer.get_vocab() != tokenizer.get_vocab()
+    eos = tokenizer.eos_token_id
+    beta, tau, k = 3.0, 0.7, 5
     prompt_ids = encode_prompts(tokenizer, ["hello"])[0]
-    for text in ["", " what a", " what a wonderful", " what"]:  # grows, then rewinds
-        pairs = asyncio.run(policy.next_token("hello", text, 5))
-        ids = prompt_ids + (tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+    value_prompt = encode_prompts(value.tokenizer, ["hello"])[0]
+    value_ids = lambda text: value.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, kl = [], 0.0
+    for _ in range(4):
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-        expected = {}  # most likely first, skipping bytes that are only part of a character, same texts merged
-        for token in logp.argsort(descending=True).tolist():
-            piece = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"] + [token],
-                                     skip_special_tokens=True)[len(text):]
-            if "\ufffd" not in piece or token == tokenizer.eos_token_id:
-                key = None if token == tokenizer.eos_token_id else piece or None
-                expected[key] = math.log(math.exp(expected.get(key, -math.inf)) + math.exp(float(logp[token])))
-            if len(expected) == 5:
-                break
-        expected = list(expected.items())
-        assert [c for c, _ in pairs] == [c for c, _ in expected]
-        assert [lp for _, lp in pairs] == pytest.approx([lp for _, lp in expected], abs=1e-5)
+            base = torch.log_softmax(model(torch.tensor([prompt_ids + ids])).logits[0, -1] / tau, -1)
+        candidates = base.topk(k).indices.tolist()
+        values = torch.tensor([full_forward_value(value, value_prompt + (
+            value_ids(visible_text(tokenizer, ids)) + [value.tokenizer.eos_token_id] if c == eos
+            else value_ids(visible_text(tokenizer, ids + [c])))) for c in candidates])
+        steered = base.clone()
+        steered[candidates] += beta * (values - values.mean())
+        steered = torch.log_softmax(steered, -1)
+        kl += float((steered.exp() * (steered - base)).sum())
+        ids.append(int(steered.argmax()))
+        if ids[-1] == eos:
+            break
+    result = sample(LocalPolicy(model, tokenizer, eos_token_ids=[eos]), ["hello"], Steering([value], beta=beta, top_k=k),
+                    temperature=tau, max_new_tokens=4, greedy=True)
+    assert result.token_ids == [ids]
+    assert float(result.kl[0]) == pytest.approx(kl, rel=1e-4)
 
 
 def test_row_log_drops_a_torn_line_and_restarts_a_partial_without_rows(tmp_path):
-    from vas.storage import RowLog
+    from vas.jobs import RowLog
 
     out = tmp_path / "rows.jsonl"
     log = RowLog(out, {"a": 1})
@@ -255,3 +271,23 @@ def test_stop_strings_end_the_response_across_token_boundaries():
     assert policy.candidate("end|>", "done <|im_") is None  # completes the stop string
     assert policy.candidate(" more", "done <|im_end|> and") == " more"  # an earlier stop string is not this token's
     assert policy.candidate(" fine", "done") == " fine"
+
+
+def test_evaluate_through_an_api(stub, tiny_model_dir, tmp_path):
+    """`vas evaluate`'s API path: plain samples are π0 restricted to its top-k, VAS moves away from it."""
+    from vas.evaluate import evaluate
+
+    def length_reward(prompts, responses):
+        return torch.tensor([len(r) / 10 for r in responses])
+
+    report = evaluate(policy_for(stub), ["a", "b"], length_reward, [random_value_model(tiny_model_dir)], tmp_path / "e",
+                      betas=(4.0,), top_k=4, best_of=(1, 2), max_new_tokens=3, batch_size=1, concurrency=2,
+                      progress=False)
+    top = {t for t, _ in sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:4]}
+    rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 + 2 and report["plain"]["kl"] == 0 and report["vas"][0]["kl"] > 0
+    for r in rows:  # each response is made of the top-4 tokens' texts (the end token is "")
+        text, pieces = r["response"], sorted((t for t in top if t), key=len, reverse=True)
+        while text:
+            text = text[len(next(p for p in pieces if text.startswith(p))):]
+    assert all(body["logprobs"] == 4 for _, body in stub.requests)

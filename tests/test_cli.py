@@ -40,13 +40,13 @@ def make_cases(tmp, tiny, other, value_dir):
                           "has no prompts", tmp / "o2"),
         "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
         "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
-                   "k must be between 1 and the vocabulary size", None),
+                   "--top-k must be > 0, got 0", None),
         "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
-                      "k must be between 1 and the vocabulary size", None),
+                      "k (--top-k) must be between 1 and the vocabulary size 300", None),
         "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
                                "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
-        "other tokenizer": (["evaluate", "--base-model", other, "--value", value_dir, "--out", tmp / "o6", "--limit", 2],
-                            "uses a different tokenizer from the base model", tmp / "o6"),
+        "not a value model": (["evaluate", "--base-model", other, "--value", tmp, "--out", tmp / "o6", "--limit", 2],
+                              "is not a value model folder", tmp / "o6"),
         "value backbone without API": (["collect", "--quiet", "--out", tmp / "o7", "--limit", 2, "--base-model", tiny,
                                         "--value-backbone", tiny], "--value-backbone is for collecting through an API",
                                        tmp / "o7"),
@@ -56,7 +56,7 @@ def make_cases(tmp, tiny, other, value_dir):
         "output exists": (["generate", "--prompt", "hi", "--base-model", tiny, "--out", tmp / "taken.jsonl"],
                           "exists already", None),
         "missing value model": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", tmp / "nope=2"],
-                                "is not a value model folder", None),
+                                "nope' does not exist", None),
         "non-finite beta": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "--beta", "nan"],
                             "must be finite", None),
         "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
@@ -72,7 +72,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
-         "non-finite reward", "other tokenizer", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
+         "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
          "missing value model", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
          "judge nothing"]
 

@@ -6,6 +6,7 @@ import torch
 from vas.collect import COLUMNS, collect
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
+from vas.policies import LocalPolicy
 
 PROMPTS = ["hello how are you", "what a day", "i hate it", "tell me the news", "great", "please write"]
 
@@ -14,17 +15,18 @@ def length_reward(prompts, responses):
     return torch.tensor([len(r) / 10 for r in responses])
 
 
-class FailingReward:
-    """Scores like ``length_reward`` but raises on call number ``fail_at`` (an interrupted job)."""
+class FailingPolicy(LocalPolicy):
+    """π0, but failing when batch number ``fail_at`` starts (an interrupted job)."""
 
-    def __init__(self, fail_at):
+    def __init__(self, model, tokenizer, fail_at):
+        super().__init__(model, tokenizer)
         self.calls, self.fail_at = 0, fail_at
 
-    def __call__(self, prompts, responses):
+    def start(self, prompts, max_new_tokens):
         self.calls += 1
         if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        return length_reward(prompts, responses)
+            raise VasError("injected failure")
+        return super().start(prompts, max_new_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +34,20 @@ def model(tiny_model_dir):
     return load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
 
-def run(model, reward, out):
-    policy, tokenizer = model
-    return collect(policy, tokenizer, PROMPTS, reward, out, samples_per_prompt=2, max_new_tokens=6,
+def run(model, reward, out, fail_at=None, samples_per_prompt=2):
+    policy = FailingPolicy(*model, fail_at=fail_at)
+    return collect(policy, PROMPTS, reward, out, samples_per_prompt=samples_per_prompt, max_new_tokens=6,
                    batch_size=4, seed=3, progress=False)
 
 
 def test_resume_gives_the_same_rows(model, tmp_path):
     whole = run(model, length_reward, tmp_path / "whole")
     assert len(whole) == 12 and set(COLUMNS) <= set(whole.column_names)
-    with pytest.raises(KeyboardInterrupt):
-        run(model, FailingReward(fail_at=2), tmp_path / "resumed")  # chunk 0 saved, chunk 1 lost
+    with pytest.raises(VasError, match="injected failure; 4 of 12 finished responses are kept in .*resumed.partial"):
+        run(model, length_reward, tmp_path / "resumed", fail_at=2)  # batch 0 kept, batch 1 failed
     assert not (tmp_path / "resumed").exists()
-    assert sorted(p.name for p in (tmp_path / "resumed.partial").glob("shard-*")) == ["shard-00000"]
+    kept = (tmp_path / "resumed.partial").read_text().splitlines()[1:]
+    assert len(kept) == 4  # the settings line, then one row per response of batch 0
     resumed = run(model, length_reward, tmp_path / "resumed")
     assert resumed.to_list() == whole.to_list()
     assert not (tmp_path / "resumed.partial").exists()
@@ -54,12 +57,10 @@ def test_resume_gives_the_same_rows(model, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(model, tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        run(model, FailingReward(fail_at=2), tmp_path / "d")
-    policy, tokenizer = model
-    with pytest.raises(VasError, match="other settings"):
-        collect(policy, tokenizer, PROMPTS, length_reward, tmp_path / "d", samples_per_prompt=3,
-                max_new_tokens=6, batch_size=4, seed=3, progress=False)
+    with pytest.raises(VasError, match="injected failure"):
+        run(model, length_reward, tmp_path / "d", fail_at=2)
+    with pytest.raises(VasError, match=r"other settings \(num_prompts, prompts_sha256, samples_per_prompt\)"):
+        run(model, length_reward, tmp_path / "d", samples_per_prompt=3)
 
 
 def test_non_finite_reward_writes_nothing(model, tmp_path):

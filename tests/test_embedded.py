@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from helpers import tokens
 from test_cli import vas
 
 from vas.models import EMBEDDED_MODEL, eos_token_ids, load_policy, load_tokenizer
 from vas.prompts import encode_prompts
-from vas.sampling import left_pad, sample
+from vas.decoding import sample
+from vas.models import left_pad
+from vas.policies import LocalPolicy
 from vas.value import CandidateScorer, ValueModel
 
 pytestmark = pytest.mark.slow
@@ -22,8 +25,7 @@ def embedded():
 def test_greedy_loop_equals_transformers_generate(embedded):
     tokenizer, policy = embedded
     ids = encode_prompts(tokenizer, PROMPTS)
-    ours = sample(policy, ids, eos_token_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                  greedy=True, max_new_tokens=16)
+    ours = sample(LocalPolicy(policy, tokenizer), ids, greedy=True, max_new_tokens=16)
     input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
     theirs = policy.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
                              pad_token_id=tokenizer.pad_token_id)[:, input_ids.shape[1]:]
@@ -40,7 +42,7 @@ def test_cached_value_equals_full_recompute_on_real_backbone(embedded):
     ids = encode_prompts(tokenizer, PROMPTS)
     padded, mask = left_pad(ids, tokenizer.pad_token_id)
     cands = torch.tensor([[28, 1536, 339, 2], [314, 28, 9, 2]])
-    got = CandidateScorer(model).score(padded, mask, cands)
+    got = CandidateScorer(model).score(tokens(padded, mask), cands)
     for b in range(2):
         for j in range(4):
             seq = torch.tensor([ids[b] + [int(cands[b, j])]])

@@ -10,6 +10,7 @@ from helpers import random_value_model
 
 from vas.evaluate import best_of_n_kl_bound, best_of_n_weights, evaluate
 from vas.models import load_policy, load_tokenizer
+from vas.policies import LocalPolicy
 
 
 @pytest.mark.parametrize("n, N", [(3, 2), (5, 1), (5, 3), (6, 6)])
@@ -31,10 +32,11 @@ def length_reward(prompts, responses):
 
 def test_small_evaluation_run(tiny_model_dir, tmp_path):
     policy, tokenizer = load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    report = evaluate(policy, tokenizer, ["hello", "what a day", "i hate it"], length_reward,
+    report = evaluate(LocalPolicy(policy, tokenizer), ["hello", "what a day", "i hate it"], length_reward,
                       [random_value_model(tiny_model_dir)], tmp_path / "e", betas=(0.0, 3.0), top_k=5,
                       best_of=(1, 2, 4), vas_samples_per_prompt=2, max_new_tokens=6, batch_size=4, progress=False)
     assert json.loads((tmp_path / "e" / "report.json").read_text()) == report
+    assert not (tmp_path / "e.partial").exists()
     assert (tmp_path / "e" / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bon = {b["n"]: b for b in report["best_of_n"]}
     assert bon[1]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)  # best of 1 is plain sampling

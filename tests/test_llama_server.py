@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from helpers import random_value_model
 
 from vas.api import (
@@ -19,14 +20,16 @@ from vas.api import (
 )
 from vas.models import (
     EMBEDDED_MODEL,
-    eos_token_ids,
     gguf_file,
     load_policy,
     load_tokenizer,
 )
-from vas.text_sampling import LocalTopKPolicy, TextSteering, generate
+from vas.decoding import Steering
+from vas.jobs import generate
+from vas.prompts import encode_prompts
 
 EMBEDDED = "smollm2-135m-instruct"
+pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,6 @@ def api(url, tokenizer, stream: bool = False) -> ApiPolicy:
 def test_server_top_k_matches_the_local_model_and_survives_a_repeated_prompt(server_url, tokenizer):
     """The server's top-k (Q4_1 weights) against the same model dequantised and run by transformers."""
     model = load_policy(EMBEDDED)
-    local = LocalTopKPolicy(model, tokenizer, eos_token_ids(model, tokenizer))
     policy = api(server_url, tokenizer)
     prompt, text = "What is the capital of France?", "The capital of France is"
 
@@ -56,14 +58,18 @@ def test_server_top_k_matches_the_local_model_and_survives_a_repeated_prompt(ser
         try:
             first = await policy.next_token(prompt, text, 5)
             again = await policy.next_token(prompt, text, 5)  # an exact repeat: no logprobs on the first try
-            return first, again, await local.next_token(prompt, text, 5)
+            return first, again
         finally:
             await policy.close()
 
-    first, again, reference = asyncio.run(run())
+    first, again = asyncio.run(run())
+    ids = encode_prompts(tokenizer, [prompt])[0] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    best = int(logp.argmax())
     assert first == again and len(first) == 5
-    assert first[0][0] == reference[0][0] == " Paris"
-    assert first[0][1] == pytest.approx(reference[0][1], abs=0.1)
+    assert first[0][0] == tokenizer.decode([best]) == " Paris"
+    assert first[0][1] == pytest.approx(float(logp[best]), abs=0.1)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -79,8 +85,8 @@ def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_u
             await policy.close()
 
     whole = asyncio.run(one_request())
-    rows = generate(api(server_url, tokenizer, stream), [prompt], TextSteering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
-                    temperature=1.0, max_new_tokens=12, greedy=True, progress=False)
+    rows = generate(api(server_url, tokenizer, stream), [prompt], Steering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
+                    temperature=1.0, max_new_tokens=12, greedy=True, batch_size=1, progress=False)
     assert rows[0]["response"] == whole.text and rows[0]["tokens"] == whole.tokens == 12
 
 
@@ -100,23 +106,22 @@ def test_streamed_next_token_is_the_same_answer(server_url, tokenizer):
 
 
 def test_steering_through_the_server_with_a_value_model_of_another_tokenizer(server_url, tokenizer, tiny_model_dir, tmp_path):
-    value_tokenizer = load_tokenizer(tiny_model_dir)
-    steering = TextSteering([(random_value_model(tiny_model_dir), value_tokenizer)], beta=4.0, top_k=5)
+    steering = Steering([random_value_model(tiny_model_dir)], beta=4.0, top_k=5)
     prompts = ["Say something nice.", "Describe the sea."]
     rows = generate(api(server_url, tokenizer), prompts, steering, tmp_path / "steered.jsonl", temperature=0.7,
-                    max_new_tokens=8, concurrency=2, seed=1, progress=False)
+                    max_new_tokens=8, batch_size=1, concurrency=2, seed=1, progress=False)
     assert [r["prompt"] for r in rows] == prompts
     for r in rows:
         assert 1 <= r["tokens"] <= 8 and r["response"] and r["kl"] > 0 and 0 <= r["outside_mass"] < 1
 
 
 def test_collect_through_the_server_is_reproducible(server_url, tokenizer, tmp_path):
-    from vas.collect import collect_api
+    from vas.collect import collect
     from vas.rewards import load_reward
 
     def run(out):
-        return collect_api(api(server_url, tokenizer), tokenizer, ["Say hi.", "Tell me a joke."], load_reward("verbosity"),
-                           tmp_path / out, samples_per_prompt=2, max_new_tokens=16, seed=7, concurrency=2, progress=False)
+        return collect(api(server_url, tokenizer), ["Say hi.", "Tell me a joke."], load_reward("verbosity"),
+                       tmp_path / out, value_tokenizer=tokenizer, samples_per_prompt=2, max_new_tokens=16, seed=7, concurrency=2, progress=False)
 
     a, b = run("a"), run("b")
     assert a["response"] == b["response"] and len(set(a["response"])) >= 2

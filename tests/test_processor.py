@@ -2,16 +2,18 @@
 
 from helpers import random_value_model
 
-from vas.models import load_policy
+from vas.decoding import Steering, sample
+from vas.models import left_pad, load_policy, load_tokenizer
+from vas.policies import LocalPolicy
 from vas.processor import VASLogitsProcessor, generate_kwargs
-from vas.sampling import Steering, left_pad, sample
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 OTHER = [[44, 45, 46], [200, 201, 202, 203]]
 
 
 def ours(policy, prompts, steering):
-    return sample(policy, prompts, eos_token_ids=[2], pad_token_id=2, steering=steering, greedy=True, max_new_tokens=8).token_ids
+    local = LocalPolicy(policy, load_tokenizer(policy.name_or_path), eos_token_ids=[2], pad_token_id=2)
+    return sample(local, prompts, steering, greedy=True, max_new_tokens=8).token_ids
 
 
 def theirs(policy, prompts, processor):

@@ -4,12 +4,12 @@ save/load round trips and the tokenizer check."""
 import pytest
 import torch
 from conftest import make_tiny_model_dir
-from helpers import random_value_model
+from helpers import random_value_model, tokens
 from transformers import AutoModel
 
 from vas.errors import VasError
 from vas.models import load_tokenizer
-from vas.sampling import left_pad
+from vas.models import left_pad
 from vas.value import (
     CandidateScorer,
     ValueModel,
@@ -38,7 +38,7 @@ def test_cached_candidates_equal_full_recompute(tiny_model_dir, dtype, atol):
     new_ids, new_mask = ids, mask
     for step in range(3):  # the prompt, then two appended tokens
         cands = torch.randint(0, 250, (3, 6), generator=generator)
-        got = scorer.score(new_ids, new_mask, cands)
+        got = scorer.score(tokens(new_ids, new_mask), cands)
         expected = torch.tensor([[full_value(model, prefixes[b] + [int(c)]) for c in cands[b]] for b in range(3)])
         torch.testing.assert_close(got, expected, atol=atol, rtol=0)
         chosen = cands[:, step : step + 1]
@@ -51,9 +51,9 @@ def test_batch_rows_equal_single_rows(tiny_model_dir):
     model = random_value_model(tiny_model_dir, seed=3)
     ids, mask = left_pad(PROMPTS, pad_id=0)
     cands = torch.arange(30).view(3, 10) + 50
-    batched = CandidateScorer(model).score(ids, mask, cands)
+    batched = CandidateScorer(model).score(tokens(ids, mask), cands)
     for b, prompt in enumerate(PROMPTS):
-        single = CandidateScorer(model).score(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), cands[b : b + 1])
+        single = CandidateScorer(model).score(tokens(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)), cands[b : b + 1])
         torch.testing.assert_close(batched[b : b + 1], single, atol=1e-4, rtol=0)
 
 
@@ -73,8 +73,10 @@ def test_different_tokenizer_is_refused(tiny_model_dir, other_tokenizer_model_di
 
 
 def test_not_a_value_model_directory(tmp_path):
-    with pytest.raises(VasError, match="not a value model directory"):
+    with pytest.raises(VasError, match="is not a value model folder"):
         ValueModel.from_pretrained(tmp_path)
+    with pytest.raises(VasError, match="'nowhere' does not exist"):
+        ValueModel.from_pretrained("nowhere")
 
 
 def test_layer_truncated_value_model_reads_the_first_layers(tmp_path):

@@ -23,6 +23,7 @@ a stop string, ends the response and is returned as ``None``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import openai
+import torch
 
 from vas.errors import VasError
 
@@ -85,7 +88,10 @@ class Completion:
 
 
 class ApiPolicy:
-    """π0 behind an OpenAI-compatible endpoint (async; share one instance between concurrent prompts).
+    """π0 behind an OpenAI-compatible endpoint (async; share one instance between concurrent rollouts).
+
+    For the decoding loop (:func:`vas.decoding.decode`) its support is the top-k tokens the server tells, as
+    text (:class:`ApiRollout`); :meth:`sample` asks the server for whole responses (plain sampling).
 
     Args:
         endpoint: the server, model and request settings.
@@ -94,20 +100,33 @@ class ApiPolicy:
     """
 
     def __init__(self, endpoint: Endpoint, template: Callable[[str], str] | None = None):
-        from openai import AsyncOpenAI
-
         if not re.match(r"https?://", endpoint.base_url):
             raise VasError(f"the API base URL must start with http:// or https://, got {endpoint.base_url!r}")
         if endpoint.stream and endpoint.chat:
             raise VasError("streaming next tokens (--api-stream) works with the completions endpoint only")
         self.endpoint = endpoint
         self.template = template or (lambda prompt: prompt)
-        self.client = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout,
-                                  max_retries=endpoint.max_retries)
+        self._client: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI] | None = None
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The HTTP client of the running event loop (each ``asyncio.run`` of a job gets its own)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            e = self.endpoint
+            self._client = (loop, openai.AsyncOpenAI(base_url=e.base_url, api_key=e.api_key, timeout=e.timeout,
+                                                     max_retries=e.max_retries))
+        return self._client[1]
+
+    def start(self, prompts, max_new_tokens: int) -> "ApiRollout":
+        """A rollout of one response per prompt (text prompts only), one request per row and step.
+
+        Raises:
+            VasError: for no prompt, or prompts given as token ids.
+        """
+        return ApiRollout(self, prompts)
 
     async def _request(self, extra: dict | None = None, **kwargs):
-        import openai
-
         e = self.endpoint
         body = {**e.extra_body, **(extra or {})} or None
         try:
@@ -238,7 +257,59 @@ class ApiPolicy:
         return Completion(text, tokens, answer.choices[0].finish_reason == "stop")
 
     async def close(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client[1].close()
+            self._client = None
+
+
+class ApiRollout:
+    """The state of one batch on an :class:`ApiPolicy`: each row's response text so far. Each step asks for
+    every unfinished row's top-k next tokens concurrently; the support is the k candidates told (fewer where
+    same-text tokens merged: the rest is padded with −inf)."""
+
+    def __init__(self, policy: ApiPolicy, prompts):
+        if not prompts:
+            raise VasError("no prompts to generate from")
+        if any(not isinstance(p, str) for p in prompts):
+            raise VasError("an API base policy takes prompts as text, not token ids")
+        self.policy, self.prompts = policy, list(prompts)
+        self.texts = [""] * len(prompts)
+        self.ended = [False] * len(prompts)
+        self.options: list[list[str | None]] = [[END] for _ in prompts]
+
+    async def next_logprobs(self, top_k: int | None) -> torch.Tensor:
+        if top_k is None:
+            raise VasError("an API base policy tells only its top-k next tokens: give k (--top-k)")
+        rows = [i for i, ended in enumerate(self.ended) if not ended]
+        answers = await asyncio.gather(*(self.policy.next_token(self.prompts[i], self.texts[i], top_k) for i in rows))
+        width = max([len(a) for a in answers] + [1])
+        logprobs = torch.full((len(self.prompts), width), -torch.inf, dtype=torch.float64)
+        logprobs[:, 0] = 0.0  # finished rows: one certain entry
+        self.options = [[END] for _ in self.prompts]
+        for i, pairs in zip(rows, answers):
+            self.options[i] = [c for c, _ in pairs]
+            logprobs[i, : len(pairs)] = torch.tensor([lp for _, lp in pairs], dtype=torch.float64)
+        return logprobs
+
+    def advance(self, choice, active):
+        ended = torch.zeros(len(self.prompts), dtype=torch.bool)
+        for i in active.nonzero().flatten().tolist():
+            candidate = self.options[i][int(choice[i])]
+            if candidate is END:
+                ended[i] = self.ended[i] = True
+            else:
+                self.texts[i] += candidate
+        return ended
+
+    def response_texts(self) -> list[str]:
+        return list(self.texts)
+
+    def candidate_texts(self, candidates) -> list[list[str | None]]:
+        out = []
+        for text, options, row in zip(self.texts, self.options, candidates.tolist()):
+            picked = [options[j] if j < len(options) else END for j in row]
+            out.append([END if c is END else text + c for c in picked])
+        return out
 
 
 def chat_template(tokenizer) -> Callable[[str], str]:

@@ -101,13 +101,38 @@ def _api_policy(base_url: str, model: str, key_env: str, chat: bool, template: s
     return ApiPolicy(endpoint, chat_template(load_tokenizer(template)) if template else None)
 
 
-def _setup(base_model: str, device: str, dtype: str):
-    from vas.models import load_policy, load_tokenizer, resolve_device, resolve_dtype
+def _local_policy(base_model: str, device: str, dtype: str, prompts: list[str] | None = None,
+                  max_new_tokens: int = 0, top_k: int | None = None):
+    """π0 as a :class:`vas.policies.LocalPolicy`; ``prompts`` are checked against its context window and
+    ``top_k`` against its vocabulary, from its tokenizer and config, before its weights load."""
+    from vas.models import check_fits, context_window, load_config, load_policy, load_tokenizer, resolve_device, resolve_dtype
+    from vas.policies import LocalPolicy
+    from vas.prompts import encode_prompts
 
     dev = resolve_device(device)
     tokenizer = load_tokenizer(base_model)
-    policy = load_policy(base_model, device=dev, dtype=resolve_dtype(dtype, dev))
-    return dev, tokenizer, policy
+    config = load_config(base_model)
+    if prompts is not None:
+        check_fits(encode_prompts(tokenizer, prompts), max_new_tokens, context_window(config))
+    if top_k is not None and top_k > config.vocab_size:
+        raise VasError(f"k (--top-k) must be between 1 and the vocabulary size {config.vocab_size}, got {top_k}")
+    return LocalPolicy(load_policy(base_model, device=dev, dtype=resolve_dtype(dtype, dev)), tokenizer)
+
+
+def _value_models(value: list[str], device: str, value_dtype: str):
+    """The value models of the --value options and their weights (each folder checked before any loads)."""
+    from vas.models import resolve_device, resolve_value_dtype
+    from vas.value import load_value_models
+
+    dev = resolve_device(device)
+    return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
+
+
+def _check_value_dirs(value: list[str]) -> None:
+    from vas.value import check_value_dir, parse_weighted
+
+    for spec in value:
+        check_value_dir(parse_weighted(spec)[0])
 
 
 @app.command()
@@ -140,30 +165,31 @@ def collect(
 ):
     """Sample responses from the frozen base policy π0 (local, or through an API) and score them with the reward."""
     from vas.collect import collect as run
-    from vas.collect import collect_api
+    from vas.models import load_tokenizer
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
+    from vas.storage import require_absent
 
+    require_absent(out)
+    _positive(samples_per_prompt=samples_per_prompt, batch_size=batch_size, concurrency=concurrency,
+              temperature=temperature, max_new_tokens=max_new_tokens)
+    if value_backbone and not api_base_url:
+        raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
     prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     metadata = {"base_model": base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
     if api_base_url:
-        from vas.models import load_tokenizer
-
-        _positive(concurrency=concurrency)
         policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout)
         backbone = value_backbone or base_model
-        data = collect_api(policy, load_tokenizer(backbone), prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
-                           temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, concurrency=concurrency,
-                           progress=not quiet, metadata={**metadata, "base_model": backbone, "api_base_url": api_base_url,
-                                                         "api_model": api_model, "api_template": api_template})
+        value_tokenizer = load_tokenizer(backbone)
+        metadata = {**metadata, "base_model": backbone, "api_base_url": api_base_url, "api_model": api_model,
+                    "api_template": api_template}
     else:
-        if value_backbone:
-            raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
-        _, tokenizer, policy = _setup(base_model, device, dtype)
-        data = run(policy, tokenizer, prompt_list, scorer, out, samples_per_prompt=samples_per_prompt,
-                   temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                   progress=not quiet, metadata=metadata)
+        policy = _local_policy(base_model, device, dtype, prompt_list, max_new_tokens)
+        value_tokenizer = None
+    data = run(policy, prompt_list, scorer, out, value_tokenizer=value_tokenizer, samples_per_prompt=samples_per_prompt,
+               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, concurrency=concurrency,
+               seed=seed, progress=not quiet, metadata=metadata)
     rewards = data["reward"]
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 
@@ -256,69 +282,44 @@ def generate(
     """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value.
 
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint, steered through its top-k
-    log-probabilities (Sec. 4.4); value models then read text with their own tokenizers. The same text-level
-    path serves a local base model whose tokenizer differs from the value models'.
+    log-probabilities (Sec. 4.4); value models then read text with their own tokenizers, as they do with a
+    local base model whose tokenizer differs from theirs.
     """
     import tempfile
 
-    import torch
+    from vas.decoding import Steering
+    from vas.jobs import generate as run
+    from vas.prompts import load_prompts
+    from vas.storage import require_absent
 
-    from vas.models import eos_token_ids, resolve_device, resolve_value_dtype
-    from vas.prompts import encode_prompts, load_prompts
-    from vas.sampling import Steering, sample
-    from vas.storage import require_absent, write_text_atomic
-    from vas.value import load_value_models
-
+    if out:
+        require_absent(out)
+    _positive(batch_size=batch_size, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
+              top_k=top_k)
+    _check_value_dirs(value)
+    if not all(math.isfinite(x) for x in (beta, temperature)):
+        raise VasError(f"--beta and --temperature must be finite numbers, got {beta} and {temperature}")
     texts = list(prompt) + (load_prompts(prompts, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    _positive(batch_size=batch_size, concurrency=concurrency)
-    if out:
-        require_absent(out)
-    dev = resolve_device(device)
-    pairs, weights = load_value_models(value, None, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
     if api_base_url:
         policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout,
                              stream=api_stream)
+        batch_size = 1  # one request per row and step: prompts run concurrently instead
     else:
-        _, tokenizer, model = _setup(base_model, device, dtype)
-        text_level = any(t.get_vocab() != tokenizer.get_vocab() for _, t in pairs)
-        if text_level:
-            from vas.text_sampling import LocalTopKPolicy
-
-            policy = LocalTopKPolicy(model, tokenizer, eos_token_ids(model, tokenizer))
-            concurrency = 1  # one local model, one KV cache: prompts one after another
-    if api_base_url or text_level:
-        from vas.text_sampling import TextSteering
-        from vas.text_sampling import generate as run
-
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = run(policy, texts, TextSteering(pairs, weights, beta=beta if pairs else 0.0, top_k=top_k),
-                       out or Path(tmp) / "out.jsonl", temperature=temperature, max_new_tokens=max_new_tokens,
-                       greedy=greedy, seed=seed, concurrency=concurrency, progress=not quiet,
-                       settings={"value": value, "base": api_base_url or base_model, "api_model": api_model})
-        records = [{"prompt": r["prompt"], "response": r["response"], "kl": r["kl"], "tokens": r["tokens"],
-                    "finished": r["finished"], "outside_mass": r["outside_mass"]} for r in rows]
-        if out:
-            typer.echo(f"{len(records)} responses → {out}")
-            return
-    else:
-        steering = Steering([m for m, _ in pairs], weights, beta=beta, top_k=top_k) if pairs else None
-        ids = encode_prompts(tokenizer, texts)
-        records = []
-        generator = torch.Generator(device=dev).manual_seed(seed)
-        for i in range(0, len(ids), batch_size):
-            result = sample(model, ids[i : i + batch_size], eos_token_ids=eos_token_ids(model, tokenizer),
-                            pad_token_id=tokenizer.pad_token_id, steering=steering, temperature=temperature,
-                            max_new_tokens=max_new_tokens, greedy=greedy, generator=generator)
-            for j, tokens in enumerate(result.token_ids):
-                records.append({"prompt": texts[i + j], "response": tokenizer.decode(tokens, skip_special_tokens=True),
-                                "kl": float(result.kl[j]), "tokens": len(tokens)})
-        if out:
-            write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
-            typer.echo(f"{len(records)} responses → {out}")
-            return
-    for r in records:
+        policy = _local_policy(base_model, device, dtype, texts, max_new_tokens, top_k if value else None)
+        concurrency = 1  # one local model: batches one after another
+    models, weights = _value_models(value, device, value_dtype)
+    steering = Steering(models, weights, beta=beta, top_k=top_k)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(policy, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
+                   max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
+                   concurrency=concurrency, progress=not quiet,
+                   settings={"value": value, "base": api_base_url or base_model, "api_model": api_model})
+    if out:
+        typer.echo(f"{len(rows)} responses → {out}")
+        return
+    for r in rows:
         typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
 
 
@@ -341,30 +342,51 @@ def evaluate(
     device: Device = "auto",
     dtype: Dtype = "auto",
     value_dtype: ValueDtype = "auto",
+    api_base_url: ApiBaseUrl = None,
+    api_model: ApiModel = "default",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    api_chat: ApiChat = False,
+    api_template: ApiTemplate = None,
+    api_extra: ApiExtra = "{}",
+    api_stop: ApiStop = [],
+    api_stream: ApiStream = False,
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 60.0,
     quiet: Quiet = False,
 ):
-    """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time."""
+    """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time.
+
+    With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
+    through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
+    """
     from vas.evaluate import evaluate as run
-    from vas.models import resolve_value_dtype
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.storage import require_absent
-    from vas.value import load_value_models
 
     require_absent(out)
-    _positive(batch_size=batch_size)
-    held_out = load_prompts(prompts, start=start, limit=limit)
-    scorer = load_reward(reward)
+    _positive(batch_size=batch_size, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
+              top_k=top_k)
+    _check_value_dirs(value)
+    chosen_betas = _floats(betas, "betas")
     ns = [int(n) for n in _floats(best_of, "best-of")]
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
-    dev, tokenizer, policy = _setup(base_model, device, dtype)
-    pairs, weights = load_value_models(value, tokenizer, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
-    models = [m for m, _ in pairs]
-    report = run(policy, tokenizer, held_out, scorer, models, out, weights=weights, betas=_floats(betas, "betas"),
-                 top_k=top_k, best_of=ns, temperature=temperature, max_new_tokens=max_new_tokens,
-                 batch_size=batch_size, seed=seed, progress=not quiet,
-                 metadata={"base_model": base_model, "reward": reward, "value": value, "prompt_source": prompts})
+    held_out = load_prompts(prompts, start=start, limit=limit)
+    scorer = load_reward(reward)
+    if api_base_url:
+        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout,
+                             stream=api_stream)
+        batch_size = 1  # one request per row and step: prompts run concurrently instead
+    else:
+        policy = _local_policy(base_model, device, dtype, held_out, max_new_tokens, top_k)
+        concurrency = 1
+    models, weights = _value_models(value, device, value_dtype)
+    report = run(policy, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, best_of=ns,
+                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 concurrency=concurrency, seed=seed, progress=not quiet,
+                 metadata={"base_model": api_base_url or base_model, "api_model": api_model if api_base_url else None,
+                           "reward": reward, "value": value, "prompt_source": prompts})
     print_report(report)
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
 

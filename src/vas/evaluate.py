@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vas.models import eos_token_ids
+from vas.decoding import Steering
+from vas.jobs import generate, read_rows
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
-from vas.sampling import Steering, sample
-from vas.storage import replace_atomic, write_json_atomic, write_text_atomic
+from vas.storage import replace_atomic, require_absent, write_json_atomic, write_text_atomic
 from vas.value import ValueModel
 
 
@@ -60,29 +59,19 @@ def standard_error(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def generate_responses(policy, tokenizer, prompt_ids, *, steering, temperature, max_new_tokens, batch_size, seed, progress, desc):
-    """Sample one response per entry of ``prompt_ids`` in batches of ``batch_size`` (batch b seeded with
-    ``seed * 7919 + b``), with ``steering`` or from π0 (None).
-
-    Returns:
-        (texts, lengths (N,) float32 tokens, kl (N,) float32 nats, seconds of decoding).
-    """
-    texts, lengths, kls = [], [], []
-    eos = eos_token_ids(policy, tokenizer)
-    start = time.perf_counter()
-    for b, i in enumerate(tqdm(range(0, len(prompt_ids), batch_size), desc=desc, disable=not progress, leave=False)):
-        generator = torch.Generator(device=policy.device).manual_seed(seed * 7919 + b)
-        out = sample(policy, prompt_ids[i : i + batch_size], eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                     steering=steering, temperature=temperature, max_new_tokens=max_new_tokens, generator=generator)
-        texts += tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
-        lengths += [len(t) for t in out.token_ids]
-        kls.append(out.kl)
-    return texts, torch.tensor(lengths, dtype=torch.float32), torch.cat(kls), time.perf_counter() - start
+def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int, **run) -> list[dict]:
+    """The rows of one decoding condition (:func:`vas.jobs.generate`), read from ``path`` if that condition
+    finished before, else generated and kept there (resumable through ``<path>.partial``). ``top_k`` is the
+    support asked of a policy that tells only its top-k when ``steering`` is None (plain sampling)."""
+    if path.is_file():
+        return read_rows(path)
+    if steering is None and not hasattr(policy, "tokenizer"):  # an API policy: plain sampling through its top-k
+        steering = Steering(top_k=top_k)
+    return generate(policy, prompts, steering, path, **run)
 
 
 def evaluate(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    policy,
     prompts: Sequence[str],
     reward: Reward,
     value_models: Sequence[ValueModel],
@@ -96,6 +85,7 @@ def evaluate(
     temperature: float = 0.7,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    concurrency: int = 1,
     seed: int = 0,
     progress: bool = True,
     metadata: dict | None = None,
@@ -103,39 +93,56 @@ def evaluate(
     """Run the comparison on held-out ``prompts`` and write ``report.json``, ``responses.jsonl`` and
     ``reward_vs_kl.png`` into ``out_dir``.
 
+    Every condition goes through the one decoding loop (:func:`vas.jobs.generate`), so a local π0
+    (:class:`vas.policies.LocalPolicy`) and one behind an API (:class:`vas.api.ApiPolicy`, whose plain
+    samples are then π0 restricted to its top-k, as its VAS samples are) are evaluated alike. Each finished
+    condition is kept in ``<out_dir>.partial/`` until the report is written, so an interrupted evaluation
+    resumes where it stopped.
+
     Returns:
         The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
         (mean), ``reward_sem`` (over prompts, of per-prompt means), ``kl`` (nats per response), ``length``
         (tokens), ``seconds_per_prompt``, ``policy_tokens`` and ``value_tokens`` (per prompt); VAS entries
         also have ``reward_by_sample`` (the mean over prompts of the j-th of the ``vas_samples_per_prompt``
-        independent samples of each prompt, for j = 1 … m); plus ``examples`` (the first prompts' responses under each
-        method) and ``settings``.
+        independent samples of each prompt, for j = 1 … m); plus ``examples`` (the first prompts' responses
+        under each method) and ``settings``.
+
+    Raises:
+        VasError: if ``out_dir`` exists, or from decoding (finished conditions are kept).
     """
     out_dir = Path(out_dir)
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    require_absent(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
     n_pool = max(best_of)
     P = len(prompts)
-    prompt_tokens = sum(len(ids) for ids in prompt_ids) / P
-    common = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    tokenizer = getattr(policy, "tokenizer", None)
+    prompt_tokens = (sum(len(ids) for ids in encode_prompts(tokenizer, prompts)) / P) if tokenizer else float("nan")
+    run = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+               concurrency=concurrency, progress=progress, top_k=top_k,
+               settings={**(metadata or {}), "n_pool": n_pool})
 
-    pool_ids = [ids for ids in prompt_ids for _ in range(n_pool)]
     pool_prompts = [p for p in prompts for _ in range(n_pool)]
-    texts, lengths, _, seconds = generate_responses(policy, tokenizer, pool_ids, steering=None, seed=seed, desc="π0 samples", **common)
-    responses = [{"method": "plain", "beta": 0.0, "prompt_index": i // n_pool, "sample": i % n_pool,
-                  "prompt": pool_prompts[i], "response": t, "tokens": int(n), "kl": 0.0}
-                 for i, (t, n) in enumerate(zip(texts, lengths))]
+    pool = responses(policy, pool_prompts, None, partial / "plain.jsonl", seed=seed, desc="π0 samples", **run)
+    texts = [r["response"] for r in pool]
+    lengths = torch.tensor([r["tokens"] for r in pool], dtype=torch.float32)
+    seconds = sum(r["seconds"] for r in pool)
+    rows = [{"method": "plain", "beta": 0.0, "prompt_index": i // n_pool, "sample": i % n_pool,
+             "prompt": pool_prompts[i], "response": r["response"], "tokens": r["tokens"], "kl": r["kl"]}
+            for i, r in enumerate(pool)]
     t0 = time.perf_counter()
     rewards = score(reward, pool_prompts, texts)
-    for row, r in zip(responses, rewards.tolist()):
+    for row, r in zip(rows, rewards.tolist()):
         row["reward"] = r
     reward_seconds = time.perf_counter() - t0
     pool_r, pool_len = rewards.view(P, n_pool), lengths.view(P, n_pool)
     per_sample = (seconds + reward_seconds) / (P * n_pool)
     report = {
-        "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": top_k, "vas_samples_per_prompt": vas_samples_per_prompt,
-                     "temperature": temperature,
+        "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": top_k,
+                     "vas_samples_per_prompt": vas_samples_per_prompt, "temperature": temperature,
                      "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or [])},
-        "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)), "kl": 0.0,
+        "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)),
+                  "kl": float(torch.tensor([r["kl"] for r in pool]).mean()),
                   "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
                   "policy_tokens": prompt_tokens + float(pool_len.mean()), "value_tokens": 0.0},
         "best_of_n": [],
@@ -157,29 +164,37 @@ def evaluate(
         example[f"best_of_{n_pool}"] = texts[i * n_pool + int(best[i])]
 
     m = vas_samples_per_prompt
-    v_ids, v_prompts = [ids for ids in prompt_ids for _ in range(m)], [p for p in prompts for _ in range(m)]
+    v_prompts = [p for p in prompts for _ in range(m)]
     for beta in betas:
         steering = Steering(value_models, weights, beta=beta, top_k=top_k)
-        v_texts, v_len, v_kl, v_seconds = generate_responses(policy, tokenizer, v_ids, steering=steering, seed=seed + 1,
-                                                             desc=f"VAS β={beta:g}", **common)
+        v = responses(policy, v_prompts, steering, partial / f"vas-beta{beta:g}.jsonl", seed=seed + 1,
+                      desc=f"VAS β={beta:g}", **run)
+        v_texts = [r["response"] for r in v]
+        v_len = torch.tensor([r["tokens"] for r in v], dtype=torch.float32)
+        v_kl = torch.tensor([r["kl"] for r in v])
         v_r = score(reward, v_prompts, v_texts)
         report["vas"].append({
             "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r.view(P, m).mean(dim=1)),
             "reward_by_sample": v_r.view(P, m).mean(dim=0).tolist(), "kl": float(v_kl.mean()),
             "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
-            "seconds_per_prompt": v_seconds / (P * m), "policy_tokens": prompt_tokens + float(v_len.mean()),
+            "seconds_per_prompt": sum(r["seconds"] for r in v) / (P * m),
+            "policy_tokens": prompt_tokens + float(v_len.mean()),
             "value_tokens": (prompt_tokens + float(v_len.mean()) * (top_k + 1)) * len(value_models),
         })
-        responses += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
-                       "response": t, "tokens": int(n), "kl": float(k), "reward": float(r)}
-                      for i, (t, n, k, r) in enumerate(zip(v_texts, v_len, v_kl, v_r))]
+        rows += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
+                  "response": r["response"], "tokens": r["tokens"], "kl": r["kl"], "reward": float(x)}
+                 for i, (r, x) in enumerate(zip(v, v_r.tolist()))]
         for i, example in enumerate(report["examples"]):
             example[f"vas_beta_{beta:g}"] = v_texts[i * m]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "report.json", report)
-    write_text_atomic(out_dir / "responses.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in responses))
-    plot_reward_vs_kl(report, out_dir / "reward_vs_kl.png")
+    tmp = partial / "report"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_json_atomic(tmp / "report.json", report)
+    write_text_atomic(tmp / "responses.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    plot_reward_vs_kl(report, tmp / "reward_vs_kl.png")
+    tmp.rename(out_dir)
+    shutil.rmtree(partial)
     return report
 
 

@@ -8,7 +8,8 @@ this π0, so the augmentation is applied after the temperature, and β·V is nev
     log π(x|s) = log π0(x|s) + β·mean_k V(s ⊕ ·) − log Z   for every other token        (Eq. 5)
 
 By default no token is masked (App. D.1 shows masking hurts), so a row can never become all −inf; the
-masked variant of App. D.1 (π restricted to the top-k) is available for the ablation.
+masked variant of App. D.1 (π restricted to the top-k) is available for the ablation. β and the value
+models' weights may differ from row to row (one batch, many users' settings).
 """
 
 from __future__ import annotations
@@ -16,11 +17,41 @@ from __future__ import annotations
 import torch
 
 
+def base_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π0 at the sampling temperature τ: log_softmax(logits / τ) over the last dimension.
+
+    The one place the temperature rule lives. ``logits`` may be raw logits over the vocabulary, or
+    log-probabilities (at temperature 1) over any subset of it, such as the k tokens an API told: the result
+    is π0 at τ renormalised over that subset.
+
+    Args:
+        logits: (B, S) float.
+        temperature: τ > 0.
+
+    Returns:
+        (B, S) float32, normalised over S.
+    """
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def weighted_values(values: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i V_i(s ⊕ x): the linear composition of M value models (Sec. 4.2), per row.
+
+    Args:
+        values: M tensors (B, k) float, V_i for each candidate.
+        weights: (B, M) float, each row's weights.
+
+    Returns:
+        (B, k) float32.
+    """
+    return sum(weights[:, i, None].float() * v.float().to(weights.device) for i, v in enumerate(values))
+
+
 def steered_logprobs(
     base_logprobs: torch.Tensor,
     candidate_ids: torch.Tensor,
     candidate_values: torch.Tensor,
-    beta: float,
+    beta: float | torch.Tensor,
     mask_outside_top_k: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities of the steered policy π (paper Eq. 5).
@@ -29,7 +60,8 @@ def steered_logprobs(
         base_logprobs: (B, V) float, log π0(·|s_t), already at the sampling temperature.
         candidate_ids: (B, k) int64, the top-k token ids of π0 (any k distinct ids per row work).
         candidate_values: (B, k) float, V(s_t ⊕ x) for each candidate (weighted sum if several value models).
-        beta: β, the strength of the value guidance. β = 0 returns ``base_logprobs`` normalised, i.e. π0.
+        beta: β, the strength of the value guidance: a float, or a (B,) tensor with one β per row. β = 0
+            returns ``base_logprobs`` normalised, i.e. π0.
         mask_outside_top_k: give tokens outside the candidates probability 0 instead of β·mean(V) (the
             masked variant of App. D.1; not Eq. 5). β = 0 then gives π0 renormalised over the top-k.
 
@@ -48,6 +80,10 @@ def steered_logprobs(
     if not bool(torch.isfinite(candidate_values).all()):
         raise ValueError("value model returned a non-finite value")
     mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t)
+    if isinstance(beta, torch.Tensor):
+        if beta.shape != candidate_ids.shape[:1]:
+            raise ValueError(f"beta has shape {tuple(beta.shape)}, expected ({candidate_ids.shape[0]},): one per row")
+        beta = beta.float().to(candidate_values.device)[:, None]
     # Every token gets β·V̄ and the top-k get β·V(s ⊕ x) instead. A bonus shared by all tokens cancels in
     # the normalisation, so only the top-k's β·(V − V̄) is added.
     logits = base_logprobs.float().scatter_add(1, candidate_ids, beta * (candidate_values - mean_value))

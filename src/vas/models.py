@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -282,9 +283,32 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def context_window(model: PreTrainedModel) -> int | None:
-    """The model's maximum number of positions, or None if its config does not say."""
-    return getattr(model.config, "max_position_embeddings", None)
+def load_config(spec: str):
+    """The model's config alone (no weights): fast, for checks made before a model loads.
+
+    Raises:
+        VasError: if the model cannot be found.
+    """
+    return _load(AutoConfig, spec)
+
+
+def context_window(model_or_config) -> int | None:
+    """The maximum number of positions of a model (or of its config), or None if its config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, window: int | None) -> None:
+    """Raise :class:`VasError` if there is no prompt, one is empty, or the longest prompt plus
+    ``max_new_tokens`` exceeds the context ``window`` (None: no limit known)."""
+    if not prompt_ids:
+        raise VasError("no prompts to generate from")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise VasError("a prompt is empty after tokenization")
+    longest = max(len(p) for p in prompt_ids)
+    if window is not None and longest + max_new_tokens > window:
+        raise VasError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens (--max-new-tokens) "
+                       f"exceeds the context window of {window}")
 
 
 def eos_token_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -297,3 +321,30 @@ def eos_token_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         raise VasError("the tokenizer has no EOS token")
     return sorted(ids)
 
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists: returns ids (B, L) int64 and mask (B, L) int64 (1 = real token)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each token = number of real tokens before it (left or right padding alike).
+
+    Args:
+        attention_mask: (B, S) {0, 1}, 1 for real tokens.
+        offset: (B,) int64, real tokens already in the cache (0 if None).
+
+    Returns:
+        (B, S) int64; padded slots get the position of their neighbour (they are masked anyway).
+    """
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos.clamp_min(0)

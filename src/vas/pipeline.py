@@ -48,6 +48,7 @@ def collected_samples(
     """``recipe.samples_per_prompt`` π0 responses per prompt scored by ``reward_spec``, collected into
     ``directory`` (:func:`vas.collect.collect`), or loaded from it if it exists."""
     from vas.collect import COLUMNS, collect
+    from vas.policies import LocalPolicy
     from vas.rewards import load_reward
     from vas.storage import load_dataset_dir
 
@@ -55,7 +56,7 @@ def collected_samples(
         log(f"samples: reusing {directory}")
         return load_dataset_dir(directory, set(COLUMNS))
     log(f"collecting {len(prompts)}×{recipe.samples_per_prompt} responses from π0 → {directory}")
-    return collect(policy, tokenizer, prompts, load_reward(reward_spec), directory,
+    return collect(LocalPolicy(policy, tokenizer), prompts, load_reward(reward_spec), directory,
                    samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
                    batch_size=recipe.batch_size, seed=seed, progress=progress,
                    metadata={"reward": reward_spec, **(metadata or {})})

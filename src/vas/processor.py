@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from vas.decoding import Steering, steer
 from vas.errors import VasError
-from vas.sampling import Steering, steer
+from vas.guidance import base_logprobs
+from vas.policies import Appended
 from vas.value import CandidateScorer
 
 
@@ -34,7 +36,8 @@ class VASLogitsProcessor(LogitsProcessor):
     """Eq. 5 inside ``model.generate``: returns log π(·|s) (B, V) float32 from π0's scores (B, V).
 
     Args:
-        steering: value models, weights, β and k (see :class:`vas.sampling.Steering`).
+        steering: value models sharing the model's tokenizer, weights, β and k, shared or per row (see
+            :class:`vas.decoding.Steering`).
         attention_mask: (B, L0) {0,1} mask of the (left-padded) prompts passed to ``generate``.
         temperature: π0's temperature τ, applied here before the augmentation.
 
@@ -53,6 +56,7 @@ class VASLogitsProcessor(LogitsProcessor):
         self.prompt_mask = attention_mask.long()
         self.scorers: list[CandidateScorer] = []
         self.seen: torch.Tensor | None = None  # (B, L) ids already fed to the value models
+        self.appended: Appended | None = None  # what the scorers read next (this object is their rollout)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -71,6 +75,9 @@ class VASLogitsProcessor(LogitsProcessor):
             ones = torch.ones(B, L - L0, dtype=torch.long, device=input_ids.device)
             new_ids, new_mask = input_ids, torch.cat([self.prompt_mask.to(input_ids.device), ones], dim=1)
         self.seen = input_ids.clone()
-        self.steering.check_top_k(scores.shape[-1])
-        base = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return steer(self.steering, self.scorers, base, new_ids, new_mask)
+        if self.steering.top_k > scores.shape[-1]:
+            raise VasError(f"k must be between 1 and the vocabulary size {scores.shape[-1]}, got {self.steering.top_k}")
+        self.appended = Appended(new_ids, new_mask)
+        beta, weights = self.steering.rows(B)
+        base = base_logprobs(scores, self.temperature)
+        return steer(self.steering, self.scorers, self, base, torch.ones(B, dtype=torch.bool), beta, weights)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vas.decoding import sample
 from vas.errors import VasError
-from vas.models import eos_token_ids
+from vas.models import left_pad
+from vas.policies import LocalPolicy
 from vas.rewards import Reward, score
-from vas.sampling import left_pad, sample
 from vas.value import ValueModel
 
 
@@ -76,7 +77,7 @@ def halfway_labels(
         raise VasError(f"completions must be at least 2, got {completions}")
     if any(len(r) > max_new_tokens for r in response_ids):
         raise VasError(f"a response is longer than max_new_tokens={max_new_tokens}")
-    eos = eos_token_ids(policy, tokenizer)
+    local = LocalPolicy(policy, tokenizer)
     cuts = [len(r) // 2 for r in response_ids]
     by_budget = defaultdict(list)  # one sample() call serves states with the same number of tokens left
     for i, cut in enumerate(cuts):
@@ -88,10 +89,9 @@ def halfway_labels(
         for start in range(0, len(members), per_batch):
             rows = members[start : start + per_batch]
             contexts = [list(prompt_ids[i]) + list(response_ids[i][: cuts[i]]) for i in rows for _ in range(completions)]
-            generator = torch.Generator(device=policy.device).manual_seed(seed * 7919 + calls)
+            generator = torch.Generator().manual_seed(seed * 7919 + calls)
             calls += 1
-            out = sample(policy, contexts, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                         temperature=temperature, max_new_tokens=budget, generator=generator)
+            out = sample(local, contexts, temperature=temperature, max_new_tokens=budget, generator=generator)
             texts = tokenizer.batch_decode(
                 [list(response_ids[i][: cuts[i]]) + c for i, c in zip((i for i in rows for _ in range(completions)),
                                                                       out.token_ids)],

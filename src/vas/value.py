@@ -10,7 +10,8 @@ prefix and itself only, all candidates sitting at the row's next position. The c
 cropped from the cache, so the prefix is never re-fed and the cache is never copied.
 
 A value model with a tokenizer of its own (an API base policy, or any other policy tokenizer) scores
-candidate *strings* instead: :class:`TextCandidateScorer`.
+candidate *strings* instead: :class:`TextScorer`. Both scorers answer the decoding loop through the same
+call, ``score(rollout, candidates, active) -> (B, k)`` (:func:`vas.decoding.scorer_for` picks one).
 """
 
 from __future__ import annotations
@@ -26,39 +27,26 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
-from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer
+from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer, position_ids_from_mask
 
 CONFIG_NAME = "vas_value_config.json"
 HEAD_NAME = "value_head.safetensors"
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Position of each token = number of real tokens before it (left or right padding alike).
-
-    Args:
-        attention_mask: (B, S) {0, 1}, 1 for real tokens.
-        offset: (B,) int64, real tokens already in the cache (0 if None).
-
-    Returns:
-        (B, S) int64; padded slots get the position of their neighbour (they are masked anyway).
-    """
-    pos = attention_mask.long().cumsum(dim=1) - 1
-    if offset is not None:
-        pos = pos + offset[:, None]
-    return pos.clamp_min(0)
-
-
 class ValueModel(nn.Module):
     """V(s): backbone (+ LoRA) → last hidden state (B, S, H) → linear head → (B, S) float32 values.
 
-    Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`.
+    Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`. It carries its
+    tokenizer (``tokenizer``), which decides whether it reads π0's token ids or text while decoding.
     """
 
-    def __init__(self, backbone: PreTrainedModel, head: nn.Linear, config: dict):
+    def __init__(self, backbone: PreTrainedModel, head: nn.Linear, config: dict,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.value_config = config
+        self.tokenizer = tokenizer
 
     @classmethod
     def create(
@@ -91,7 +79,7 @@ class ValueModel(nn.Module):
             backbone = str(Path(backbone).expanduser().resolve())
         config = {"backbone": backbone, "num_layers": body.config.num_hidden_layers, "lora_rank": lora_rank,
                   "lora_alpha": lora_alpha}
-        return cls(body, head, config)
+        return cls(body, head, config, load_tokenizer(backbone))
 
     @property
     def device(self) -> torch.device:
@@ -127,11 +115,13 @@ class ValueModel(nn.Module):
         return self.head(out.last_hidden_state.float()).squeeze(-1)
 
     def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, **extra) -> None:
-        """Write the LoRA adapter, the head and ``vas_value_config.json`` (plus ``extra`` fields) to ``directory``."""
+        """Write the LoRA adapter, the head, the tokenizer (``tokenizer``, else the model's own) and
+        ``vas_value_config.json`` (plus ``extra`` fields) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_NAME)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         (directory / CONFIG_NAME).write_text(json.dumps({**self.value_config, **extra}, indent=2))
@@ -153,18 +143,17 @@ class ValueModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         trainable: bool = False,
     ) -> "ValueModel":
-        """Load a value model saved by :meth:`save_pretrained`.
+        """Load a value model saved by :meth:`save_pretrained`, with its tokenizer.
 
         With ``trainable=False`` (decoding) the LoRA weights are merged into the backbone for speed and
         the model is put in eval mode with gradients off.
 
         Raises:
-            VasError: if ``directory`` is not a saved value model.
+            VasError: if ``directory`` does not exist or is not a saved value model.
         """
         directory = Path(directory)
+        check_value_dir(directory)
         config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise VasError(f"{str(directory)!r} is not a value model directory (no {CONFIG_NAME})")
         config = json.loads(config_path.read_text())
         body = load_backbone(config["backbone"], device=device, dtype=dtype, num_layers=config.get("num_layers"))
         body = PeftModel.from_pretrained(body, directory, is_trainable=trainable)
@@ -172,10 +161,19 @@ class ValueModel(nn.Module):
             body = body.merge_and_unload()
         head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
         head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
-        model = cls(body, head, config)
+        model = cls(body, head, config, load_value_tokenizer(directory))
         if not trainable:
             model.eval().requires_grad_(False)
         return model
+
+
+def check_value_dir(directory: str | Path) -> None:
+    """Raise :class:`VasError` unless ``directory`` is a saved value model (checked before anything loads)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise VasError(f"value model {str(directory)!r} does not exist")
+    if not (directory / CONFIG_NAME).is_file():
+        raise VasError(f"{str(directory)!r} is not a value model folder (no {CONFIG_NAME}; `vas train` makes one)")
 
 
 def load_value_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
@@ -202,9 +200,10 @@ def check_same_tokenizer(base: PreTrainedTokenizerBase, value: PreTrainedTokeniz
 class CandidateScorer:
     """V(s_t ⊕ x) for the k candidates of every row, over a KV cache of the prefix (one forward per step).
 
-    Call :meth:`score` once per decoding step with the tokens appended since the previous call (the whole
-    left-padded prompt at the first call, the chosen token afterwards). State is per generation: make a new
-    scorer for each new batch of prompts.
+    Call :meth:`score` once per decoding step; it reads the tokens appended since the previous call from the
+    rollout (``rollout.appended``: the whole left-padded prompt at the first call, the chosen token
+    afterwards). State is per generation: make a new scorer for each new batch of prompts. The value model
+    must share π0's tokenizer.
     """
 
     def __init__(self, model: ValueModel):
@@ -214,19 +213,21 @@ class CandidateScorer:
         self.lengths: torch.Tensor | None = None  # (B,) real tokens in the cache
 
     @torch.no_grad()
-    def score(self, new_ids: torch.Tensor, new_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Append ``new_ids`` to the prefix and return V(prefix ⊕ x) for each candidate x.
+    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the rollout's new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
 
         Args:
-            new_ids: (B, P) int64, tokens appended since the last call (P ≥ 1).
-            new_mask: (B, P) {0,1}, 0 for padding (left padding of the prompt, or finished rows).
+            rollout: has ``appended`` (:class:`vas.policies.Appended`): ids (B, P) int64 appended since the
+                last call (P ≥ 1), mask (B, P) {0,1} with 0 for padding (left padding, finished rows).
             candidates: (B, k) int64 candidate next tokens.
+            active: unused (finished rows are masked by ``appended``); for the common scorer signature.
 
         Returns:
             (B, k) float32 values.
         """
         device = self.model.device
-        new_ids, new_mask, candidates = new_ids.to(device), new_mask.to(device).long(), candidates.to(device)
+        new_ids, new_mask = rollout.appended.ids.to(device), rollout.appended.mask.to(device).long()
+        candidates = candidates.to(device)
         B, P = new_ids.shape
         k = candidates.shape[1]
         if self.past_mask is None:
@@ -268,10 +269,10 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class TextCandidateScorer:
-    """V(s ⊕ x) for candidate *strings*, for a value model with its own tokenizer (one prompt; Sec. 4.4).
+    """V(s ⊕ x) for candidate *texts*, for a value model with its own tokenizer (one prompt; Sec. 4.4).
 
-    The base policy's tokens are never seen: the state is text. For each candidate string c the value model
-    reads ``prompt_ids + tokenize(text + c)`` (an ending candidate, ``None``, reads
+    The base policy's tokens are never seen: the state is text. For each candidate, the response text after
+    it, c, the value model reads ``prompt_ids + tokenize(c)`` (an ending candidate, ``None``, reads
     ``prompt_ids + tokenize(text) + [EOS]``), the same tokenization its training rows had
     (:func:`vas.collect.collect_api`). Appending text can change the last few tokens (merges), so the KV
     cache keeps only the prefix that every candidate's tokenization shares; it is cropped back when a later
@@ -291,18 +292,18 @@ class TextCandidateScorer:
         self.cached_ids: list[int] = []  # the ids whose keys and values are in the cache
 
     def sequence(self, text: str, candidate: str | None) -> list[int]:
-        """The value model's ids of the state ``text ⊕ candidate`` (``None``: the response ends)."""
+        """The value model's ids of the state whose response is ``candidate`` (``None``: ``text`` ends)."""
         if candidate is None:
             return self.prompt_ids + self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return self.prompt_ids + self.tokenizer(text + candidate, add_special_tokens=False)["input_ids"]
+        return self.prompt_ids + self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
     def score(self, text: str, candidates: Sequence[str | None]) -> torch.Tensor:
-        """V(prompt ⊕ text ⊕ c) for each candidate c.
+        """V(prompt ⊕ c) for each candidate response text c.
 
         Args:
             text: the response so far.
-            candidates: k candidate continuations (strings; ``None`` for the end of the response).
+            candidates: k response texts, each ``text`` with one candidate appended (``None``: ``text`` ends).
 
         Returns:
             (k,) float32 values.
@@ -335,6 +336,33 @@ class TextCandidateScorer:
         return values[0, ends].float().cpu()
 
 
+class TextScorer:
+    """The batch form of :class:`TextCandidateScorer`: one per row, each with the row's prompt as the value
+    model reads it (through its own chat template), scored one row after another.
+
+    Args:
+        model: a value model carrying its tokenizer.
+        prompts: the B prompt texts the value model reads.
+    """
+
+    def __init__(self, model: ValueModel, prompts: Sequence[str]):
+        if model.tokenizer is None:
+            raise VasError("the value model has no tokenizer: load it with ValueModel.from_pretrained")
+        from vas.prompts import encode_prompts
+
+        self.rows = [TextCandidateScorer(model, model.tokenizer, ids)
+                     for ids in encode_prompts(model.tokenizer, list(prompts))]
+
+    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """V of each candidate (B, k) float32 of the rollout's active rows (0 for finished rows), read as text
+        (``rollout.response_texts()``, ``rollout.candidate_texts``)."""
+        texts, options = rollout.response_texts(), rollout.candidate_texts(candidates)
+        values = torch.zeros(candidates.shape, dtype=torch.float32)
+        for row in active.nonzero().flatten().tolist():
+            values[row] = self.rows[row].score(texts[row], options[row])
+        return values
+
+
 def parse_weighted(spec: str) -> tuple[str, float]:
     """``"PATH=WEIGHT"`` → (PATH, WEIGHT); a plain ``"PATH"`` has weight 1."""
     head, sep, tail = spec.rpartition("=")
@@ -347,33 +375,21 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def load_value_models(
-    specs: list[str],
-    base_tokenizer: PreTrainedTokenizerBase | None,
+    specs: Sequence[str],
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[list[tuple[ValueModel, PreTrainedTokenizerBase]], list[float]]:
-    """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition).
-
-    Args:
-        specs: the value model folders, each optionally ``=WEIGHT``.
-        base_tokenizer: the base policy's tokenizer, which every value model must share (the token-level
-            path); None for the text-level path, where each value model keeps its own.
+) -> tuple[list[ValueModel], list[float]]:
+    """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition), each with
+    its tokenizer. Every folder is checked before any model loads.
 
     Returns:
-        (value model, its tokenizer) pairs and the weights.
+        The value models and their weights.
 
     Raises:
-        VasError: if a path is not a value model, or a value model's tokenizer differs from ``base_tokenizer``.
+        VasError: if a path does not exist or is not a value model.
     """
-    pairs, weights = [], []
-    for spec in specs:
-        path, weight = parse_weighted(spec)
-        if not (Path(path) / CONFIG_NAME).is_file():
-            raise VasError(f"value model {spec!r}: {path!r} is not a value model folder (no {CONFIG_NAME})")
-        tokenizer = load_value_tokenizer(path)
-        if base_tokenizer is not None:
-            check_same_tokenizer(base_tokenizer, tokenizer, path)
-        pairs.append((ValueModel.from_pretrained(path, device=device, dtype=dtype), tokenizer))
-        weights.append(weight)
-    return pairs, weights
+    parsed = [parse_weighted(spec) for spec in specs]
+    for path, _ in parsed:
+        check_value_dir(path)
+    return [ValueModel.from_pretrained(path, device=device, dtype=dtype) for path, _ in parsed], [w for _, w in parsed]

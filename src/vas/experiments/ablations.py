@@ -124,7 +124,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.experiments.setup import Setup
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
-    from vas.sampling import Steering
+    from vas.decoding import Steering
     from vas.storage import write_json_atomic
     from vas.validation import value_mse
 
@@ -197,9 +197,9 @@ def held_out_labels(setup, held_out: list[str], reward, size: Size, cache: Path)
     kept in the JSON file ``cache`` and reused from it."""
     import json
 
-    from vas.models import eos_token_ids
+    from vas.decoding import sample
+    from vas.policies import LocalPolicy
     from vas.prompts import encode_prompts
-    from vas.sampling import sample
     from vas.storage import write_json_atomic
     from vas.validation import HalfwayLabels, halfway_labels
 
@@ -210,9 +210,8 @@ def held_out_labels(setup, held_out: list[str], reward, size: Size, cache: Path)
     setup.log(f"halfway labels: {len(held_out)} held-out π0 responses, {size.completions} completions of each half")
     ids = encode_prompts(setup.tokenizer, held_out)
     seed = setup.seed + 12345  # not the seed of the decoding runs
-    responses = sample(setup.policy, ids, eos_token_ids=eos_token_ids(setup.policy, setup.tokenizer),
-                       pad_token_id=setup.tokenizer.pad_token_id, max_new_tokens=size.recipe.max_new_tokens,
-                       generator=torch.Generator(device=setup.policy.device).manual_seed(seed))
+    responses = sample(LocalPolicy(setup.policy, setup.tokenizer), ids, max_new_tokens=size.recipe.max_new_tokens,
+                       generator=torch.Generator().manual_seed(seed))
     labels = halfway_labels(setup.policy, setup.tokenizer, held_out, ids, responses.token_ids, reward,
                             completions=size.completions, max_new_tokens=size.recipe.max_new_tokens, seed=seed)
     write_json_atomic(cache, {"prompt_ids": labels.prompt_ids, "prefix_ids": labels.prefix_ids,

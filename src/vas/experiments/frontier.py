@@ -151,6 +151,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     import json
 
     from vas.evaluate import evaluate
+    from vas.policies import LocalPolicy
     from vas.experiments.setup import Setup
     from vas.judge import read_responses
     from vas.prompts import load_prompts
@@ -169,7 +170,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         report = json.loads((eval_dir / "report.json").read_text())
         report["settings"]["prompts"] = len(held_out)  # the count (reports before 2026-11-30 stored the source here)
     else:
-        report = evaluate(setup.policy, setup.tokenizer, held_out, load_reward(REWARD), [value_model], eval_dir,
+        report = evaluate(LocalPolicy(setup.policy, setup.tokenizer), held_out, load_reward(REWARD), [value_model], eval_dir,
                           betas=size.betas, top_k=size.top_k, best_of=size.best_of,
                           vas_samples_per_prompt=size.vas_samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
                           batch_size=size.batch_size, seed=seed, progress=progress,

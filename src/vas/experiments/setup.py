@@ -136,24 +136,26 @@ class Setup:
         Returns:
             ``{"texts": [P·m], "kl": [P], "tokens": [P], "seconds_per_response": float, NAME: [P] for each
             reward}``: per-prompt means over the m samples. Every condition draws with the same seeds (see
-            :func:`vas.evaluate.generate_responses`), so differences between conditions are paired.
+            :func:`vas.jobs.generate`), so differences between conditions are paired.
         """
         import json
 
-        from vas.evaluate import generate_responses
-        from vas.prompts import encode_prompts
+        from vas.jobs import generate
+        from vas.policies import LocalPolicy
         from vas.rewards import score
         from vas.storage import write_json_atomic
 
         if cache.is_file():
             return json.loads(cache.read_text())
         m, P = samples_per_prompt, len(prompts)
-        ids = encode_prompts(self.tokenizer, prompts)
-        texts, tokens, kl, seconds = generate_responses(
-            self.policy, self.tokenizer, [i for i in ids for _ in range(m)], steering=steering, temperature=0.7,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=self.seed, progress=self.progress, desc=desc)
+        rows = generate(LocalPolicy(self.policy, self.tokenizer), [p for p in prompts for _ in range(m)], steering,
+                        temperature=0.7, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=self.seed,
+                        progress=self.progress, desc=desc)
+        texts = [r["response"] for r in rows]
+        kl, tokens = torch.tensor([r["kl"] for r in rows]), torch.tensor([float(r["tokens"]) for r in rows])
         result = {"texts": texts, "kl": kl.view(P, m).mean(dim=1).tolist(),
-                  "tokens": tokens.view(P, m).mean(dim=1).tolist(), "seconds_per_response": seconds / (P * m)}
+                  "tokens": tokens.view(P, m).mean(dim=1).tolist(),
+                  "seconds_per_response": sum(r["seconds"] for r in rows) / (P * m)}
         repeated = [p for p in prompts for _ in range(m)]
         for name, reward in rewards.items():
             result[name] = score(reward, repeated, texts).view(P, m).mean(dim=1).tolist()

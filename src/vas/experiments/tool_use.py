@@ -116,26 +116,26 @@ def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: 
     """π0's greedy response to each prompt, one request each (temperature 0), kept in ``path`` (JSON lines;
     finished rows are kept in ``<path>.partial`` as they finish, so an interrupted run resumes); closes
     ``policy``. At every step that is the token VAS at β = 0 would pick, since π0's argmax is always in its
-    top-k. Rows as :func:`vas.text_sampling.generate`'s, with ``kl`` 0 and ``outside_mass`` None (not asked for)."""
+    top-k. Rows as :func:`vas.jobs.generate`'s, with ``kl`` 0 and ``outside_mass`` None (not asked for)."""
     import time
 
-    from vas.storage import RowLog
-    from vas.text_sampling import prompts_digest, run_concurrently
+    from vas.jobs import RowLog, prompts_digest, run_concurrently
 
     if path.exists():
         return cached(path, prompts)
     log = RowLog(path, {"greedy": True, "max_new_tokens": max_new_tokens, "num_prompts": len(prompts),
                         "prompts_sha256": prompts_digest(prompts), "policy": policy.settings})
 
-    async def work(i: int):
+    async def work(i: int) -> int:
         start = time.perf_counter()
         answer = await policy.sample(prompts[i], max_new_tokens=max_new_tokens, temperature=0.0)
         log.append({"prompt_index": i, "prompt": prompts[i], "response": answer.text, "tokens": answer.tokens,
                     "finished": answer.finished, "kl": 0.0, "outside_mass": None,
                     "seconds": time.perf_counter() - start})
+        return 1
 
     run_concurrently(policy, [i for i in range(len(prompts)) if i not in log.rows], work, concurrency=1,
-                     total=len(prompts), desc="greedy", progress=progress, log=log)
+                     total=len(prompts), done=len(log.rows), desc="greedy", progress=progress, log=log)
     return log.finish()
 
 
@@ -163,7 +163,8 @@ def decision_margin(value, tokenizer, queries) -> dict:
         wrong = "rent" if right == "buy" else "buy"
         scorer = TextCandidateScorer(value, tokenizer, encode_prompts(tokenizer, [value_prompt(prompt(q, one_shot=True))])[0])
         with torch.no_grad():
-            v = scorer.score(decision_prefix(q), [right, wrong])
+            prefix = decision_prefix(q)
+            v = scorer.score(prefix, [prefix + right, prefix + wrong])
         margins.append(float(v[0] - v[1]))
     return {"mean": sum(margins) / len(margins), "positive": sum(m > 0 for m in margins), "queries": len(margins)}
 
@@ -197,7 +198,8 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         VasError: if π0's GGUF is not installed (:func:`vas.models.gguf_file`), or the server fails.
     """
     from vas.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
-    from vas.collect import REQUIRED_FOR_TRAINING, collect_api
+    from vas.collect import REQUIRED_FOR_TRAINING, collect
+    from vas.decoding import Steering
     from vas.experiments.setup import claim
     from vas.home_search import (
         HomeSearchReward,
@@ -209,7 +211,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
     from vas.storage import load_dataset_dir, write_json_atomic
-    from vas.text_sampling import TextSteering, generate
+    from vas.jobs import generate
     from vas.value import ValueModel
 
     gguf = check(size)
@@ -230,8 +232,8 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
             data = load_dataset_dir(samples, REQUIRED_FOR_TRAINING)
         else:
             log(f"collecting {len(train)} one-shot queries × {recipe.samples_per_prompt} through the API → {samples}")
-            data = collect_api(policy(), tokenizer, [prompt(q, one_shot=True) for q in train], reward,
-                               samples, samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
+            data = collect(policy(), [prompt(q, one_shot=True) for q in train], reward, samples,
+                           value_tokenizer=tokenizer, samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
                                seed=seed, concurrency=size.concurrency, value_prompt=value_prompt, progress=progress,
                                metadata={"policy": size.policy, "task": "home-search", "criteria": size.criteria})
         value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
@@ -244,11 +246,11 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
             if vas and path.exists():  # finished earlier: an interrupted experiment resumes
                 rows[label] = cached(path, prompts)
             elif vas:
-                steering = TextSteering([(value, tokenizer)], beta=size.beta, top_k=size.top_k, value_prompt=value_prompt)
+                steering = Steering([value], beta=size.beta, top_k=size.top_k, value_prompt=value_prompt)
                 # temperature 1: the argmax of log π0 + β·V, with π0's own log-probabilities (Sec. 4.4)
                 rows[label] = generate(policy(), prompts, steering, path, temperature=1.0,
                                        max_new_tokens=recipe.max_new_tokens, greedy=True, seed=seed,
-                                       concurrency=size.concurrency, progress=progress)
+                                       batch_size=1, concurrency=size.concurrency, progress=progress)
             else:
                 rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens,
                                                progress=progress)

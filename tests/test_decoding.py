@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers import random_value_model
 
+from vas.decoding import Steering, draw, sample
 from vas.errors import VasError
-from vas.models import load_policy
-from vas.sampling import Steering, draw, sample
+from vas.models import load_policy, load_tokenizer
+from vas.policies import LocalPolicy
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 
@@ -20,13 +21,27 @@ def policy(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def value_model(tiny_model_dir):
     return random_value_model(tiny_model_dir, seed=11)
 
 
 def run(policy, prompts, steering=None, greedy=False, seed=0, eos=(2,), **kw):
-    return sample(policy, prompts, eos_token_ids=list(eos), pad_token_id=2, steering=steering, greedy=greedy,
-                  max_new_tokens=kw.pop("max_new_tokens", 8), generator=torch.Generator().manual_seed(seed), **kw)
+    local = LocalPolicy(policy, TOKENIZER[0], eos_token_ids=list(eos), pad_token_id=2)
+    return sample(local, prompts, steering, greedy=greedy, max_new_tokens=kw.pop("max_new_tokens", 8),
+                  generator=torch.Generator().manual_seed(seed), **kw)
+
+
+TOKENIZER = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tokenizer(tokenizer):
+    TOKENIZER[:] = [tokenizer]
 
 
 def test_base_logprobs_match_a_full_forward(policy):
@@ -85,19 +100,43 @@ def test_weighted_value_models_equal_one_summed_model(policy, tiny_model_dir):
 
 def test_each_row_stops_at_its_own_eos(policy):
     free = run(policy, PROMPTS, greedy=True, eos=())  # no EOS: every row runs to max_new_tokens
-    # declare row 1's second greedy token an EOS: row 1 ends there, the other rows run on unchanged
-    stop = free.token_ids[1][1]
+    # declare a token that only row 1 generates an EOS: row 1 ends there, the other rows run on unchanged
+    others = set(free.token_ids[0]) | set(free.token_ids[2])
+    stop = next(t for t in free.token_ids[1] if t not in others)
     out = run(policy, PROMPTS, greedy=True, eos=(stop,))
     assert out.token_ids[1] == free.token_ids[1][: free.token_ids[1].index(stop) + 1]
-    assert bool(out.finished[1])
-    for b in (0, 2):
-        if stop not in free.token_ids[b]:
-            assert out.token_ids[b] == free.token_ids[b]
+    assert out.finished.tolist() == [False, True, False]
+    assert out.token_ids[0] == free.token_ids[0] and out.token_ids[2] == free.token_ids[2]
+    assert out.steps.tolist() == [8, len(out.token_ids[1]), 8]
 
 
-@pytest.mark.parametrize("k", [0, -1, 10**6])
-def test_bad_k(policy, value_model, k):
-    with pytest.raises(VasError, match="k must be between 1 and the vocabulary size"):
+def test_a_mixed_batch_equals_each_row_alone(policy, tiny_model_dir):
+    """Per-row β and weights: one batch of three users' settings gives what each row gives alone."""
+    models = [random_value_model(tiny_model_dir, seed=31), random_value_model(tiny_model_dir, seed=32)]
+    beta = torch.tensor([0.0, 3.0, -2.0])
+    weights = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.5, 2.0]])
+    batch = run(policy, PROMPTS, Steering(models, weights, beta=beta, top_k=6), greedy=True, max_new_tokens=6)
+    for b, prompt in enumerate(PROMPTS):
+        alone = run(policy, [prompt], Steering(models, weights[b].tolist(), beta=float(beta[b]), top_k=6),
+                    greedy=True, max_new_tokens=6)
+        assert alone.token_ids[0] == batch.token_ids[b]
+        torch.testing.assert_close(alone.kl[0], batch.kl[b], atol=1e-4, rtol=1e-4)
+    assert float(batch.kl[0]) == 0 and float(batch.kl[1]) > 0 and float(batch.kl[2]) > 0
+
+
+def test_a_batch_at_beta_zero_does_no_value_model_work(policy, value_model, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a value model was called at β = 0")
+
+    monkeypatch.setattr(type(value_model), "forward", fail)
+    out = run(policy, PROMPTS, Steering([value_model], beta=torch.zeros(3), top_k=5), seed=4)
+    assert out.token_ids == run(policy, PROMPTS, seed=4).token_ids
+
+
+@pytest.mark.parametrize("k, message", [(0, "must be ≥ 1"), (-1, "must be ≥ 1"),
+                                        (10**6, "must be between 1 and the vocabulary size")])
+def test_bad_k(policy, value_model, k, message):
+    with pytest.raises(VasError, match=message):
         run(policy, PROMPTS, Steering([value_model], beta=1.0, top_k=k))
 
 
