@@ -262,7 +262,7 @@ def generate(
     max_new_tokens: MaxNew = 64,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
-    out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing (text-level runs resume from <out>.partial).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing (an interrupted run resumes from <out>.partial).")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
