@@ -17,19 +17,30 @@ The public API, in data-flow order::
 * :func:`steered_logprobs`, :func:`kl_divergence`, :func:`lambda_returns`: the maths, as pure functions.
 """
 
-from vas.api import ApiPolicy, Endpoint
-from vas.decoding import Decoded, Steering, decode, sample
-from vas.errors import VasError
-from vas.generation import Generation, generate
-from vas.guidance import kl_divergence, steered_logprobs
-from vas.policies import LocalPolicy
-from vas.processor import VASLogitsProcessor
-from vas.td import lambda_returns
-from vas.value import ValueModel
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ApiPolicy", "Decoded", "Endpoint", "Generation", "LocalPolicy", "Steering", "VASLogitsProcessor", "ValueModel",
-    "VasError", "decode", "generate", "kl_divergence", "lambda_returns", "sample", "steered_logprobs",
-]
+# name -> module; imported on first use (PEP 562), so that `vas --help` does not load torch
+_EXPORTS = {
+    "ApiPolicy": "vas.api", "Endpoint": "vas.api",
+    "Decoded": "vas.decoding", "Steering": "vas.decoding", "decode": "vas.decoding", "sample": "vas.decoding",
+    "VasError": "vas.errors",
+    "Generation": "vas.generation", "generate": "vas.generation",
+    "kl_divergence": "vas.guidance", "steered_logprobs": "vas.guidance",
+    "LocalPolicy": "vas.policies",
+    "VASLogitsProcessor": "vas.processor",
+    "lambda_returns": "vas.td",
+    "ValueModel": "vas.value",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vas' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
