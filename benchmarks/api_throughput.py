@@ -93,7 +93,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 rows = generate(policy(stream), prompts, steering, Path(tmp) / "out.jsonl", temperature=0.7,
-                                max_new_tokens=args.tokens, batch_size=1, concurrency=concurrency, progress=False)
+                                max_new_tokens=args.tokens, concurrency=concurrency, progress=False)
                 seconds = time.perf_counter() - start
             tokens = sum(r["tokens"] for r in rows)
             results.append({"method": name + (", streamed" if stream else ""), "concurrency": concurrency,

@@ -40,7 +40,7 @@ def make_cases(tmp, tiny, other, value_dir):
                           "has no prompts", tmp / "o2"),
         "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
         "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
-                   "--top-k must be > 0, got 0", None),
+                   "k (--top-k) must be ≥ 1, got 0", None),
         "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
                       "k (--top-k) must be between 1 and the vocabulary size 300", None),
         "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
@@ -128,3 +128,31 @@ def test_experiment_all_quick_writes_every_section(tmp_path, tiny_model_dir):
         assert (tmp_path / "x" / name / "summary.json").is_file()
     # the frontier, composition and ablations share one collection of π0 samples
     assert len(list((tmp_path / "x" / "stages").iterdir())) == 1
+
+
+def test_policy_options_are_written_once_and_reach_the_command(monkeypatch):
+    """collect, generate and evaluate all take PolicyConfig's fields as options, and a command receives them as
+    one PolicyConfig."""
+    import dataclasses
+
+    import typer
+
+    from vas import cli
+    from vas.config import PolicyConfig
+
+    command = typer.main.get_command(cli.app)
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    for name in ("collect", "generate", "evaluate"):
+        params = {p.name: p for p in command.commands[name].params}
+        assert fields <= set(params)
+        assert params["base_model"].opts == ["--base-model", "-m"] and params["api_stop"].multiple
+    received = {}
+
+    def fake_run(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(PolicyConfig, "load", lambda self, *a, **k: received.setdefault("config", self) and fake_run())
+    with pytest.raises(SystemExit):
+        command.main(["generate", "--prompt", "hi", "-m", "some/model", "--api-stop", "a", "--api-stop", "b",
+                      "--timeout", "5"], standalone_mode=False)
+    assert received["config"] == PolicyConfig(base_model="some/model", api_stop=["a", "b"], timeout=5.0)

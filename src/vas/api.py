@@ -91,13 +91,16 @@ class ApiPolicy:
     """π0 behind an OpenAI-compatible endpoint (async; share one instance between concurrent rollouts).
 
     For the decoding loop (:func:`vas.decoding.decode`) its support is the top-k tokens the server tells, as
-    text (:class:`ApiRollout`); :meth:`sample` asks the server for whole responses (plain sampling).
+    text (:class:`ApiRollout`); :meth:`sample` asks the server for whole responses (plain sampling). Jobs run
+    its rollouts one prompt each, several at once (``concurrent``).
 
     Args:
         endpoint: the server, model and request settings.
         template: maps a prompt to the text sent to the completions endpoint (e.g. the model's chat template);
             identity by default. Not used with the chat endpoint.
     """
+
+    concurrent = True
 
     def __init__(self, endpoint: Endpoint, template: Callable[[str], str] | None = None):
         if not re.match(r"https?://", endpoint.base_url):

@@ -7,17 +7,21 @@ status 2; an interrupt exits 130 and long jobs resume when the same command is r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from vas.config import EMBEDDED, PolicyConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -36,17 +40,7 @@ Seed = Annotated[int, typer.Option(help="Random seed.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
 MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-ApiBaseUrl = Annotated[Optional[str], typer.Option(help="Use π0 behind this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) instead of a local model.")]
-ApiModel = Annotated[str, typer.Option(help="The model's name at --api-base-url.")]
-ApiKeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key.")]
-ApiChat = Annotated[bool, typer.Option(help="Use the chat endpoint (steering needs a server that continues a partial assistant message, e.g. vLLM).")]
-ApiTemplate = Annotated[Optional[str], typer.Option(help="Completions endpoint: format prompts with this local model's chat template (e.g. smollm2-135m-instruct); default: send them as they are.")]
-ApiExtra = Annotated[str, typer.Option(help="Extra JSON fields for every request, e.g. '{\"top_k\": 0, \"min_p\": 0}' for llama.cpp.")]
-ApiStop = Annotated[list[str], typer.Option(help="A string that ends a response; repeat for several.")]
-ApiStream = Annotated[bool, typer.Option(help="Ask for each next token as a stream (completions): the same answer, 4-5x faster from llama-cpp-python's server with a large vocabulary.")]
-Concurrency = Annotated[int, typer.Option(help="Requests in flight at once (API).")]
-Timeout = Annotated[float, typer.Option(help="Seconds per request; 429, 5xx and timeouts are retried with backoff.")]
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = EMBEDDED
 
 
 def _quiet_libraries() -> None:
@@ -80,43 +74,26 @@ def _positive(**options: float) -> None:
 
 
 
-def _api_policy(base_url: str, model: str, key_env: str, chat: bool, template: str | None, extra: str,
-                stop: list[str], timeout: float, stream: bool = False):
-    """The API base policy of the --api-* options."""
-    from vas.api import ApiPolicy, Endpoint, chat_template
+def _policy_options(command):
+    """Give a command the fields of :class:`vas.config.PolicyConfig` as options (written once, here), and pass
+    them to it as one ``policy`` argument."""
+    fields = dataclasses.fields(PolicyConfig)
+    hints = typing.get_type_hints(PolicyConfig)
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "policy"]
+    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                               default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                               annotation=Annotated[hints[f.name], typer.Option(*f.metadata["flags"], help=f.metadata["help"])])
+             for f in fields]
 
-    _positive(timeout=timeout)
-    try:
-        extra_body = json.loads(extra)
-    except json.JSONDecodeError:
-        raise VasError(f"--api-extra must be a JSON object, got {extra!r}") from None
-    if not isinstance(extra_body, dict):
-        raise VasError(f"--api-extra must be a JSON object, got {extra!r}")
-    if template is not None and chat:
-        raise VasError("--api-template is for the completions endpoint; the chat endpoint applies the server's template")
-    from vas.models import load_tokenizer
+    @functools.wraps(command)
+    def wrapper(**options):
+        policy = PolicyConfig(**{f.name: options.pop(f.name) for f in fields})
+        return command(**options, policy=policy)
 
-    endpoint = Endpoint(base_url, model, api_key=os.environ.get(key_env, "none"), chat=chat, timeout=timeout,
-                        extra_body=extra_body, stop=tuple(stop), stream=stream)
-    return ApiPolicy(endpoint, chat_template(load_tokenizer(template)) if template else None)
-
-
-def _local_policy(base_model: str, device: str, dtype: str, prompts: list[str] | None = None,
-                  max_new_tokens: int = 0, top_k: int | None = None):
-    """π0 as a :class:`vas.policies.LocalPolicy`; ``prompts`` are checked against its context window and
-    ``top_k`` against its vocabulary, from its tokenizer and config, before its weights load."""
-    from vas.models import check_fits, context_window, load_config, load_policy, load_tokenizer, resolve_device, resolve_dtype
-    from vas.policies import LocalPolicy
-    from vas.prompts import encode_prompts
-
-    dev = resolve_device(device)
-    tokenizer = load_tokenizer(base_model)
-    config = load_config(base_model)
-    if prompts is not None:
-        check_fits(encode_prompts(tokenizer, prompts), max_new_tokens, context_window(config))
-    if top_k is not None and top_k > config.vocab_size:
-        raise VasError(f"k (--top-k) must be between 1 and the vocabulary size {config.vocab_size}, got {top_k}")
-    return LocalPolicy(load_policy(base_model, device=dev, dtype=resolve_dtype(dtype, dev)), tokenizer)
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+    return wrapper
 
 
 def _value_models(value: list[str], device: str, value_dtype: str):
@@ -136,11 +113,11 @@ def _check_value_dirs(value: list[str]) -> None:
 
 
 @app.command()
+@_policy_options
 def collect(
     out: Annotated[Path, typer.Option(help="Output dataset folder (must not exist; <out>.partial holds progress).")],
     prompts: Annotated[str, typer.Option(help="'chitchat', 'topics', a .jsonl/.csv/.txt file, hf:NAME[:SPLIT] or a dataset folder.")] = "chitchat",
     reward: Annotated[str, typer.Option(help="Reward spec, e.g. 'positivity' or 'positivity=1,brevity=0.5' (see docs).")] = "positivity",
-    base_model: BaseModel = DEFAULT_MODEL,
     start: Annotated[int, typer.Option(help="Index of the first prompt used.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts used (default: all).")] = None,
     samples_per_prompt: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
@@ -149,19 +126,9 @@ def collect(
     batch_size: Annotated[int, typer.Option(help="Responses generated per batch (also the resume granularity).")] = 16,
     field: Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")] = "prompt",
     seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    api_base_url: ApiBaseUrl = None,
-    api_model: ApiModel = "default",
-    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
-    api_chat: ApiChat = False,
-    api_template: ApiTemplate = None,
-    api_extra: ApiExtra = "{}",
-    api_stop: ApiStop = [],
     value_backbone: Annotated[Optional[str], typer.Option(help="With --api-base-url: the value model's backbone, whose tokenizer the token columns use (default: --base-model).")] = None,
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 60.0,
     quiet: Quiet = False,
+    policy: PolicyConfig = PolicyConfig(),
 ):
     """Sample responses from the frozen base policy π0 (local, or through an API) and score them with the reward."""
     from vas.collect import collect as run
@@ -171,25 +138,22 @@ def collect(
     from vas.storage import require_absent
 
     require_absent(out)
-    _positive(samples_per_prompt=samples_per_prompt, batch_size=batch_size, concurrency=concurrency,
-              temperature=temperature, max_new_tokens=max_new_tokens)
-    if value_backbone and not api_base_url:
+    _positive(samples_per_prompt=samples_per_prompt, batch_size=batch_size, temperature=temperature,
+              max_new_tokens=max_new_tokens)
+    if value_backbone and not policy.api_base_url:
         raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
     prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
-    metadata = {"base_model": base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
-    if api_base_url:
-        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout)
-        backbone = value_backbone or base_model
+    metadata = {"base_model": policy.base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
+    value_tokenizer = None
+    if policy.api_base_url:
+        backbone = value_backbone or policy.base_model
         value_tokenizer = load_tokenizer(backbone)
-        metadata = {**metadata, "base_model": backbone, "api_base_url": api_base_url, "api_model": api_model,
-                    "api_template": api_template}
-    else:
-        policy = _local_policy(base_model, device, dtype, prompt_list, max_new_tokens)
-        value_tokenizer = None
-    data = run(policy, prompt_list, scorer, out, value_tokenizer=value_tokenizer, samples_per_prompt=samples_per_prompt,
-               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, concurrency=concurrency,
-               seed=seed, progress=not quiet, metadata=metadata)
+        metadata = {**metadata, "base_model": backbone, "api_base_url": policy.api_base_url,
+                    "api_model": policy.api_model, "api_template": policy.api_template}
+    data = run(policy.load(prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
+               samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
+               batch_size=batch_size, concurrency=policy.concurrency, seed=seed, progress=not quiet, metadata=metadata)
     rewards = data["reward"]
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 
@@ -249,6 +213,7 @@ def train(
 
 
 @app.command()
+@_policy_options
 def generate(
     value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
     prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
@@ -257,27 +222,15 @@ def generate(
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
     beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
-    base_model: BaseModel = DEFAULT_MODEL,
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing (an interrupted run resumes from <out>.partial).")] = None,
     seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
     value_dtype: ValueDtype = "auto",
-    api_base_url: ApiBaseUrl = None,
-    api_model: ApiModel = "default",
-    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
-    api_chat: ApiChat = False,
-    api_template: ApiTemplate = None,
-    api_extra: ApiExtra = "{}",
-    api_stop: ApiStop = [],
-    api_stream: ApiStream = False,
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 60.0,
     quiet: Quiet = False,
+    policy: PolicyConfig = PolicyConfig(),
 ):
     """Generate with VAS steering (the paper's Eq 5), or plain π0 sampling without --value.
 
@@ -294,28 +247,20 @@ def generate(
 
     if out:
         require_absent(out)
-    _positive(batch_size=batch_size, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
-              top_k=top_k)
+    _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     _check_value_dirs(value)
-    if not all(math.isfinite(x) for x in (beta, temperature)):
-        raise VasError(f"--beta and --temperature must be finite numbers, got {beta} and {temperature}")
+    checked = Steering(beta=beta, top_k=top_k)  # k and β, before anything loads
     texts = list(prompt) + (load_prompts(prompts, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    if api_base_url:
-        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout,
-                             stream=api_stream)
-        batch_size = 1  # one request per row and step: prompts run concurrently instead
-    else:
-        policy = _local_policy(base_model, device, dtype, texts, max_new_tokens, top_k if value else None)
-        concurrency = 1  # one local model: batches one after another
-    models, weights = _value_models(value, device, value_dtype)
+    base = policy.load(texts, max_new_tokens, checked if value else None)
+    models, weights = _value_models(value, policy.device, value_dtype)
     steering = Steering(models, weights, beta=beta, top_k=top_k)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(policy, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
+        rows = run(base, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
-                   concurrency=concurrency, progress=not quiet,
-                   settings={"value": value, "base": api_base_url or base_model, "api_model": api_model})
+                   concurrency=policy.concurrency, progress=not quiet,
+                   settings={"value": value, "base": policy.name, "api_model": policy.api_model})
     if out:
         typer.echo(f"{len(rows)} responses → {out}")
         return
@@ -324,6 +269,7 @@ def generate(
 
 
 @app.command()
+@_policy_options
 def evaluate(
     value: Annotated[list[str], typer.Option(help="Value model folder(s), PATH or PATH=WEIGHT.")],
     out: Annotated[Path, typer.Option(help="Folder for report.json and reward_vs_kl.png.")],
@@ -334,25 +280,13 @@ def evaluate(
     betas: Annotated[str, typer.Option(help="Comma-separated β grid.")] = "2,5,10",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for VAS.")] = 10,
     best_of: Annotated[str, typer.Option(help="Comma-separated N for Best-of-N.")] = "1,2,4,8,16",
-    base_model: BaseModel = DEFAULT_MODEL,
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
     batch_size: Annotated[int, typer.Option(help="Responses per batch.")] = 16,
     seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
     value_dtype: ValueDtype = "auto",
-    api_base_url: ApiBaseUrl = None,
-    api_model: ApiModel = "default",
-    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
-    api_chat: ApiChat = False,
-    api_template: ApiTemplate = None,
-    api_extra: ApiExtra = "{}",
-    api_stop: ApiStop = [],
-    api_stream: ApiStream = False,
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 60.0,
     quiet: Quiet = False,
+    policy: PolicyConfig = PolicyConfig(),
 ):
     """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time.
 
@@ -365,27 +299,21 @@ def evaluate(
     from vas.storage import require_absent
 
     require_absent(out)
-    _positive(batch_size=batch_size, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
-              top_k=top_k)
+    _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     _check_value_dirs(value)
+    checked = Steering(top_k=top_k)  # k, before anything loads
     chosen_betas = _floats(betas, "betas")
     ns = [int(n) for n in _floats(best_of, "best-of")]
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
     held_out = load_prompts(prompts, start=start, limit=limit)
     scorer = load_reward(reward)
-    if api_base_url:
-        policy = _api_policy(api_base_url, api_model, api_key_env, api_chat, api_template, api_extra, api_stop, timeout,
-                             stream=api_stream)
-        batch_size = 1  # one request per row and step: prompts run concurrently instead
-    else:
-        policy = _local_policy(base_model, device, dtype, held_out, max_new_tokens, top_k)
-        concurrency = 1
-    models, weights = _value_models(value, device, value_dtype)
-    report = run(policy, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, best_of=ns,
+    base = policy.load(held_out, max_new_tokens, checked)
+    models, weights = _value_models(value, policy.device, value_dtype)
+    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, best_of=ns,
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 concurrency=concurrency, seed=seed, progress=not quiet,
-                 metadata={"base_model": api_base_url or base_model, "api_model": api_model if api_base_url else None,
+                 concurrency=policy.concurrency, seed=seed, progress=not quiet,
+                 metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
                            "reward": reward, "value": value, "prompt_source": prompts})
     print_report(report)
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")

@@ -72,6 +72,11 @@ class Steering:
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise VasError(f"k (--top-k) must be ≥ 1, got {self.top_k}")
 
+    def check_top_k(self, vocab_size: int | None) -> None:
+        """Raise :class:`VasError` if k exceeds the vocabulary (None: not known, as for an API policy)."""
+        if vocab_size is not None and self.top_k > vocab_size:
+            raise VasError(f"k (--top-k) must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+
     def select(self, rows: Sequence[int]) -> "Steering":
         """This steering for a subset of the prompts (per-row β and weights sliced; shared ones kept)."""
         beta = torch.as_tensor(self.beta, dtype=torch.float32)
@@ -215,11 +220,10 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         raise VasError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     rollout = policy.start(prompts, max_new_tokens)
     B = len(prompts)
-    steering = steering or Steering(top_k=getattr(policy, "default_top_k", 10))
+    steering = steering or Steering()
     beta, weights = steering.rows(B)
-    vocab = getattr(policy, "vocab_size", None)
-    if vocab is not None and steering.value_models and steering.top_k > vocab:
-        raise VasError(f"k (--top-k) must be between 1 and the vocabulary size {vocab}, got {steering.top_k}")
+    if steering.value_models:
+        steering.check_top_k(getattr(policy, "vocab_size", None))
     # value models are consulted only if some row has β ≠ 0, and only those with a weight ≠ 0 in some row
     used = [i for i in range(len(steering.value_models)) if bool((beta != 0).any()) and bool((weights[:, i] != 0).any())]
     scorers = [scorer_for(steering.value_models[i], rollout, prompts, steering.value_prompt) for i in used]
@@ -242,7 +246,8 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         else:
             logp = steer(steering, scorers, rollout, base, active, beta, weights)
         choice = logp.argmax(dim=-1) if greedy else draw(logp, generator)
-        kl += torch.where(active, kl_divergence(logp, base).cpu(), 0.0)
+        if logp is not base:  # plain sampling: π = π0, KL 0
+            kl += torch.where(active, kl_divergence(logp, base).cpu(), 0.0)
         outside += torch.where(active, (1 - told.exp().sum(dim=-1)).clamp_min(0).cpu(), 0.0)
         chosen_logp = logp.gather(1, choice[:, None]).squeeze(1).tolist()
         chosen_base = base.gather(1, choice[:, None]).squeeze(1).tolist()

@@ -168,8 +168,9 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
              temperature: float = 0.7, max_new_tokens: int = 64, greedy: bool = False, seed: int = 0,
              batch_size: int = 8, concurrency: int = 1, settings: dict | None = None, progress: bool = True,
              desc: str = "generate", write: bool = True) -> list[dict]:
-    """One response per prompt through the decoding loop, in batches of ``batch_size`` prompts run
-    ``concurrency`` at a time (use 1 for a local model; batch size 1 and several in flight for an API).
+    """One response per prompt through the decoding loop: a local policy decodes ``batch_size`` prompts per
+    batch, one batch after another; a policy that answers requests (``policy.concurrent``, an API) decodes one
+    prompt per batch, ``concurrency`` at once.
 
     With ``out``, finished rows are appended to ``<out>.partial`` as each batch finishes and written to ``out``
     (JSON lines) at the end; the same call resumes after an interrupt or a failure, refusing other settings.
@@ -195,6 +196,10 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
     """
     if batch_size < 1:
         raise VasError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if getattr(policy, "concurrent", False):
+        batch_size = 1
+    else:
+        concurrency = 1
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
     log = None
     rows: dict[int, dict] = {}

@@ -77,6 +77,8 @@ class LocalPolicy:
             else its EOS).
     """
 
+    concurrent = False  # one model: jobs run its batches one after another
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
                  eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -109,12 +111,8 @@ class LocalRollout:
 
     def __init__(self, policy: LocalPolicy, prompts: Sequence[Prompt], max_new_tokens: int):
         self.policy = policy
-        prompt_ids = [p if isinstance(p, str) else list(p) for p in prompts]
-        if any(isinstance(p, str) for p in prompt_ids):
-            texts = encode_prompts(policy.tokenizer, [p for p in prompt_ids if isinstance(p, str)])[::-1]
-            prompt_ids = [texts.pop() if isinstance(p, str) else p for p in prompt_ids]
+        prompt_ids = [encode_prompts(policy.tokenizer, [p])[0] if isinstance(p, str) else list(p) for p in prompts]
         check_fits(prompt_ids, max_new_tokens, context_window(policy.model))
-        self.prompt_ids = prompt_ids
         device = policy.model.device
         ids, mask = left_pad(prompt_ids, policy.pad_token_id)
         self.appended = Appended(ids.to(device), mask.to(device))

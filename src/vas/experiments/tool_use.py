@@ -250,7 +250,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                 # temperature 1: the argmax of log π0 + β·V, with π0's own log-probabilities (Sec. 4.4)
                 rows[label] = generate(policy(), prompts, steering, path, temperature=1.0,
                                        max_new_tokens=recipe.max_new_tokens, greedy=True, seed=seed,
-                                       batch_size=1, concurrency=size.concurrency, progress=progress)
+                                       concurrency=size.concurrency, progress=progress)
             else:
                 rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens,
                                                progress=progress)
