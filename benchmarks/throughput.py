@@ -38,9 +38,11 @@ from transformers import (
 )
 
 from vas.collect import collect
+from vas.config import TrainConfig
 from vas.models import (
     EMBEDDED_MODEL,
     eos_token_ids,
+    left_pad,
     load_policy,
     load_tokenizer,
     resolve_device,
@@ -48,7 +50,7 @@ from vas.models import (
 )
 from vas.prompts import encode_prompts, load_prompts
 from vas.rewards import load_reward, score
-from vas.models import left_pad
+from vas.policies import LocalPolicy
 from vas.train import train_value_model
 
 WARMUP_STEPS = 2
@@ -98,9 +100,9 @@ def bench_training(device, rows: datasets.Dataset, batch: int, tmp: Path) -> dic
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
 
     value_timer = StepTimer()
-    train_value_model(rows, tmp / "value", backbone=EMBEDDED_MODEL, pad_token_id=tokenizer.pad_token_id,
-                      batch_size=batch, lora_rank=32, lora_alpha=32, val_fraction=0.0, device=device,
-                      progress=False, callbacks=[value_timer])
+    train_value_model(rows, tmp / "value", TrainConfig(backbone=EMBEDDED_MODEL, batch_size=batch, lora_rank=32, lora_alpha=32,
+                                                      val_fraction=0.0),
+                      tokenizer=tokenizer, device=device, progress=False, callbacks=[value_timer])
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(EMBEDDED_MODEL)).to(device)
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -123,10 +125,10 @@ def bench_collection(device, n: int, batch: int, max_new: int, tmp: Path) -> dic
     policy = load_policy(EMBEDDED_MODEL, device=device)
     prompts = load_prompts("chitchat", start=100, limit=n)
     reward = load_reward("positivity")
-    collect(policy, tokenizer, prompts[:batch], reward, tmp / "warm", batch_size=batch, max_new_tokens=4, progress=False)
+    collect(LocalPolicy(policy, tokenizer), prompts[:batch], reward, tmp / "warm", batch_size=batch, max_new_tokens=4, progress=False)
 
     start = time.perf_counter()
-    data = collect(policy, tokenizer, prompts, reward, tmp / "collected", batch_size=batch, max_new_tokens=max_new,
+    data = collect(LocalPolicy(policy, tokenizer), prompts, reward, tmp / "collected", batch_size=batch, max_new_tokens=max_new,
                    progress=False)
     ours = time.perf_counter() - start
     ours_tokens = sum(len(r) for r in data["response_ids"])

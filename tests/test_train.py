@@ -4,6 +4,7 @@ import datasets
 import pytest
 import torch
 
+from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.storage import load_dataset_dir
@@ -42,9 +43,9 @@ def make_data(tokenizer, n_prompts=24):
 def test_training_learns_a_learnable_signal(tiny_model_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_model_dir)
     data = make_data(tokenizer)
-    metrics = train_value_model(data, tmp_path / "v", backbone=tiny_model_dir, pad_token_id=tokenizer.pad_token_id,
-                                tokenizer=tokenizer, epochs=8, learning_rate=3e-3, batch_size=8, lora_rank=8,
-                                val_fraction=0.25, lam=0.95, progress=False)
+    config = TrainConfig(backbone=tiny_model_dir, epochs=8, learning_rate=3e-3, batch_size=8, lora_rank=8,
+                         val_fraction=0.25, lam=0.95)
+    metrics = train_value_model(data, tmp_path / "v", config, tokenizer=tokenizer, progress=False)
     # rewards are 0/1 with mean ½: the initial model (every V = the mean reward) has MSE 0.25
     assert metrics["history"][-1]["eval_mc_mse"] < 0.1
     model = ValueModel.from_pretrained(tmp_path / "v")
@@ -64,7 +65,8 @@ def test_non_finite_reward_refused(tiny_model_dir, tmp_path):
     data = datasets.Dataset.from_dict({"prompt_ids": [[1, 2]] * 4, "response_ids": [[3]] * 4,
                                        "reward": [0.0, float("inf"), 1.0, 0.0], "prompt_index": [0, 1, 2, 3]})
     with pytest.raises(VasError, match="non-finite"):
-        train_value_model(data, tmp_path / "v", backbone=tiny_model_dir, pad_token_id=0, progress=False)
+        train_value_model(data, tmp_path / "v", TrainConfig(backbone=tiny_model_dir), tokenizer=load_tokenizer(tiny_model_dir),
+                          progress=False)
     assert not (tmp_path / "v").exists()
 
 
@@ -98,8 +100,8 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
 
     tokenizer = load_tokenizer(tiny_model_dir)
     data = make_data(tokenizer, n_prompts=12)
-    kwargs = dict(backbone=tiny_model_dir, pad_token_id=tokenizer.pad_token_id, epochs=2, learning_rate=1e-3,
-                  batch_size=4, lora_rank=4, val_fraction=0.25, save_steps=2, progress=False)
+    kwargs = dict(config=TrainConfig(backbone=tiny_model_dir, epochs=2, learning_rate=1e-3, batch_size=4, lora_rank=4,
+                                     val_fraction=0.25, save_steps=2), tokenizer=tokenizer, progress=False)
     train_value_model(data, tmp_path / "whole", **kwargs)
     with pytest.raises(Interrupt):
         train_value_model(data, tmp_path / "resumed", callbacks=[StopAtStep3()], **kwargs)

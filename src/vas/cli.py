@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vas.config import EMBEDDED, PolicyConfig
+from vas.config import EMBEDDED, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -74,26 +74,31 @@ def _positive(**options: float) -> None:
 
 
 
-def _policy_options(command):
-    """Give a command the fields of :class:`vas.config.PolicyConfig` as options (written once, here), and pass
-    them to it as one ``policy`` argument."""
-    fields = dataclasses.fields(PolicyConfig)
-    hints = typing.get_type_hints(PolicyConfig)
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "policy"]
-    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                               default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-                               annotation=Annotated[hints[f.name], typer.Option(*f.metadata["flags"], help=f.metadata["help"])])
-             for f in fields]
+def _options(config_class, name: str):
+    """A decorator giving a command the fields of the dataclass ``config_class`` as options (each field's
+    ``help`` and ``flags`` metadata), passed to the command as one ``name`` argument: options written once."""
+    fields = dataclasses.fields(config_class)
+    hints = typing.get_type_hints(config_class)
 
-    @functools.wraps(command)
-    def wrapper(**options):
-        policy = PolicyConfig(**{f.name: options.pop(f.name) for f in fields})
-        return command(**options, policy=policy)
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != name]
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                   default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                                   annotation=Annotated[hints[f.name], typer.Option(*f.metadata["flags"],
+                                                                                     help=f.metadata["help"])])
+                 for f in fields]
 
-    wrapper.__signature__ = signature.replace(parameters=own + added)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**options):
+            config = config_class(**{f.name: options.pop(f.name) for f in fields})
+            return command(**options, **{name: config})
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate
 
 
 def _value_models(value: list[str], device: str, value_dtype: str):
@@ -113,7 +118,7 @@ def _check_value_dirs(value: list[str]) -> None:
 
 
 @app.command()
-@_policy_options
+@_options(PolicyConfig, "policy")
 def collect(
     out: Annotated[Path, typer.Option(help="Output dataset folder (must not exist; <out>.partial holds progress).")],
     prompts: Annotated[str, typer.Option(help="'chitchat', 'topics', a .jsonl/.csv/.txt file, hf:NAME[:SPLIT] or a dataset folder.")] = "chitchat",
@@ -159,25 +164,14 @@ def collect(
 
 
 @app.command()
+@_options(TrainConfig, "config")
 def train(
     data: Annotated[Path, typer.Option(help="Dataset folder written by `vas collect`.")],
     out: Annotated[Path, typer.Option(help="Output value-model folder (must not exist).")],
-    backbone: Annotated[Optional[str], typer.Option(help="Value backbone (causal LM); default: the data's base model.")] = None,
-    backbone_layers: Annotated[Optional[int], typer.Option(help="Keep only the backbone's first L layers: a cheaper value model (L = depth/4 costs about a quarter).")] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="TD(λ): 0.95 (paper); 0 = TD(0); 1 = Monte-Carlo.")] = 0.95,
-    gamma: Annotated[float, typer.Option(help="Discount γ (paper: 1).")] = 1.0,
-    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 1.0,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank (Table 4: 32).")] = 32,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA α (Table 4: 32).")] = 32,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of prompts held out for validation.")] = 0.1,
-    precision: Annotated[str, typer.Option(help="float32, bf16 or fp16 (mixed precision on GPU).")] = "float32",
-    save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: every epoch).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the newest checkpoint in <out>.checkpoints.")] = False,
-    seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
+    config: TrainConfig = TrainConfig(),
 ):
     """Train a value model on TD(λ) targets of π0's returns (backbone + LoRA + linear head)."""
     from vas.collect import REQUIRED_FOR_TRAINING
@@ -185,27 +179,22 @@ def train(
     from vas.storage import load_dataset_dir
     from vas.train import train_value_model
 
+    config.check()
     dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING)
-    if precision not in ("float32", "bf16", "fp16"):
-        raise VasError(f"--precision must be float32, bf16 or fp16, got {precision!r}")
     meta_file = data / "vas_collect.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     base_model = meta.get("base_model")
-    backbone = backbone or base_model
-    if backbone is None:
+    config = dataclasses.replace(config, backbone=config.backbone or base_model)
+    if config.backbone is None:
         raise VasError("the dataset does not name its base model: pass --backbone")
-    tokenizer = load_tokenizer(backbone)
-    if base_model and backbone != base_model:
+    tokenizer = load_tokenizer(config.backbone)
+    if base_model and config.backbone != base_model:
         from vas.value import check_same_tokenizer
 
-        check_same_tokenizer(load_tokenizer(base_model), tokenizer, backbone)
-    metrics = train_value_model(
-        dataset, out, backbone=backbone, num_layers=backbone_layers, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, lam=lam,
-        gamma=gamma, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, val_fraction=val_fraction, seed=seed, device=resolve_device(device),
-        precision=precision, save_steps=save_steps, resume=resume, progress=not quiet,
-        metadata={"base_model": base_model or backbone, "reward": meta.get("reward")},
-    )
+        check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
+    metrics = train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), resume=resume,
+                                progress=not quiet,
+                                metadata={"base_model": base_model or config.backbone, "reward": meta.get("reward")})
     for entry in metrics["history"]:
         typer.echo(f"epoch {entry['epoch']:.2f}: validation MSE to TD(λ) targets {entry['eval_loss']:.4f}, "
                    f"to rewards {entry['eval_mc_mse']:.4f}, finished-state {entry['eval_final_mse']:.4f}")
@@ -213,7 +202,7 @@ def train(
 
 
 @app.command()
-@_policy_options
+@_options(PolicyConfig, "policy")
 def generate(
     value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
     prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
@@ -269,7 +258,7 @@ def generate(
 
 
 @app.command()
-@_policy_options
+@_options(PolicyConfig, "policy")
 def evaluate(
     value: Annotated[list[str], typer.Option(help="Value model folder(s), PATH or PATH=WEIGHT.")],
     out: Annotated[Path, typer.Option(help="Folder for report.json and reward_vs_kl.png.")],

@@ -1,9 +1,14 @@
-"""Where the base policy π0 lives, as one dataclass: a local model, or a model behind an OpenAI-compatible API.
+"""Configuration as dataclasses, documented field by field; the ``vas`` command builds its options from the
+fields (each field's ``help`` metadata is the option's help, ``flags`` its names).
 
-:class:`PolicyConfig` is shared by ``collect``, ``generate`` and ``evaluate``; the ``vas`` command builds its
-options from the fields (each field's ``help`` is the option's help), and :meth:`PolicyConfig.load` turns it
-into a :class:`vas.policies.LocalPolicy` or a :class:`vas.api.ApiPolicy`, checking what can be checked before
-any weights load.
+* :class:`PolicyConfig`: where the base policy π0 lives, a local model or one behind an OpenAI-compatible API;
+  shared by ``collect``, ``generate`` and ``evaluate``. :meth:`PolicyConfig.load` turns it into a
+  :class:`vas.policies.LocalPolicy` or a :class:`vas.api.ApiPolicy`, checking what can be checked before any
+  weights load.
+* :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.train.train_value_model`).
+
+The module imports no torch at load time (the CLI reads it to build its options); :meth:`PolicyConfig.load`
+imports the model code when it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ EMBEDDED = "smollm2-135m-instruct"
 
 
 def _help(text: str, *flags: str) -> dict:
+    """A field's CLI metadata: its help text and, optionally, its option names."""
     return {"help": text, "flags": flags}
 
 
@@ -124,3 +130,54 @@ class PolicyConfig:
                             chat=self.api_chat, timeout=self.timeout, extra_body=extra_body, stop=tuple(self.api_stop),
                             stream=self.api_stream)
         return ApiPolicy(endpoint, chat_template(load_tokenizer(self.api_template)) if self.api_template else None)
+
+
+@dataclass
+class TrainConfig:
+    """How a value model is trained on collected π0 samples (paper Sec. 3.3, App. C.1, Table 4).
+
+    Attributes:
+        backbone: the value model's causal-LM backbone; None: the data's base model (π0's own weights).
+        backbone_layers: keep only the backbone's first L layers (a cheaper value model); None: all.
+        lam: λ of the TD(λ) targets (Table 4: 0.95); 0 is TD(0), 1 Monte-Carlo.
+        gamma: the discount γ (paper: 1).
+        epochs: training epochs (may be fractional).
+        learning_rate: AdamW's learning rate, linearly decayed.
+        batch_size: sequences per step.
+        lora_rank: LoRA rank r (Table 4: 32).
+        lora_alpha: LoRA α (Table 4: 32).
+        val_fraction: fraction of prompts held out for validation (whole prompts, never split).
+        precision: ``float32``, or ``bf16`` / ``fp16`` mixed precision (GPU).
+        save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
+        seed: seeds the split, the initialisation and the data order.
+    """
+
+    backbone: Optional[str] = field(default=None, metadata=_help(
+        "Value backbone (causal LM); default: the data's base model."))
+    backbone_layers: Optional[int] = field(default=None, metadata=_help(
+        "Keep only the backbone's first L layers: a cheaper value model (L = depth/4 costs about a quarter)."))
+    lam: float = field(default=0.95, metadata=_help("TD(λ): 0.95 (paper); 0 = TD(0); 1 = Monte-Carlo.", "--lambda"))
+    gamma: float = field(default=1.0, metadata=_help("Discount γ (paper: 1)."))
+    epochs: float = field(default=1.0, metadata=_help("Training epochs."))
+    learning_rate: float = field(default=1e-4, metadata=_help("Learning rate (AdamW).", "--lr"))
+    batch_size: int = field(default=16, metadata=_help("Sequences per step."))
+    lora_rank: int = field(default=32, metadata=_help("LoRA rank (Table 4: 32)."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA α (Table 4: 32)."))
+    val_fraction: float = field(default=0.1, metadata=_help("Fraction of prompts held out for validation."))
+    precision: str = field(default="float32", metadata=_help("float32, bf16 or fp16 (mixed precision on GPU)."))
+    save_steps: Optional[int] = field(default=None, metadata=_help("Checkpoint every N steps (default: every epoch)."))
+    seed: int = field(default=0, metadata=_help("Random seed."))
+
+    def check(self) -> None:
+        """Raise :class:`VasError` naming the first setting out of range."""
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise VasError(f"--lambda and --gamma must lie in [0, 1], got {self.lam} and {self.gamma}")
+        for name, value in (("epochs", self.epochs), ("lr", self.learning_rate), ("batch-size", self.batch_size),
+                            ("lora-rank", self.lora_rank), ("lora-alpha", self.lora_alpha),
+                            ("save-steps", self.save_steps or 1), ("backbone-layers", self.backbone_layers or 1)):
+            if not value > 0:
+                raise VasError(f"--{name} must be > 0, got {value}")
+        if not 0 <= self.val_fraction < 1:
+            raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.precision not in ("float32", "bf16", "fp16"):
+            raise VasError(f"--precision must be float32, bf16 or fp16, got {self.precision!r}")

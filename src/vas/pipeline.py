@@ -87,6 +87,7 @@ def trained_value_model(
     """Train a value model on ``data`` with ``recipe`` into ``directory`` (:func:`vas.train.train_value_model`),
     or reuse ``directory`` if it exists. Returns ``directory`` (load it with
     :meth:`vas.value.ValueModel.from_pretrained`)."""
+    from vas.config import TrainConfig
     from vas.train import train_value_model
 
     if directory.exists():
@@ -94,11 +95,11 @@ def trained_value_model(
         return directory
     layers = f", {recipe.backbone_layers} backbone layers" if recipe.backbone_layers else ""
     log(f"training a value model (TD(λ), λ={recipe.lam:g}, {len(data)} responses{layers}) → {directory}")
-    metrics = train_value_model(data, directory, backbone=base_model, pad_token_id=tokenizer.pad_token_id,
-                                tokenizer=tokenizer, num_layers=recipe.backbone_layers, lam=recipe.lam,
-                                epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
-                                lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed, device=device,
-                                progress=progress, metadata={"base_model": base_model, **(metadata or {})})
+    config = TrainConfig(backbone=base_model, backbone_layers=recipe.backbone_layers, lam=recipe.lam,
+                         epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
+                         lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed)
+    metrics = train_value_model(data, directory, config, tokenizer=tokenizer, device=device, progress=progress,
+                                metadata={"base_model": base_model, **(metadata or {})})
     log(f"      validation MSE (TD(λ) targets) {metrics.get('eval_loss', float('nan')):.4f}, "
         f"(reward labels) {metrics.get('eval_mc_mse', float('nan')):.4f}")
     return directory

@@ -19,8 +19,9 @@ from typing import Sequence
 
 import datasets
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, TrainingArguments
 
+from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.storage import make_temp_dir, require_absent
 from vas.td import lambda_returns
@@ -147,61 +148,45 @@ def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> t
 def train_value_model(
     data: datasets.Dataset,
     out_dir: str | Path,
+    config: TrainConfig,
     *,
-    backbone: str,
-    pad_token_id: int,
-    tokenizer=None,
-    num_layers: int | None = None,
-    lam: float = 0.95,
-    gamma: float = 1.0,
-    epochs: float = 1.0,
-    learning_rate: float = 1e-4,
-    batch_size: int = 32,
-    lora_rank: int = 32,
-    lora_alpha: int = 32,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase,
     device: torch.device | str = "cpu",
-    precision: str = "float32",
-    save_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
     callbacks: list | None = None,
 ) -> dict:
-    """Train a value model on collected data and save it to ``out_dir`` (``ValueModel.from_pretrained``).
+    """Train a value model on collected data with TD(λ) targets (Eq. 3) and save it to ``out_dir``
+    (``ValueModel.from_pretrained``), with ``tokenizer``.
 
     Args:
-        data: rows with ``prompt_ids``, ``response_ids`` and ``reward`` (output of :func:`vas.collect.collect`).
-        backbone: causal LM spec for the value backbone (by default the base model's own weights).
-        num_layers: keep only the backbone's first L layers (a layer-truncated value model, cheaper to
-            decode with); None keeps all.
-        lam, gamma: TD(λ) parameters (Table 4: 0.95, 1). λ = 0 → TD(0), λ = 1 → Monte-Carlo.
-        precision: ``float32``, ``bf16`` or ``fp16`` mixed precision (GPU), passed to the Trainer.
-        save_steps: checkpoint every that many steps into ``<out_dir>.checkpoints`` (None: once per epoch);
-            the folder is removed once the value model is saved.
-        resume: continue from the newest checkpoint there.
+        data: rows with ``prompt_ids``, ``response_ids`` and ``reward`` (output of :func:`vas.collect.collect`),
+            tokenized by ``tokenizer``.
+        config: the backbone (required here), λ, γ, the optimiser, LoRA and the split (:class:`vas.config.TrainConfig`).
+        resume: continue from the newest checkpoint in ``<out_dir>.checkpoints`` (checkpoints are written every
+            ``config.save_steps`` steps, or once per epoch, and removed once the value model is saved).
+        metadata: JSON-able fields stored in the value model's config (base model, reward …).
         callbacks: extra :class:`transformers.TrainerCallback` objects (early stopping, logging …).
 
     Returns:
         Metrics dict: ``train_loss``, the final ``eval_*`` values and ``history`` (one entry per evaluation).
 
     Raises:
-        VasError: for a non-finite reward, bad λ/γ, or too little data to split.
+        VasError: for a setting out of range, no backbone, a non-finite reward, too little data to split, or an
+            interrupted run in ``<out_dir>.checkpoints`` without ``resume``.
     """
-    if not 0 <= lam <= 1 or not 0 <= gamma <= 1:
-        raise VasError(f"lam and gamma must lie in [0, 1], got lam={lam}, gamma={gamma}")
-    for name, value in (("epochs", epochs), ("learning_rate", learning_rate), ("batch_size", batch_size),
-                        ("lora_rank", lora_rank), ("lora_alpha", lora_alpha), ("save_steps", save_steps or 1)):
-        if not value > 0:
-            raise VasError(f"{name} must be > 0, got {value}")
+    config.check()
+    if config.backbone is None:
+        raise VasError("no value backbone: set TrainConfig.backbone (--backbone)")
+    lam, gamma, seed, batch_size = config.lam, config.gamma, config.seed, config.batch_size
     rewards = torch.tensor(data["reward"], dtype=torch.float32)
     if not bool(torch.isfinite(rewards).all()):
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
-    train_set, val_set = split_by_prompt(data, val_fraction, seed)
+    train_set, val_set = split_by_prompt(data, config.val_fraction, seed)
     model = ValueModel.create(
-        backbone, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        init_value=float(torch.tensor(train_set["reward"]).mean()), num_layers=num_layers, device=device,
+        config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+        init_value=float(torch.tensor(train_set["reward"]).mean()), num_layers=config.backbone_layers, device=device,
     )
     out_dir = Path(out_dir)
     require_absent(out_dir)
@@ -210,20 +195,20 @@ def train_value_model(
         raise VasError(f"{checkpoint_dir} holds an interrupted run: pass --resume to continue it, or delete it")
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
         eval_strategy="epoch" if len(val_set) else "no",
-        save_strategy="steps" if save_steps else "epoch",
-        save_steps=save_steps or 500,
+        save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps or 500,
         save_total_limit=2,
         logging_steps=max(1, len(train_set) // batch_size // 5),
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
         use_cpu=torch.device(device).type == "cpu",
         remove_unused_columns=False,
         report_to=[],
@@ -233,7 +218,7 @@ def train_value_model(
     )
     trainer = ValueTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
-        data_collator=ValueCollator(pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
+        data_collator=ValueCollator(tokenizer.pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when progress bars are off
