@@ -181,10 +181,11 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> to
     """One token per row from ``exp(logprobs)`` by inverse-CDF sampling: (B, V) float → (B,) int64.
 
     One uniform number per row and a cumulative sum, instead of ``torch.multinomial``'s V exponential
-    draws per row. Zero-probability tokens are never drawn.
+    draws per row. Zero-probability tokens are never drawn. The uniform numbers come from ``generator`` on
+    the CPU, so a seed gives the same draws on any device.
     """
     cdf = logprobs.float().exp().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
 
 

@@ -61,13 +61,11 @@ def standard_error(x: torch.Tensor) -> float:
 
 def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int, **run) -> list[dict]:
     """The rows of one decoding condition (:func:`vas.jobs.generate`), read from ``path`` if that condition
-    finished before, else generated and kept there (resumable through ``<path>.partial``). ``top_k`` is the
-    support asked of a policy that tells only its top-k when ``steering`` is None (plain sampling)."""
+    finished before, else generated and kept there (resumable through ``<path>.partial``). Plain sampling
+    (``steering`` None) asks a policy that tells only its top-k for ``top_k`` tokens; a local one samples π0."""
     if path.is_file():
         return read_rows(path)
-    if steering is None and not hasattr(policy, "tokenizer"):  # an API policy: plain sampling through its top-k
-        steering = Steering(top_k=top_k)
-    return generate(policy, prompts, steering, path, **run)
+    return generate(policy, prompts, steering or Steering(top_k=top_k), path, **run)
 
 
 def evaluate(

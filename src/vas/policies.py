@@ -122,12 +122,12 @@ class LocalRollout:
         self.eos = torch.as_tensor(policy.eos_token_ids, dtype=torch.long, device=device)
         self.token_ids: list[list[int]] = [[] for _ in prompt_ids]
 
-    @torch.no_grad()
     async def next_logprobs(self, top_k: int | None = None) -> torch.Tensor:
         model = self.policy.model
-        out = model(input_ids=self.appended.ids, attention_mask=self.attention,
-                    position_ids=position_ids_from_mask(self.appended.mask, self.lengths),
-                    **cache_kwargs(model, self.cache), logits_to_keep=1)
+        with torch.no_grad():  # inside the body: a no_grad decorator would end before a coroutine runs
+            out = model(input_ids=self.appended.ids, attention_mask=self.attention,
+                        position_ids=position_ids_from_mask(self.appended.mask, self.lengths),
+                        **cache_kwargs(model, self.cache), logits_to_keep=1)
         self.lengths = self.lengths + self.appended.mask.sum(dim=1)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
@@ -135,8 +135,9 @@ class LocalRollout:
         choice = choice.to(self.attention.device)
         active = active.to(self.attention.device)
         token = torch.where(active, choice, torch.full_like(choice, self.policy.pad_token_id))
+        chosen = token.tolist()  # one device sync per step
         for row in active.nonzero().flatten().tolist():
-            self.token_ids[row].append(int(token[row]))
+            self.token_ids[row].append(chosen[row])
         self.appended = Appended(token[:, None], active.long()[:, None])
         self.attention = torch.cat([self.attention, self.appended.mask], dim=1)
         return active & torch.isin(token, self.eos)
