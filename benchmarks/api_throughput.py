@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from vas.api import (
+from vas.policy.api import (
     LLAMA_CPP_UNTRUNCATED,
     ApiPolicy,
     Endpoint,
@@ -41,9 +41,9 @@ from vas.api import (
 )
 from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
 from vas.prompts import load_prompts
-from vas.decoding import Steering
+from vas.decoding.loop import Steering
 from vas.jobs import generate
-from vas.value import ValueModel
+from vas.value.model import ValueModel
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ round-robin, so that slow spells of a shared machine hit all of them alike; rati
 round, and their median and range reported.
 
 - ``plain-generate``: ``model.generate`` (do_sample, top_k=0), transformers' own loop: the baseline.
-- ``plain-loop``: :func:`vas.decoding.sample` without steering (our loop, which VAS uses).
-- ``vas``: :func:`vas.decoding.sample` with a value model the size of π0 (same backbone, LoRA merged), or
+- ``plain-loop``: :func:`vas.decoding.loop.sample` without steering (our loop, which VAS uses).
+- ``vas``: :func:`vas.decoding.loop.sample` with a value model the size of π0 (same backbone, LoRA merged), or
   a layer-truncated one (``layers``: its first L layers), in π0's dtype or in ``value_dtype``.
 - ``naive``: the authors' way: each of the k candidates scored by its own forward pass over the whole
   re-fed context (no cache). Its cost per step grows linearly with the position, so it is timed at 4
@@ -101,7 +101,7 @@ def _peak_mib(device) -> float:
 class NaiveScorer:
     """The reference the paper's code follows: V(s ⊕ x) by a full forward over the re-fed context, one
     candidate at a time (all rows of the batch together), no KV cache. Same interface as
-    :class:`vas.value.CandidateScorer`; it times itself at ``timed_steps`` and delegates the other steps to
+    :class:`vas.value.model.CandidateScorer`; it times itself at ``timed_steps`` and delegates the other steps to
     the fast scorer, whose values it is checked against."""
 
     def __init__(self, model, fast, timed_steps, device):
@@ -146,7 +146,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     import torch
     import transformers
 
-    import vas.decoding
+    import vas.decoding.loop
     from vas.models import (
         EMBEDDED_MODEL,
         load_policy,
@@ -157,8 +157,8 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     from vas.prompts import encode_prompts, load_prompts
     from vas.rewards import load_reward, score
     from vas.models import left_pad
-    from vas.policies import LocalPolicy
-    from vas.value import CandidateScorer, ValueModel
+    from vas.policy.local import LocalPolicy
+    from vas.value.model import CandidateScorer, ValueModel
 
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
         path = args.value_full if config.get("layers") is None else args.value_quarter
         value_dtype = resolve_dtype(config.get("value_dtype", args.dtype), device)
         value_model = ValueModel.from_pretrained(path, device=device, dtype=value_dtype)
-        steering = vas.decoding.Steering([value_model], beta=1.0, top_k=config["k"])
+        steering = vas.decoding.loop.Steering([value_model], beta=1.0, top_k=config["k"])
     T, B = config["tokens"], config["batch"]
     generator = torch.Generator().manual_seed(0)
     record = {**config, "loaded_mib": _peak_mib(device)}
@@ -182,7 +182,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
 
     def loop(tokens):
         local = LocalPolicy(policy, tokenizer, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
-        return vas.decoding.sample(local, prompt_ids, steering, max_new_tokens=tokens, generator=generator)
+        return vas.decoding.loop.sample(local, prompt_ids, steering, max_new_tokens=tokens, generator=generator)
 
     def hf_generate(n, tokens):
         ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
@@ -205,7 +205,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
             scorers.append(NaiveScorer(model, CandidateScorer(model), steps, device))
             return scorers[-1]
 
-        vas.decoding.CandidateScorer = make  # the loop builds its scorers through this name
+        vas.decoding.loop.CandidateScorer = make  # the loop builds its scorers through this name
         with around():
             loop(T)
         # per step: π0's step (a plain-loop run, warmed up by the run above) + the naive scoring
@@ -248,7 +248,7 @@ def make_value_models(directory: Path) -> tuple[str, str, int]:
     import torch
 
     from vas.models import EMBEDDED_MODEL, load_tokenizer
-    from vas.value import ValueModel
+    from vas.value.model import ValueModel
 
     torch.manual_seed(0)
     full = ValueModel.create(EMBEDDED_MODEL, lora_rank=16)

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--device auto] [--out benchmarks/results/throughput-cpu.json]
 
 - Training: ``vas train``'s step (value model = backbone + LoRA r=32 + head, TD(λ) loss, via
-  :func:`vas.train.train_value_model`) against a plain LoRA (r=32, all linear layers) causal-LM fine-tuning
+  :func:`vas.value.train.train_value_model`) against a plain LoRA (r=32, all linear layers) causal-LM fine-tuning
   step of the same backbone in the same ``Trainer``, on the same rows (chitchat prompts ⊕ 40-token
   responses), same batch size and precision. Tokens/s counts non-padding tokens; the first steps are
   warm-up and not timed.
@@ -50,8 +50,8 @@ from vas.models import (
 )
 from vas.prompts import encode_prompts, load_prompts
 from vas.rewards import load_reward, score
-from vas.policies import LocalPolicy
-from vas.train import train_value_model
+from vas.policy.local import LocalPolicy
+from vas.value.train import train_value_model
 
 WARMUP_STEPS = 2
 

@@ -8,8 +8,8 @@ import sys
 import datasets
 import torch
 
-from vas.train import ValueCollator, state_values
-from vas.value import ValueModel, load_value_tokenizer
+from vas.value.train import ValueCollator, state_values
+from vas.value.model import ValueModel, load_value_tokenizer
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vas.value import ValueModel
+from vas.value.model import ValueModel
 
 
 def random_value_model(model_dir: str, seed: int = 0, lora_rank: int = 4, num_layers: int | None = None) -> ValueModel:
@@ -23,6 +23,6 @@ def tokens(ids, mask):
     """What a token-level scorer reads from a rollout: the tokens appended since the last step."""
     from types import SimpleNamespace
 
-    from vas.policies import Appended
+    from vas.policy.local import Appended
 
     return SimpleNamespace(appended=Appended(ids, mask))

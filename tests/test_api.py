@@ -12,14 +12,14 @@ import torch
 from helpers import random_value_model
 from stub_openai import DISTRIBUTION, RESPONSE, StubServer
 
-from vas.api import ApiPolicy, ApiRollout, Endpoint
-from vas.decoding import Steering, sample
+from vas.policy.api import ApiPolicy, ApiRollout, Endpoint
+from vas.decoding.loop import Steering, sample
 from vas.errors import VasError
 from vas.jobs import generate
 from vas.models import load_policy, load_tokenizer
-from vas.policies import LocalPolicy, visible_text
+from vas.policy.local import LocalPolicy, visible_text
 from vas.prompts import encode_prompts
-from vas.value import TextCandidateScorer
+from vas.value.model import TextCandidateScorer
 
 
 @pytest.fixture

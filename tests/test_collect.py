@@ -6,7 +6,7 @@ import torch
 from vas.collect import COLUMNS, collect
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
-from vas.policies import LocalPolicy
+from vas.policy.local import LocalPolicy
 
 PROMPTS = ["hello how are you", "what a day", "i hate it", "tell me the news", "great", "please write"]
 

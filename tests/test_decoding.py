@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import random_value_model
 
-from vas.decoding import Steering, draw, sample
+from vas.decoding.loop import Steering, draw, sample
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
-from vas.policies import LocalPolicy
+from vas.policy.local import LocalPolicy
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 

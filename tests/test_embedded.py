@@ -7,10 +7,10 @@ from test_cli import vas
 
 from vas.models import EMBEDDED_MODEL, eos_token_ids, load_policy, load_tokenizer
 from vas.prompts import encode_prompts
-from vas.decoding import sample
+from vas.decoding.loop import sample
 from vas.models import left_pad
-from vas.policies import LocalPolicy
-from vas.value import CandidateScorer, ValueModel
+from vas.policy.local import LocalPolicy
+from vas.value.model import CandidateScorer, ValueModel
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Hello How are you doing today?", "What is the best kind of pizza? I personally like Hawaiian"]

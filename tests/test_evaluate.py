@@ -10,7 +10,7 @@ from helpers import random_value_model
 
 from vas.evaluate import best_of_n_kl_bound, best_of_n_weights, evaluate
 from vas.models import load_policy, load_tokenizer
-from vas.policies import LocalPolicy
+from vas.policy.local import LocalPolicy
 
 
 @pytest.mark.parametrize("n, N", [(3, 2), (5, 1), (5, 3), (6, 6)])

@@ -402,7 +402,7 @@ def test_wilson_interval_and_tool_use_verdicts_by_hand():
 @pytest.mark.slow
 def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_path):
     """π0 is the embedded GGUF behind llama.cpp's server; the value model is the tiny model (another tokenizer)."""
-    from vas.home_search import success
+    from vas.experiments.home_search import success
 
     out = tmp_path / "tool-use"
     size = tool_use.QUICK
@@ -428,10 +428,10 @@ def test_tool_use_quick_run_through_the_llama_cpp_server(tiny_model_dir, tmp_pat
     assert section.verdict == "inconclusive"
     assert f"fixed {fixed} and broke {broke} one-shot answers" in section.body
     # the decision margin, against full forwards of the value model on each candidate's whole sequence
-    from vas.home_search import prompt, value_prompt
+    from vas.experiments.home_search import prompt, value_prompt
     from vas.models import load_tokenizer
     from vas.prompts import encode_prompts
-    from vas.value import ValueModel
+    from vas.value.model import ValueModel
 
     value, tokenizer = ValueModel.from_pretrained(out / "value").eval(), load_tokenizer(tiny_model_dir)
     margins = []

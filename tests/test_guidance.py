@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vas.guidance import kl_divergence, steered_logprobs
+from vas.decoding.guidance import kl_divergence, steered_logprobs
 
 BASE = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vas.errors import VasError
-from vas.home_search import (
+from vas.experiments.home_search import (
     EXAMPLE_LOCATIONS,
     LOCATIONS,
     HomeSearchReward,

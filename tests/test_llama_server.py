@@ -1,7 +1,7 @@
 """The API path against a real OpenAI-compatible server: llama-cpp-python's, serving the embedded SmolLM2 GGUF
 on 127.0.0.1 (started and stopped here). Its known quirks are part of what is tested: it ignores ``n > 1``,
 its ``echo`` logprobs are wrong (neither is used), and it answers an exact repeat of its previous prompt
-without log-probabilities (:meth:`vas.api.ApiPolicy.next_token` asks again)."""
+without log-probabilities (:meth:`vas.policy.api.ApiPolicy.next_token` asks again)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import random_value_model
 
-from vas.api import (
+from vas.policy.api import (
     LLAMA_CPP_UNTRUNCATED,
     ApiPolicy,
     Endpoint,
@@ -24,7 +24,7 @@ from vas.models import (
     load_policy,
     load_tokenizer,
 )
-from vas.decoding import Steering
+from vas.decoding.loop import Steering
 from vas.jobs import generate
 from vas.prompts import encode_prompts
 

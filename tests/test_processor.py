@@ -2,10 +2,10 @@
 
 from helpers import random_value_model
 
-from vas.decoding import Steering, sample
+from vas.decoding.loop import Steering, sample
 from vas.models import left_pad, load_policy, load_tokenizer
-from vas.policies import LocalPolicy
-from vas.processor import VASLogitsProcessor, generate_kwargs
+from vas.policy.local import LocalPolicy
+from vas.decoding.processor import VASLogitsProcessor, generate_kwargs
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 OTHER = [[44, 45, 46], [200, 201, 202, 203]]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vas.td import lambda_returns
+from vas.value.td import lambda_returns
 
 # One trajectory s_0 … s_3 (T = 3), reward 1 at the end. V(s_3) = 0.9 is ignored: G_3 = r.
 VALUES = torch.tensor([[0.1, 0.4, 0.7, 0.9]])

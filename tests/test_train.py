@@ -8,8 +8,8 @@ from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.storage import load_dataset_dir
-from vas.train import ValueCollator, split_by_prompt, train_value_model
-from vas.value import ValueModel
+from vas.value.train import ValueCollator, split_by_prompt, train_value_model
+from vas.value.model import ValueModel
 
 
 def test_collator_layout_by_hand():

@@ -7,7 +7,7 @@ from helpers import random_value_model
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
 from vas.prompts import encode_prompts
-from vas.validation import halfway_labels, value_mse
+from vas.experiments.validation import halfway_labels, value_mse
 
 
 class Recording:

@@ -10,7 +10,7 @@ from transformers import AutoModel
 from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.models import left_pad
-from vas.value import (
+from vas.value.model import (
     CandidateScorer,
     ValueModel,
     check_same_tokenizer,

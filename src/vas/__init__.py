@@ -23,15 +23,15 @@ __version__ = "0.1.0"
 
 # name -> module; imported on first use (PEP 562), so that `vas --help` does not load torch
 _EXPORTS = {
-    "ApiPolicy": "vas.api", "Endpoint": "vas.api",
-    "Decoded": "vas.decoding", "Steering": "vas.decoding", "decode": "vas.decoding", "sample": "vas.decoding",
+    "ApiPolicy": "vas.policy.api", "Endpoint": "vas.policy.api",
+    "Decoded": "vas.decoding.loop", "Steering": "vas.decoding.loop", "decode": "vas.decoding.loop", "sample": "vas.decoding.loop",
     "VasError": "vas.errors",
-    "Generation": "vas.generation", "generate": "vas.generation",
-    "kl_divergence": "vas.guidance", "steered_logprobs": "vas.guidance",
-    "LocalPolicy": "vas.policies",
-    "VASLogitsProcessor": "vas.processor",
-    "lambda_returns": "vas.td",
-    "ValueModel": "vas.value",
+    "Generation": "vas.decoding.generation", "generate": "vas.decoding.generation",
+    "kl_divergence": "vas.decoding.guidance", "steered_logprobs": "vas.decoding.guidance",
+    "LocalPolicy": "vas.policy.local",
+    "VASLogitsProcessor": "vas.decoding.processor",
+    "lambda_returns": "vas.value.td",
+    "ValueModel": "vas.value.model",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -104,14 +104,14 @@ def _options(config_class, name: str):
 def _value_models(value: list[str], device: str, value_dtype: str):
     """The value models of the --value options and their weights (each folder checked before any loads)."""
     from vas.models import resolve_device, resolve_value_dtype
-    from vas.value import load_value_models
+    from vas.value.model import load_value_models
 
     dev = resolve_device(device)
     return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
 
 
 def _check_value_dirs(value: list[str]) -> None:
-    from vas.value import check_value_dir, parse_weighted
+    from vas.value.model import check_value_dir, parse_weighted
 
     for spec in value:
         check_value_dir(parse_weighted(spec)[0])
@@ -177,7 +177,7 @@ def train(
     from vas.collect import REQUIRED_FOR_TRAINING
     from vas.models import load_tokenizer, resolve_device
     from vas.storage import load_dataset_dir
-    from vas.train import train_value_model
+    from vas.value.train import train_value_model
 
     config.check()
     dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING)
@@ -189,7 +189,7 @@ def train(
         raise VasError("the dataset does not name its base model: pass --backbone")
     tokenizer = load_tokenizer(config.backbone)
     if base_model and config.backbone != base_model:
-        from vas.value import check_same_tokenizer
+        from vas.value.model import check_same_tokenizer
 
         check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
     metrics = train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), resume=resume,
@@ -229,7 +229,7 @@ def generate(
     """
     import tempfile
 
-    from vas.decoding import Steering
+    from vas.decoding.loop import Steering
     from vas.jobs import generate as run
     from vas.prompts import load_prompts
     from vas.storage import require_absent

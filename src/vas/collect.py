@@ -3,7 +3,7 @@ App. C.1: temperature 0.7).
 
 The result is a `datasets` folder with one row per response. A local π0 samples through the decoding loop in
 batches (:func:`vas.jobs.generate`); a π0 behind an API answers one request per whole response
-(:meth:`vas.api.ApiPolicy.sample`). Either way finished responses are kept in ``<out>.partial`` as they
+(:meth:`vas.policy.api.ApiPolicy.sample`). Either way finished responses are kept in ``<out>.partial`` as they
 finish (:class:`vas.jobs.RowLog`), so an interrupted collect resumes and produces exactly the rows an
 uninterrupted one would; the dataset appears atomically at the end.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from vas.api import ApiPolicy
+from vas.policy.api import ApiPolicy
 from vas.errors import VasError
 from vas.jobs import RowLog, chunk_seed, generate, prompts_digest, run_concurrently
-from vas.policies import LocalPolicy
+from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.storage import load_dataset_dir, require_absent, save_dataset_atomic, write_json_atomic
@@ -58,13 +58,13 @@ def collect(
 ) -> datasets.Dataset:
     """Sample ``samples_per_prompt`` responses per prompt from π0, score them, save them to ``out_dir``.
 
-    A local π0 (:class:`vas.policies.LocalPolicy`) samples ``batch_size`` responses per batch, batch b with
+    A local π0 (:class:`vas.policy.local.LocalPolicy`) samples ``batch_size`` responses per batch, batch b with
     seed (seed, b); its token columns are its own ids and ``logprobs`` holds log π0 of each token. A π0
-    behind an API (:class:`vas.api.ApiPolicy`) is asked for whole responses, ``concurrency`` at once (servers
+    behind an API (:class:`vas.policy.api.ApiPolicy`) is asked for whole responses, ``concurrency`` at once (servers
     such as llama.cpp ignore ``n > 1``), response r with seed (seed, r); its token columns hold the *value
     model's* tokenization (``value_tokenizer``): ``prompt_ids`` its chat template of ``value_prompt(prompt)``,
     ``response_ids`` the response text re-tokenized plus its EOS when the server ended the response, which
-    is what :class:`vas.value.TextScorer` reads while decoding; ``logprobs`` is then empty.
+    is what :class:`vas.value.model.TextScorer` reads while decoding; ``logprobs`` is then empty.
 
     Args:
         reward: scores (prompt, response) pairs.

@@ -3,9 +3,9 @@ fields (each field's ``help`` metadata is the option's help, ``flags`` its names
 
 * :class:`PolicyConfig`: where the base policy π0 lives, a local model or one behind an OpenAI-compatible API;
   shared by ``collect``, ``generate`` and ``evaluate``. :meth:`PolicyConfig.load` turns it into a
-  :class:`vas.policies.LocalPolicy` or a :class:`vas.api.ApiPolicy`, checking what can be checked before any
+  :class:`vas.policy.local.LocalPolicy` or a :class:`vas.policy.api.ApiPolicy`, checking what can be checked before any
   weights load.
-* :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.train.train_value_model`).
+* :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.value.train.train_value_model`).
 
 The module imports no torch at load time (the CLI reads it to build its options); :meth:`PolicyConfig.load`
 imports the model code when it runs.
@@ -79,7 +79,7 @@ class PolicyConfig:
         return self.api_base_url or self.base_model
 
     def load(self, prompts: Sequence[str] | None = None, max_new_tokens: int = 0, steering=None):
-        """π0 as a :class:`vas.api.ApiPolicy` (``api_base_url`` set) or a :class:`vas.policies.LocalPolicy`.
+        """π0 as a :class:`vas.policy.api.ApiPolicy` (``api_base_url`` set) or a :class:`vas.policy.local.LocalPolicy`.
 
         For a local model, ``prompts`` are checked against its context window (with ``max_new_tokens``) and
         ``steering``'s k against its vocabulary, from its tokenizer and config, before its weights load.
@@ -101,7 +101,7 @@ class PolicyConfig:
             resolve_device,
             resolve_dtype,
         )
-        from vas.policies import LocalPolicy
+        from vas.policy.local import LocalPolicy
         from vas.prompts import encode_prompts
 
         device = resolve_device(self.device)
@@ -115,7 +115,7 @@ class PolicyConfig:
         return LocalPolicy(model, tokenizer)
 
     def _api(self):
-        from vas.api import ApiPolicy, Endpoint, chat_template
+        from vas.policy.api import ApiPolicy, Endpoint, chat_template
         from vas.models import load_tokenizer
 
         try:

@@ -42,10 +42,10 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
         resolve_dtype,
         resolve_value_dtype,
     )
-    from vas.policies import LocalPolicy
+    from vas.policy.local import LocalPolicy
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
-    from vas.value import ValueModel
+    from vas.value.model import ValueModel
 
     out = Path(out)
     dev = resolve_device(device)

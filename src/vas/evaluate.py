@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from vas.decoding import Steering
+from vas.decoding.loop import Steering
 from vas.jobs import generate, read_rows
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.storage import replace_atomic, require_absent, write_json_atomic, write_text_atomic
-from vas.value import ValueModel
+from vas.value.model import ValueModel
 
 
 def best_of_n_weights(n: int, N: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def evaluate(
     ``reward_vs_kl.png`` into ``out_dir``.
 
     Every condition goes through the one decoding loop (:func:`vas.jobs.generate`), so a local π0
-    (:class:`vas.policies.LocalPolicy`) and one behind an API (:class:`vas.api.ApiPolicy`, whose plain
+    (:class:`vas.policy.local.LocalPolicy`) and one behind an API (:class:`vas.policy.api.ApiPolicy`, whose plain
     samples are then π0 restricted to its top-k, as its VAS samples are) are evaluated alike. Each finished
     condition is kept in ``<out_dir>.partial/`` until the report is written, so an interrupted evaluation
     resumes where it stopped.

@@ -7,7 +7,7 @@ This is the one resume mechanism of ``collect``, ``generate``, ``evaluate`` and 
   other settings;
 * :func:`chunk_seed` fixes the seed of batch i by (seed, i) alone;
 * :func:`run_concurrently` runs the unfinished batches, ``concurrency`` at once, with a progress bar;
-* :func:`generate` puts them together around the decoding loop (:func:`vas.decoding.decode`).
+* :func:`generate` puts them together around the decoding loop (:func:`vas.decoding.loop.decode`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vas.decoding import Steering, decode
+from vas.decoding.loop import Steering, decode
 from vas.errors import VasError
-from vas.policies import Prompt
+from vas.policy.local import Prompt
 from vas.storage import require_absent, write_text_atomic
 
 
@@ -177,7 +177,7 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
     Batch b always draws with seed (seed, b), so a resumed run gives what an uninterrupted one would.
 
     Args:
-        policy: π0 (:class:`vas.policies.LocalPolicy`, :class:`vas.api.ApiPolicy`); an API policy is closed
+        policy: π0 (:class:`vas.policy.local.LocalPolicy`, :class:`vas.policy.api.ApiPolicy`); an API policy is closed
             at the end.
         prompts: texts, or token id lists for a local policy.
         steering: value guidance (per-row β and weights follow the prompts), or None for plain sampling.
@@ -192,7 +192,7 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
 
     Raises:
         VasError: for batch_size or concurrency < 1; if ``out`` exists or its partial file holds other
-            settings; and from :func:`vas.decoding.decode` (finished rows are kept).
+            settings; and from :func:`vas.decoding.loop.decode` (finished rows are kept).
     """
     if batch_size < 1:
         raise VasError(f"--batch-size must be ≥ 1, got {batch_size}")

@@ -48,7 +48,7 @@ def collected_samples(
     """``recipe.samples_per_prompt`` π0 responses per prompt scored by ``reward_spec``, collected into
     ``directory`` (:func:`vas.collect.collect`), or loaded from it if it exists."""
     from vas.collect import COLUMNS, collect
-    from vas.policies import LocalPolicy
+    from vas.policy.local import LocalPolicy
     from vas.rewards import load_reward
     from vas.storage import load_dataset_dir
 
@@ -84,11 +84,11 @@ def trained_value_model(
     log: Callable[[str], None],
     metadata: dict | None = None,
 ) -> Path:
-    """Train a value model on ``data`` with ``recipe`` into ``directory`` (:func:`vas.train.train_value_model`),
+    """Train a value model on ``data`` with ``recipe`` into ``directory`` (:func:`vas.value.train.train_value_model`),
     or reuse ``directory`` if it exists. Returns ``directory`` (load it with
-    :meth:`vas.value.ValueModel.from_pretrained`)."""
+    :meth:`vas.value.model.ValueModel.from_pretrained`)."""
     from vas.config import TrainConfig
-    from vas.train import train_value_model
+    from vas.value.train import train_value_model
 
     if directory.exists():
         log(f"value model: reusing {directory}")

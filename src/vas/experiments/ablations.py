@@ -124,9 +124,9 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.experiments.setup import Setup
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
-    from vas.decoding import Steering
+    from vas.decoding.loop import Steering
     from vas.storage import write_json_atomic
-    from vas.validation import value_mse
+    from vas.experiments.validation import value_mse
 
     setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)
     data, stage = setup.samples(PROMPTS, size.train_prompts, size.recipe, REWARD)
@@ -193,15 +193,15 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
 
 
 def held_out_labels(setup, held_out: list[str], reward, size: Size, cache: Path):
-    """App. C.1's validation labels for one π0 response per held-out prompt (:func:`vas.validation.halfway_labels`),
+    """App. C.1's validation labels for one π0 response per held-out prompt (:func:`vas.experiments.validation.halfway_labels`),
     kept in the JSON file ``cache`` and reused from it."""
     import json
 
-    from vas.decoding import sample
-    from vas.policies import LocalPolicy
+    from vas.decoding.loop import sample
+    from vas.policy.local import LocalPolicy
     from vas.prompts import encode_prompts
     from vas.storage import write_json_atomic
-    from vas.validation import HalfwayLabels, halfway_labels
+    from vas.experiments.validation import HalfwayLabels, halfway_labels
 
     if cache.is_file():
         saved = json.loads(cache.read_text())

@@ -92,7 +92,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.pipeline import samples_and_value_model
     from vas.prompts import load_prompts
     from vas.rewards import word_count
-    from vas.decoding import Steering
+    from vas.decoding.loop import Steering
     from vas.storage import write_json_atomic, write_text_atomic
 
     setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)

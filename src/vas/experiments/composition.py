@@ -59,7 +59,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.experiments.setup import Setup
     from vas.prompts import load_prompts
     from vas.rewards import load_reward, score
-    from vas.decoding import Steering
+    from vas.decoding.loop import Steering
     from vas.storage import write_json_atomic
 
     setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)

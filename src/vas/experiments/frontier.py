@@ -151,7 +151,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     import json
 
     from vas.evaluate import evaluate
-    from vas.policies import LocalPolicy
+    from vas.policy.local import LocalPolicy
     from vas.experiments.setup import Setup
     from vas.judge import read_responses
     from vas.prompts import load_prompts

@@ -122,7 +122,7 @@ class Setup:
                                    log=self.log, metadata={"reward": reward})
 
     def load_value_model(self, directory: Path):
-        from vas.value import ValueModel
+        from vas.value.model import ValueModel
 
         return ValueModel.from_pretrained(directory, device=self.device, dtype=self.value_dtype)
 
@@ -141,7 +141,7 @@ class Setup:
         import json
 
         from vas.jobs import generate
-        from vas.policies import LocalPolicy
+        from vas.policy.local import LocalPolicy
         from vas.rewards import score
         from vas.storage import write_json_atomic
 

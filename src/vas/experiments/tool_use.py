@@ -4,7 +4,7 @@ OpenAI-compatible endpoint.
 π0 is Gemma-3-270M base (``Size.policy``) served by llama-cpp-python's server on 127.0.0.1 and used only
 through the API: whole responses for collection, the top-k next tokens with their log-probabilities for
 decoding. Its responses to the training queries' one-shot prompts are collected through the API (τ = 0.7)
-and rewarded 1 for a correct call sequence (:mod:`vas.home_search`). A value model on another model's
+and rewarded 1 for a correct call sequence (:mod:`vas.experiments.home_search`). A value model on another model's
 backbone and tokenizer (the embedded SmolLM2, ``--base-model``), reading only the query and the prompt form,
 is trained on them. On held-out queries each prompt form is decoded greedily (Sec. 4.4: the token with the
 highest combined score) without and with VAS, one request per token.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vas.experiments.report import Section, pyplot, save_figure
-from vas.home_search import LOCATIONS
+from vas.experiments.home_search import LOCATIONS
 from vas.pipeline import Recipe
 
 NAME = "tool-use"
@@ -67,7 +67,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def split_queries(size: Size, seed: int) -> tuple[list, list]:
     """(training queries, held-out queries): the held-out ones are set in cities no training query names
     (:data:`HELD_OUT_CITIES`), so no held-out prompt was seen in training. Both lists are distinct queries."""
-    from vas.home_search import generate_queries
+    from vas.experiments.home_search import generate_queries
 
     train = generate_queries(size.train_queries, criteria=size.criteria, seed=seed,
                              locations=[c for c in LOCATIONS if c not in HELD_OUT_CITIES])
@@ -78,12 +78,12 @@ def sized(policy: Callable, size: Size, seed: int, folder: Path, log: Callable[[
           progress: bool) -> list[dict]:
     """One-shot π0's greedy success at each number of extra criteria in :data:`SIZING`, on
     ``size.sizing_queries`` fresh queries each: the measurement behind ``size.criteria`` (targeted:
-    10–60 %, room for VAS to move). ``policy()`` makes an :class:`vas.api.ApiPolicy`; the responses are kept in ``folder``.
+    10–60 %, room for VAS to move). ``policy()`` makes an :class:`vas.policy.api.ApiPolicy`; the responses are kept in ``folder``.
 
     Returns:
         One dict per size: criteria, successes, queries, field_f1 (mean).
     """
-    from vas.home_search import field_f1, generate_queries, prompt, success
+    from vas.experiments.home_search import field_f1, generate_queries, prompt, success
 
     rows = []
     for criteria in SIZING:
@@ -153,9 +153,9 @@ def decision_margin(value, tokenizer, queries) -> dict:
     Returns:
         mean (the margin, in reward units, averaged over queries), positive (how many margins are > 0), queries.
     """
-    from vas.home_search import prompt, value_prompt
+    from vas.experiments.home_search import prompt, value_prompt
     from vas.prompts import encode_prompts
-    from vas.value import TextCandidateScorer
+    from vas.value.model import TextCandidateScorer
 
     margins = []
     for q in queries:
@@ -197,11 +197,11 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     Raises:
         VasError: if π0's GGUF is not installed (:func:`vas.models.gguf_file`), or the server fails.
     """
-    from vas.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
+    from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
     from vas.collect import REQUIRED_FOR_TRAINING, collect
-    from vas.decoding import Steering
+    from vas.decoding.loop import Steering
     from vas.experiments.setup import claim
-    from vas.home_search import (
+    from vas.experiments.home_search import (
         HomeSearchReward,
         field_f1,
         prompt,
@@ -212,7 +212,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.pipeline import trained_value_model
     from vas.storage import load_dataset_dir, write_json_atomic
     from vas.jobs import generate
-    from vas.value import ValueModel
+    from vas.value.model import ValueModel
 
     gguf = check(size)
     claim(out, size, seed=seed, base_model=base_model)

@@ -90,7 +90,7 @@ class Completion:
 class ApiPolicy:
     """π0 behind an OpenAI-compatible endpoint (async; share one instance between concurrent rollouts).
 
-    For the decoding loop (:func:`vas.decoding.decode`) its support is the top-k tokens the server tells, as
+    For the decoding loop (:func:`vas.decoding.loop.decode`) its support is the top-k tokens the server tells, as
     text (:class:`ApiRollout`); :meth:`sample` asks the server for whole responses (plain sampling). Jobs run
     its rollouts one prompt each, several at once (``concurrent``).
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vas.decoding import Steering
+from vas.decoding.loop import Steering
 from vas.jobs import generate as generate_rows
-from vas.policies import LocalPolicy
-from vas.value import ValueModel
+from vas.policy.local import LocalPolicy
+from vas.value.model import ValueModel
 
 
 @dataclass
@@ -50,7 +50,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         weights: (M,) one per value model (default 1 each), or (B, M) one row per prompt.
         beta: β, a float or (B,) one per prompt; 0 gives π0.
         top_k: k, π0's most likely tokens scored at each step.
-        temperature: τ > 0 of π0; β·V is added after it (see :mod:`vas.guidance`).
+        temperature: τ > 0 of π0; β·V is added after it (see :mod:`vas.decoding.guidance`).
         max_new_tokens: the most tokens per response.
         greedy: take argmax π instead of sampling.
         seed: seeds the draws (batch b uses (seed, b)).

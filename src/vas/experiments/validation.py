@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vas.decoding import sample
+from vas.decoding.loop import sample
 from vas.errors import VasError
 from vas.models import left_pad
-from vas.policies import LocalPolicy
+from vas.policy.local import LocalPolicy
 from vas.rewards import Reward, score
-from vas.value import ValueModel
+from vas.value.model import ValueModel
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ expect. Only the LoRA adapter and the head are trained and checkpointed.
 
 Each training row is ``prompt_ids ⊕ response_ids``; its states are s_0 (the prompt) … s_T (the whole
 response, EOS included when generated), read at positions L−1 … L−1+T of one forward pass. Every state is
-regressed, the finished state s_T onto the reward itself (its value, see :mod:`vas.td`), so V(s ⊕ EOS) —
+regressed, the finished state s_T onto the reward itself (its value, see :mod:`vas.value.td`), so V(s ⊕ EOS) —
 asked for at decoding whenever EOS is among the top-k — is trained.
 """
 
@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, Trai
 from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.storage import make_temp_dir, require_absent
-from vas.td import lambda_returns
-from vas.value import ValueModel
+from vas.value.td import lambda_returns
+from vas.value.model import ValueModel
 
 
 class ValueCollator:

@@ -4,7 +4,7 @@ local model or one behind an API, with value models that share π0's tokenizer o
 Each step (:func:`decode`):
 
 1. the rollout gives log π0 at temperature 1 over its support (the vocabulary, or the top-k an API told);
-2. :func:`vas.guidance.base_logprobs` applies the temperature τ: that is π0;
+2. :func:`vas.decoding.guidance.base_logprobs` applies the temperature τ: that is π0;
 3. :func:`steer` takes π0's top-k candidates (B, k), scores them with every value model (B, k) and combines
    them by Eq. 5 with each row's β and weights;
 4. a token is drawn (:func:`draw`) or the argmax taken, and the rollout advances.
@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from vas.errors import VasError
-from vas.guidance import base_logprobs, kl_divergence, steered_logprobs, weighted_values
-from vas.policies import Prompt
-from vas.value import CandidateScorer, TextScorer, ValueModel
+from vas.decoding.guidance import base_logprobs, kl_divergence, steered_logprobs, weighted_values
+from vas.policy.local import Prompt
+from vas.value.model import CandidateScorer, TextScorer, ValueModel
 
 
 @dataclass
@@ -104,8 +104,8 @@ class Steering:
 
 
 def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prompt: Callable[[str], str] | None):
-    """The candidate scorer of ``model`` for ``rollout``: token ids (:class:`vas.value.CandidateScorer`) when
-    the value model shares the policy's tokenizer, else text (:class:`vas.value.TextScorer`).
+    """The candidate scorer of ``model`` for ``rollout``: token ids (:class:`vas.value.model.CandidateScorer`) when
+    the value model shares the policy's tokenizer, else text (:class:`vas.value.model.TextScorer`).
 
     Raises:
         VasError: if the value model reads text but the prompts are token ids.
@@ -196,11 +196,11 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
     models and a row's β ≠ 0. Each row stops at its own end.
 
     Args:
-        policy: π0: :class:`vas.policies.LocalPolicy`, :class:`vas.api.ApiPolicy`, or anything with
-            ``start(prompts, max_new_tokens)`` returning a :class:`vas.policies.Rollout`.
+        policy: π0: :class:`vas.policy.local.LocalPolicy`, :class:`vas.policy.api.ApiPolicy`, or anything with
+            ``start(prompts, max_new_tokens)`` returning a :class:`vas.policy.local.Rollout`.
         prompts: B prompts, texts (chat template applied by the policy) or token id lists (local policies).
         steering: value models, weights, β and k (per row or shared); None for plain sampling.
-        temperature: τ > 0 of π0, applied before the augmentation (:mod:`vas.guidance`).
+        temperature: τ > 0 of π0, applied before the augmentation (:mod:`vas.decoding.guidance`).
         max_new_tokens: the most tokens generated per row.
         greedy: take argmax π (Sec. 4.4) instead of sampling.
         generator: torch RNG for reproducible draws (CPU).

@@ -11,7 +11,7 @@ cropped from the cache, so the prefix is never re-fed and the cache is never cop
 
 A value model with a tokenizer of its own (an API base policy, or any other policy tokenizer) scores
 candidate *strings* instead: :class:`TextScorer`. Both scorers answer the decoding loop through the same
-call, ``score(rollout, candidates, active) -> (B, k)`` (:func:`vas.decoding.scorer_for` picks one).
+call, ``score(rollout, candidates, active) -> (B, k)`` (:func:`vas.decoding.loop.scorer_for` picks one).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ class CandidateScorer:
         """Append the rollout's new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
 
         Args:
-            rollout: has ``appended`` (:class:`vas.policies.Appended`): ids (B, P) int64 appended since the
+            rollout: has ``appended`` (:class:`vas.policy.local.Appended`): ids (B, P) int64 appended since the
                 last call (P ≥ 1), mask (B, P) {0,1} with 0 for padding (left padding, finished rows).
             candidates: (B, k) int64 candidate next tokens.
             active: unused (finished rows are masked by ``appended``); for the common scorer signature.

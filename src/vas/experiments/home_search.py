@@ -280,7 +280,7 @@ class HomeSearchReward:
     def query(self, text: str) -> Query:
         found = task(text)
         if found not in self.by_text:
-            raise VasError("a prompt holds no known Home Search query (build prompts with vas.home_search.prompt)")
+            raise VasError("a prompt holds no known Home Search query (build prompts with vas.experiments.home_search.prompt)")
         return self.by_text[found]
 
     def __call__(self, prompts, responses):

@@ -1,8 +1,8 @@
-"""The base policy π0 behind one small interface, for the one decoding loop (:func:`vas.decoding.decode`).
+"""The base policy π0 behind one small interface, for the one decoding loop (:func:`vas.decoding.loop.decode`).
 
 A policy starts a :class:`Rollout` for a batch of prompts. Each step the loop asks the rollout for π0's
 next-token log-probabilities at temperature 1, over a *support*: the whole vocabulary (a local model,
-:class:`LocalPolicy`), or only the top-k tokens a server told (an API model, :class:`vas.api.ApiPolicy`).
+:class:`LocalPolicy`), or only the top-k tokens a server told (an API model, :class:`vas.policy.api.ApiPolicy`).
 The loop picks one entry of the support per row and hands it back with :meth:`Rollout.advance`.
 
 Value models read the state either as token ids (when they share π0's tokenizer: the ids appended since the

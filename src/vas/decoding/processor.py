@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from vas.decoding import Steering, steer
+from vas.decoding.loop import Steering, steer
 from vas.errors import VasError
-from vas.guidance import base_logprobs
-from vas.policies import Appended
-from vas.value import CandidateScorer
+from vas.decoding.guidance import base_logprobs
+from vas.policy.local import Appended
+from vas.value.model import CandidateScorer
 
 
 def generate_kwargs(greedy: bool = False) -> dict:
@@ -37,7 +37,7 @@ class VASLogitsProcessor(LogitsProcessor):
 
     Args:
         steering: value models sharing the model's tokenizer, weights, β and k, shared or per row (see
-            :class:`vas.decoding.Steering`).
+            :class:`vas.decoding.loop.Steering`).
         attention_mask: (B, L0) {0,1} mask of the (left-padded) prompts passed to ``generate``.
         temperature: π0's temperature τ, applied here before the augmentation.
 
