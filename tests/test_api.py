@@ -140,7 +140,7 @@ class FixedPolicy:
         return [(t or None, math.log(p)) for t, p in sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:top_k]]
 
 
-def test_steer_text_is_eq5_over_the_top_k(tiny_model_dir):
+def test_an_api_policy_is_steered_by_eq5_over_its_top_k(tiny_model_dir):
     """Greedy steps against π by hand: log p / τ + β·(V − V̄) over the k candidates, V by full forwards."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = random_value_model(tiny_model_dir, seed=3)
@@ -197,7 +197,7 @@ def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_
     assert [json.loads(line)["prompt"] for line in (tmp_path / "cut.jsonl").read_text().splitlines()] == prompts
 
 
-def test_collect_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_path):
+def test_collect_through_an_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_path):
     from vas.collect import collect
     from vas.rewards import load_reward
 

@@ -16,7 +16,7 @@ must *continue* (vLLM's ``continue_final_message``); a server that instead close
 new one (llama.cpp, OpenAI) cannot be steered through chat: use its completions endpoint.
 
 Log-probabilities are requested at temperature 1 (the model's own distribution; τ is applied by the caller,
-:mod:`vas.text_sampling`). llama.cpp returns special tokens (EOS, end of turn) as empty strings; other servers
+:func:`vas.decoding.guidance.base_logprobs`). llama.cpp returns special tokens (EOS, end of turn) as empty strings; other servers
 may spell them out (``<|im_end|>``): pass those as ``stop`` strings. An empty candidate, or one that completes
 a stop string, ends the response and is returned as ``None``.
 """

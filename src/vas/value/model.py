@@ -187,8 +187,9 @@ def load_value_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
 def check_same_tokenizer(base: PreTrainedTokenizerBase, value: PreTrainedTokenizerBase, name: str) -> None:
     """Raise :class:`VasError` unless the two tokenizers map text to the same ids.
 
-    The token-level path scores π0's candidate token ids with the value model, so both must share a
-    vocabulary; value models with another tokenizer go through the text level (:mod:`vas.text_sampling`).
+    Training reads the collected token columns, which are π0's tokenization: a value backbone other than π0
+    must share its vocabulary. (While decoding, a value model with another tokenizer reads text instead,
+    :class:`TextScorer`.)
     """
     if base.get_vocab() != value.get_vocab():
         raise VasError(
@@ -274,7 +275,7 @@ class TextCandidateScorer:
     The base policy's tokens are never seen: the state is text. For each candidate, the response text after
     it, c, the value model reads ``prompt_ids + tokenize(c)`` (an ending candidate, ``None``, reads
     ``prompt_ids + tokenize(text) + [EOS]``), the same tokenization its training rows had
-    (:func:`vas.collect.collect_api`). Appending text can change the last few tokens (merges), so the KV
+    (:func:`vas.collect.collect` through an API). Appending text can change the last few tokens (merges), so the KV
     cache keeps only the prefix that every candidate's tokenization shares; it is cropped back when a later
     step re-tokenizes the end of the text differently. One forward per call: the new stable tokens, then all
     candidate suffixes laid side by side in one row, each seeing the cache, the new tokens and itself
