@@ -177,7 +177,6 @@ def test_plain_top_k_sampling_follows_pi0_restricted_to_the_top_k():
 
 
 def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_model_dir, tmp_path):
-    tokenizer = load_tokenizer(tiny_model_dir)
     steering = Steering([random_value_model(tiny_model_dir)], beta=2.0, top_k=4)
     prompts = ["one", "two", "three", "four"]
     run = dict(temperature=0.7, max_new_tokens=3, seed=5, batch_size=1, progress=False)

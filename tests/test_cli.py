@@ -156,3 +156,16 @@ def test_policy_options_are_written_once_and_reach_the_command(monkeypatch):
         command.main(["generate", "--prompt", "hi", "-m", "some/model", "--api-stop", "a", "--api-stop", "b",
                       "--timeout", "5"], standalone_mode=False)
     assert received["config"] == PolicyConfig(base_model="some/model", api_stop=["a", "b"], timeout=5.0)
+
+
+def test_evaluate_runs_end_to_end(tiny_model_dir, value_dir, tmp_path):
+    """`vas evaluate` on a local model: the report holds every condition, and the partial folder is gone."""
+    r = vas("evaluate", "--quiet", "--base-model", tiny_model_dir, "--value", value_dir, "--out", tmp_path / "e",
+            "--limit", 2, "--betas", "0,3", "--best-of", "1,2", "--max-new-tokens", 3, "-k", 4)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert [v["beta"] for v in report["vas"]] == [0.0, 3.0] and [b["n"] for b in report["best_of_n"]] == [1, 2]
+    assert report["vas"][0]["kl"] == 0 and report["vas"][1]["kl"] > 0
+    assert not (tmp_path / "e.partial").exists()
+    rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 + 2 * 2  # a pool of 2 per prompt, then one response per prompt and β

@@ -5,7 +5,7 @@ import torch
 from helpers import tokens
 from test_cli import vas
 
-from vas.models import EMBEDDED_MODEL, eos_token_ids, load_policy, load_tokenizer
+from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
 from vas.prompts import encode_prompts
 from vas.decoding.loop import sample
 from vas.models import left_pad
@@ -29,8 +29,8 @@ def test_greedy_loop_equals_transformers_generate(embedded):
     input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
     theirs = policy.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
                              pad_token_id=tokenizer.pad_token_id)[:, input_ids.shape[1]:]
-    for row, tokens in enumerate(ours.token_ids):
-        assert tokens == theirs[row, : len(tokens)].tolist()
+    for row, generated in enumerate(ours.token_ids):
+        assert generated == theirs[row, : len(generated)].tolist()
 
 
 def test_cached_value_equals_full_recompute_on_real_backbone(embedded):

@@ -282,6 +282,7 @@ def evaluate(
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
     """
+    from vas.decoding.loop import Steering
     from vas.evaluate import evaluate as run
     from vas.prompts import load_prompts
     from vas.rewards import load_reward

@@ -133,7 +133,9 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                             "train_topics": size.train_topics, "samples_per_prompt": recipe.samples_per_prompt,
                             "eval_topics": size.eval_topics, "max_new_tokens": recipe.max_new_tokens},
                "train_mean_words": train_words, "rows": rows, "spearman": rho, "significant_decreases": drops,
-               "spearman_small_beta": rho_small}
+               "spearman_small_beta": rho_small,
+               "example": {"prompt": held_out[0], "responses": [g for g in generations if g["prompt"] == held_out[0]
+                                                                and g["beta"] in size.example_betas]}}
     write_json_atomic(out / "summary.json", summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["beta", "prompt", "response", "words"])
@@ -142,15 +144,22 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     write_text_atomic(out / "generations.csv", buffer.getvalue())
     plot(rows, out / "words_vs_beta.png")
 
+    return [section(summary, size)]
+
+
+def section(summary: dict, size: Size) -> Section:
+    """The report section of a finished run's ``summary`` (what :func:`run` wrote to ``summary.json``)."""
+    rows, drops, rho, rho_small = (summary["rows"], summary["significant_decreases"], summary["spearman"],
+                                   summary["spearman_small_beta"])
+    recipe, train_words = size.recipe, summary["train_mean_words"]
+    small = [r for r in rows if abs(r["beta"]) <= ISSUE_GRID_LIMIT]
+    example_prompt, example_rows = summary["example"]["prompt"], summary["example"]["responses"]
     monotone = not drops
     verdict = "reproduced" if monotone and rho >= 0.9 else "partly reproduced" if rho >= 0.5 else "not reproduced"
     table = "\n".join(
         f"| {r['beta']:g} | {r['words']:.1f} ± {r['words_sem']:.1f} | {r['tokens']:.1f} | {100 * r['at_token_limit']:.0f} % "
         f"| {r['kl']:.2f} |" for r in sorted(rows, key=lambda r: r["beta"]))
-    example_prompt = held_out[0]
-    examples = "\n".join(
-        f"| {g['beta']:g} | {g['words']} | {markdown_text(g['response'])} |"
-        for g in generations if g["prompt"] == example_prompt and g["beta"] in size.example_betas)
+    examples = "\n".join(f"| {g['beta']:g} | {g['words']} | {markdown_text(g['response'])} |" for g in example_rows)
     reasons = []
     if drops:
         reasons.append("Length falls significantly between β = " + ", ".join(f"{a:g} → {b:g}" for a, b in drops))
@@ -183,6 +192,6 @@ Responses to “{example_prompt.splitlines()[-1]}” (Table 6 analogue):
 {examples}
 
 Data: `{NAME}/summary.json`, `{NAME}/generations.csv`."""
-    return [Section(NAME, "β as a control knob (Fig. 5, Table 6)",
+    return Section(NAME, "β as a control knob (Fig. 5, Table 6)",
                     "With one verbosity value model, the response length is a monotone function of β, "
-                    "for positive and negative β alike.", verdict, body)]
+                   "for positive and negative β alike.", verdict, body)
