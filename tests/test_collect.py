@@ -63,13 +63,17 @@ def test_resume_with_other_settings_is_refused(model, tmp_path):
         run(model, length_reward, tmp_path / "d", samples_per_prompt=3)
 
 
-def test_non_finite_reward_writes_nothing(model, tmp_path):
+def test_non_finite_reward_writes_no_dataset_and_keeps_the_responses(model, tmp_path):
     def nan_reward(prompts, responses):
         return torch.full((len(responses),), float("nan"))
 
     with pytest.raises(VasError, match="non-finite"):
         run(model, nan_reward, tmp_path / "nan")
-    assert not (tmp_path / "nan").exists() and not (tmp_path / "nan.partial").exists()
+    assert not (tmp_path / "nan").exists()
+    assert len((tmp_path / "nan.partial").read_text().splitlines()) == 1 + 12  # nothing sampled is lost
+    resumed = run(model, length_reward, tmp_path / "nan", fail_at=1)  # a fixed reward: no sampling at all
+    assert resumed.to_list() == run(model, length_reward, tmp_path / "whole").to_list()
+    assert not (tmp_path / "nan.partial").exists()
 
 
 def test_existing_output_is_refused(model, tmp_path):

@@ -59,3 +59,30 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
         generated = vas[beta]["policy_tokens"] - prompt_tokens
         assert generated == pytest.approx(sum(r["tokens"] for r in steered) / 6)
         assert vas[beta]["value_tokens"] == pytest.approx(prompt_tokens + generated * 6)  # k + 1 = 6 per token
+
+
+def test_an_interrupted_evaluation_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path):
+    from vas.errors import VasError
+
+    policy = LocalPolicy(load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir))
+    value = [random_value_model(tiny_model_dir)]
+    calls = []
+
+    def failing_on_vas(prompts, responses):  # the pool's reward, then a failure at the first VAS condition
+        calls.append(len(responses))
+        if len(calls) == 2:
+            raise VasError("reward server down")
+        return length_reward(prompts, responses)
+
+    run = dict(betas=(3.0,), top_k=5, best_of=(1, 2), max_new_tokens=4, batch_size=4, progress=False)
+    prompts = ["hello", "what a day"]
+    with pytest.raises(VasError, match="reward server down"):
+        evaluate(policy, prompts, failing_on_vas, value, tmp_path / "e", **run)
+    assert not (tmp_path / "e").exists() and (tmp_path / "e.partial" / "plain.jsonl.partial").is_file()
+    with pytest.raises(VasError, match=r"other settings \(temperature\)"):
+        evaluate(policy, prompts, length_reward, value, tmp_path / "e", temperature=0.9, **run)
+    resumed = evaluate(policy, prompts, length_reward, value, tmp_path / "e", **run)
+    whole = evaluate(policy, prompts, length_reward, value, tmp_path / "whole", **run)
+    assert resumed["plain"] == {**whole["plain"], "seconds_per_prompt": resumed["plain"]["seconds_per_prompt"]}
+    assert [v["reward"] for v in resumed["vas"]] == [v["reward"] for v in whole["vas"]]
+    assert not (tmp_path / "e.partial").exists()

@@ -10,7 +10,6 @@ uninterrupted one would; the dataset appears atomically at the end.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vas.policy.api import ApiPolicy
 from vas.errors import VasError
-from vas.jobs import RowLog, chunk_seed, generate, prompts_digest, run_concurrently
+from vas.jobs import RowLog, generate, sample_responses
 from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
@@ -83,25 +82,22 @@ def collect(
     require_absent(out_dir)
     if samples_per_prompt < 1:
         raise VasError(f"--samples-per-prompt must be ≥ 1, got {samples_per_prompt}")
-    if not (0 < temperature < math.inf) or max_new_tokens < 1:
-        raise VasError(f"--temperature must be > 0 and --max-new-tokens ≥ 1, got {temperature} and {max_new_tokens}")
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples_per_prompt)]
     repeated = [p for _, p in rows]
     settings = {"samples_per_prompt": samples_per_prompt, **(metadata or {})}
+    run = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, settings=settings, progress=progress,
+               desc="collect", finish=False)  # the rows stay in <out>.partial until the dataset is saved
     if isinstance(policy, ApiPolicy):
         if value_tokenizer is None or value_tokenizer.eos_token_id is None:
             raise VasError("collecting through an API needs the value model's tokenizer, with an EOS token")
-        done = _sample_api(policy, repeated, out_dir, temperature=temperature, max_new_tokens=max_new_tokens,
-                           seed=seed, concurrency=concurrency, progress=progress, settings=settings)
+        done = sample_responses(policy, repeated, out_dir, concurrency=concurrency, **run)
         prompt_ids = encode_prompts(value_tokenizer, [value_prompt(p) if value_prompt else p for p in prompts])
         eos = value_tokenizer.eos_token_id
         response_ids = [value_tokenizer(d["response"], add_special_tokens=False)["input_ids"] + ([eos] if d["finished"] else [])
                         for d in done]
         logprobs = [[] for _ in done]
     else:
-        done = generate(policy, repeated, None, out_dir, temperature=temperature, max_new_tokens=max_new_tokens,
-                        seed=seed, batch_size=batch_size, settings=settings, progress=progress, desc="collect",
-                        write=False)
+        done = generate(policy, repeated, None, out_dir, batch_size=batch_size, **run)
         prompt_ids = encode_prompts(policy.tokenizer, prompts)
         response_ids = [d["response_ids"] for d in done]
         logprobs = [d["logprobs"] for d in done]
@@ -119,21 +115,5 @@ def collect(
     }), out_dir)
     write_json_atomic(out_dir / _META, {"temperature": temperature, "max_new_tokens": max_new_tokens,
                                         "seed": seed, "num_prompts": len(prompts), **settings})
+    RowLog.discard(out_dir)
     return load_dataset_dir(out_dir, REQUIRED_FOR_TRAINING)
-
-
-def _sample_api(policy: ApiPolicy, prompts: Sequence[str], out: Path, *, temperature: float, max_new_tokens: int,
-                seed: int, concurrency: int, progress: bool, settings: dict) -> list[dict]:
-    """Whole responses from the server, one request each, kept in a :class:`vas.jobs.RowLog` beside ``out``."""
-    log = RowLog(out, {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
-                       "num_prompts": len(prompts), "prompts_sha256": prompts_digest(prompts),
-                       "policy": policy.settings, **settings})
-
-    async def work(r: int) -> int:
-        c = await policy.sample(prompts[r], max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed(seed, r))
-        log.append({"prompt_index": r, "response": c.text, "finished": c.finished})
-        return 1
-
-    run_concurrently(policy, [r for r in range(len(prompts)) if r not in log.rows], work, concurrency=concurrency,
-                     total=len(prompts), done=len(log.rows), desc="collect", progress=progress, log=log)
-    return log.finish(write=False)

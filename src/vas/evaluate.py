@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from vas.decoding.loop import Steering
-from vas.jobs import generate, read_rows
+from vas.jobs import generate
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.storage import replace_atomic, require_absent, write_json_atomic, write_text_atomic
@@ -54,18 +54,23 @@ def best_of_n_kl_bound(N: int) -> float:
     return math.log(N) - (N - 1) / N
 
 
+def tokens_read(prompt_tokens: float | None, generated: float, times: int = 1) -> float | None:
+    """Tokens a model reads per prompt: ``times`` × (prompt + generated), None where the prompt's length is
+    unknown (an API policy)."""
+    return None if prompt_tokens is None else times * (prompt_tokens + generated)
+
+
 def standard_error(x: torch.Tensor) -> float:
     """Standard error of the mean of the 1-D tensor ``x`` (0 for fewer than two values)."""
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int, **run) -> list[dict]:
-    """The rows of one decoding condition (:func:`vas.jobs.generate`), read from ``path`` if that condition
-    finished before, else generated and kept there (resumable through ``<path>.partial``). Plain sampling
-    (``steering`` None) asks a policy that tells only its top-k for ``top_k`` tokens; a local one samples π0."""
-    if path.is_file():
-        return read_rows(path)
-    return generate(policy, prompts, steering or Steering(top_k=top_k), path, **run)
+    """The rows of one decoding condition (:func:`vas.jobs.generate`), kept in ``<path>.partial`` until the
+    report is written: a rerun resumes them, and refuses them if the condition's settings changed. Plain
+    sampling (``steering`` None) asks a policy that tells only its top-k for ``top_k`` tokens; a local one
+    samples π0."""
+    return generate(policy, prompts, steering or Steering(top_k=top_k), path, finish=False, **run)
 
 
 def evaluate(
@@ -100,7 +105,9 @@ def evaluate(
     Returns:
         The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
         (mean), ``reward_sem`` (over prompts, of per-prompt means), ``kl`` (nats per response), ``length``
-        (tokens), ``seconds_per_prompt``, ``policy_tokens`` and ``value_tokens`` (per prompt); VAS entries
+        (tokens), ``seconds_per_prompt`` (decoding time per response; for an API run with concurrency, request
+        latency rather than wall time), ``policy_tokens`` and ``value_tokens`` (per prompt; None for an API
+        policy, whose tokenizer is the server's); VAS entries
         also have ``reward_by_sample`` (the mean over prompts of the j-th of the ``vas_samples_per_prompt``
         independent samples of each prompt, for j = 1 … m); plus ``examples`` (the first prompts' responses
         under each method) and ``settings``.
@@ -115,7 +122,8 @@ def evaluate(
     n_pool = max(best_of)
     P = len(prompts)
     tokenizer = getattr(policy, "tokenizer", None)
-    prompt_tokens = (sum(len(ids) for ids in encode_prompts(tokenizer, prompts)) / P) if tokenizer else float("nan")
+    # tokens each model reads: unknown for an API policy (its tokenizer is the server's), then None
+    prompt_tokens = (sum(len(ids) for ids in encode_prompts(tokenizer, prompts)) / P) if tokenizer else None
     run = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                concurrency=concurrency, progress=progress, top_k=top_k,
                settings={**(metadata or {}), "n_pool": n_pool})
@@ -142,7 +150,7 @@ def evaluate(
         "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)),
                   "kl": float(torch.tensor([r["kl"] for r in pool]).mean()),
                   "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
-                  "policy_tokens": prompt_tokens + float(pool_len.mean()), "value_tokens": 0.0},
+                  "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean())), "value_tokens": 0.0},
         "best_of_n": [],
         "vas": [],
         "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
@@ -155,7 +163,8 @@ def evaluate(
             "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
             "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
             "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
-            "seconds_per_prompt": N * per_sample, "policy_tokens": N * (prompt_tokens + float(pool_len.mean())), "value_tokens": 0.0,
+            "seconds_per_prompt": N * per_sample, "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean()), N),
+            "value_tokens": 0.0,
         })
     best = pool_r.argmax(dim=1)
     for i, example in enumerate(report["examples"]):
@@ -176,8 +185,8 @@ def evaluate(
             "reward_by_sample": v_r.view(P, m).mean(dim=0).tolist(), "kl": float(v_kl.mean()),
             "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
             "seconds_per_prompt": sum(r["seconds"] for r in v) / (P * m),
-            "policy_tokens": prompt_tokens + float(v_len.mean()),
-            "value_tokens": (prompt_tokens + float(v_len.mean()) * (top_k + 1)) * len(value_models),
+            "policy_tokens": tokens_read(prompt_tokens, float(v_len.mean())),
+            "value_tokens": tokens_read(prompt_tokens, float(v_len.mean()) * (top_k + 1), len(value_models)),
         })
         rows += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
                   "response": r["response"], "tokens": r["tokens"], "kl": r["kl"], "reward": float(x)}

@@ -7,7 +7,8 @@ This is the one resume mechanism of ``collect``, ``generate``, ``evaluate`` and 
   other settings;
 * :func:`chunk_seed` fixes the seed of batch i by (seed, i) alone;
 * :func:`run_concurrently` runs the unfinished batches, ``concurrency`` at once, with a progress bar;
-* :func:`generate` puts them together around the decoding loop (:func:`vas.decoding.loop.decode`).
+* :func:`generate` puts them together around the decoding loop (:func:`vas.decoding.loop.decode`), and
+  :func:`sample_responses` around a server's whole-response sampling.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vas.decoding.loop import Steering, decode
+from vas.decoding.loop import Steering, decode, run_sync
 from vas.errors import VasError
 from vas.policy.local import Prompt
 from vas.storage import require_absent, write_text_atomic
@@ -63,6 +64,8 @@ class RowLog:
         self.partial = self.out.with_name(self.out.name + ".partial")
         settings = json.loads(json.dumps(settings))
         self.rows: dict[int, dict] = {}
+        if self.partial.is_dir():
+            raise VasError(f"{self.partial} is a folder of chunks from an older version of vas: delete it to start over")
         if self.partial.exists():
             lines = self.partial.read_text(encoding="utf-8", errors="replace").split("\n")
             previous = json.loads(lines[0])
@@ -92,14 +95,24 @@ class RowLog:
             os.fsync(f.fileno())
         self.rows[row[self.key]] = row
 
-    def finish(self, write: bool = True) -> list[dict]:
-        """Write every row to ``out`` as JSON lines (atomically, in key order; unless ``write`` is False, for a
-        caller that saves them in another form), remove the partial file, and return the rows."""
-        rows = [self.rows[k] for k in sorted(self.rows)]
-        if write:
-            write_text_atomic(self.out, "".join(json.dumps(r) + "\n" for r in rows))
-        self.partial.unlink()
+    def ordered(self) -> list[dict]:
+        """The finished rows in key order (the partial file stays: the caller saves them in another form,
+        then calls :meth:`discard`)."""
+        return [self.rows[k] for k in sorted(self.rows)]
+
+    def finish(self) -> list[dict]:
+        """Write every row to ``out`` as JSON lines (atomically, in key order), remove the partial file, and
+        return the rows."""
+        rows = self.ordered()
+        write_text_atomic(self.out, "".join(json.dumps(r) + "\n" for r in rows))
+        self.discard(self.out)
         return rows
+
+    @staticmethod
+    def discard(out: str | Path) -> None:
+        """Remove the partial file of ``out`` (once its rows are saved elsewhere)."""
+        out = Path(out)
+        out.with_name(out.name + ".partial").unlink(missing_ok=True)
 
 
 def changed_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -154,7 +167,7 @@ def run_concurrently(policy, todo: Sequence[int], work: Callable[[int], Awaitabl
                     await close()
 
     try:
-        asyncio.run(main())
+        run_sync(main())
     except VasError as exc:
         if log is None or not log.rows:
             if log is not None:
@@ -167,7 +180,7 @@ def run_concurrently(policy, todo: Sequence[int], work: Callable[[int], Awaitabl
 def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None, out: str | Path | None = None, *,
              temperature: float = 0.7, max_new_tokens: int = 64, greedy: bool = False, seed: int = 0,
              batch_size: int = 8, concurrency: int = 1, settings: dict | None = None, progress: bool = True,
-             desc: str = "generate", write: bool = True) -> list[dict]:
+             desc: str = "generate", finish: bool = True) -> list[dict]:
     """One response per prompt through the decoding loop: a local policy decodes ``batch_size`` prompts per
     batch, one batch after another; a policy that answers requests (``policy.concurrent``, an API) decodes one
     prompt per batch, ``concurrency`` at once.
@@ -182,7 +195,9 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
         prompts: texts, or token id lists for a local policy.
         steering: value guidance (per-row β and weights follow the prompts), or None for plain sampling.
         settings: more JSON-able settings that a resumed run must share (model names …).
-        write: write the rows to ``out`` at the end (False: the caller saves them in another form there).
+        finish: write the rows to ``out`` at the end and remove the partial file (False: return them and keep the
+            partial file, for a caller that saves them in another form and then calls :meth:`RowLog.discard`,
+            or that resumes them later).
 
     Returns:
         The rows in prompt order: ``prompt_index``, ``prompt`` (text prompts), ``response``, ``tokens`` (steps,
@@ -213,7 +228,7 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
                            "prompts_sha256": prompts_digest(prompts), "policy": getattr(policy, "settings", {}),
                            **(settings or {})})
         rows = log.rows
-    lock = threading.Lock() if concurrency > 1 else None
+    lock = asyncio.Lock() if concurrency > 1 else None
 
     async def work(b: int) -> int:
         index = batches[b]
@@ -237,7 +252,40 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
     todo = [b for b, index in enumerate(batches) if not all(i in rows for i in index)]
     run_concurrently(policy, todo, work, concurrency=concurrency, total=len(prompts), done=len(rows), desc=desc,
                      progress=progress, log=log)
-    return log.finish(write) if log is not None else [rows[i] for i in sorted(rows)]
+    if log is None:
+        return [rows[i] for i in sorted(rows)]
+    return log.finish() if finish else log.ordered()
+
+
+def sample_responses(policy, prompts: Sequence[str], out: str | Path, *, temperature: float, max_new_tokens: int,
+                     seed: int = 0, concurrency: int = 8, settings: dict | None = None, progress: bool = True,
+                     desc: str = "sample", finish: bool = True) -> list[dict]:
+    """Whole responses sampled by a server (:meth:`vas.api.ApiPolicy.sample`, one request each, ``concurrency``
+    at once; response r asks for seed (seed, r)), kept as they finish in ``<out>.partial``: the same
+    resumable job as :func:`generate`, for plain sampling at the server's speed.
+
+    Returns:
+        The rows in prompt order: ``prompt_index``, ``prompt``, ``response``, ``tokens``, ``finished``, ``seconds``.
+
+    Raises:
+        VasError: as :func:`generate`; temperature < 0 or max_new_tokens < 1.
+    """
+    if not (0 <= temperature < math.inf) or max_new_tokens < 1:
+        raise VasError(f"--temperature must be ≥ 0 and --max-new-tokens ≥ 1, got {temperature} and {max_new_tokens}")
+    log = RowLog(out, {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                       "num_prompts": len(prompts), "prompts_sha256": prompts_digest(prompts),
+                       "policy": policy.settings, **(settings or {})})
+
+    async def work(r: int) -> int:
+        start = time.perf_counter()
+        c = await policy.sample(prompts[r], max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed(seed, r))
+        log.append({"prompt_index": r, "prompt": prompts[r], "response": c.text, "tokens": c.tokens,
+                    "finished": c.finished, "seconds": time.perf_counter() - start})
+        return 1
+
+    run_concurrently(policy, [r for r in range(len(prompts)) if r not in log.rows], work, concurrency=concurrency,
+                     total=len(prompts), done=len(log.rows), desc=desc, progress=progress, log=log)
+    return log.finish() if finish else log.ordered()
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -105,7 +105,8 @@ class Steering:
 
 def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prompt: Callable[[str], str] | None):
     """The candidate scorer of ``model`` for ``rollout``: token ids (:class:`vas.value.model.CandidateScorer`) when
-    the value model shares the policy's tokenizer, else text (:class:`vas.value.model.TextScorer`).
+    the value model shares the policy's tokenizer and reads the policy's own prompt, else text
+    (:class:`vas.value.model.TextScorer`, which reads ``value_prompt(prompt)``).
 
     Raises:
         VasError: if the value model reads text but the prompts are token ids.
@@ -113,7 +114,7 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
     policy_tokenizer = getattr(getattr(rollout, "policy", None), "tokenizer", None)
     shares = (policy_tokenizer is not None and model.tokenizer is not None
               and policy_tokenizer.get_vocab() == model.tokenizer.get_vocab())
-    if shares and hasattr(rollout, "appended"):
+    if shares and value_prompt is None and hasattr(rollout, "appended"):
         return CandidateScorer(model)
     if any(not isinstance(p, str) for p in prompts):
         raise VasError("a value model with another tokenizer than π0's reads text: give the prompts as text")
@@ -191,7 +192,7 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = None, *, temperature: float = 0.7,
                  max_new_tokens: int = 64, greedy: bool = False, generator: torch.Generator | None = None,
-                 value_lock: threading.Lock | None = None) -> Decoded:
+                 value_lock: asyncio.Lock | None = None) -> Decoded:
     """Generate one response per prompt from π0, or from the VAS policy (Eq. 5) when ``steering`` has value
     models and a row's β ≠ 0. Each row stops at its own end.
 
@@ -240,10 +241,8 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         told = (await rollout.next_logprobs(steering.top_k)).float()  # (B, S) at τ = 1
         base = base_logprobs(told, temperature)
         if value_lock is not None and scorers:
-            def step():
-                with value_lock:
-                    return steer(steering, scorers, rollout, base, active, beta, weights)
-            logp = await asyncio.to_thread(step)
+            async with value_lock:  # waits on the event loop; the forward runs in a worker thread
+                logp = await asyncio.to_thread(steer, steering, scorers, rollout, base, active, beta, weights)
         else:
             logp = steer(steering, scorers, rollout, base, active, beta, weights)
         choice = logp.argmax(dim=-1) if greedy else draw(logp, generator)

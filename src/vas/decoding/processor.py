@@ -75,8 +75,7 @@ class VASLogitsProcessor(LogitsProcessor):
             ones = torch.ones(B, L - L0, dtype=torch.long, device=input_ids.device)
             new_ids, new_mask = input_ids, torch.cat([self.prompt_mask.to(input_ids.device), ones], dim=1)
         self.seen = input_ids.clone()
-        if self.steering.top_k > scores.shape[-1]:
-            raise VasError(f"k must be between 1 and the vocabulary size {scores.shape[-1]}, got {self.steering.top_k}")
+        self.steering.check_top_k(scores.shape[-1])
         self.appended = Appended(new_ids, new_mask)
         beta, weights = self.steering.rows(B)
         base = base_logprobs(scores, self.temperature)

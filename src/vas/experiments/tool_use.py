@@ -113,30 +113,16 @@ def cached(path: Path, prompts: list[str]) -> list[dict]:
 
 
 def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int, progress: bool) -> list[dict]:
-    """π0's greedy response to each prompt, one request each (temperature 0), kept in ``path`` (JSON lines;
-    finished rows are kept in ``<path>.partial`` as they finish, so an interrupted run resumes); closes
-    ``policy``. At every step that is the token VAS at β = 0 would pick, since π0's argmax is always in its
-    top-k. Rows as :func:`vas.jobs.generate`'s, with ``kl`` 0 and ``outside_mass`` None (not asked for)."""
-    import time
-
-    from vas.jobs import RowLog, prompts_digest, run_concurrently
+    """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.jobs.sample_responses`),
+    kept in ``path`` (JSON lines; resumable); closes ``policy``. At every step that is the token VAS at β = 0
+    would pick, since π0's argmax is always in its top-k. Rows with ``outside_mass`` None (not asked for)."""
+    from vas.jobs import sample_responses
 
     if path.exists():
         return cached(path, prompts)
-    log = RowLog(path, {"greedy": True, "max_new_tokens": max_new_tokens, "num_prompts": len(prompts),
-                        "prompts_sha256": prompts_digest(prompts), "policy": policy.settings})
-
-    async def work(i: int) -> int:
-        start = time.perf_counter()
-        answer = await policy.sample(prompts[i], max_new_tokens=max_new_tokens, temperature=0.0)
-        log.append({"prompt_index": i, "prompt": prompts[i], "response": answer.text, "tokens": answer.tokens,
-                    "finished": answer.finished, "kl": 0.0, "outside_mass": None,
-                    "seconds": time.perf_counter() - start})
-        return 1
-
-    run_concurrently(policy, [i for i in range(len(prompts)) if i not in log.rows], work, concurrency=1,
-                     total=len(prompts), done=len(log.rows), desc="greedy", progress=progress, log=log)
-    return log.finish()
+    rows = sample_responses(policy, prompts, path, temperature=0.0, max_new_tokens=max_new_tokens, concurrency=1,
+                            progress=progress, desc="greedy")
+    return [{**r, "kl": 0.0, "outside_mass": None} for r in rows]
 
 
 def decision_prefix(query) -> str:

@@ -87,6 +87,12 @@ class LocalPolicy:
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
 
     @property
+    def settings(self) -> dict:
+        """What decides this policy's answers, for resumed jobs to check: the model, its dtype, the end and pad ids."""
+        return {"model": str(self.model.name_or_path), "dtype": str(self.model.dtype),
+                "eos_token_ids": self.eos_token_ids, "pad_token_id": self.pad_token_id}
+
+    @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
