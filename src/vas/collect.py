@@ -102,7 +102,11 @@ def collect(
         response_ids = [d["response_ids"] for d in done]
         logprobs = [d["logprobs"] for d in done]
     texts = [d["response"] for d in done]
-    rewards = score(reward, repeated, texts)
+    try:
+        rewards = score(reward, repeated, texts)
+    except VasError as exc:
+        raise VasError(f"{exc}; the {len(done)} sampled responses are kept in {out_dir}.partial: fix the reward and "
+                       "run the same command again") from None
     save_dataset_atomic(datasets.Dataset.from_dict({
         "prompt": repeated,
         "prompt_ids": [prompt_ids[i] for i, _ in rows],

@@ -115,14 +115,13 @@ def cached(path: Path, prompts: list[str]) -> list[dict]:
 def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int, progress: bool) -> list[dict]:
     """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.jobs.sample_responses`),
     kept in ``path`` (JSON lines; resumable); closes ``policy``. At every step that is the token VAS at β = 0
-    would pick, since π0's argmax is always in its top-k. Rows with ``outside_mass`` None (not asked for)."""
+    would pick, since π0's argmax is always in its top-k. Its rows have no ``outside_mass`` (not asked for)."""
     from vas.jobs import sample_responses
 
     if path.exists():
         return cached(path, prompts)
-    rows = sample_responses(policy, prompts, path, temperature=0.0, max_new_tokens=max_new_tokens, concurrency=1,
+    return sample_responses(policy, prompts, path, temperature=0.0, max_new_tokens=max_new_tokens, concurrency=1,
                             progress=progress, desc="greedy")
-    return [{**r, "kl": 0.0, "outside_mass": None} for r in rows]
 
 
 def decision_prefix(query) -> str:
@@ -254,7 +253,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                       "tokens": sum(r["tokens"] for r in rows[label]) / n,
                       "seconds_per_query": sum(r["seconds"] for r in rows[label]) / n,
                       "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / n
-                                       if rows[label][0]["outside_mass"] is not None else None),
+                                       if rows[label][0].get("outside_mass") is not None else None),
                       "wins": wins[label]})
     rate = sum(data["reward"]) / len(data)
     training = {"responses": len(data), "success_rate": rate, "reward_variance": rate * (1 - rate),
