@@ -171,3 +171,26 @@ def test_evaluate_runs_end_to_end(tiny_model_dir, value_dir, tmp_path):
     assert not (tmp_path / "e.partial").exists()
     rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 + 2 * 2  # a pool of 2 per prompt, then one response per prompt and β
+
+
+def test_generate_at_huge_beta_has_a_finite_kl_and_warns(tmp_path, tiny_model_dir, value_dir):
+    """β·ΔV beyond float32's range: every step puts all mass on the candidate with the largest V, so a row's KL is
+    −Σ log π0 of its chosen tokens; the KL per token is extreme, which a warning says."""
+    result = vas("generate", "--quiet", "--prompt", "hello", "--prompt", "what a day", "--base-model", tiny_model_dir,
+                 "--value", value_dir, "--beta", "3e38", "--max-new-tokens", 6, "--out", tmp_path / "g.jsonl")
+    assert result.returncode == 0, result.stderr
+    for row in (json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()):
+        assert row["kl"] == pytest.approx(-sum(row["logprobs"]), rel=1e-4)
+    assert result.stderr.startswith("vas: warning: KL(π‖π0) is ") and "nats per token" in result.stderr
+
+
+def test_generate_shows_tokens_as_they_are_generated(tmp_path, tiny_model_dir):
+    """The progress bar counts tokens within a batch; its last count is every token of every response."""
+    import re
+
+    result = vas("generate", "--prompt", "hello", "--prompt", "what a day", "--base-model", tiny_model_dir,
+                 "--max-new-tokens", 7, "--out", tmp_path / "g.jsonl")
+    assert result.returncode == 0, result.stderr
+    counts = [int(n) for n in re.findall(r"(\d+) tokens\]", result.stderr)]
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert counts and counts[-1] == sum(r["tokens"] for r in rows)

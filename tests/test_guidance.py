@@ -52,3 +52,27 @@ def test_kl_hand_worked():
 def test_rejects_non_finite_values():
     with pytest.raises(ValueError, match="non-finite"):
         steered_logprobs(BASE, torch.tensor([[0, 1]]), torch.tensor([[float("nan"), 0.0]]), beta=1.0)
+
+
+@pytest.mark.parametrize("beta, chosen", [(3e38, 0), (-3e38, 1), (1e30, 0)])
+def test_huge_beta_gives_the_limit_and_a_finite_kl(beta, chosen):
+    # |β|·ΔV overflows float32: π must still be the limit, all mass on the candidate with the largest β·V, and
+    # KL(π‖π0) = −log π0(that candidate): log 2 for token 0, −log 0.3 for token 1
+    got = steered_logprobs(BASE, torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]), beta=torch.tensor([beta]))
+    expected = torch.zeros(3)
+    expected[chosen] = 1.0
+    torch.testing.assert_close(got.exp(), expected[None], atol=1e-6, rtol=0)
+    torch.testing.assert_close(kl_divergence(got, BASE), -BASE[0, chosen:chosen + 1], atol=1e-6, rtol=0)
+
+
+def test_rejects_beta_that_is_not_finite_in_float32():
+    with pytest.raises(ValueError, match="beta must be a finite float32"):
+        steered_logprobs(BASE, torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]), beta=1e39)
+
+
+def test_extreme_kl_warning_threshold():
+    from vas.decoding.guidance import EXTREME_KL_PER_TOKEN, extreme_kl_warning
+
+    assert extreme_kl_warning(EXTREME_KL_PER_TOKEN * 10, 10) is None
+    assert "1.50 nats per token" in extreme_kl_warning(15.0, 10)
+    assert extreme_kl_warning(0.0, 0) is None

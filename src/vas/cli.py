@@ -229,6 +229,7 @@ def generate(
     """
     import tempfile
 
+    from vas.decoding.guidance import extreme_kl_warning
     from vas.decoding.loop import Steering
     from vas.jobs import generate as run
     from vas.prompts import load_prompts
@@ -252,9 +253,10 @@ def generate(
                    settings={"value": value, "base": policy.name, "api_model": policy.api_model})
     if out:
         typer.echo(f"{len(rows)} responses → {out}")
-        return
-    for r in rows:
-        typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
+    else:
+        for r in rows:
+            typer.echo(f"### {r['prompt']}\n{r['response']}\n[{r['tokens']} tokens, KL {r['kl']:.3f} nats]\n")
+    _warn(extreme_kl_warning(sum(r["kl"] for r in rows), sum(r["tokens"] for r in rows)))
 
 
 @app.command()
@@ -309,10 +311,17 @@ def evaluate(
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
 
 
+def _warn(message: str | None) -> None:
+    if message:
+        typer.echo(f"vas: warning: {message}", err=True)
+
+
 def print_report(report: dict) -> None:
-    """The report as a table on the terminal."""
+    """The report as a table on the terminal, and a warning for each β whose KL per token is extreme."""
     from rich.console import Console
     from rich.table import Table
+
+    from vas.decoding.guidance import extreme_kl_warning
 
     table = Table(title=f"held-out prompts: {report['settings']['prompts']}")
     for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "length (tokens)", "s / prompt"):
@@ -326,6 +335,9 @@ def print_report(report: dict) -> None:
         table.add_row(f"Best-of-{b['n']}", f"{b['reward']:.4f}", f"{b['reward_sem']:.4f}", f"≤ {b['kl']:.3f}",
                       f"{b['length']:.1f}", f"{b['seconds_per_prompt']:.2f}")
     Console().print(table)
+    for v in report["vas"]:
+        warning = extreme_kl_warning(v["kl"], v["length"])
+        _warn(warning and f"VAS β={v['beta']:g}: {warning}")
 
 
 @app.command()

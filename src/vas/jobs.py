@@ -127,10 +127,12 @@ def changed_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_concurrently(policy, todo: Sequence[int], work: Callable[[int], Awaitable[int]], *, concurrency: int,
-                     total: int, done: int, desc: str, progress: bool, log: RowLog | None = None) -> None:
-    """Run the coroutine ``work(i)`` for every i in ``todo``, at most ``concurrency`` at once, with a progress bar
-    over ``total`` rows (``done`` of them finished before; ``work`` returns how many rows it finished). On the
+def run_concurrently(policy, todo: Sequence[int], work: Callable[[int, Callable[[int], None]], Awaitable[int]], *,
+                     concurrency: int, total: int, done: int, desc: str, progress: bool, log: RowLog | None = None) -> None:
+    """Run the coroutine ``work(i, tick)`` for every i in ``todo``, at most ``concurrency`` at once, with a progress
+    bar over ``total`` rows (``done`` of them finished before; ``work`` returns how many rows it finished).
+    ``work`` may call ``tick(n)`` as it generates n tokens: the bar then shows the tokens generated so far, so
+    that a long batch shows progress before its rows finish. On the
     first failure the rest are cancelled, and in every case the policy's HTTP client is closed if it has
     ``close``. ``work`` keeps its results in ``log``; a failure's message then says how many are kept, and a
     partial file without any is removed.
@@ -144,13 +146,21 @@ def run_concurrently(policy, todo: Sequence[int], work: Callable[[int], Awaitabl
 
     async def main():
         gate, failed = asyncio.Semaphore(concurrency), asyncio.Event()
-        with tqdm(total=total, initial=done, desc=desc, unit="response", disable=not progress) as bar:
+        with tqdm(total=total, initial=done, desc=desc, unit="response", disable=not progress, miniters=0) as bar:
+            tokens = 0
+
+            def tick(n: int) -> None:
+                nonlocal tokens
+                tokens += n
+                bar.set_postfix_str(f"{tokens} tokens", refresh=False)
+                bar.update(0)  # redraws at most every mininterval (miniters=0: also between rows)
+
             async def one(i: int):
                 async with gate:
                     if failed.is_set():  # a batch waiting for the gate when another failed never starts
                         return
                     try:
-                        bar.update(await work(i))
+                        bar.update(await work(i, tick))
                     except BaseException:
                         failed.set()
                         raise
@@ -230,12 +240,13 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
         rows = log.rows
     lock = asyncio.Lock() if concurrency > 1 else None
 
-    async def work(b: int) -> int:
+    async def work(b: int, tick: Callable[[int], None]) -> int:
         index = batches[b]
         start = time.perf_counter()
         result = await decode(policy, [prompts[i] for i in index], steering.select(index) if steering else None,
                               temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy,
-                              generator=torch.Generator().manual_seed(chunk_seed(seed, b)), value_lock=lock)
+                              generator=torch.Generator().manual_seed(chunk_seed(seed, b)), value_lock=lock,
+                              on_step=tick)
         seconds = (time.perf_counter() - start) / len(index)
         for j, i in enumerate(index):
             row = {"prompt_index": i, "prompt": prompts[i] if isinstance(prompts[i], str) else None,
@@ -276,7 +287,7 @@ def sample_responses(policy, prompts: Sequence[str], out: str | Path, *, tempera
                        "num_prompts": len(prompts), "prompts_sha256": prompts_digest(prompts),
                        "policy": policy.settings, **(settings or {})})
 
-    async def work(r: int) -> int:
+    async def work(r: int, tick: Callable[[int], None]) -> int:
         start = time.perf_counter()
         c = await policy.sample(prompts[r], max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed(seed, r))
         log.append({"prompt_index": r, "prompt": prompts[r], "response": c.text, "tokens": c.tokens,

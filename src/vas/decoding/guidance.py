@@ -61,7 +61,8 @@ def steered_logprobs(
         candidate_ids: (B, k) int64, the top-k token ids of π0 (any k distinct ids per row work).
         candidate_values: (B, k) float, V(s_t ⊕ x) for each candidate (weighted sum if several value models).
         beta: β, the strength of the value guidance: a float, or a (B,) tensor with one β per row. β = 0
-            returns ``base_logprobs`` normalised, i.e. π0.
+            returns ``base_logprobs`` normalised, i.e. π0. Any finite β gives a finite KL: as |β| grows, π
+            concentrates on the candidates with the largest β·V.
         mask_outside_top_k: give tokens outside the candidates probability 0 instead of β·mean(V) (the
             masked variant of App. D.1; not Eq. 5). β = 0 then gives π0 renormalised over the top-k.
 
@@ -69,7 +70,7 @@ def steered_logprobs(
         (B, V) float32 log π(·|s_t), normalised over the vocabulary.
 
     Raises:
-        ValueError: if the shapes disagree or a value is not finite.
+        ValueError: if the shapes disagree, or a value or β is not finite (β in float32).
     """
     if candidate_ids.shape != candidate_values.shape or candidate_ids.shape[0] != base_logprobs.shape[0]:
         raise ValueError(
@@ -79,17 +80,27 @@ def steered_logprobs(
     candidate_values = candidate_values.float()
     if not bool(torch.isfinite(candidate_values).all()):
         raise ValueError("value model returned a non-finite value")
-    mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t)
-    if isinstance(beta, torch.Tensor):
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=candidate_values.device)
+    if not bool(torch.isfinite(beta).all()):
+        raise ValueError(f"beta must be a finite float32 number, got {beta.tolist()}")
+    if beta.dim():
         if beta.shape != candidate_ids.shape[:1]:
             raise ValueError(f"beta has shape {tuple(beta.shape)}, expected ({candidate_ids.shape[0]},): one per row")
-        beta = beta.float().to(candidate_values.device)[:, None]
-    # Every token gets β·V̄ and the top-k get β·V(s ⊕ x) instead. A bonus shared by all tokens cancels in
-    # the normalisation, so only the top-k's β·(V − V̄) is added.
-    logits = base_logprobs.float().scatter_add(1, candidate_ids, beta * (candidate_values - mean_value))
+        beta = beta[:, None]
+    # Every logit is shifted by −β·V_ref, V_ref being the candidate value with the largest β·V (it cancels in
+    # the normalisation): every bonus is then ≤ 0, so for any finite β it is finite or −inf, never +inf or NaN,
+    # and the reference candidate keeps a finite logit. Huge β thus gives the limit: π concentrated on the
+    # candidates with the best β·V, and a finite KL.
+    reference = torch.where(beta >= 0, candidate_values.max(dim=1, keepdim=True).values,
+                            candidate_values.min(dim=1, keepdim=True).values)  # (B, 1)
+    mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t), Eq. 5's value outside the top-k
+    base_logprobs = base_logprobs.float()
+    candidates = base_logprobs.gather(1, candidate_ids) + beta * (candidate_values - reference)
     if mask_outside_top_k:
-        logits = torch.full_like(logits, -torch.inf).scatter(1, candidate_ids, logits.gather(1, candidate_ids))
-    return torch.log_softmax(logits, dim=-1)
+        logits = torch.full_like(base_logprobs, -torch.inf)
+    else:
+        logits = base_logprobs + beta * (mean_value - reference)
+    return torch.log_softmax(logits.scatter(1, candidate_ids, candidates), dim=-1)
 
 
 def kl_divergence(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
@@ -108,3 +119,18 @@ def kl_divergence(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.
     # 0·log 0 = 0: tokens with π(x) = 0 contribute nothing even where log π0(x) = −inf.
     diff = torch.where(p > 0, logprobs - base_logprobs.float(), torch.zeros_like(p))
     return (p * diff).sum(dim=-1).clamp_min(0.0)
+
+
+EXTREME_KL_PER_TOKEN = 1.0
+"""KL(π‖π0) per generated token, in nats, above which steered text is flagged as far from π0. The frontier
+experiment's largest β (32, report/REPORT.md) reaches 0.6 nats per token."""
+
+
+def extreme_kl_warning(kl: float, tokens: float) -> str | None:
+    """A one-line warning when ``kl`` nats over ``tokens`` generated tokens exceed :data:`EXTREME_KL_PER_TOKEN`
+    per token, else None."""
+    per_token = kl / max(tokens, 1)
+    if per_token <= EXTREME_KL_PER_TOKEN:
+        return None
+    return (f"KL(π‖π0) is {per_token:.2f} nats per token (more than {EXTREME_KL_PER_TOKEN:g}): the text is far from "
+            "what π0 writes and is likely degenerate; a smaller --beta keeps it closer")

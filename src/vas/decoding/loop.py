@@ -68,7 +68,8 @@ class Steering:
             raise VasError(f"{weights.shape[-1] if weights.dim() else 1} weights given for {M} value models")
         beta = torch.as_tensor(self.beta, dtype=torch.float32)
         if not bool(torch.isfinite(beta).all()) or not bool(torch.isfinite(weights).all()):
-            raise VasError(f"beta and the weights must be finite numbers, got beta={self.beta}, weights={self.weights}")
+            raise VasError(f"--beta and the --value weights must be finite float32 numbers (|x| < 3.4e38), got "
+                           f"beta={self.beta}, weights={self.weights}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise VasError(f"k (--top-k) must be ≥ 1, got {self.top_k}")
 
@@ -192,7 +193,7 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = None, *, temperature: float = 0.7,
                  max_new_tokens: int = 64, greedy: bool = False, generator: torch.Generator | None = None,
-                 value_lock: asyncio.Lock | None = None) -> Decoded:
+                 value_lock: asyncio.Lock | None = None, on_step: Callable[[int], None] | None = None) -> Decoded:
     """Generate one response per prompt from π0, or from the VAS policy (Eq. 5) when ``steering`` has value
     models and a row's β ≠ 0. Each row stops at its own end.
 
@@ -207,6 +208,8 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         generator: torch RNG for reproducible draws (CPU).
         value_lock: serialises value-model forwards between concurrent rollouts, which then run in a worker
             thread so that other rollouts' requests go on meanwhile.
+        on_step: called after each step with the number of tokens it generated (the rows still active), e.g.
+            to show progress.
 
     Returns:
         :class:`Decoded`.
@@ -217,7 +220,7 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
             failed request, or a value model that returns a non-finite value.
     """
     if not (0 < temperature < math.inf):
-        raise VasError(f"temperature must be a finite number > 0, got {temperature}")
+        raise VasError(f"--temperature must be a finite number > 0, got {temperature}")
     if max_new_tokens < 1:
         raise VasError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     rollout = policy.start(prompts, max_new_tokens)
@@ -257,6 +260,8 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         ended = rollout.advance(choice, active).cpu()
         steps += active.long()
         finished |= active & ended
+        if on_step is not None:
+            on_step(int(active.sum()))
         if bool(finished.all()):
             break
     token_ids = getattr(rollout, "token_ids", None)
