@@ -194,3 +194,30 @@ def test_generate_shows_tokens_as_they_are_generated(tmp_path, tiny_model_dir):
     counts = [int(n) for n in re.findall(r"(\d+) tokens\]", result.stderr)]
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert counts and counts[-1] == sum(r["tokens"] for r in rows)
+
+
+def test_interrupted_train_resumes_when_run_again(tmp_path, tiny_model_dir):
+    """Ctrl-C during `vas train` says the same command resumes, and it does: the rerun starts from the newest
+    checkpoint (at the step it names) and saves the value model."""
+    import signal
+    import time
+
+    datasets.Dataset.from_dict({"prompt_ids": [[1, 2]] * 4, "response_ids": [[3, 4]] * 4, "reward": [0.0, 1.0, 0.0, 1.0],
+                                "prompt_index": [0, 1, 2, 3]}).save_to_disk(str(tmp_path / "data"))
+    args = ["train", "--quiet", "--data", tmp_path / "data", "--out", tmp_path / "v", "--backbone", tiny_model_dir,
+            "--epochs", 300, "--save-steps", 5, "--val-fraction", 0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "vas", *map(str, args)], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "v.checkpoints").glob("checkpoint-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "vas: interrupted; the newest checkpoint is kept" in stderr and "run the same command again" in stderr
+    assert not (tmp_path / "v").exists()
+    newest = max(int(p.name.split("-")[1]) for p in (tmp_path / "v.checkpoints").glob("checkpoint-*"))
+    assert 5 <= newest < 300
+    result = vas(*args)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "v" / "value_head.safetensors").is_file() and not (tmp_path / "v.checkpoints").exists()

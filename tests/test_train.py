@@ -45,13 +45,56 @@ def test_training_learns_a_learnable_signal(tiny_model_dir, tmp_path):
     data = make_data(tokenizer)
     config = TrainConfig(backbone=tiny_model_dir, epochs=8, learning_rate=3e-3, batch_size=8, lora_rank=8,
                          val_fraction=0.25, lam=0.95)
-    metrics = train_value_model(data, tmp_path / "v", config, tokenizer=tokenizer, progress=False)
+    lines = []
+    metrics = train_value_model(data, tmp_path / "v", config, tokenizer=tokenizer, progress=False, log=lines.append)
     # rewards are 0/1 with mean ½: the initial model (every V = the mean reward) has MSE 0.25
-    assert metrics["history"][-1]["eval_mc_mse"] < 0.1
+    last = metrics["history"][-1]
+    assert last["eval_mc_mse"] < 0.1
+    # the baseline: the reward's variance over the validation states, each response counted once per state
+    _, val = split_by_prompt(data, 0.25, seed=0)
+    weights = torch.tensor([len(r) + 1.0 for r in val["response_ids"]], dtype=torch.float64)
+    rewards = torch.tensor(val["reward"], dtype=torch.float64)
+    mean = (weights * rewards).sum() / weights.sum()
+    assert last["eval_reward_var"] == pytest.approx(float((weights * (rewards - mean) ** 2).sum() / weights.sum()))
+    assert last["eval_explained"] == pytest.approx(1 - last["eval_mc_mse"] / last["eval_reward_var"])
+    assert len(lines) == 8 and lines[-1].startswith("epoch 8.00: validation MSE to the rewards ")
     model = ValueModel.from_pretrained(tmp_path / "v")
     happy, awful = (torch.tensor([tokenizer(f"{w} news number 99")["input_ids"]]) for w in ("happy", "awful"))
     assert model(happy, torch.ones_like(happy))[0, -1] > 0.7
     assert model(awful, torch.ones_like(awful))[0, -1] < 0.3
+
+
+def test_evaluation_line_by_hand():
+    from vas.value.train import describe_evaluation
+
+    metrics = {"eval_mc_mse": 0.05, "eval_reward_var": 0.2, "eval_explained": 0.75, "eval_loss": 0.01,
+               "eval_final_mse": 0.02}
+    assert describe_evaluation(metrics, 1.0) == (
+        "epoch 1.00: validation MSE to the rewards 0.0500, against their variance 0.2000: 75% explained "
+        "(MSE to the TD(λ) targets 0.0100, at finished responses 0.0200)")
+    weak = describe_evaluation({**metrics, "eval_mc_mse": 0.213, "eval_reward_var": 0.218, "eval_explained": 0.023}, 2.0)
+    assert "2% explained" in weak and weak.endswith("a weak value model, barely better than predicting the mean "
+                                                    "reward: VAS will steer little (more data or epochs may help)")
+
+
+def test_same_seed_same_value_model_whatever_the_global_rng(tiny_model_dir, tmp_path):
+    """CPU training is a function of the seed, data and settings: the global generators' state before the call
+    (which the demo's collection stage moves) changes nothing, bit for bit."""
+    from safetensors.torch import load_file
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = make_data(tokenizer, n_prompts=8)
+    config = TrainConfig(backbone=tiny_model_dir, epochs=1, learning_rate=1e-3, batch_size=4, lora_rank=4,
+                         val_fraction=0.25, seed=3)
+    weights = []
+    for run, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        train_value_model(data, tmp_path / f"v{run}", config, tokenizer=tokenizer, progress=False)
+        weights.append({**load_file(tmp_path / f"v{run}" / "value_head.safetensors"),
+                        **load_file(tmp_path / f"v{run}" / "adapter_model.safetensors")})
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
 
 
 def test_split_keeps_prompts_together(tiny_model_dir):
@@ -80,10 +123,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
-    """An interrupted run resumes at its last checkpoint's step with that checkpoint's weights.
-    (Bit-exact equality with an uninterrupted run is not a property of CPU training: reductions differ
-    in the last bit between runs and Adam amplifies that, so the final model is compared loosely.)"""
+def test_rerun_resumes_from_the_checkpoint(tiny_model_dir, tmp_path):
+    """An interrupted run, called again with the same settings and data, resumes at its last checkpoint's step
+    with that checkpoint's weights and ends with the uninterrupted run's value model, bit for bit; called with
+    other settings or data, it is refused."""
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
@@ -107,9 +150,16 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
         train_value_model(data, tmp_path / "resumed", callbacks=[StopAtStep3()], **kwargs)
     assert not (tmp_path / "resumed").exists()
     saved_bias = float(load_file(tmp_path / "resumed.checkpoints" / "checkpoint-2" / "value_head.safetensors")["bias"])
-    train_value_model(data, tmp_path / "resumed", resume=True, callbacks=[FirstStep()], **kwargs)
+    other = {**kwargs, "config": TrainConfig(**{**kwargs["config"].__dict__, "learning_rate": 2e-3})}
+    with pytest.raises(VasError, match=r"resumed.checkpoints holds an interrupted run with other settings "
+                                       r"\(config.learning_rate\): restore them"):
+        train_value_model(data, tmp_path / "resumed", **other)
+    with pytest.raises(VasError, match=r"other settings \(data\)"):
+        train_value_model(make_data(tokenizer, n_prompts=14), tmp_path / "resumed", **kwargs)
+    train_value_model(data, tmp_path / "resumed", callbacks=[FirstStep()], **kwargs)
+    assert not (tmp_path / "resumed.checkpoints").exists()
     assert FirstStep.seen[0] == (2, saved_bias)
     assert [step for step, _ in FirstStep.seen] == list(range(2, 10))  # 18 training rows, batch 4: 5 steps × 2 epochs
     whole, resumed = ValueModel.from_pretrained(tmp_path / "whole"), ValueModel.from_pretrained(tmp_path / "resumed")
     ids = torch.tensor([tokenizer("happy news number 5")["input_ids"]])
-    torch.testing.assert_close(resumed(ids, torch.ones_like(ids)), whole(ids, torch.ones_like(ids)), atol=0.1, rtol=0)
+    assert torch.equal(resumed(ids, torch.ones_like(ids)), whole(ids, torch.ones_like(ids)))

@@ -1,7 +1,7 @@
 """The ``vas`` command: parses arguments, calls the library, prints. No logic of its own.
 
 Every user error is a :class:`vas.errors.VasError`, printed as one line (``vas: error: …``) with exit
-status 2; an interrupt exits 130 and long jobs resume when the same command is run again.
+status 2; an interrupt exits 130, saying what was kept: long jobs resume when the same command is run again.
 """
 
 from __future__ import annotations
@@ -167,8 +167,7 @@ def collect(
 @_options(TrainConfig, "config")
 def train(
     data: Annotated[Path, typer.Option(help="Dataset folder written by `vas collect`.")],
-    out: Annotated[Path, typer.Option(help="Output value-model folder (must not exist).")],
-    resume: Annotated[bool, typer.Option(help="Resume from the newest checkpoint in <out>.checkpoints.")] = False,
+    out: Annotated[Path, typer.Option(help="Output value-model folder (must not exist; <out>.checkpoints holds an interrupted run, which the same command resumes).")],
     device: Device = "auto",
     quiet: Quiet = False,
     config: TrainConfig = TrainConfig(),
@@ -192,12 +191,8 @@ def train(
         from vas.value.model import check_same_tokenizer
 
         check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
-    metrics = train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), resume=resume,
-                                progress=not quiet,
-                                metadata={"base_model": base_model or config.backbone, "reward": meta.get("reward")})
-    for entry in metrics["history"]:
-        typer.echo(f"epoch {entry['epoch']:.2f}: validation MSE to TD(λ) targets {entry['eval_loss']:.4f}, "
-                   f"to rewards {entry['eval_mc_mse']:.4f}, finished-state {entry['eval_final_mse']:.4f}")
+    train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), progress=not quiet,
+                      log=typer.echo, metadata={"base_model": base_model or config.backbone, "reward": meta.get("reward")})
     typer.echo(f"value model → {out}")
 
 
@@ -409,6 +404,7 @@ def judge(
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
     timeout: Annotated[float, typer.Option(help="Seconds per request (429/5xx are retried with backoff).")] = 60.0,
     seed: Seed = 0,
+    quiet: Quiet = False,
 ):
     """Pairwise LLM judge of VAS and Best-of-N against plain π0, as in the paper's Appendix E; writes llm_judge.json there."""
     from rich.console import Console
@@ -424,7 +420,7 @@ def judge(
         raise VasError("nothing to judge: pass --betas and/or --best-of")
     rows = read_responses(results)
     client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
-    summary, verdicts = llm_win_rates(rows, client, betas=chosen_betas, best_of=ns, seed=seed)
+    summary, verdicts = llm_win_rates(rows, client, betas=chosen_betas, best_of=ns, seed=seed, progress=not quiet)
     write_json_atomic(results / "llm_judge.json", {"base_url": base_url, "model": model, "seed": seed,
                                                     "summary": summary, "verdicts": verdicts})
     table = Table(title=f"win rate against plain π0, judged by {model}")
@@ -437,8 +433,23 @@ def judge(
     typer.echo(f"verdicts → {results / 'llm_judge.json'}")
 
 
+def _interrupt_hint() -> str:
+    """What the interrupted command (the first word after ``vas``; no top-level option takes a value) kept, and
+    how to resume it."""
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command == "generate" and not any(a == "--out" or a.startswith("--out=") for a in args):
+        return "nothing is kept without --out"
+    if command == "judge":
+        return "the verdicts are written at the end: nothing is kept"
+    if command == "train":
+        return ("the newest checkpoint is kept (every --save-steps steps, else every epoch): run the same command "
+                "again to resume from it")
+    return "finished work is kept, run the same command again to resume"
+
+
 def _on_interrupt(signum, frame):
-    typer.echo("\nvas: interrupted; finished work is kept, run the same command again to resume", err=True)
+    typer.echo(f"\nvas: interrupted; {_interrupt_hint()}", err=True)
     raise KeyboardInterrupt
 
 

@@ -149,7 +149,8 @@ class TrainConfig:
         val_fraction: fraction of prompts held out for validation (whole prompts, never split).
         precision: ``float32``, or ``bf16`` / ``fp16`` mixed precision (GPU).
         save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
-        seed: seeds the split, the initialisation and the data order.
+        seed: seeds the split, the initialisation and the data order: on a CPU the same seed, data and settings
+            give the same value model bit for bit (on one machine, torch version and thread count).
     """
 
     backbone: Optional[str] = field(default=None, metadata=_help(

@@ -98,10 +98,8 @@ def trained_value_model(
     config = TrainConfig(backbone=base_model, backbone_layers=recipe.backbone_layers, lam=recipe.lam,
                          epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
                          lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed)
-    metrics = train_value_model(data, directory, config, tokenizer=tokenizer, device=device, progress=progress,
-                                metadata={"base_model": base_model, **(metadata or {})})
-    log(f"      validation MSE (TD(λ) targets) {metrics.get('eval_loss', float('nan')):.4f}, "
-        f"(reward labels) {metrics.get('eval_mc_mse', float('nan')):.4f}")
+    train_value_model(data, directory, config, tokenizer=tokenizer, device=device, progress=progress, log=log,
+                      metadata={"base_model": base_model, **(metadata or {})})
     return directory
 
 

@@ -1,8 +1,10 @@
 """Train: regress the value model V on TD(λ) targets of π0's own returns (paper Eq. 3, App. C.1, Table 4).
 
-Training runs in Hugging Face's :class:`transformers.Trainer`, so checkpoints (``--save-steps``),
-``resume_from_checkpoint``, bf16/fp16 and multi-GPU via ``accelerate launch`` behave as Hugging Face users
-expect. Only the LoRA adapter and the head are trained and checkpointed.
+Training runs in Hugging Face's :class:`transformers.Trainer`, so checkpoints (``--save-steps``), resuming,
+bf16/fp16 and multi-GPU via ``accelerate launch`` behave as Hugging Face users expect. Only the LoRA adapter and
+the head are trained and checkpointed. An interrupted run resumes from its newest checkpoint when it is started
+again with the same settings and data. On a CPU a seed gives the same value model bit for bit (same machine,
+torch version and thread count); CUDA kernels may add run-to-run differences of rounding size.
 
 Each training row is ``prompt_ids ⊕ response_ids``; its states are s_0 (the prompt) … s_T (the whole
 response, EOS included when generated), read at positions L−1 … L−1+T of one forward pass. Every state is
@@ -12,20 +14,36 @@ asked for at decoding whenever EOS is among the top-k — is trained.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 import torch
-from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, TrainingArguments
+from tqdm.auto import tqdm
+from transformers import (
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from vas.config import TrainConfig
 from vas.errors import VasError
-from vas.storage import make_temp_dir, require_absent
+from vas.storage import make_temp_dir, require_absent, write_json_atomic
 from vas.value.td import lambda_returns
 from vas.value.model import ValueModel
+
+WEAK_VALUE_MODEL = 0.1
+"""A value model that explains less than this share of the validation reward variance is called weak."""
 
 
 class ValueCollator:
@@ -85,13 +103,17 @@ class ValueTrainer(Trainer):
 
         * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises);
         * ``<prefix>_mc_mse``: MSE to the response's reward (Monte-Carlo label, independent of the model);
-        * ``<prefix>_final_mse``: MSE of V(s_T) to the reward (the finished state, whose value is the reward).
+        * ``<prefix>_final_mse``: MSE of V(s_T) to the reward (the finished state, whose value is the reward);
+        * ``<prefix>_reward_var``: the variance of the reward over the same states, i.e. the ``mc_mse`` of the best
+          constant prediction: the baseline a useful value model beats;
+        * ``<prefix>_explained``: 1 − mc_mse / reward_var, the share of that variance the value model explains (≤ 0:
+          no better than a constant; even a perfect V^π0 stays below 1 where a state's reward is still uncertain).
         """
         loader = self.get_eval_dataloader(eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()
-        sums = {"loss": 0.0, "mc_mse": 0.0, "final_mse": 0.0}
+        sums = {"loss": 0.0, "mc_mse": 0.0, "final_mse": 0.0, "reward": 0.0, "reward_sq": 0.0}
         states = responses = 0
         for batch in loader:
             batch = self._prepare_inputs(batch)
@@ -102,13 +124,20 @@ class ValueTrainer(Trainer):
             sums["loss"] += float(((values - targets) ** 2)[mask].sum())
             sums["mc_mse"] += float(((values - reward[:, None]) ** 2)[mask].sum())
             sums["final_mse"] += float(((values.gather(1, last[:, None]).squeeze(1) - reward) ** 2).sum())
+            weight = mask.sum(dim=1).to(reward.dtype)  # each response's reward counts once per state
+            sums["reward"] += float((weight * reward).sum())
+            sums["reward_sq"] += float((weight * reward**2).sum())
             states += int(mask.sum())
             responses += len(reward)
         model.train(was_training)
+        n = max(states, 1)
+        reward_var = max(sums["reward_sq"] / n - (sums["reward"] / n) ** 2, 0.0)
         metrics = {
-            f"{metric_key_prefix}_loss": sums["loss"] / max(states, 1),
-            f"{metric_key_prefix}_mc_mse": sums["mc_mse"] / max(states, 1),
+            f"{metric_key_prefix}_loss": sums["loss"] / n,
+            f"{metric_key_prefix}_mc_mse": sums["mc_mse"] / n,
             f"{metric_key_prefix}_final_mse": sums["final_mse"] / max(responses, 1),
+            f"{metric_key_prefix}_reward_var": reward_var,
+            f"{metric_key_prefix}_explained": 1 - sums["mc_mse"] / n / reward_var if reward_var > 0 else 0.0,
         }
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -121,6 +150,53 @@ class ValueTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         (model or self.model).load_trainable(resume_from_checkpoint)
+
+
+def describe_evaluation(metrics: dict[str, float], epoch: float) -> str:
+    """One readable line for one validation (:meth:`ValueTrainer.evaluate`'s metrics): the MSE to the rewards next
+    to their variance (the MSE of predicting their mean) and the share explained, then the MSE to the TD(λ)
+    targets and at the finished states; a weak value model (:data:`WEAK_VALUE_MODEL`) is called so."""
+    line = (f"epoch {epoch:.2f}: validation MSE to the rewards {metrics['eval_mc_mse']:.4f}, against their variance "
+            f"{metrics['eval_reward_var']:.4f}: {metrics['eval_explained']:.0%} explained (MSE to the TD(λ) targets "
+            f"{metrics['eval_loss']:.4f}, at finished responses {metrics['eval_final_mse']:.4f})")
+    if metrics["eval_explained"] < WEAK_VALUE_MODEL:
+        line += ("; a weak value model, barely better than predicting the mean reward: VAS will steer little "
+                 "(more data or epochs may help)")
+    return line
+
+
+class TrainingProgress(TrainerCallback):
+    """In place of the Trainer's own progress and log printing: a labelled bar over the training steps with the
+    training loss, and :func:`describe_evaluation`'s line for each validation, through ``log``."""
+
+    def __init__(self, log: Callable[[str], None] | None, progress: bool):
+        self.log, self.progress, self.bar, self.step = log, progress, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="training the value model", unit="step", disable=not self.progress)
+        self.step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.step)
+        self.step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.log is not None and metrics:
+            with tqdm.external_write_mode():
+                self.log(describe_evaluation(metrics, state.epoch or 0.0))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def data_digest(data: datasets.Dataset) -> str:
+    """A short hash of the training rows (token ids and rewards): a resumed run must train on the same data."""
+    rows = [list(data[column]) for column in ("prompt_ids", "response_ids", "reward")]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -152,8 +228,8 @@ def train_value_model(
     *,
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device | str = "cpu",
-    resume: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
     metadata: dict | None = None,
     callbacks: list | None = None,
 ) -> dict:
@@ -164,17 +240,22 @@ def train_value_model(
         data: rows with ``prompt_ids``, ``response_ids`` and ``reward`` (output of :func:`vas.collect.collect`),
             tokenized by ``tokenizer``.
         config: the backbone (required here), λ, γ, the optimiser, LoRA and the split (:class:`vas.config.TrainConfig`).
-        resume: continue from the newest checkpoint in ``<out_dir>.checkpoints`` (checkpoints are written every
-            ``config.save_steps`` steps, or once per epoch, and removed once the value model is saved).
+        progress: show a progress bar over the training steps.
+        log: receives one line per validation (:func:`describe_evaluation`); None: nothing is printed.
         metadata: JSON-able fields stored in the value model's config (base model, reward …).
         callbacks: extra :class:`transformers.TrainerCallback` objects (early stopping, logging …).
 
+    Checkpoints go to ``<out_dir>.checkpoints`` every ``config.save_steps`` steps, or once per epoch, and are
+    removed once the value model is saved. If that folder exists, the same call (same ``config`` and data)
+    continues from its newest checkpoint.
+
     Returns:
-        Metrics dict: ``train_loss``, the final ``eval_*`` values and ``history`` (one entry per evaluation).
+        Metrics dict: ``train_loss``, the final ``eval_*`` values (:meth:`ValueTrainer.evaluate`) and ``history``
+        (one entry per evaluation).
 
     Raises:
-        VasError: for a setting out of range, no backbone, a non-finite reward, too little data to split, or an
-            interrupted run in ``<out_dir>.checkpoints`` without ``resume``.
+        VasError: for a setting out of range, no backbone, a non-finite reward, too little data to split, or
+            ``<out_dir>.checkpoints`` holding an interrupted run with other settings or data.
     """
     config.check()
     if config.backbone is None:
@@ -184,6 +265,7 @@ def train_value_model(
     if not bool(torch.isfinite(rewards).all()):
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
     train_set, val_set = split_by_prompt(data, config.val_fraction, seed)
+    set_seed(seed)  # the LoRA initialisation draws from the global generators; the Trainer seeds the rest
     model = ValueModel.create(
         config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
         init_value=float(torch.tensor(train_set["reward"]).mean()), num_layers=config.backbone_layers, device=device,
@@ -191,8 +273,15 @@ def train_value_model(
     out_dir = Path(out_dir)
     require_absent(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
-    if checkpoint_dir.exists() and not resume:
-        raise VasError(f"{checkpoint_dir} holds an interrupted run: pass --resume to continue it, or delete it")
+    settings = json.loads(json.dumps({"config": dataclasses.asdict(config), "data": data_digest(data)}))
+    settings_file = checkpoint_dir / "vas_train.json"
+    if checkpoint_dir.exists():
+        from vas.jobs import changed_settings
+
+        previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        if previous != settings:
+            raise VasError(f"{checkpoint_dir} holds an interrupted run with other settings "
+                           f"({', '.join(changed_settings(previous, settings))}): restore them to resume it, or delete it")
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
@@ -220,10 +309,13 @@ def train_value_model(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
         data_collator=ValueCollator(tokenizer.pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
     )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict when progress bars are off
+    for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
+        trainer.remove_callback(printer)
+    trainer.add_callback(TrainingProgress(log, progress))
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings_file, settings)
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     metrics = {"train_loss": result.training_loss, "history": history,
                **({k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {})}
