@@ -110,9 +110,10 @@ def rows():
     return out
 
 
-def test_llm_win_rates_against_stub_server(stub_server):
+def test_llm_win_rates_against_stub_server(stub_server, capsys):
     judge = LLMJudge(stub_server, "stub", api_key="none", timeout=5, max_retries=0)
-    summary, verdicts = llm_win_rates(rows(), judge, betas=[2.0], best_of=[2], seed=3)
+    summary, verdicts = llm_win_rates(rows(), judge, betas=[2.0], best_of=[2], seed=3, progress=True)
+    assert "6/6 [" in capsys.readouterr().err  # the bar counted every request: 2 methods × 3 prompts
     # VAS vs plain sample 0 ("mid", "short", "tiny"): longer in prompts 0 and 2 → 2/3
     assert summary["vas β=2"]["win_rate"] == pytest.approx(2 / 3) and summary["vas β=2"]["pairs"] == 3
     # Best-of-2 takes the higher reward of samples 1-2: "a", "y", "medium!!" vs "mid", "short", "tiny" → 1/3

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from vas.errors import VasError
 
@@ -158,12 +159,13 @@ class LLMJudge:
 
 
 def llm_win_rates(rows: Sequence[dict], judge: LLMJudge, *, betas: Sequence[float], best_of: Sequence[int],
-                  seed: int = 0) -> tuple[dict, list[dict]]:
+                  seed: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
     """Win rates against plain sampling under an LLM judge, from :func:`vas.evaluate.evaluate`'s responses.
 
     For each prompt the plain reference is pool sample 0; VAS at β is its first sample; Best-of-N is the
     highest-reward sample among pool samples 1 … N (so it never contains the reference). Each pair is shown
-    in a random order (``seed``); an answer naming neither output counts as a tie.
+    in a random order (``seed``); an answer naming neither output counts as a tie. ``progress`` shows a bar over
+    the requests.
 
     Returns:
         (summary: ``{method: {"win_rate", "win_rate_sem", "pairs", "unparsed"}}``, one verdict row per pair).
@@ -187,6 +189,7 @@ def llm_win_rates(rows: Sequence[dict], judge: LLMJudge, *, betas: Sequence[floa
         contenders[f"best-of-{N}"] = {p: max((plain[p, s] for s in range(1, N + 1)), key=lambda r: r["reward"])
                                       for p in prompts}
     summary, verdicts = {}, []
+    bar = tqdm(total=len(contenders) * len(prompts), desc="judge", unit="pair", disable=not progress)
     for method, chosen in contenders.items():
         wins = []
         for p in prompts:
@@ -198,9 +201,11 @@ def llm_win_rates(rows: Sequence[dict], judge: LLMJudge, *, betas: Sequence[floa
             wins.append(win)
             verdicts.append({"method": method, "prompt_index": p, "candidate_first": not swap, "verdict": verdict,
                              "win": win})
+            bar.update()
         w = torch.tensor(wins)
         summary[method] = {"win_rate": float(w.mean()),
                            "win_rate_sem": float(w.std() / len(w) ** 0.5) if len(w) > 1 else 0.0,
                            "pairs": len(wins), "unparsed": sum(v["verdict"] is None for v in verdicts
                                                                if v["method"] == method)}
+    bar.close()
     return summary, verdicts
