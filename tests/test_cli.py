@@ -168,6 +168,9 @@ def test_evaluate_runs_end_to_end(tiny_model_dir, value_dir, tmp_path):
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert [v["beta"] for v in report["vas"]] == [0.0, 3.0] and [b["n"] for b in report["best_of_n"]] == [1, 2]
     assert report["vas"][0]["kl"] == 0 and report["vas"][1]["kl"] > 0
+    from vas.evaluate import summary_sentence
+
+    assert summary_sentence(report) in r.stdout  # the one-sentence summary under the table
     assert not (tmp_path / "e.partial").exists()
     rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 + 2 * 2  # a pool of 2 per prompt, then one response per prompt and β

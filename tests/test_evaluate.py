@@ -86,3 +86,21 @@ def test_an_interrupted_evaluation_resumes_and_refuses_other_settings(tiny_model
     assert resumed["plain"] == {**whole["plain"], "seconds_per_prompt": resumed["plain"]["seconds_per_prompt"]}
     assert [v["reward"] for v in resumed["vas"]] == [v["reward"] for v in whole["vas"]]
     assert not (tmp_path / "e.partial").exists()
+
+
+def test_summary_sentence_by_hand():
+    from vas.evaluate import summary_sentence
+
+    report = {"plain": {"reward": 0.474, "reward_sem": 0.03, "kl": 0.0, "seconds_per_prompt": 0.39},
+              "vas": [{"beta": 2.0, "reward": 0.60, "reward_sem": 0.04, "kl": 0.15, "seconds_per_prompt": 0.7},
+                      {"beta": 32.0, "reward": 0.872, "reward_sem": 0.02, "kl": 23.8, "seconds_per_prompt": 0.79}],
+              "best_of_n": [{"n": 1, "reward": 0.474, "kl": 0.0, "seconds_per_prompt": 0.39},
+                            {"n": 2, "reward": 0.59, "kl": 0.193, "seconds_per_prompt": 0.79},
+                            {"n": 16, "reward": 0.930, "kl": 1.84, "seconds_per_prompt": 6.29}]}
+    # gain 0.872 − 0.474 = 0.398, s.e. √(0.02² + 0.03²) = 0.036; β = 2 beats Best-of-2 (0.60 ≥ 0.59 at 0.15 ≤ 0.193)
+    assert summary_sentence(report) == (
+        "VAS's best β (32) reaches a mean reward of 0.872 against 0.474 for plain sampling (+0.398 ± 0.036) at "
+        "KL 23.80 nats and 0.79 s per prompt; Best-of-16 reaches 0.930 at KL ≤ 1.84 and 6.29 s per prompt; "
+        "at no more KL, VAS reaches the reward of Best-of-2.")
+    report["vas"][0]["reward"] = 0.58
+    assert summary_sentence(report).endswith("; no β reaches a Best-of-N reward (N > 1) at or below its KL.")

@@ -312,11 +312,13 @@ def _warn(message: str | None) -> None:
 
 
 def print_report(report: dict) -> None:
-    """The report as a table on the terminal, and a warning for each β whose KL per token is extreme."""
+    """The report as a table on the terminal, its one-sentence summary, and a warning for each β whose KL per
+    token is extreme."""
     from rich.console import Console
     from rich.table import Table
 
     from vas.decoding.guidance import extreme_kl_warning
+    from vas.evaluate import summary_sentence
 
     table = Table(title=f"held-out prompts: {report['settings']['prompts']}")
     for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "length (tokens)", "s / prompt"):
@@ -330,6 +332,7 @@ def print_report(report: dict) -> None:
         table.add_row(f"Best-of-{b['n']}", f"{b['reward']:.4f}", f"{b['reward_sem']:.4f}", f"≤ {b['kl']:.3f}",
                       f"{b['length']:.1f}", f"{b['seconds_per_prompt']:.2f}")
     Console().print(table)
+    typer.echo(summary_sentence(report))
     for v in report["vas"]:
         warning = extreme_kl_warning(v["kl"], v["length"])
         _warn(warning and f"VAS β={v['beta']:g}: {warning}")

@@ -205,6 +205,30 @@ def evaluate(
     return report
 
 
+def summary_sentence(report: dict) -> str:
+    """One sentence on where VAS stands, from :func:`evaluate`'s report: its best β against plain sampling (the
+    difference with its standard error), the largest Best-of-N, and which Best-of-N rewards some β reaches at no
+    more KL than their bound."""
+    plain = report["plain"]
+    parts = []
+    if report["vas"]:
+        best = max(report["vas"], key=lambda v: v["reward"])
+        gain_sem = math.hypot(best["reward_sem"], plain["reward_sem"])
+        parts.append(f"VAS's best β ({best['beta']:g}) reaches a mean reward of {best['reward']:.3f} against "
+                     f"{plain['reward']:.3f} for plain sampling ({best['reward'] - plain['reward']:+.3f} ± "
+                     f"{gain_sem:.3f}) at KL {best['kl']:.2f} nats and {best['seconds_per_prompt']:.2f} s per prompt")
+    if report["best_of_n"]:
+        top = max(report["best_of_n"], key=lambda b: b["n"])
+        parts.append(f"Best-of-{top['n']} reaches {top['reward']:.3f} at KL ≤ {top['kl']:.2f} and "
+                     f"{top['seconds_per_prompt']:.2f} s per prompt")
+    if report["vas"] and report["best_of_n"]:
+        matched = [b["n"] for b in report["best_of_n"] if b["n"] > 1
+                   and any(v["reward"] >= b["reward"] and v["kl"] <= b["kl"] for v in report["vas"])]
+        parts.append(f"at no more KL, VAS reaches the reward of {', '.join(f'Best-of-{n}' for n in matched)}" if matched
+                     else "no β reaches a Best-of-N reward (N > 1) at or below its KL")
+    return "; ".join(parts) + "."
+
+
 def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
     """Reward against KL(π‖π0) for plain sampling, VAS (one point per β) and Best-of-N (KL bound)."""
     import matplotlib
