@@ -73,7 +73,7 @@ def test_errors_are_one_clear_line(stub):
     with pytest.raises(VasError, match="returned no log-probabilities"):
         next_token(policy_for(stub), 2)
     stub.faults = ["few_logprobs"] + [None, "few_logprobs"] * 4  # a server that caps top_logprobs at 3
-    with pytest.raises(VasError, match=r"returned 3 log-probabilities where k = 5 were asked: use --top-k 3"):
+    with pytest.raises(VasError, match=r"returned 3 log-probabilities where --top-k 5 were asked: use --top-k 3"):
         next_token(policy_for(stub), 5)
     with pytest.raises(VasError, match="cannot reach http://127.0.0.1:9/v1"):
         next_token(ApiPolicy(Endpoint("http://127.0.0.1:9/v1", "x", max_retries=0)), 2)
@@ -254,7 +254,7 @@ def test_row_log_drops_a_torn_line_and_restarts_a_partial_without_rows(tmp_path)
         f.write('{"prompt_index": 0, "te')  # a crash in the middle of a write
     again = RowLog(out, {"a": 1})
     assert list(again.rows) == [1] and again.rows[1]["text"] == "é"
-    with pytest.raises(VasError, match=r"other settings \(a\)"):
+    with pytest.raises(VasError, match=r"other settings \(--a\)"):
         RowLog(out, {"a": 2})
     again.append({"prompt_index": 0, "text": "x"})
     assert [r["prompt_index"] for r in again.finish()] == [0, 1] and not (tmp_path / "rows.jsonl.partial").exists()

@@ -59,7 +59,7 @@ def test_resume_gives_the_same_rows(model, tmp_path):
 def test_resume_with_other_settings_is_refused(model, tmp_path):
     with pytest.raises(VasError, match="injected failure"):
         run(model, length_reward, tmp_path / "d", fail_at=2)
-    with pytest.raises(VasError, match=r"other settings \(num_prompts, prompts_sha256, samples_per_prompt\)"):
+    with pytest.raises(VasError, match=r"other settings \(the prompts, --samples-per-prompt\)"):
         run(model, length_reward, tmp_path / "d", samples_per_prompt=3)
 
 

@@ -79,7 +79,7 @@ def test_an_interrupted_evaluation_resumes_and_refuses_other_settings(tiny_model
     with pytest.raises(VasError, match="reward server down"):
         evaluate(policy, prompts, failing_on_vas, value, tmp_path / "e", **run)
     assert not (tmp_path / "e").exists() and (tmp_path / "e.partial" / "plain.jsonl.partial").is_file()
-    with pytest.raises(VasError, match=r"other settings \(temperature\)"):
+    with pytest.raises(VasError, match=r"other settings \(--temperature\)"):
         evaluate(policy, prompts, length_reward, value, tmp_path / "e", temperature=0.9, **run)
     resumed = evaluate(policy, prompts, length_reward, value, tmp_path / "e", **run)
     whole = evaluate(policy, prompts, length_reward, value, tmp_path / "whole", **run)

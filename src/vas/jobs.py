@@ -70,7 +70,7 @@ class RowLog:
             lines = self.partial.read_text(encoding="utf-8", errors="replace").split("\n")
             previous = json.loads(lines[0])
             if previous != settings and any(line.strip() for line in lines[1:]):
-                changed = changed_settings(previous, settings)
+                changed = option_names(changed_settings(previous, settings))
                 raise VasError(f"{self.partial} was started with other settings ({', '.join(changed)}): "
                                "delete it or restore them")
             for line in lines[1:] if previous == settings else []:  # no finished row: new settings are fine
@@ -125,6 +125,26 @@ def changed_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(prefix + k)
     return out
+
+
+_OPTION_NAMES = {"num_prompts": "the prompts", "prompts_sha256": "the prompts", "weights": "the --value weights",
+                 "base": "--base-model", "learning_rate": "--lr", "lam": "--lambda", "data": "the data"}
+
+
+def option_names(keys: Sequence[str]) -> list[str]:
+    """What a user changed, named by the command's options, from settings keys (:func:`changed_settings`):
+    ``max_new_tokens`` → ``--max-new-tokens``, ``config.learning_rate`` → ``--lr``, any ``policy.*`` → π0's options.
+    Duplicates are dropped."""
+    names = []
+    for key in keys:
+        last = key.rsplit(".", 1)[-1]
+        if key.startswith("policy."):
+            name = "π0 (--base-model, --dtype or --api-*)"
+        else:
+            name = _OPTION_NAMES.get(last, "--" + last.replace("_", "-"))
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def run_concurrently(policy, todo: Sequence[int], work: Callable[[int, Callable[[int], None]], Awaitable[int]], *,

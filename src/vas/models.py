@@ -12,6 +12,8 @@ import importlib.util
 import inspect
 import os
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,11 +141,37 @@ def resolve_model(spec: str, marker: str = "config.json") -> str:
     return spec
 
 
-def _load(loader, spec: str, marker: str = "config.json", **kwargs):
-    name = resolve_model(spec, marker)
+@functools.cache
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be asked (``HF_HUB_OFFLINE`` set, or its host name does not resolve), or
+    None. Checked once per process, so that an offline machine loads hub ids from the local cache at once instead
+    of retrying every request for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
     try:
-        return loader.from_pretrained(name, **kwargs)
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be reached"
+    return None
+
+
+def load_pretrained(loader, spec: str, marker: str = "config.json", **kwargs):
+    """``loader.from_pretrained`` (an ``Auto*`` class) on :func:`resolve_model`'s answer for ``spec``; a hub id is
+    read from the local cache alone when the hub cannot be asked (:func:`hub_offline`).
+
+    Raises:
+        VasError: if the model cannot be found or loaded (one line).
+    """
+    name = resolve_model(spec, marker)
+    offline = None if Path(name).exists() else hub_offline()  # a hub id, and no hub
+    try:
+        return loader.from_pretrained(name, **kwargs, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError, KeyError) as exc:
+        if offline:
+            raise VasError(f"cannot load model {spec!r}: {offline} and it is not in the local hub cache") from exc
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VasError(f"cannot load model {spec!r}: {first_line}") from exc
 
@@ -153,7 +181,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
     The attention mask is always passed explicitly, so pad == EOS is safe.
     """
-    tokenizer = _load(AutoTokenizer, spec, marker="tokenizer_config.json")
+    tokenizer = load_pretrained(AutoTokenizer, spec, marker="tokenizer_config.json")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -219,7 +247,7 @@ def load_policy(spec: str, device: torch.device | str = "cpu", dtype: torch.dtyp
     Raises:
         VasError: if the model cannot be found or loaded, or is not a causal LM.
     """
-    model = _load(AutoModelForCausalLM, spec, dtype=dtype)
+    model = load_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
 
@@ -243,8 +271,8 @@ def load_backbone(
         VasError: if the model cannot be loaded, or ``num_layers`` is not between 1 and the model's depth.
     """
     if num_layers is None:
-        return _load(AutoModel, spec, dtype=dtype).to(device)
-    config = _load(AutoConfig, spec)
+        return load_pretrained(AutoModel, spec, dtype=dtype).to(device)
+    config = load_pretrained(AutoConfig, spec)
     depth = config.num_hidden_layers
     if not 1 <= num_layers <= depth:
         raise VasError(f"the backbone {spec!r} has {depth} layers: keep 1 to {depth} of them, got {num_layers}")
@@ -254,7 +282,7 @@ def load_backbone(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the dropped layers' weights are expected to be left unused
     try:
-        return _load(AutoModel, spec, dtype=dtype, **overrides).to(device)
+        return load_pretrained(AutoModel, spec, dtype=dtype, **overrides).to(device)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -289,7 +317,7 @@ def load_config(spec: str):
     Raises:
         VasError: if the model cannot be found.
     """
-    return _load(AutoConfig, spec)
+    return load_pretrained(AutoConfig, spec)
 
 
 def context_window(model_or_config) -> int | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -114,13 +115,15 @@ def load_prompts(source: str, *, field: str = "prompt", start: int = 0, limit: i
         VasError: if the source does not exist, lacks the field, or yields no prompt.
     """
     if start < 0 or (limit is not None and limit < 1):
-        raise VasError(f"start must be ≥ 0 and limit ≥ 1, got start={start}, limit={limit}")
+        raise VasError(f"--start must be ≥ 0 and --limit ≥ 1, got {start} and {limit}")
     if source in BUILTIN_PROMPTS:
         prompts = BUILTIN_PROMPTS[source]()
     elif source.startswith("hf:") or (Path(source).is_dir() and (Path(source) / "dataset_info.json").exists()):
         prompts = _read_dataset(source, field)
     elif Path(source).is_file():
         prompts = _read_file(Path(source), field)
+    elif Path(source).suffix.lower() in (".jsonl", ".csv", ".txt") or os.sep in source:
+        raise VasError(f"prompt file {source!r} does not exist")
     else:
         raise VasError(
             f"prompt source {source!r} is not a file, a dataset or a built-in set ({', '.join(BUILTIN_PROMPTS)})"

@@ -17,6 +17,8 @@ A spec combines several with weights: ``"positivity=1,brevity=0.5"`` is 1·posit
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -92,14 +94,10 @@ class ClassifierReward:
     def __init__(self, spec: str, label: int = 0, batch_size: int = 16, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from vas.models import resolve_model
+        from vas.models import load_pretrained
 
-        name = resolve_model(spec)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
-        except (OSError, ValueError) as exc:
-            raise VasError(f"cannot load reward model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        self.tokenizer = load_pretrained(AutoTokenizer, spec, marker="tokenizer_config.json")
+        self.model = load_pretrained(AutoModelForSequenceClassification, spec).to(device).eval()
         if not 0 <= label < self.model.config.num_labels:
             raise VasError(f"reward model {spec!r} has {self.model.config.num_labels} labels, asked for label {label}")
         self.label, self.batch_size = label, batch_size
@@ -116,15 +114,35 @@ class ClassifierReward:
         return torch.cat(out) if out else torch.zeros(0)
 
 
+def _import_from_here(module_name: str):
+    """Import ``module_name`` from ``sys.path``, else from the current folder (as ``python -m`` would, which the
+    ``vas`` script does not put on ``sys.path``), which is then added to ``sys.path``."""
+    top = module_name.split(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != top or here in (os.path.abspath(p or ".") for p in sys.path):
+            raise
+    sys.path.insert(0, here)
+    return importlib.import_module(module_name)
+
+
 class CallableReward:
-    """A user function ``f(prompts, responses) -> sequence of floats``, named as ``module:function``."""
+    """A user function ``f(prompts, responses) -> sequence of floats``, named as ``module:function``; the module
+    is imported from ``sys.path`` (``PYTHONPATH``) or the current folder."""
 
     def __init__(self, target: str):
         module_name, _, attr = target.partition(":")
         if not module_name or not attr:
             raise VasError(f"callable reward {target!r} must be written module:function")
         try:
-            self.fn: Callable = getattr(importlib.import_module(module_name), attr)
+            self.fn: Callable = getattr(_import_from_here(module_name), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name.split(".")[0]:
+                raise VasError(f"cannot import reward function {target!r}: {exc}") from exc
+            raise VasError(f"cannot import reward function {target!r}: no module {exc.name!r} in the current folder or "
+                           f"on PYTHONPATH (run vas where {exc.name}.py is, or set PYTHONPATH to its folder)") from exc
         except (ImportError, AttributeError) as exc:
             raise VasError(f"cannot import reward function {target!r}: {exc}") from exc
         if not callable(self.fn):

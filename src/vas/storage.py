@@ -67,6 +67,8 @@ def load_dataset_dir(path: str | Path, required: set[str]) -> datasets.Dataset:
         VasError: if the folder is missing, not a dataset, or lacks a required column.
     """
     path = Path(path)
+    if not path.exists():
+        raise VasError(f"dataset {str(path)!r} does not exist")
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
         raise VasError(f"{str(path)!r} is not a dataset folder (run `vas collect` to make one)")
     data = datasets.load_from_disk(str(path))

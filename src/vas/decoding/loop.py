@@ -71,12 +71,12 @@ class Steering:
             raise VasError(f"--beta and the --value weights must be finite float32 numbers (|x| < 3.4e38), got "
                            f"beta={self.beta}, weights={self.weights}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise VasError(f"k (--top-k) must be ≥ 1, got {self.top_k}")
+            raise VasError(f"--top-k must be ≥ 1, got {self.top_k}")
 
     def check_top_k(self, vocab_size: int | None) -> None:
         """Raise :class:`VasError` if k exceeds the vocabulary (None: not known, as for an API policy)."""
         if vocab_size is not None and self.top_k > vocab_size:
-            raise VasError(f"k (--top-k) must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+            raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
 
     def select(self, rows: Sequence[int]) -> "Steering":
         """This steering for a subset of the prompts (per-row β and weights sliced; shared ones kept)."""

@@ -189,7 +189,7 @@ class ApiPolicy:
             raise VasError(f"{e.base_url} returned no log-probabilities: the server must support "
                            f"{'logprobs/top_logprobs' if e.chat else 'logprobs'} for steering")
         if len(pairs) < top_k:
-            raise VasError(f"{e.base_url} returned {len(pairs)} log-probabilities where k = {top_k} were asked: "
+            raise VasError(f"{e.base_url} returned {len(pairs)} log-probabilities where --top-k {top_k} were asked: "
                            f"use --top-k {len(pairs)} or less")
         merged: dict[str | None, float] = {}
         for token, logprob in pairs:
@@ -282,7 +282,7 @@ class ApiRollout:
 
     async def next_logprobs(self, top_k: int | None) -> torch.Tensor:
         if top_k is None:
-            raise VasError("an API base policy tells only its top-k next tokens: give k (--top-k)")
+            raise VasError("an API base policy tells only its top-k next tokens: give --top-k")
         rows = [i for i, ended in enumerate(self.ended) if not ended]
         answers = await asyncio.gather(*(self.policy.next_token(self.prompts[i], self.texts[i], top_k) for i in rows))
         width = max([len(a) for a in answers] + [1])
