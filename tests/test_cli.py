@@ -40,9 +40,9 @@ def make_cases(tmp, tiny, other, value_dir):
                           "has no prompts", tmp / "o2"),
         "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
         "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
-                   "k (--top-k) must be ≥ 1, got 0", None),
+                   "--top-k must be ≥ 1, got 0", None),
         "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
-                      "k (--top-k) must be between 1 and the vocabulary size 300", None),
+                      "--top-k must be between 1 and the vocabulary size 300", None),
         "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
                                "--reward", "py:nan:reward"], "non-finite value", tmp / "o3"),
         "not a value model": (["evaluate", "--base-model", other, "--value", tmp, "--out", tmp / "o6", "--limit", 2],
@@ -52,13 +52,15 @@ def make_cases(tmp, tiny, other, value_dir):
                                        tmp / "o7"),
         "API extra not JSON": (["generate", "--prompt", "hi", "--api-base-url", "http://127.0.0.1:9/v1", "--api-extra", "{x"],
                                "--api-extra must be a JSON object", None),
-        "negative limit": (["collect", "--quiet", "--out", tmp / "o5", "--limit", -1], "limit ≥ 1", tmp / "o5"),
+        "negative limit": (["collect", "--quiet", "--out", tmp / "o5", "--limit", -1], "--start must be ≥ 0 and --limit ≥ 1, got 0 and -1", tmp / "o5"),
         "output exists": (["generate", "--prompt", "hi", "--base-model", tiny, "--out", tmp / "taken.jsonl"],
                           "exists already", None),
         "missing value model": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", tmp / "nope=2"],
                                 "nope' does not exist", None),
         "non-finite beta": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "--beta", "nan"],
                             "must be finite", None),
+        "missing data": (["train", "--quiet", "--data", tmp / "nope", "--out", tmp / "o4"], "nope' does not exist",
+                         tmp / "o4"),
         "missing columns": (["train", "--quiet", "--data", tmp / "bad-data", "--out", tmp / "o4"],
                             "lacks required columns: response_ids", tmp / "o4"),
         "judge without responses": (["judge", tmp, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--betas", 1],
@@ -73,7 +75,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
-         "missing value model", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
+         "missing value model", "missing data", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
          "judge nothing"]
 
 
@@ -224,3 +226,44 @@ def test_interrupted_train_resumes_when_run_again(tmp_path, tiny_model_dir):
     result = vas(*args)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "v" / "value_head.safetensors").is_file() and not (tmp_path / "v.checkpoints").exists()
+
+
+def test_help_placeholders_and_version():
+    """Every option's placeholder reads as a value (no Python type such as <list[str]>); --version prints the
+    installed version."""
+    from importlib.metadata import version
+
+    import typer
+
+    from vas import cli
+
+    command = typer.main.get_command(cli.app)
+    for name, sub in command.commands.items():
+        text = sub.get_help(sub.make_context(name, [], resilient_parsing=True))
+        assert "list[" not in text, name
+    generate = command.commands["generate"]
+    help_text = generate.get_help(generate.make_context("generate", [], resilient_parsing=True))
+    assert "--value PATH[=WEIGHT]" in help_text and "--prompt TEXT" in help_text and "--api-stop TEXT" in help_text
+    result = vas("--version")
+    assert result.returncode == 0 and result.stdout == f"vas {version('value-augmented-sampling')}\n"
+
+
+def test_readme_commands_parse():
+    """Each `vas …` line of README's "Using it" block is accepted by the command as written (options and values
+    parse; nothing runs), so that the README cannot name a removed or misspelt option."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import typer
+
+    from vas import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Using it\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [line for line in block.splitlines() if line.startswith("vas ")]
+    assert [shlex.split(line)[1] for line in lines] == ["collect", "train", "generate", "evaluate", "experiment", "judge"]
+    command = typer.main.get_command(cli.app)
+    for line in lines:
+        name, *args = shlex.split(line)[1:]
+        command.commands[name].make_context(name, args)  # raises on an unknown option or a bad value

@@ -152,10 +152,11 @@ def test_rerun_resumes_from_the_checkpoint(tiny_model_dir, tmp_path):
     saved_bias = float(load_file(tmp_path / "resumed.checkpoints" / "checkpoint-2" / "value_head.safetensors")["bias"])
     other = {**kwargs, "config": TrainConfig(**{**kwargs["config"].__dict__, "learning_rate": 2e-3})}
     with pytest.raises(VasError, match=r"resumed.checkpoints holds an interrupted run with other settings "
-                                       r"\(config.learning_rate\): restore them"):
+                                       r"\(--lr\): restore them"):
         train_value_model(data, tmp_path / "resumed", **other)
-    with pytest.raises(VasError, match=r"other settings \(data\)"):
+    with pytest.raises(VasError, match=r"other settings \(the data\)"):
         train_value_model(make_data(tokenizer, n_prompts=14), tmp_path / "resumed", **kwargs)
+    (tmp_path / "resumed.checkpoints" / "checkpoint-4").mkdir()  # what an interrupt while saving leaves: skipped
     train_value_model(data, tmp_path / "resumed", callbacks=[FirstStep()], **kwargs)
     assert not (tmp_path / "resumed.checkpoints").exists()
     assert FirstStep.seen[0] == (2, saved_bias)

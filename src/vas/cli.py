@@ -25,7 +25,6 @@ from vas.config import EMBEDDED, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
-    help="Value Augmented Sampling: steer a frozen language model with a trained value model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +39,22 @@ Seed = Annotated[int, typer.Option(help="Random seed.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
 MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Field = Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")]
 DEFAULT_MODEL = EMBEDDED
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"vas {version('value-augmented-sampling')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Value Augmented Sampling: steer a frozen language model with a trained value model."""
 
 
 def _quiet_libraries() -> None:
@@ -48,8 +62,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     import datasets
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # "Retrying in 1s" for every failed hub request
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -86,7 +102,8 @@ def _options(config_class, name: str):
         added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                    default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
                                    annotation=Annotated[hints[f.name], typer.Option(*f.metadata["flags"],
-                                                                                     help=f.metadata["help"])])
+                                                                                     help=f.metadata["help"],
+                                                                                     metavar=f.metadata.get("metavar"))])
                  for f in fields]
 
         @functools.wraps(command)
@@ -129,7 +146,7 @@ def collect(
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
     batch_size: Annotated[int, typer.Option(help="Responses generated per batch (also the resume granularity).")] = 16,
-    field: Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")] = "prompt",
+    field: Field = "prompt",
     seed: Seed = 0,
     value_backbone: Annotated[Optional[str], typer.Option(help="With --api-base-url: the value model's backbone, whose tokenizer the token columns use (default: --base-model).")] = None,
     quiet: Quiet = False,
@@ -199,11 +216,12 @@ def train(
 @app.command()
 @_options(PolicyConfig, "policy")
 def generate(
-    value: Annotated[list[str], typer.Option(help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
-    prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several.")] = [],
+    value: Annotated[list[str], typer.Option(metavar="PATH[=WEIGHT]", help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
+    prompt: Annotated[list[str], typer.Option(metavar="TEXT", help="A prompt; repeat for several.")] = [],
     prompts: Annotated[Optional[str], typer.Option(help="Prompt source, used after any --prompt (see `vas collect`).")] = None,
     start: Annotated[int, typer.Option(help="Index of the first prompt used from --prompts.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
+    field: Field = "prompt",
     beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
     temperature: Temperature = 0.7,
@@ -235,7 +253,7 @@ def generate(
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     _check_value_dirs(value)
     checked = Steering(beta=beta, top_k=top_k)  # k and β, before anything loads
-    texts = list(prompt) + (load_prompts(prompts, start=start, limit=limit) if prompts else [])
+    texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
     base = policy.load(texts, max_new_tokens, checked if value else None)
@@ -257,11 +275,12 @@ def generate(
 @app.command()
 @_options(PolicyConfig, "policy")
 def evaluate(
-    value: Annotated[list[str], typer.Option(help="Value model folder(s), PATH or PATH=WEIGHT.")],
+    value: Annotated[list[str], typer.Option(metavar="PATH[=WEIGHT]", help="Value model folder, optionally PATH=WEIGHT; repeat to compose.")],
     out: Annotated[Path, typer.Option(help="Folder for report.json and reward_vs_kl.png.")],
     prompts: Annotated[str, typer.Option(help="Held-out prompt source (see `vas collect`).")] = "chitchat",
     start: Annotated[int, typer.Option(help="First held-out prompt (keep it clear of the training prompts).")] = 1000,
     limit: Annotated[int, typer.Option(help="Number of held-out prompts.")] = 64,
+    field: Field = "prompt",
     reward: Annotated[str, typer.Option(help="Reward spec.")] = "positivity",
     betas: Annotated[str, typer.Option(help="Comma-separated β grid.")] = "2,5,10",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for VAS.")] = 10,
@@ -293,7 +312,7 @@ def evaluate(
     ns = [int(n) for n in _floats(best_of, "best-of")]
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
-    held_out = load_prompts(prompts, start=start, limit=limit)
+    held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy.device, value_dtype)
@@ -340,7 +359,7 @@ def print_report(report: dict) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's data, value model and report.")] = Path("vas-runs/demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, value model and report.")] = Path("runs/demo"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
@@ -362,7 +381,7 @@ def demo(
 @app.command()
 def experiment(
     name: Annotated[str, typer.Argument(help="frontier, beta-knob, composition, ablations, tool-use, or all (in that order).")],
-    out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("vas-runs/experiments"),
+    out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
     seed: Seed = 0,

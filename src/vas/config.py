@@ -25,9 +25,9 @@ from vas.errors import VasError
 EMBEDDED = "smollm2-135m-instruct"
 
 
-def _help(text: str, *flags: str) -> dict:
-    """A field's CLI metadata: its help text and, optionally, its option names."""
-    return {"help": text, "flags": flags}
+def _help(text: str, *flags: str, metavar: str | None = None) -> dict:
+    """A field's CLI metadata: its help text and, optionally, its option names and the placeholder of its value."""
+    return {"help": text, "flags": flags, "metavar": metavar}
 
 
 @dataclass
@@ -66,7 +66,8 @@ class PolicyConfig:
         "default: send them as they are."))
     api_extra: str = field(default="{}", metadata=_help(
         "Extra JSON fields for every request, e.g. '{\"top_k\": 0, \"min_p\": 0}' for llama.cpp."))
-    api_stop: list[str] = field(default_factory=list, metadata=_help("A string that ends a response; repeat for several."))
+    api_stop: list[str] = field(default_factory=list, metadata=_help("A string that ends a response; repeat for several.",
+                                                                    metavar="TEXT"))
     api_stream: bool = field(default=False, metadata=_help(
         "Ask for each next token as a stream (completions): the same answer, 4-5x faster from llama-cpp-python's "
         "server with a large vocabulary."))
@@ -144,10 +145,12 @@ class TrainConfig:
         epochs: training epochs (may be fractional).
         learning_rate: AdamW's learning rate, linearly decayed.
         batch_size: sequences per step.
-        lora_rank: LoRA rank r (Table 4: 32).
-        lora_alpha: LoRA α (Table 4: 32).
+        lora_rank: LoRA rank r (Table 4: 32; 16 here, which the demo and the experiments use).
+        lora_alpha: LoRA α (set equal to the rank).
         val_fraction: fraction of prompts held out for validation (whole prompts, never split).
-        precision: ``float32``, or ``bf16`` / ``fp16`` mixed precision (GPU).
+        dtype: the compute dtype: ``auto`` (bfloat16 on CUDA, float16 where CUDA lacks bf16, float32 on CPU),
+            ``float32``, or ``bfloat16`` / ``float16`` mixed precision (the trained weights stay float32; float16
+            needs CUDA).
         save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
         seed: seeds the split, the initialisation and the data order: on a CPU the same seed, data and settings
             give the same value model bit for bit (on one machine, torch version and thread count).
@@ -159,13 +162,14 @@ class TrainConfig:
         "Keep only the backbone's first L layers: a cheaper value model (L = depth/4 costs about a quarter)."))
     lam: float = field(default=0.95, metadata=_help("TD(λ): 0.95 (paper); 0 = TD(0); 1 = Monte-Carlo.", "--lambda"))
     gamma: float = field(default=1.0, metadata=_help("Discount γ (paper: 1)."))
-    epochs: float = field(default=1.0, metadata=_help("Training epochs."))
-    learning_rate: float = field(default=1e-4, metadata=_help("Learning rate (AdamW).", "--lr"))
+    epochs: float = field(default=2.0, metadata=_help("Training epochs."))
+    learning_rate: float = field(default=1e-3, metadata=_help("Learning rate (AdamW, linearly decayed).", "--lr"))
     batch_size: int = field(default=16, metadata=_help("Sequences per step."))
-    lora_rank: int = field(default=32, metadata=_help("LoRA rank (Table 4: 32)."))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA α (Table 4: 32)."))
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank (Table 4: 32)."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA α."))
     val_fraction: float = field(default=0.1, metadata=_help("Fraction of prompts held out for validation."))
-    precision: str = field(default="float32", metadata=_help("float32, bf16 or fp16 (mixed precision on GPU)."))
+    dtype: str = field(default="auto", metadata=_help(
+        "'auto' (bf16 on CUDA, float32 on CPU), float32, or bfloat16 / float16 mixed precision (float16: CUDA only)."))
     save_steps: Optional[int] = field(default=None, metadata=_help("Checkpoint every N steps (default: every epoch)."))
     seed: int = field(default=0, metadata=_help("Random seed."))
 
@@ -180,5 +184,5 @@ class TrainConfig:
                 raise VasError(f"--{name} must be > 0, got {value}")
         if not 0 <= self.val_fraction < 1:
             raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.precision not in ("float32", "bf16", "fp16"):
-            raise VasError(f"--precision must be float32, bf16 or fp16, got {self.precision!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise VasError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

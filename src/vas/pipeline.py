@@ -14,21 +14,24 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vas.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class Recipe:
     """How samples are collected from π0 and how the value model is trained on them (App. C.1, Table 4).
 
-    ``backbone_layers`` keeps the value model's first L backbone layers (None: all of them).
+    ``backbone_layers`` keeps the value model's first L backbone layers (None: all of them). The training
+    settings default to :class:`vas.config.TrainConfig`'s (``vas train``'s), and LoRA's α is the rank.
     """
 
     samples_per_prompt: int = 2
     max_new_tokens: int = 40
-    epochs: float = 2.0
-    learning_rate: float = 1e-3
-    lora_rank: int = 16
-    batch_size: int = 16
-    lam: float = 0.95
+    epochs: float = TrainConfig.epochs
+    learning_rate: float = TrainConfig.learning_rate
+    lora_rank: int = TrainConfig.lora_rank
+    batch_size: int = TrainConfig.batch_size
+    lam: float = TrainConfig.lam
     backbone_layers: int | None = None
 
 
@@ -87,7 +90,6 @@ def trained_value_model(
     """Train a value model on ``data`` with ``recipe`` into ``directory`` (:func:`vas.value.train.train_value_model`),
     or reuse ``directory`` if it exists. Returns ``directory`` (load it with
     :meth:`vas.value.model.ValueModel.from_pretrained`)."""
-    from vas.config import TrainConfig
     from vas.value.train import train_value_model
 
     if directory.exists():

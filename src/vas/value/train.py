@@ -38,6 +38,7 @@ from transformers import (
 
 from vas.config import TrainConfig
 from vas.errors import VasError
+from vas.models import resolve_dtype
 from vas.storage import make_temp_dir, require_absent, write_json_atomic
 from vas.value.td import lambda_returns
 from vas.value.model import ValueModel
@@ -208,7 +209,7 @@ def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> t
     key = "prompt_index" if "prompt_index" in data.column_names else None
     groups = sorted(set(data[key])) if key else list(range(len(data)))
     if not 0 <= val_fraction < 1:
-        raise VasError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise VasError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
     n_val = max(1, math.floor(len(groups) * val_fraction)) if val_fraction > 0 else 0
     if n_val >= len(groups):
         raise VasError(f"cannot hold out {val_fraction:.0%} of {len(groups)} prompts for validation: collect more "
@@ -261,6 +262,9 @@ def train_value_model(
     if config.backbone is None:
         raise VasError("no value backbone: set TrainConfig.backbone (--backbone)")
     lam, gamma, seed, batch_size = config.lam, config.gamma, config.seed, config.batch_size
+    compute_dtype = resolve_dtype(config.dtype, torch.device(device))
+    if compute_dtype == torch.float16 and torch.device(device).type != "cuda":
+        raise VasError("--dtype float16 (mixed precision) needs a CUDA device: use bfloat16 or float32")
     rewards = torch.tensor(data["reward"], dtype=torch.float32)
     if not bool(torch.isfinite(rewards).all()):
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
@@ -276,12 +280,13 @@ def train_value_model(
     settings = json.loads(json.dumps({"config": dataclasses.asdict(config), "data": data_digest(data)}))
     settings_file = checkpoint_dir / "vas_train.json"
     if checkpoint_dir.exists():
-        from vas.jobs import changed_settings
+        from vas.jobs import changed_settings, option_names
 
         previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
         if previous != settings:
             raise VasError(f"{checkpoint_dir} holds an interrupted run with other settings "
-                           f"({', '.join(changed_settings(previous, settings))}): restore them to resume it, or delete it")
+                           f"({', '.join(option_names(changed_settings(previous, settings)))}): restore them to resume it, or "
+                           "delete it")
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
@@ -296,8 +301,8 @@ def train_value_model(
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
         use_cpu=torch.device(device).type == "cpu",
         remove_unused_columns=False,
         report_to=[],
@@ -314,7 +319,10 @@ def train_value_model(
     trainer.add_callback(TrainingProgress(log, progress))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings_file, settings)
-    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    # a checkpoint is complete once its trainer_state.json is written (the Trainer writes it last): an interrupt
+    # while saving leaves a newer, incomplete one, which is skipped
+    checkpoints = sorted((c for c in checkpoint_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
+                         key=lambda c: int(c.name.split("-")[-1]))
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     metrics = {"train_loss": result.training_loss, "history": history,
