@@ -68,6 +68,11 @@ def make_cases(tmp, tiny, other, value_dir):
         "judge nothing": (["judge", tmp, "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
                           "nothing to judge", None),
         "unknown experiment": (["experiment", "frontierr", "--out", tmp / "o6"], "unknown experiment 'frontierr'", tmp / "o6"),
+        "float16 training on CPU": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o8", "--backbone", tiny,
+                                     "--device", "cpu", "--dtype", "float16"],
+                                    "--dtype float16 (mixed precision) needs a CUDA device", tmp / "o8"),
+        "unknown training dtype": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o8", "--dtype", "bf16"],
+                                   "--dtype must be auto, float32, bfloat16 or float16, got 'bf16'", tmp / "o8"),
         "too many layers": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o7", "--backbone", tiny,
                              "--backbone-layers", 9], "keep 1 to 2 of them, got 9", tmp / "o7"),
     }
@@ -75,7 +80,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
-         "missing value model", "missing data", "non-finite beta", "unknown experiment", "too many layers", "judge without responses",
+         "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "judge without responses",
          "judge nothing"]
 
 
@@ -107,6 +112,11 @@ def test_generate_jsonl_output(tmp_path, tiny_model_dir, value_dir):
                  "--max-new-tokens", 2, "--out", tmp_path / "s.jsonl")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["prompt"] for line in (tmp_path / "s.jsonl").read_text().splitlines()] == ["second"]
+    (tmp_path / "p.jsonl").write_text('{"text": "from a field"}\n')
+    result = vas("generate", "--quiet", "--prompts", tmp_path / "p.jsonl", "--field", "text", "--base-model", tiny_model_dir,
+                 "--max-new-tokens", 2, "--out", tmp_path / "f.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "f.jsonl").read_text().splitlines()] == ["from a field"]
 
 
 def test_generate_with_a_value_model_of_another_tokenizer_goes_through_text(tmp_path, other_tokenizer_model_dir, value_dir):
@@ -267,3 +277,16 @@ def test_readme_commands_parse():
     for line in lines:
         name, *args = shlex.split(line)[1:]
         command.commands[name].make_context(name, args)  # raises on an unknown option or a bad value
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["generate", "--prompt", "hi"], "nothing is kept without --out"),
+    (["generate", "--prompt", "hi", "--out=g.jsonl"], "finished work is kept, run the same command again to resume"),
+    (["judge", "runs/eval", "--betas", "2"], "the verdicts are written at the end: nothing is kept"),
+    (["collect", "--out", "runs/samples"], "finished work is kept, run the same command again to resume"),
+])
+def test_interrupt_hint_says_what_is_kept(monkeypatch, argv, hint):
+    from vas import cli
+
+    monkeypatch.setattr(sys, "argv", ["vas", *argv])
+    assert cli._interrupt_hint() == hint
