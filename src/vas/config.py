@@ -36,6 +36,7 @@ class PolicyConfig:
 
     Attributes:
         base_model: the local model: ``smollm2-135m-instruct`` (embedded), a local directory or a hub id.
+        engine: what runs a local model: ``transformers`` or ``vllm`` (:class:`vas.serving.engine.VllmPolicy`).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` …
         dtype: π0's dtype: ``auto`` (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.
         api_base_url: the endpoint, e.g. ``http://127.0.0.1:8000/v1``; None for a local model.
@@ -53,6 +54,9 @@ class PolicyConfig:
 
     base_model: str = field(default=EMBEDDED, metadata=_help(
         "Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.", "--base-model", "-m"))
+    engine: str = field(default="transformers", metadata=_help(
+        "Local π0's engine: 'transformers' (this process), or 'vllm' (batches decoded inside vLLM, with the "
+        "processor `vas serve` uses; needs vLLM)."))
     device: str = field(default="auto", metadata=_help("'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …"))
     dtype: str = field(default="auto", metadata=_help("'auto' (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16."))
     api_base_url: Optional[str] = field(default=None, metadata=_help(
@@ -91,7 +95,11 @@ class PolicyConfig:
         """
         if not self.concurrency > 0 or not (0 < self.timeout < math.inf):
             raise VasError(f"--concurrency and --timeout must be > 0, got {self.concurrency} and {self.timeout}")
+        if self.engine not in ("transformers", "vllm"):
+            raise VasError(f"--engine must be 'transformers' or 'vllm', got {self.engine!r}")
         if self.api_base_url:
+            if self.engine != "transformers":
+                raise VasError("--engine vllm runs a local model: leave out --api-base-url (or serve it with vas serve)")
             return self._api()
         from vas.models import (
             check_fits,
@@ -112,6 +120,10 @@ class PolicyConfig:
             check_fits(encode_prompts(tokenizer, prompts), max_new_tokens, context_window(config))
         if steering is not None:
             steering.check_top_k(config.vocab_size)
+        if self.engine == "vllm":
+            from vas.serving.engine import VllmPolicy
+
+            return VllmPolicy(self.base_model, dtype=str(resolve_dtype(self.dtype, device)).removeprefix("torch."))
         model = load_policy(self.base_model, device=device, dtype=resolve_dtype(self.dtype, device))
         return LocalPolicy(model, tokenizer)
 

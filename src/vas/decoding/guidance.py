@@ -53,6 +53,7 @@ def steered_logprobs(
     candidate_values: torch.Tensor,
     beta: float | torch.Tensor,
     mask_outside_top_k: bool = False,
+    candidate_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probabilities of the steered policy π (paper Eq. 5).
 
@@ -65,6 +66,9 @@ def steered_logprobs(
             concentrates on the candidates with the largest β·V.
         mask_outside_top_k: give tokens outside the candidates probability 0 instead of β·mean(V) (the
             masked variant of App. D.1; not Eq. 5). β = 0 then gives π0 renormalised over the top-k.
+        candidate_mask: (B, k) bool or None: which candidates of each row count, for rows with a smaller k
+            than others (the first k_b of a row sorted by π0). The others are treated as tokens outside the
+            top-k. None: all count.
 
     Returns:
         (B, V) float32 log π(·|s_t), normalised over the vocabulary.
@@ -87,19 +91,24 @@ def steered_logprobs(
         if beta.shape != candidate_ids.shape[:1]:
             raise ValueError(f"beta has shape {tuple(beta.shape)}, expected ({candidate_ids.shape[0]},): one per row")
         beta = beta[:, None]
-    # Every logit is shifted by −β·V_ref, V_ref being the candidate value with the largest β·V (it cancels in
-    # the normalisation): every bonus is then ≤ 0, so for any finite β it is finite or −inf, never +inf or NaN,
-    # and the reference candidate keeps a finite logit. Huge β thus gives the limit: π concentrated on the
-    # candidates with the best β·V, and a finite KL.
-    reference = torch.where(beta >= 0, candidate_values.max(dim=1, keepdim=True).values,
-                            candidate_values.min(dim=1, keepdim=True).values)  # (B, 1)
-    mean_value = candidate_values.mean(dim=1, keepdim=True)  # (B, 1)  V̄(s_t), Eq. 5's value outside the top-k
+    counted = (torch.ones(candidate_ids.shape, dtype=torch.bool) if candidate_mask is None
+               else candidate_mask.bool()).to(candidate_values.device)
+    # Every logit is shifted by −β·V_ref, V_ref being the counted candidate value with the largest β·V (it
+    # cancels in the normalisation): every bonus is then ≤ 0, so for any finite β it is finite or −inf, never
+    # +inf or NaN, and the reference candidate keeps a finite logit. Huge β thus gives the limit: π concentrated
+    # on the candidates with the best β·V, and a finite KL.
+    reference = torch.where(beta >= 0, candidate_values.masked_fill(~counted, -torch.inf).max(dim=1, keepdim=True).values,
+                            candidate_values.masked_fill(~counted, torch.inf).min(dim=1, keepdim=True).values)  # (B, 1)
+    # V̄(s_t), Eq. 5's value outside the top-k: the mean over the counted candidates
+    mean_value = (candidate_values * counted).sum(dim=1, keepdim=True) / counted.sum(dim=1, keepdim=True)  # (B, 1)
     base_logprobs = base_logprobs.float()
-    candidates = base_logprobs.gather(1, candidate_ids) + beta * (candidate_values - reference)
+    outside = beta * (mean_value - reference)  # (B, 1) or scalar: the bonus of every token outside the top-k
+    candidates = base_logprobs.gather(1, candidate_ids) + torch.where(counted, beta * (candidate_values - reference), outside)
     if mask_outside_top_k:
         logits = torch.full_like(base_logprobs, -torch.inf)
+        candidates = candidates.masked_fill(~counted, -torch.inf)
     else:
-        logits = base_logprobs + beta * (mean_value - reference)
+        logits = base_logprobs + outside
     return torch.log_softmax(logits.scatter(1, candidate_ids, candidates), dim=-1)
 
 

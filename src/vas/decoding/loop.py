@@ -123,7 +123,7 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
 
 
 def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, active: torch.Tensor,
-          beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+          beta: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor | None = None) -> torch.Tensor:
     """One VAS step: π0's top-k candidates (B, k) scored by every value model and combined by Eq. 5.
 
     Args:
@@ -134,6 +134,8 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
         active: (B,) bool, rows still generating.
         beta: (B,) float32 β of each row.
         weights: (B, M) float32 weights of each row.
+        top_k: (B,) int64 k of each row, at most ``steering.top_k`` (all ``steering.top_k`` if None). The
+            scorers see ``steering.top_k`` candidates in every row; a row uses its first k.
 
     Returns:
         (B, S) float32 log π of the steered policy.
@@ -145,9 +147,12 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
         values = weighted_values([s.score(rollout, candidates, active) for s in scorers], weights.to(base.device))
     else:
         values = torch.zeros(candidates.shape, device=base.device)
+    counted = None
+    if top_k is not None:
+        counted = torch.arange(candidates.shape[1], device=base.device)[None, :] < top_k.to(base.device)[:, None]
     try:
         return steered_logprobs(base, candidates, values.to(base.device), beta.to(base.device),
-                                mask_outside_top_k=steering.mask_outside_top_k)
+                                mask_outside_top_k=steering.mask_outside_top_k, candidate_mask=counted)
     except ValueError as exc:
         raise VasError(f"steering failed: {exc}") from None
 
@@ -199,7 +204,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
 
     Args:
         policy: π0: :class:`vas.policy.local.LocalPolicy`, :class:`vas.policy.api.ApiPolicy`, or anything with
-            ``start(prompts, max_new_tokens)`` returning a :class:`vas.policy.local.Rollout`.
+            ``start(prompts, max_new_tokens)`` returning a :class:`vas.policy.local.Rollout`; or an engine that
+            decodes whole batches itself with the same rule (:class:`vas.serving.engine.VllmPolicy`), which gets
+            the batch through its ``decode`` method.
         prompts: B prompts, texts (chat template applied by the policy) or token id lists (local policies).
         steering: value models, weights, β and k (per row or shared); None for plain sampling.
         temperature: τ > 0 of π0, applied before the augmentation (:mod:`vas.decoding.guidance`).
@@ -223,6 +230,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         raise VasError(f"--temperature must be a finite number > 0, got {temperature}")
     if max_new_tokens < 1:
         raise VasError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+    if hasattr(policy, "decode"):  # an engine that runs the whole loop itself (vLLM, vas.serving.engine)
+        return policy.decode(prompts, steering, temperature=temperature, max_new_tokens=max_new_tokens,
+                             greedy=greedy, generator=generator)
     rollout = policy.start(prompts, max_new_tokens)
     B = len(prompts)
     steering = steering or Steering()

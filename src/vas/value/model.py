@@ -37,7 +37,9 @@ class ValueModel(nn.Module):
     """V(s): backbone (+ LoRA) → last hidden state (B, S, H) → linear head → (B, S) float32 values.
 
     Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`. It carries its
-    tokenizer (``tokenizer``), which decides whether it reads π0's token ids or text while decoding.
+    tokenizer (``tokenizer``), which decides whether it reads π0's token ids or text while decoding, and
+    the folder it was loaded from (``name_or_path``, None for a new one), by which an engine that loads
+    value models itself (:mod:`vas.serving.engine`) finds it.
     """
 
     def __init__(self, backbone: PreTrainedModel, head: nn.Linear, config: dict,
@@ -47,6 +49,7 @@ class ValueModel(nn.Module):
         self.head = head
         self.value_config = config
         self.tokenizer = tokenizer
+        self.name_or_path: str | None = None  # the folder it was loaded from (from_pretrained)
 
     @classmethod
     def create(
@@ -162,6 +165,7 @@ class ValueModel(nn.Module):
         head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
         head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
         model = cls(body, head, config, load_value_tokenizer(directory))
+        model.name_or_path = str(directory.resolve())
         if not trainable:
             model.eval().requires_grad_(False)
         return model
@@ -213,13 +217,37 @@ class CandidateScorer:
         self.past_mask: torch.Tensor | None = None  # (B, S_past) {0,1}: real tokens in the cache
         self.lengths: torch.Tensor | None = None  # (B,) real tokens in the cache
 
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Keep the cached rows ``rows``, in that order; a row ``-1`` is a new one with nothing fed yet. For a
+        batch whose members change between steps (a server's): rows that leave free their cache, and cache
+        positions that no row uses any more are dropped.
+
+        Args:
+            rows: for each row of the new batch, its row in the current one, or -1.
+        """
+        if self.past_mask is None:  # nothing fed yet: every row starts empty at the first score
+            return
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.past_mask.device)
+        kept = index >= 0
+        source = index.clamp_min(0)
+        self.cache.batch_select_indices(source)  # new rows copy row 0's keys; their mask hides them
+        self.past_mask = self.past_mask[source] * kept[:, None]
+        self.lengths = self.lengths[source] * kept
+        used = self.past_mask.bool().any(dim=0)
+        if not bool(used.all()):
+            columns = used.nonzero().flatten()
+            for layer in self.cache.layers:
+                if layer.get_seq_length() > 0:
+                    layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
+            self.past_mask = self.past_mask[:, columns]
+
     @torch.no_grad()
     def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Append the rollout's new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
 
         Args:
             rollout: has ``appended`` (:class:`vas.policy.local.Appended`): ids (B, P) int64 appended since the
-                last call (P ≥ 1), mask (B, P) {0,1} with 0 for padding (left padding, finished rows).
+                last call (P ≥ 0), mask (B, P) {0,1} with 0 for padding (left padding, finished rows).
             candidates: (B, k) int64 candidate next tokens.
             active: unused (finished rows are masked by ``appended``); for the common scorer signature.
 

@@ -1,0 +1,146 @@
+"""π0 in a ``vllm.LLM`` engine: collect, generate and evaluate with ``--engine vllm``.
+
+:class:`VllmPolicy` decodes a whole batch inside vLLM (:meth:`VllmPolicy.decode`, which
+:func:`vas.decoding.loop.decode` hands the batch to), steered by the same logits processor as ``vas serve``
+(:mod:`vas.serving.processor`), and returns the same :class:`vas.decoding.loop.Decoded` as the project's own
+loop: π0's log-probabilities of the chosen tokens at the temperature, and the exact per-step KL(π‖π0),
+which the processor records per request and this process fetches from vLLM's worker afterwards.
+
+The engine starts at the first batch (about 40 s for SmolLM2 on 2 CPU cores) with the value models of that
+batch's steering, loaded by the worker from their folders (``ValueModel.name_or_path``) in their dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from vas.errors import VasError
+from vas.serving.processor import SETTINGS_ENV, Settings, StepRecord
+
+
+class VllmPolicy:
+    """π0 served by a ``vllm.LLM`` engine in this process (its workers are spawned: scripts need an
+    ``if __name__ == "__main__":`` guard).
+
+    Args:
+        base_model: π0's spec (:func:`vas.models.resolve_model`).
+        dtype: π0's dtype in vLLM (``auto``: vLLM's choice).
+        gpu_memory_utilization: vLLM's memory share; None: 0.3 on a CPU-only machine, vLLM's default otherwise.
+    """
+
+    concurrent = False
+
+    def __init__(self, base_model: str, *, dtype: str = "auto", gpu_memory_utilization: float | None = None):
+        from vas.models import load_config, load_tokenizer, resolve_model
+        from vas.serving.server import require_vllm
+
+        require_vllm()
+        self.base_model, self.dtype = base_model, dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.model_dir = resolve_model(base_model)
+        self.tokenizer = load_tokenizer(base_model)
+        self.vocab_size = load_config(base_model).vocab_size
+        self.values: dict[str, str] | None = None  # name → folder, fixed when the engine starts
+        self.engine = None
+        self._ids = itertools.count()
+
+    @property
+    def settings(self) -> dict:
+        """What decides this policy's answers, for resumed jobs to check."""
+        return {"engine": "vllm", "model": self.base_model, "dtype": self.dtype}
+
+    def _start(self, folders: list[str], value_dtype: str) -> None:
+        import os
+
+        from vllm import LLM
+
+        from vas.serving.processor import VllmLogitsProcessor
+        from vas.serving.server import CPU_MEMORY_SHARE, _has_accelerator
+
+        self.values = {f"v{i}": path for i, path in enumerate(folders)}
+        os.environ[SETTINGS_ENV] = Settings(self.values, self.vocab_size, dtype=value_dtype, record=True).to_env()
+        memory = self.gpu_memory_utilization
+        if memory is None:
+            memory = CPU_MEMORY_SHARE if not _has_accelerator() else 0.9
+        self.engine = LLM(self.model_dir, dtype=self.dtype, logits_processors=[VllmLogitsProcessor],
+                          logprobs_mode="processed_logprobs", gpu_memory_utilization=memory,
+                          worker_extension_cls="vas.serving.processor.WorkerExtension")
+
+    def _names(self, steering) -> list[str]:
+        """The engine's names of ``steering``'s value models, starting the engine with them if needed."""
+        folders = [m.name_or_path for m in steering.value_models] if steering is not None else []
+        if any(f is None for f in folders):
+            raise VasError("the vLLM engine loads value models from their folders: load them with "
+                           "ValueModel.from_pretrained")
+        if self.engine is None:
+            dtypes = {str(m.backbone.dtype).removeprefix("torch.") for m in steering.value_models} if folders else set()
+            self._start(folders, dtypes.pop() if len(dtypes) == 1 else "auto")
+        known = {path: name for name, path in self.values.items()}
+        missing = [f for f in folders if f not in known]
+        if missing:
+            raise VasError(f"the vLLM engine was started with other value models ({', '.join(self.values.values())}); "
+                           f"it cannot load {missing[0]} now: use one set of value models per process")
+        return [known[f] for f in folders]
+
+    def decode(self, prompts: Sequence, steering, *, temperature: float, max_new_tokens: int, greedy: bool,
+               generator: torch.Generator | None):
+        """The batch decoded by vLLM: see :func:`vas.decoding.loop.decode` (same arguments and result).
+
+        Each request draws with its own seed, taken from ``generator``; a greedy request takes
+        argmax(log π0 + β·V) at τ = 1 (Sec. 4.4), as vLLM's temperature 0 does.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        from vas.decoding.loop import Decoded, Steering
+        from vas.models import check_fits
+        from vas.prompts import encode_prompts
+
+        steering = steering or Steering()
+        B = len(prompts)
+        beta, weights = steering.rows(B)
+        if steering.value_models:
+            steering.check_top_k(self.vocab_size)
+        names = self._names(steering)
+        ids = [encode_prompts(self.tokenizer, [p])[0] if isinstance(p, str) else list(p) for p in prompts]
+        if any(not p for p in ids):
+            raise VasError("a prompt is empty")
+        check_fits(ids, max_new_tokens, self.engine.llm_engine.model_config.max_model_len)
+        seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
+        record = [f"{next(self._ids)}" for _ in range(B)]
+        params = []
+        for b in range(B):
+            extra = {"vas_id": record[b]}
+            if names and float(beta[b]) != 0 and bool((weights[b] != 0).any()):
+                extra.update(vas_beta=float(beta[b]), vas_top_k=steering.top_k,
+                             vas_values=",".join(f"{n}={float(w)!r}" for n, w in zip(names, weights[b].tolist())))
+            params.append(SamplingParams(temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens,
+                                         seed=seeds[b], logprobs=0, extra_args=extra, skip_special_tokens=True))
+        outputs = self.engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        stats = self.engine.collective_rpc("vas_statistics", args=(record,))[0]
+        texts, tokens, logps, base_logps = [], [], [], []
+        kl, finished = torch.zeros(B), torch.zeros(B, dtype=torch.bool)
+        for b, out in enumerate(outputs):
+            completion = out.outputs[0]
+            steps = {int(k): StepRecord(**v) for k, v in stats.get(record[b], {}).items()}
+            chosen = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]  # log π
+            base = [lp - _shift(steps.get(t), tok) for t, (tok, lp) in enumerate(zip(completion.token_ids, chosen))]
+            texts.append(completion.text)
+            tokens.append(list(completion.token_ids))
+            logps.append(chosen)
+            base_logps.append(base)
+            kl[b] = sum(s.kl for s in steps.values())
+            finished[b] = completion.finish_reason == "stop"
+        steps = torch.tensor([len(t) for t in tokens])
+        return Decoded(texts, tokens, logps, base_logps, kl, finished, steps, torch.zeros(B))
+
+
+def _shift(step: StepRecord | None, token: int) -> float:
+    """log π(x) − log π0(x) at a recorded step (0 for an unsteered one)."""
+    if step is None:
+        return 0.0
+    if token in step.candidates:
+        return step.candidate_shift[step.candidates.index(token)]
+    return step.other_shift

