@@ -53,8 +53,11 @@ class VllmPolicy:
         return {"engine": "vllm", "model": self.base_model, "dtype": self.dtype}
 
     def _start(self, folders: list[str], value_dtype: str) -> None:
+        import logging
         import os
 
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's spawned processes read it at start-up
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         from vllm import LLM
 
         from vas.serving.processor import VllmLogitsProcessor
