@@ -189,6 +189,8 @@ def test_the_openai_client_streamed_and_not(server, local):
     ({"vas_beta": 1, "vas_values": "kind=nan"}, "kind"),
     ({"vas_beta": 1, "vas_top_k": 0}, "vas_top_k"),
     ({"vas_beta": 1, "vas_top_k": 49153}, "vas_top_k"),
+    ({"vas_beta": 1, "vas_top_k": 101}, "--max-top-k"),
+    ({"vas_beta": 1e300}, "vas_beta"),
     ({"vas_beta": 1, "vas_top_k": "../../etc/passwd"}, "vas_top_k"),
 ])
 def test_bad_input_gets_400_naming_the_field_and_the_server_keeps_serving(server, xargs, field):

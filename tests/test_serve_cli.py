@@ -46,7 +46,7 @@ def test_repeated_names_a_wrong_tokenizer_and_k_are_refused(tiny_model_dir, othe
         config.command()
     random_value_model(tiny_model_dir).save_pretrained(tmp_path / "same")
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k=10_000)
-    with pytest.raises(VasError, match="--top-k must be between 1 and the vocabulary size"):
+    with pytest.raises(VasError, match="--top-k must be between 1 and 100"):
         config.command()
     argv, env = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"])).command()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback by default

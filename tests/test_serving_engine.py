@@ -84,3 +84,10 @@ def test_the_engine_keeps_the_value_models_it_started_with(engine, values, tmp_p
     other = ValueModel.from_pretrained(tmp_path / "other")
     with pytest.raises(VasError, match="other value models"):
         sample(engine, ["hi"], Steering([other], beta=1.0), max_new_tokens=2)
+
+
+def test_greedy_at_another_temperature_and_options_the_processor_lacks_are_refused(engine, values):
+    with pytest.raises(VasError, match="--temperature 1"):
+        sample(engine, ["hi"], Steering(values, beta=1.0), greedy=True, temperature=0.7, max_new_tokens=2)
+    with pytest.raises(VasError, match="masking"):
+        sample(engine, ["hi"], Steering(values, beta=1.0, mask_outside_top_k=True), max_new_tokens=2)

@@ -22,7 +22,7 @@ from vas.serving.processor import (  # noqa: E402
 )
 from vas.value.model import CandidateScorer  # noqa: E402
 
-SETTINGS = Settings({"a": "/a", "b": "/b"}, vocab_size=300, top_k=10)
+SETTINGS = Settings({"a": "/a", "b": "/b"}, vocab_size=300, top_k=10, max_top_k=100)
 
 
 def test_a_request_is_parsed_into_its_steering():
@@ -46,6 +46,9 @@ def test_a_request_is_parsed_into_its_steering():
     ({"vas_beta": 1, "vas_top_k": 301}, "vas_top_k"),
     ({"vas_beta": 1, "vas_top_k": 2.5}, "vas_top_k"),
     ({"vas_bta": 1}, "vas_bta"),
+    ({"vas_beta": 1, "vas_top_k": 101}, "at most the server's --max-top-k 100"),
+    ({"vas_beta": 1e300}, "vas_beta"),
+    ({"vas_beta": 1e30, "vas_values": "a=1e10"}, "float32"),
 ])
 def test_bad_requests_name_the_field(args, field):
     with pytest.raises(ValueError, match=field):
@@ -88,11 +91,45 @@ def test_rows_that_join_leave_and_move_keep_their_own_cache(tiny_model_dir):
     torch.testing.assert_close(values[1], alone("z", 5), atol=1e-5, rtol=1e-4)
 
 
+def test_rows_joining_at_different_steps_do_not_widen_the_cache(tiny_model_dir):
+    """Prompts of 20 tokens join every other step while older rows leave: the cache stays near the longest
+    row's width, and every row still scores as it does alone."""
+    model = random_value_model(tiny_model_dir, seed=4)
+    scorer = CandidateScorer(model)
+    candidates = torch.tensor([[4, 6]])
+    torch.manual_seed(0)
+    rows: list[list[int]] = []
+    for step in range(16):
+        fresh = step % 2 == 0
+        keep = list(range(max(0, len(rows) - 6), len(rows)))  # the 6 newest rows stay
+        order = keep + ([-1] if fresh else [])
+        if rows:
+            scorer.reorder(order)
+        rows = [rows[i] for i in keep] + ([torch.randint(3, 250, (20,)).tolist()] if fresh else [])
+        fed = scorer.lengths.tolist() if scorer.lengths is not None else [0] * len(rows)
+        for r in rows:
+            r.append(int(torch.randint(3, 250, ())))
+        news = [r[n:] for r, n in zip(rows, fed)]
+        P = max(map(len, news))
+        ids = torch.zeros(len(news), P, dtype=torch.long)
+        mask = torch.zeros(len(news), P, dtype=torch.long)
+        for i, n in enumerate(news):
+            ids[i, P - len(n):], mask[i, P - len(n):] = torch.tensor(n), 1
+        values = scorer.score(tokens(ids, mask), candidates.expand(len(rows), -1))
+        for i, r in enumerate(rows):
+            with torch.no_grad():
+                alone = torch.tensor([r + [int(c)] for c in candidates[0]])
+                torch.testing.assert_close(values[i], model(alone, torch.ones_like(alone))[:, -1], atol=1e-5, rtol=1e-4)
+    longest = max(map(len, rows))
+    assert scorer.past_mask.shape[1] <= 1.5 * longest + 8 + 21  # at most one step's new prompt beyond the bound
+
+
 @pytest.fixture
 def processor(tiny_model_dir, tmp_path, monkeypatch):
     for name, seed in (("a", 1), ("b", 2)):
         random_value_model(tiny_model_dir, seed=seed).save_pretrained(tmp_path / name)
-    settings = Settings({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, vocab_size=300, top_k=4, dtype="float32")
+    settings = Settings({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, vocab_size=300, top_k=4, dtype="float32",
+                        record=True)
     monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
     config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=tiny_model_dir))
     return VllmLogitsProcessor(config, torch.device("cpu"), False)
@@ -158,3 +195,24 @@ def test_the_processor_follows_the_batch(processor):
     processor.update_state(BatchUpdate(1, removed=[1, 2], added=[], moved=[]))
     step(["p"])
     assert [len(s.rows) for s in processor.scorers] == [1, 1]
+
+
+def test_recorded_steps_give_back_pi0_and_the_kl(processor):
+    """The offline engine reads log π0(x) = log π(x) − shift(x) and the KL from the recorded steps: checked
+    for every token of the vocabulary against π0 and π computed here."""
+    from vas.serving.engine import _shift
+    from vas.serving.processor import take_statistics
+
+    torch.manual_seed(1)
+    params = SamplingParams(temperature=0.7, extra_args={"vas_beta": 5.0, "vas_top_k": 3, "vas_id": "r1"})
+    processor.update_state(BatchUpdate(1, removed=[], added=[(0, params, [5, 17, 33], [])], moved=[]))
+    logits = torch.randn(1, 300) * 3
+    logp = torch.log_softmax(processor.apply(logits.clone())[0] / 0.7, dim=-1)  # vLLM divides by τ
+    base = torch.log_softmax(logits[0] / 0.7, dim=-1)
+    step = take_statistics(["r1"])["r1"][0]
+    assert len(step.candidates) == 3
+    shifts = torch.tensor([_shift(step, x) for x in range(300)])
+    torch.testing.assert_close(logp - shifts, base, atol=1e-5, rtol=0)
+    assert step.kl == pytest.approx(float((logp.exp() * (logp - base)).sum()), rel=1e-4)
+    assert step.kl > 0.01
+    assert take_statistics(["r1"]) == {}  # fetched once, then gone

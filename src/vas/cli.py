@@ -464,6 +464,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for requests that do not send vas_top_k.")] = 10,
+    max_top_k: Annotated[int, typer.Option(help="The largest vas_top_k a request may send (each step scores the batch's largest k in every steered request).")] = 100,
     dtype: Annotated[str, typer.Option(help="π0's dtype in vLLM: 'auto' (vLLM's choice), float32, bfloat16, float16.")] = "auto",
     value_dtype: ValueDtype = "auto",
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of accelerator memory (of the machine's memory on CPU; default there 0.3).")] = None,
@@ -478,7 +479,7 @@ def serve(
     from vas.serving.server import ServeConfig, parse_named, require_vllm
 
     require_vllm()
-    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=top_k, dtype=dtype,
+    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=top_k, max_top_k=max_top_k, dtype=dtype,
                 value_dtype=value_dtype, gpu_memory_utilization=gpu_memory_utilization, vllm_args=list(ctx.args)).run()
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 
-def base_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def base_logprobs(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """log π0 at the sampling temperature τ: log_softmax(logits / τ) over the last dimension.
 
     The one place the temperature rule lives. ``logits`` may be raw logits over the vocabulary, or
@@ -26,7 +26,7 @@ def base_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
     Args:
         logits: (B, S) float.
-        temperature: τ > 0.
+        temperature: τ > 0, a float, or a (B, 1) float tensor with one τ per row.
 
     Returns:
         (B, S) float32, normalised over S.

@@ -57,6 +57,7 @@ class VllmPolicy:
         import os
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's spawned processes read it at start-up
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         from vllm import LLM
 
@@ -74,10 +75,14 @@ class VllmPolicy:
 
     def _names(self, steering) -> list[str]:
         """The engine's names of ``steering``'s value models, starting the engine with them if needed."""
+        from vas.value.model import check_same_tokenizer
+
         folders = [m.name_or_path for m in steering.value_models] if steering is not None else []
         if any(f is None for f in folders):
             raise VasError("the vLLM engine loads value models from their folders: load them with "
                            "ValueModel.from_pretrained")
+        for model, folder in zip(steering.value_models if folders else [], folders):
+            check_same_tokenizer(self.tokenizer, model.tokenizer, folder)
         if self.engine is None:
             dtypes = {str(m.backbone.dtype).removeprefix("torch.") for m in steering.value_models} if folders else set()
             self._start(folders, dtypes.pop() if len(dtypes) == 1 else "auto")
@@ -94,6 +99,11 @@ class VllmPolicy:
 
         Each request draws with its own seed, taken from ``generator``; a greedy request takes
         argmax(log π0 + β·V) at τ = 1 (Sec. 4.4), as vLLM's temperature 0 does.
+
+        Raises:
+            VasError: for greedy decoding at τ ≠ 1, top-k masking or a value prompt (not in the processor),
+                value models with another tokenizer than π0's or other than those the engine started with,
+                an empty prompt or one that does not fit the context window.
         """
         from vllm import SamplingParams, TokensPrompt
 
@@ -102,6 +112,12 @@ class VllmPolicy:
         from vas.prompts import encode_prompts
 
         steering = steering or Steering()
+        if greedy and temperature != 1.0:
+            raise VasError("--engine vllm decodes greedily at τ = 1, argmax(log π0 + β·V) (Sec. 4.4): pass "
+                           "--temperature 1 with --greedy")
+        if steering.mask_outside_top_k or steering.value_prompt is not None:
+            raise VasError("--engine vllm steers by Eq. 5 on π0's own prompt: it has no top-k masking and no "
+                           "value prompt; use the default engine for those")
         B = len(prompts)
         beta, weights = steering.rows(B)
         if steering.value_models:
@@ -134,7 +150,7 @@ class VllmPolicy:
             tokens.append(list(completion.token_ids))
             logps.append(chosen)
             base_logps.append(base)
-            kl[b] = sum(s.kl for s in steps.values())
+            kl[b] = sum(s.kl for t, s in steps.items() if t < len(completion.token_ids))
             finished[b] = completion.finish_reason == "stop"
         steps = torch.tensor([len(t) for t in tokens])
         return Decoded(texts, tokens, logps, base_logps, kl, finished, steps, torch.zeros(B))

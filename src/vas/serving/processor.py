@@ -49,6 +49,7 @@ from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer
 SETTINGS_ENV = "VAS_VLLM_SETTINGS"
 FIELDS = ("vas_beta", "vas_top_k", "vas_values", "vas_id")
 GREEDY_EPS = 1e-5  # vLLM treats a temperature below this as greedy
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Settings:
         values: value-model name → folder, in the order of the weights.
         vocab_size: the base model's vocabulary size (the largest k).
         top_k: k for requests that do not give ``vas_top_k``.
+        max_top_k: the largest k a request may ask for (each step scores the largest k of the batch in every
+            steered row, so one huge k would cost every request).
         dtype: the value models' dtype (``"auto"``, ``"float32"``, ``"bfloat16"`` …).
         record: keep each request's per-step steering statistics under its ``vas_id`` until
             :func:`take_statistics` fetches them (the offline engine's KL; off for a server).
@@ -67,6 +70,7 @@ class Settings:
     values: dict[str, str]
     vocab_size: int
     top_k: int = 10
+    max_top_k: int = 100
     dtype: str = "auto"
     record: bool = False
 
@@ -106,8 +110,8 @@ def _number(name: str, value, integer: bool = False) -> float:
         number = int(value) if integer else float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number (|x| ≤ 3.4e38, float32), got {value!r}")
     return number
 
 
@@ -139,7 +143,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     Raises:
         ValueError: naming the field, for an unknown ``vas_*`` field, a β or weight that is not a finite
             number, an unknown value-model name, or k outside 1 … vocabulary size. vLLM answers it with
-            HTTP 400 before any work is done.
+            HTTP 400 before any work is done; also for k above the server's ``max_top_k``.
     """
     args = extra_args or {}
     unknown = sorted(k for k in args if k.startswith("vas_") and k not in FIELDS)
@@ -152,9 +156,13 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
         if isinstance(args["vas_top_k"], float) and not args["vas_top_k"].is_integer():
             raise ValueError(f"vas_top_k must be an integer, got {args['vas_top_k']!r}")
         top_k = int(_number("vas_top_k", args["vas_top_k"], integer=not isinstance(args["vas_top_k"], float)))
-        if not 1 <= top_k <= settings.vocab_size:
-            raise ValueError(f"vas_top_k must be between 1 and the vocabulary size {settings.vocab_size}, got {top_k}")
+        largest = min(settings.vocab_size, settings.max_top_k)
+        if not 1 <= top_k <= largest:
+            raise ValueError(f"vas_top_k must be between 1 and {largest} (the vocabulary size {settings.vocab_size}, "
+                             f"at most the server's --max-top-k {settings.max_top_k}), got {top_k}")
     weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
+    if any(abs(beta * w) > FLOAT32_MAX for w in weights):
+        raise ValueError(f"vas_beta times a vas_values weight must stay within float32 (3.4e38), got β = {beta}")
     if beta == 0 or not any(weights):
         return None
     record = str(args["vas_id"]) if "vas_id" in args and settings.record else None
@@ -171,9 +179,11 @@ class _Request:
     output: list[int]  # vLLM's running list of the request's output tokens
 
     def since(self, fed: int) -> list[int]:
-        """The request's tokens from position ``fed`` on."""
+        """The request's known tokens from position ``fed`` on (up to any placeholder, −1, of a token that
+        asynchronous scheduling has not filled in yet)."""
         P = len(self.prompt)
-        return self.prompt[fed:] + self.output if fed < P else self.output[fed - P:]
+        tokens = self.prompt[fed:] + self.output if fed < P else self.output[fed - P:]
+        return tokens[: tokens.index(-1)] if -1 in tokens else tokens
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
@@ -188,7 +198,9 @@ class _LiveScorer:
 
     def score(self, batch: "_Batch", candidates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         old = {id(r): i for i, r in enumerate(self.rows)}
-        order = [old.get(id(r), -1) for r in batch.requests]
+        fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else []
+        # a row whose request now has fewer tokens than were fed (vLLM discarded some) starts again
+        order = [i if i >= 0 and fed[i] <= len(r) else -1 for i, r in ((old.get(id(r), -1), r) for r in batch.requests)]
         if order != list(range(len(self.rows))):
             self.scorer.reorder(order)
         self.rows = list(batch.requests)
@@ -279,12 +291,23 @@ class VllmLogitsProcessor(LogitsProcessor):
                 self.requests[b] = first
             if direction == MoveDirectionality.SWAP and second is not None:
                 self.requests[a] = second
+        if not self.requests:  # the last steered request left: free the value models' caches
+            self.scorers = [_LiveScorer(m) for m in self.models]
 
     @torch.no_grad()
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        index = [i for i in sorted(self.requests) if i < logits.shape[0]]
+        """Steer the rows of steered requests in place.
+
+        Args:
+            logits: (num_requests, V) float32 raw logits of the batch, row i for batch index i.
+
+        Returns:
+            ``logits``, with each steered row replaced by τ·log π (Eq. 5); other rows untouched.
+        """
+        index = sorted(self.requests)
         if not index:
             return logits
+        assert index[-1] < logits.shape[0], "a steered request's batch index is outside the logits"
         requests = [self.requests[i] for i in index]
         rows = torch.tensor(index, device=logits.device)
         temperature = torch.tensor([[r.temperature] for r in requests], device=logits.device)

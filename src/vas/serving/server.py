@@ -61,6 +61,7 @@ class ServeConfig:
         port: the TCP port.
         api_key: a key clients must send, or None.
         top_k: k for requests without ``vas_top_k``.
+        max_top_k: the largest k a request may ask for.
         dtype: π0's dtype in vLLM (``auto`` lets vLLM choose).
         value_dtype: the value models' dtype (:func:`vas.models.resolve_value_dtype`).
         gpu_memory_utilization: vLLM's share of accelerator memory (of the node's memory on CPU); None: 0.3 on
@@ -74,6 +75,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     top_k: int = 10
+    max_top_k: int = 100
     dtype: str = "auto"
     value_dtype: str = "auto"
     gpu_memory_utilization: float | None = None
@@ -84,7 +86,7 @@ class ServeConfig:
 
         Raises:
             VasError: if vLLM is missing, no value model is given, a value model's tokenizer differs from
-                the base model's, or k is outside 1 … vocabulary size.
+                the base model's, or k is outside 1 … min(vocabulary size, ``max_top_k``).
         """
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
@@ -100,8 +102,9 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
-        if not 1 <= self.top_k <= vocab_size:
-            raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+        if not 1 <= self.top_k <= min(vocab_size, self.max_top_k):
+            raise VasError(f"--top-k must be between 1 and {min(vocab_size, self.max_top_k)} (the vocabulary size "
+                           f"{vocab_size}, at most --max-top-k), got {self.top_k}")
         memory = self.gpu_memory_utilization
         if memory is None and not _has_accelerator():
             memory = CPU_MEMORY_SHARE
@@ -111,10 +114,11 @@ class ServeConfig:
                 "--dtype", self.dtype, "--logits-processors", PROCESSOR]
         if memory is not None:
             argv += ["--gpu-memory-utilization", str(memory)]
-        if self.api_key:
-            argv += ["--api-key", self.api_key]
         env = dict(os.environ)
-        env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.value_dtype).to_env()
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # not on the command line, where any user's `ps` would show it
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
+        env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.max_top_k, self.value_dtype).to_env()
         return argv + list(self.vllm_args), env
 
     def run(self) -> None:

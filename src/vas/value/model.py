@@ -219,8 +219,9 @@ class CandidateScorer:
 
     def reorder(self, rows: Sequence[int]) -> None:
         """Keep the cached rows ``rows``, in that order; a row ``-1`` is a new one with nothing fed yet. For a
-        batch whose members change between steps (a server's): rows that leave free their cache, and cache
-        positions that no row uses any more are dropped.
+        batch whose members change between steps (a server's): rows that leave free their cache, columns no
+        row uses are dropped, and when the cache has grown much wider than the longest row (rows that joined at
+        different steps each bring their padding) every row's tokens are gathered into the longest row's width.
 
         Args:
             rows: for each row of the new batch, its row in the current one, or -1.
@@ -233,13 +234,29 @@ class CandidateScorer:
         self.cache.batch_select_indices(source)  # new rows copy row 0's keys; their mask hides them
         self.past_mask = self.past_mask[source] * kept[:, None]
         self.lengths = self.lengths[source] * kept
-        used = self.past_mask.bool().any(dim=0)
-        if not bool(used.all()):
-            columns = used.nonzero().flatten()
-            for layer in self.cache.layers:
-                if layer.get_seq_length() > 0:
-                    layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
-            self.past_mask = self.past_mask[:, columns]
+        longest = int(self.lengths.max()) if len(self.lengths) else 0
+        if self.past_mask.shape[1] > 1.5 * longest + 8:
+            self._compact(longest)
+        else:  # drop the columns no row uses any more
+            used = self.past_mask.bool().any(dim=0)
+            if not bool(used.all()):
+                columns = used.nonzero().flatten()
+                for layer in self.cache.layers:
+                    if layer.get_seq_length() > 0:
+                        layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
+                self.past_mask = self.past_mask[:, columns]
+
+    def _compact(self, width: int) -> None:
+        """Gather each row's cached tokens, in order, into the last ``width`` columns (the longest row's
+        length), so that prompts that joined at different steps do not widen the cache for every row."""
+        B, S = self.past_mask.shape
+        # a stable sort puts each row's padding first and its real tokens after, both in their order
+        columns = torch.sort(self.past_mask, dim=1, stable=True).indices[:, S - width:]  # (B, width)
+        self.past_mask = self.past_mask.gather(1, columns)
+        for layer in self.cache.layers:
+            if layer.get_seq_length() > 0:
+                index = columns[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     @torch.no_grad()
     def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
