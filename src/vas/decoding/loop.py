@@ -231,8 +231,11 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
     if max_new_tokens < 1:
         raise VasError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     if hasattr(policy, "decode"):  # an engine that runs the whole loop itself (vLLM, vas.serving.engine)
-        return policy.decode(prompts, steering, temperature=temperature, max_new_tokens=max_new_tokens,
-                             greedy=greedy, generator=generator)
+        decoded = policy.decode(prompts, steering, temperature=temperature, max_new_tokens=max_new_tokens,
+                                greedy=greedy, generator=generator)
+        if on_step is not None:
+            on_step(int(decoded.steps.sum()))
+        return decoded
     rollout = policy.start(prompts, max_new_tokens)
     B = len(prompts)
     steering = steering or Steering()
