@@ -458,7 +458,7 @@ def judge(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    value: Annotated[list[str], typer.Option(help="A value model as NAME=DIR; repeat for several. Requests choose by NAME.")] = [],
+    value: Annotated[list[str], typer.Option(metavar="NAME=DIR", help="A value model as NAME=DIR; repeat for several. Requests choose by NAME.")] = [],
     base_model: BaseModel = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
