@@ -51,3 +51,19 @@ def test_repeated_names_a_wrong_tokenizer_and_k_are_refused(tiny_model_dir, othe
     argv, env = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"])).command()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback by default
     assert str(tmp_path / "same") in env["VAS_VLLM_SETTINGS"]
+
+
+def test_a_port_in_use_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    import socket
+
+    from helpers import random_value_model
+
+    random_value_model(tiny_model_dir).save_pretrained(tmp_path / "v")
+    monkeypatch.setattr(server, "require_vllm", lambda: None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = server.ServeConfig(tiny_model_dir, server.parse_named([f"v={tmp_path / 'v'}"]), port=port)
+        with pytest.raises(VasError, match=f"cannot listen on 127.0.0.1:{port}"):
+            config.command()

@@ -85,8 +85,9 @@ class ServeConfig:
         """The ``vllm serve`` command line and its environment, after checking what can be checked.
 
         Raises:
-            VasError: if vLLM is missing, no value model is given, a value model's tokenizer differs from
-                the base model's, or k is outside 1 … min(vocabulary size, ``max_top_k``).
+            VasError: if vLLM is missing, no value model is given, the address cannot be bound, a value
+                model's tokenizer differs from the base model's, or k is outside 1 … min(vocabulary size,
+                ``max_top_k``).
         """
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
@@ -97,6 +98,7 @@ class ServeConfig:
             raise VasError("give at least one --value NAME=DIR")
         if not 0 < self.port < 65536:
             raise VasError(f"--port must be between 1 and 65535, got {self.port}")
+        _check_free(self.host, self.port)
         model_dir = resolve_model(self.base_model)
         tokenizer = load_tokenizer(self.base_model)
         for name, path in self.values.items():
@@ -125,6 +127,23 @@ class ServeConfig:
         """Become the server (does not return)."""
         argv, env = self.command()
         os.execve(argv[0], argv, env)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Raise :class:`VasError` if ``host:port`` cannot be bound (in use, or not an address of this machine),
+    before minutes of start-up end in vLLM's traceback."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise VasError(f"--host {host!r} is not an address: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise VasError(f"cannot listen on {host}:{port}: {exc.strerror} (another server? pick --port)") from None
 
 
 def _has_accelerator() -> bool:
