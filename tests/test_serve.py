@@ -201,6 +201,20 @@ def test_bad_input_gets_400_naming_the_field_and_the_server_keeps_serving(server
     assert complete(server, ids_of("hi"), {"vas_beta": 1.0})["token_ids"]
 
 
+@pytest.mark.parametrize("body, field", [
+    ({"stream": True, "vllm_xargs": {"vas_top_k": 0, "vas_beta": 1}}, "vas_top_k"),
+    ({"vas_beta": 3}, "inside vllm_xargs"),
+    ({"vllm_xargs": {"vas_beta": True}}, "vas_beta"),
+])
+def test_streamed_and_misplaced_steering_gets_400_before_any_response(server, body, field):
+    payload = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **body}
+    answer = httpx.post(f"{server}/v1/completions", json=payload, headers=HEADERS, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["error"]["message"]
+    unauthorized = httpx.post(f"{server}/v1/completions", json=payload, timeout=60)
+    assert unauthorized.status_code == 401  # the names of the value models are not told without the key
+
+
 def test_the_api_key_is_required(server):
     answer = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
     assert answer.status_code == 401

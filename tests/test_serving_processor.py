@@ -55,6 +55,29 @@ def test_bad_requests_name_the_field(args, field):
         parse_request(args, SETTINGS)
 
 
+@pytest.mark.parametrize("body, message", [
+    ({"vas_beta": 3}, "vas_beta must go inside vllm_xargs"),
+    ({"VAS_BETA": 3, "vllm_xargs": {}}, "VAS_BETA must go inside vllm_xargs"),
+    ({"vllm_xargs": {"VAS_BETA": 2}}, "unknown field 'VAS_BETA'"),
+    ({"vllm_xargs": {"vas_beta": True}}, "vas_beta must be a number"),
+    ({"vllm_xargs": {"vas_beta": None}}, "vas_beta must be a number"),
+    ({"vllm_xargs": {"vas_beta": 1, "vas_values": ""}}, "non-empty"),
+    ({"vllm_xargs": {"vas_beta": 1, "vas_values": "a=1,"}}, "empty entry"),
+    ({"vllm_xargs": {"vas_beta": 1, "vas_top_k": 1e30}}, "vas_top_k must be between 1 and 100"),
+])
+def test_request_bodies_with_misplaced_or_bad_fields_are_refused(body, message):
+    from vas.serving.processor import request_error
+
+    assert message in request_error(body, SETTINGS)
+
+
+def test_good_request_bodies_pass():
+    from vas.serving.processor import request_error
+
+    assert request_error({"prompt": "hi"}, SETTINGS) is None
+    assert request_error({"prompt": "hi", "vllm_xargs": {"vas_beta": 2, "vas_values": "a=1,b"}}, SETTINGS) is None
+
+
 def test_rows_that_join_leave_and_move_keep_their_own_cache(tiny_model_dir):
     """A CandidateScorer reordered between steps scores each row as a scorer of that row alone does."""
     model = random_value_model(tiny_model_dir, seed=3)

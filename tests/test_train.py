@@ -72,6 +72,8 @@ def test_evaluation_line_by_hand():
     assert describe_evaluation(metrics, 1.0) == (
         "epoch 1.00: validation MSE to the rewards 0.0500, against their variance 0.2000: 75% explained "
         "(MSE to the TD(λ) targets 0.0100, at finished responses 0.0200)")
+    worse = describe_evaluation({**metrics, "eval_mc_mse": 0.255, "eval_reward_var": 0.218, "eval_explained": -0.17}, 1.0)
+    assert "-17% explained" in worse and "worse than predicting the mean reward" in worse
     weak = describe_evaluation({**metrics, "eval_mc_mse": 0.213, "eval_reward_var": 0.218, "eval_explained": 0.023}, 2.0)
     assert "2% explained" in weak and weak.endswith("a weak value model, barely better than predicting the mean "
                                                     "reward: VAS will steer little (more data or epochs may help)")

@@ -57,6 +57,7 @@ class VllmPolicy:
         import os
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's spawned processes read it at start-up
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the results
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         from vllm import LLM

@@ -30,6 +30,7 @@ start-up settings reach vLLM's processes through the environment variable :data:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import weakref
@@ -122,12 +123,15 @@ def parse_weights(text, names: list[str]) -> tuple[float, ...]:
         ValueError: naming ``vas_values``, for an unknown or repeated name or a weight that is not finite.
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f'vas_values must be a string "NAME=WEIGHT,NAME=WEIGHT", got {text!r}')
+        raise ValueError(f'vas_values must be a non-empty string "NAME=WEIGHT,NAME=WEIGHT" (a bare NAME has weight 1), '
+                         f'got {text!r}')
     weights = dict.fromkeys(names, 0.0)
     seen = set()
     for part in text.split(","):
         name, sep, weight = part.strip().partition("=")
         name = name.strip()
+        if not name:
+            raise ValueError(f"vas_values has an empty entry: {text!r}")
         if name not in weights:
             raise ValueError(f"vas_values names an unknown value model {name!r}; this server has: {', '.join(names)}")
         if name in seen:
@@ -167,6 +171,52 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
         return None
     record = str(args["vas_id"]) if "vas_id" in args and settings.record else None
     return RequestSteering(beta, top_k, weights, record)
+
+
+def request_error(body: dict, settings: Settings) -> str | None:
+    """What is wrong with the steering of an OpenAI request body, or None: ``vas_*`` fields outside
+    ``vllm_xargs`` (vLLM would ignore them), misspelt ones, or :func:`parse_request`'s errors."""
+    misplaced = sorted(k for k in body if k.lower().startswith("vas_"))
+    if misplaced:
+        return f"{misplaced[0]} must go inside vllm_xargs (extra_body={{'vllm_xargs': {{...}}}} in the openai client)"
+    xargs = body.get("vllm_xargs")
+    if not isinstance(xargs, dict):
+        return None  # absent, or vLLM's own validation answers
+    miscased = sorted(k for k in xargs if k.lower().startswith("vas_") and k != k.lower())
+    if miscased:
+        return f"unknown field {miscased[0]!r}; VAS reads {', '.join(FIELDS[:3])} (lower case)"
+    try:
+        parse_request(xargs, settings)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+async def check_steering(request, call_next):
+    """ASGI middleware of ``vas serve`` (vLLM's ``--middleware``): answers a bad steering request with HTTP 400
+    before vLLM starts a response, so streamed requests get the status too, and fields vLLM would silently
+    drop are refused. Requests that fail the API key are left to vLLM's authentication (401)."""
+    from starlette.responses import JSONResponse
+
+    if request.method == "POST" and request.url.path in STEERED_PATHS and _authorized(request):
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None  # vLLM answers malformed JSON itself
+        if isinstance(body, dict):
+            message = request_error(body, Settings.from_env())
+            if message is not None:
+                return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None,
+                                               "code": 400}}, status_code=400)
+    return await call_next(request)
+
+
+def _authorized(request) -> bool:
+    key = os.environ.get("VLLM_API_KEY")
+    return not key or request.headers.get("authorization") == f"Bearer {key}"
 
 
 @dataclass(eq=False)
@@ -267,6 +317,10 @@ class VllmLogitsProcessor(LogitsProcessor):
             check_same_tokenizer(base_tokenizer, model.tokenizer, name)
         self.scorers = [_LiveScorer(m) for m in self.models]
         self.requests: dict[int, _Request] = {}  # batch index → steered request
+        logging.getLogger("vllm").info(
+            "VAS: value models %s (%s); vas_top_k %d by default, at most %d",
+            ", ".join(f"{name}={path}" for name, path in self.settings.values.items()), dtype,
+            self.settings.top_k, self.settings.max_top_k)
         self.records: dict[str, dict[int, StepRecord]] = {}  # vas_id → output position → step
         _processors.add(self)
 

