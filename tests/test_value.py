@@ -97,3 +97,21 @@ def test_layer_truncated_value_model_reads_the_first_layers(tmp_path):
     torch.testing.assert_close(reloaded(ids, torch.ones_like(ids)), expected, atol=1e-5, rtol=0)
     with pytest.raises(VasError, match="has 4 layers: keep 1 to 4 of them, got 5"):
         ValueModel.create(model_dir, num_layers=5)
+
+
+def test_a_value_model_retrained_in_place_gets_another_fingerprint(tmp_path, tiny_model_dir):
+    """Resumed jobs store each value model's fingerprint: the same files give the same one, a value model
+    retrained into the same folder another, and a refused resume names it."""
+    from helpers import random_value_model
+
+    from vas.jobs import option_names
+    from vas.value.model import fingerprint
+
+    random_value_model(tiny_model_dir, seed=1).save_pretrained(tmp_path / "v")
+    first = fingerprint(tmp_path / "v")
+    assert fingerprint(tmp_path / "v") == first and len(first) == 16
+    random_value_model(tiny_model_dir, seed=1).save_pretrained(tmp_path / "same")
+    assert fingerprint(tmp_path / "same") == first  # the folder's name does not count, its content does
+    random_value_model(tiny_model_dir, seed=2).save_pretrained(tmp_path / "v")
+    assert fingerprint(tmp_path / "v") != first
+    assert option_names(["value_sha256"]) == ["the value models (retrained since)"]

@@ -127,6 +127,13 @@ def _value_models(value: list[str], device: str, value_dtype: str):
     return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
 
 
+def _fingerprints(value: list[str]) -> list[str]:
+    """The --value folders' fingerprints, which a resumed run must share (a value model retrained in place)."""
+    from vas.value.model import fingerprint, parse_weighted
+
+    return [fingerprint(parse_weighted(spec)[0]) for spec in value]
+
+
 def _check_value_dirs(value: list[str]) -> None:
     from vas.value.model import check_value_dir, parse_weighted
 
@@ -263,7 +270,8 @@ def generate(
         rows = run(base, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
                    concurrency=policy.concurrency, progress=not quiet,
-                   settings={"value": value, "base": policy.name, "api_model": policy.api_model})
+                   settings={"value": value, "value_sha256": _fingerprints(value), "base": policy.name,
+                             "api_model": policy.api_model})
     if out:
         typer.echo(f"{len(rows)} responses → {out}")
     else:
@@ -320,7 +328,8 @@ def evaluate(
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  concurrency=policy.concurrency, seed=seed, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
-                           "reward": reward, "value": value, "prompt_source": prompts})
+                           "reward": reward, "value": value, "value_sha256": _fingerprints(value),
+                           "prompt_source": prompts})
     print_report(report)
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
 

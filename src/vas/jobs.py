@@ -128,7 +128,8 @@ def changed_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 _OPTION_NAMES = {"num_prompts": "the prompts", "prompts_sha256": "the prompts", "weights": "the --value weights",
-                 "base": "--base-model", "learning_rate": "--lr", "lam": "--lambda", "data": "the data"}
+                 "base": "--base-model", "learning_rate": "--lr", "lam": "--lambda", "data": "the data",
+                 "value_sha256": "the value models (retrained since)"}
 
 
 def option_names(keys: Sequence[str]) -> list[str]:

@@ -184,6 +184,24 @@ def check_value_dir(directory: str | Path) -> None:
         raise VasError(f"{str(directory)!r} is not a value model folder (no {CONFIG_NAME}; `vas train` makes one)")
 
 
+def fingerprint(directory: str | Path) -> str:
+    """A short SHA-256 of the files that define a saved value model (its config, head and LoRA adapter), so a
+    resumed job can tell a value model retrained into the same folder from the one it started with.
+
+    Raises:
+        VasError: as :func:`check_value_dir`.
+    """
+    import hashlib
+
+    directory = Path(directory)
+    check_value_dir(directory)
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, HEAD_NAME, "adapter_config.json", "adapter_model.safetensors"):
+        if (directory / name).is_file():
+            digest.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_value_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a value model (falls back to its backbone's)."""
     directory = Path(directory)
