@@ -20,9 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,25 +31,8 @@ import torch
 
 from vas.models import EMBEDDED_MODEL, embedded_model_dir
 from vas.prompts import load_prompts
+from vas.serving.server import serve_in_background
 from vas.value.model import ValueModel
-
-
-def start_server(value_dir: str, port: int, log) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "vas", "serve", "--port", str(port), "--dtype", "float32",
-                                "--value-dtype", "float32", "--value", f"v={value_dir}", "--max-model-len", "1024"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vas serve exited with {process.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.terminate()
-    raise SystemExit("vas serve did not start within 300 s")
 
 
 async def measure(url: str, prompts: list[str], concurrency: int, tokens: int, xargs: dict | None) -> dict:
@@ -85,14 +65,10 @@ def main() -> None:
         torch.nn.init.normal_(value.head.weight, std=0.3)
         value.save_pretrained(Path(tmp) / "value")
         del value
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(Path(tmp) / "server.log", "w")
-        server = start_server(str(Path(tmp) / "value"), port, log)
-        url = f"http://127.0.0.1:{port}"
         rows = []
-        try:
+        with open(Path(tmp) / "server.log", "w") as log, serve_in_background(
+                ["--dtype", "float32", "--value-dtype", "float32", "--value", f"v={Path(tmp) / 'value'}",
+                 "--max-model-len", "1024"], log=log) as url:
             asyncio.run(measure(url, load_prompts("chitchat", limit=2), 2, 4, {"vas_beta": 2.0}))  # warm-up
             for c in args.concurrency:
                 prompts = load_prompts("chitchat", limit=2 * c)
@@ -101,10 +77,6 @@ def main() -> None:
                 rows.append({"concurrency": c, "plain": plain, "vas": vas, "ratio": vas["tokens_per_s"] / plain["tokens_per_s"]})
                 print(f"concurrency {c:>2}: plain vLLM {plain['tokens_per_s']:7.1f} tokens/s, VAS {vas['tokens_per_s']:7.1f} "
                       f"tokens/s ({vas['requests_per_s']:.2f} requests/s), VAS/plain {rows[-1]['ratio']:.2f}", flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-            log.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                     "tokens": args.tokens, "value_model_layers": 8, "top_k": 10, "rows": rows}, indent=2))

@@ -5,10 +5,6 @@ bad input. Both sides run float32."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -22,6 +18,7 @@ from vas.decoding.loop import Steering, sample  # noqa: E402
 from vas.models import embedded_model_dir, load_policy, load_tokenizer  # noqa: E402
 from vas.policy.local import LocalPolicy  # noqa: E402
 from vas.prompts import encode_prompts  # noqa: E402
+from vas.serving.server import serve_in_background  # noqa: E402
 from vas.value.model import ValueModel  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -29,12 +26,6 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["hi", "Tell me about cats.", "Write a short poem about the sea, the wind and the stars at night, please."]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,36 +39,10 @@ def values(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(values, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vas", "serve", "--port", str(port), "--dtype", "float32", "--value-dtype", "float32",
-         "--value", f"kind={values['kind']}", "--value", f"short={values['short']}", "--api-key", "secret",
-         "--max-model-len", "1024"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"vas serve exited with {process.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("vas serve did not start within 300 s")
-            time.sleep(1)
+    with open(tmp_path_factory.mktemp("serve") / "server.log", "w+") as log, serve_in_background(
+            ["--dtype", "float32", "--value-dtype", "float32", "--value", f"kind={values['kind']}",
+             "--value", f"short={values['short']}", "--api-key", "secret", "--max-model-len", "1024"], log=log) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

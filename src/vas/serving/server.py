@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vas.errors import VasError
@@ -166,3 +167,25 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@contextmanager
+def serve_in_background(args: Sequence[str], *, log=None, startup_timeout: float = 300.0):
+    """``vas serve ARGS`` in a child process on 127.0.0.1 (a free port) while the ``with`` block runs, for
+    tests, benchmarks and notebooks; yields its base URL (``http://127.0.0.1:PORT``, the API under ``/v1``).
+
+    Args:
+        args: ``vas serve``'s options without ``--port`` (``--value NAME=DIR`` …).
+        log: a file for the server's output; None: discarded.
+
+    Raises:
+        VasError: if the server exits (its last line of output says why) or is not ready within
+            ``startup_timeout`` seconds.
+    """
+    from vas.policy.api import background_server, free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with background_server([sys.executable, "-m", "vas", "serve", "--port", str(port), *args], f"{url}/health",
+                           name="vas serve", startup_timeout=startup_timeout, log=log):
+        yield url
