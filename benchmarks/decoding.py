@@ -109,10 +109,8 @@ class NaiveScorer:
         self.ids = self.mask = None
         self.step, self.seconds, self.max_abs_diff = 0, [], 0.0
 
-    def score(self, rollout, candidates, active=None):
+    def score(self, rollout, candidates, active=None, beta=None):
         import torch
-
-        from vas.models import position_ids_from_mask
 
         new_ids, new_mask = rollout.appended.ids, rollout.appended.mask
         self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=1)
@@ -120,13 +118,12 @@ class NaiveScorer:
         fast = self.fast.score(rollout, candidates)
         if self.step in self.timed_steps:
             mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-            positions = position_ids_from_mask(mask)
 
             def naive_values():
                 values = []
                 for j in range(candidates.shape[1]):
                     ids = torch.cat([self.ids, candidates[:, j : j + 1]], dim=1)
-                    values.append(self.model(ids, mask, position_ids=positions)[:, -1])
+                    values.append(self.model(ids, mask)[:, -1])  # positions from the mask
                 return torch.stack(values, dim=1)
 
             if not self.seconds:

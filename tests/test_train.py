@@ -64,6 +64,26 @@ def test_training_learns_a_learnable_signal(tiny_model_dir, tmp_path):
     assert model(awful, torch.ones_like(awful))[0, -1] < 0.3
 
 
+@pytest.mark.parametrize("head", ["mean", "distributional"])
+def test_every_head_learns_a_learnable_signal(tiny_model_dir, tmp_path, head):
+    """The mean and distributional heads learn the same signal as the last-token head, and reload with their head;
+    the distributional head's atoms span the training rewards."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = make_data(tokenizer)
+    config = TrainConfig(backbone=tiny_model_dir, epochs=8, learning_rate=3e-3, batch_size=8, lora_rank=8,
+                         val_fraction=0.25, lam=0.95, head=head, bins=11)
+    metrics = train_value_model(data, tmp_path / "v", config, tokenizer=tokenizer, progress=False)
+    assert metrics["history"][-1]["eval_mc_mse"] < 0.1  # the constant ½ has 0.25
+    model = ValueModel.from_pretrained(tmp_path / "v")
+    assert model.kind == head
+    if head == "distributional":
+        assert model.support.tolist() == pytest.approx(torch.linspace(0, 1, 11).tolist())
+    happy, awful = (torch.tensor([tokenizer(f"{w} news number 99")["input_ids"]]) for w in ("happy", "awful"))
+    length = torch.tensor([happy.shape[1]])
+    assert model(happy, torch.ones_like(happy), prompt_lengths=length)[0, -1] > 0.7
+    assert model(awful, torch.ones_like(awful), prompt_lengths=length)[0, -1] < 0.3
+
+
 def test_evaluation_line_by_hand():
     from vas.value.train import describe_evaluation
 

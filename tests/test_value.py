@@ -26,9 +26,10 @@ def full_value(model, tokens):
     return model(ids, torch.ones_like(ids))[0, -1].item()
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
-def test_cached_candidates_equal_full_recompute(tiny_model_dir, dtype, atol):
-    # bfloat16 is the GPU default: the additive mask is built in the backbone's dtype.
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 0.0), (torch.bfloat16, 0.05, 0.05)])
+def test_cached_candidates_equal_full_recompute(tiny_model_dir, dtype, atol, rtol):
+    # bfloat16 is the GPU default: the additive mask is built in the backbone's dtype. Its rounding (8 bits of
+    # mantissa) differs between the padded batch and the single rows, by a few % of values of size ~5 here.
     model = random_value_model(tiny_model_dir).to(dtype)
     model.head.float()
     scorer = CandidateScorer(model)
@@ -40,7 +41,7 @@ def test_cached_candidates_equal_full_recompute(tiny_model_dir, dtype, atol):
         cands = torch.randint(0, 250, (3, 6), generator=generator)
         got = scorer.score(tokens(new_ids, new_mask), cands)
         expected = torch.tensor([[full_value(model, prefixes[b] + [int(c)]) for c in cands[b]] for b in range(3)])
-        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
         chosen = cands[:, step : step + 1]
         for b in range(3):
             prefixes[b].append(int(chosen[b]))

@@ -163,6 +163,12 @@ class TrainConfig:
         dtype: the compute dtype: ``auto`` (bfloat16 on CUDA, float16 where CUDA lacks bf16, float32 on CPU),
             ``float32``, or ``bfloat16`` / ``float16`` mixed precision (the trained weights stay float32; float16
             needs CUDA).
+        head: how the value model reads a state (:mod:`vas.value.heads`): ``last`` (the hidden state at its last
+            token, the paper's), ``mean`` (the running mean of the hidden states over the window ``mean_over``)
+            or ``distributional`` (a histogram of the return over ``bins`` atoms spanning the training rewards'
+            range, trained by cross-entropy on distributional λ-returns; needs γ = 1).
+        mean_over: the mean head's window: ``response`` (from the prompt's last token) or ``all`` (the prompt too).
+        bins: the distributional head's atoms.
         save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
         seed: seeds the split, the initialisation and the data order: on a CPU the same seed, data and settings
             give the same value model bit for bit (on one machine, torch version and thread count).
@@ -182,6 +188,12 @@ class TrainConfig:
     val_fraction: float = field(default=0.1, metadata=_help("Fraction of prompts held out for validation."))
     dtype: str = field(default="auto", metadata=_help(
         "'auto' (bf16 on CUDA, float32 on CPU), float32, or bfloat16 / float16 mixed precision (float16: CUDA only)."))
+    head: str = field(default="last", metadata=_help(
+        "Value head: 'last' (the last token's hidden state, the paper's), 'mean' (the mean of the hidden states "
+        "over the response so far) or 'distributional' (a histogram of the reward, for --soft values)."))
+    mean_over: str = field(default="response", metadata=_help(
+        "The mean head's window: 'response' (from the prompt's last token) or 'all' (the prompt too)."))
+    bins: int = field(default=51, metadata=_help("The distributional head's atoms over the training rewards' range."))
     save_steps: Optional[int] = field(default=None, metadata=_help("Checkpoint every N steps (default: every epoch)."))
     seed: int = field(default=0, metadata=_help("Random seed."))
 
@@ -198,3 +210,9 @@ class TrainConfig:
             raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise VasError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.head not in ("last", "mean", "distributional"):
+            raise VasError(f"--head must be last, mean or distributional, got {self.head!r}")
+        if self.mean_over not in ("response", "all"):
+            raise VasError(f"--mean-over must be response or all, got {self.mean_over!r}")
+        if self.head == "distributional" and (self.bins < 2 or self.gamma != 1):
+            raise VasError(f"--head distributional needs --bins ≥ 2 and --gamma 1, got {self.bins} and {self.gamma}")

@@ -21,8 +21,8 @@ from vas.config import TrainConfig
 class Recipe:
     """How samples are collected from π0 and how the value model is trained on them (App. C.1, Table 4).
 
-    ``backbone_layers`` keeps the value model's first L backbone layers (None: all of them). The training
-    settings default to :class:`vas.config.TrainConfig`'s (``vas train``'s), and LoRA's α is the rank.
+    ``backbone_layers`` keeps the value model's first L backbone layers (None: all of them); ``head``,
+    ``mean_over`` and ``bins`` choose its head (:mod:`vas.value.heads`). The training settings default to :class:`vas.config.TrainConfig`'s (``vas train``'s), and LoRA's α is the rank.
     """
 
     samples_per_prompt: int = 2
@@ -33,6 +33,9 @@ class Recipe:
     batch_size: int = TrainConfig.batch_size
     lam: float = TrainConfig.lam
     backbone_layers: int | None = None
+    head: str = TrainConfig.head
+    mean_over: str = TrainConfig.mean_over
+    bins: int = TrainConfig.bins
 
 
 def collected_samples(
@@ -96,10 +99,12 @@ def trained_value_model(
         log(f"value model: reusing {directory}")
         return directory
     layers = f", {recipe.backbone_layers} backbone layers" if recipe.backbone_layers else ""
-    log(f"training a value model (TD(λ), λ={recipe.lam:g}, {len(data)} responses{layers}) → {directory}")
+    log(f"training a value model ({recipe.head} head, TD(λ), λ={recipe.lam:g}, {len(data)} responses{layers}) → "
+        f"{directory}")
     config = TrainConfig(backbone=base_model, backbone_layers=recipe.backbone_layers, lam=recipe.lam,
                          epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_rank=recipe.lora_rank,
-                         lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, seed=seed)
+                         lora_alpha=recipe.lora_rank, batch_size=recipe.batch_size, head=recipe.head,
+                         mean_over=recipe.mean_over, bins=recipe.bins, seed=seed)
     train_value_model(data, directory, config, tokenizer=tokenizer, device=device, progress=progress, log=log,
                       metadata={"base_model": base_model, **(metadata or {})})
     return directory

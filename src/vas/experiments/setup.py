@@ -44,6 +44,19 @@ def claim(out: Path, size, *, seed: int, base_model: str) -> None:
     write_json_atomic(recorded, settings)
 
 
+def recipe_fields(recipe: Recipe) -> dict:
+    """The recipe's settings that shape its value model: a head's settings only where they apply, so that a
+    ``last``-head value model keeps the stage name it had before heads were a setting."""
+    fields = asdict(recipe)
+    if recipe.head != "distributional":
+        del fields["bins"]
+    if recipe.head != "mean":
+        del fields["mean_over"]
+    if recipe.head == "last":
+        del fields["head"]
+    return fields
+
+
 @dataclass
 class Setup:
     """One experiment run's models and settings.
@@ -114,8 +127,9 @@ class Setup:
         if prompts is not None:
             data = data.filter(lambda index: index < prompts, input_columns="prompt_index")
         layers = f"L{recipe.backbone_layers}" if recipe.backbone_layers else "Lall"
-        name = (f"value-{reward}-lam{recipe.lam:g}-{layers}-{len(data)}rows-seed{self.seed}-"
-                f"{_digest(asdict(recipe), reward, len(data))}")
+        head = "" if recipe.head == "last" else f"-{recipe.head}"
+        name = (f"value-{reward}{head}-lam{recipe.lam:g}-{layers}-{len(data)}rows-seed{self.seed}-"
+                f"{_digest(recipe_fields(recipe), reward, len(data))}")
         directory = stage / name
         return trained_value_model(directory, data if directory.exists() else rescored(data, reward), tokenizer=self.tokenizer, base_model=self.base_model,
                                    recipe=recipe, seed=self.seed, device=self.device, progress=self.progress,

@@ -111,10 +111,13 @@ def state_value_predictions(value_model: ValueModel, labels: HalfwayLabels, pad_
                             batch_size: int = 32) -> torch.Tensor:
     """V(prompt ⊕ prefix) for each state of ``labels``: (S,) float32."""
     contexts = [p + r for p, r in zip(labels.prompt_ids, labels.prefix_ids)]
+    prompt_lengths = torch.tensor([len(p) for p in labels.prompt_ids])
     values = []
     for start in range(0, len(contexts), batch_size):
         ids, mask = left_pad(contexts[start : start + batch_size], pad_token_id)
-        values.append(value_model(ids.to(value_model.device), mask.to(value_model.device))[:, -1].float().cpu())
+        device = value_model.device
+        values.append(value_model(ids.to(device), mask.to(device),
+                                  prompt_lengths=prompt_lengths[start : start + batch_size].to(device))[:, -1].float().cpu())
     return torch.cat(values)
 
 

@@ -1,7 +1,8 @@
-"""The value model V^{π0}: a causal-LM backbone + LoRA + a linear head on every position's last hidden state.
+"""The value model V^{π0}: a causal-LM backbone + LoRA + a head (:mod:`vas.value.heads`) on the hidden states.
 
 Paper: Sec. 3.3 and App. C.1 (backbone with a linear head, LoRA-trained, Table 4). One forward pass over
-``prompt ⊕ response`` gives V(s_t) for every state: the hidden state at the last token of s_t.
+``prompt ⊕ response`` gives V(s_t) for every state: from the hidden state at the last token of s_t (``last``),
+the running mean of the hidden states (``mean``), or a histogram of the return (``distributional``).
 
 Decoding needs V(s_t ⊕ x) for the k candidates x of each row. :class:`CandidateScorer` keeps the value
 model's KV cache of the prefix and scores all k candidates of all rows in one forward pass: the query is
@@ -11,7 +12,7 @@ cropped from the cache, so the prefix is never re-fed and the cache is never cop
 
 A value model with a tokenizer of its own (an API base policy, or any other policy tokenizer) scores
 candidate *strings* instead: :class:`TextScorer`. Both scorers answer the decoding loop through the same
-call, ``score(rollout, candidates, active) -> (B, k)`` (:func:`vas.decoding.loop.scorer_for` picks one).
+call, ``score(rollout, candidates, active, beta=None) -> (B, k)`` (``beta``: soft values, per row) (:func:`vas.decoding.loop.scorer_for` picks one).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
+from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, soft_value, two_hot
 from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer, position_ids_from_mask
 
 CONFIG_NAME = "vas_value_config.json"
@@ -34,8 +36,11 @@ HEAD_NAME = "value_head.safetensors"
 
 
 class ValueModel(nn.Module):
-    """V(s): backbone (+ LoRA) → last hidden state (B, S, H) → linear head → (B, S) float32 values.
+    """V(s): backbone (+ LoRA) → hidden states (B, S, H) → head (:mod:`vas.value.heads`) → (B, S) float32 values.
 
+    The head is ``last`` (a linear map of the state's last hidden state, Sec. 3.3), ``mean`` (of the running
+    mean of the hidden states from the prompt's last token, or from the first with ``mean_over="all"``) or ``distributional`` (a histogram over the reward's range,
+    read as its mean or as the soft value at β); it is stored in the config (``value_config["head"]``).
     Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`. It carries its
     tokenizer (``tokenizer``), which decides whether it reads π0's token ids or text while decoding, and
     the folder it was loaded from (``name_or_path``, None for a new one), by which an engine that loads
@@ -50,6 +55,12 @@ class ValueModel(nn.Module):
         self.value_config = config
         self.tokenizer = tokenizer
         self.name_or_path: str | None = None  # the folder it was loaded from (from_pretrained)
+        self.kind: str = config.get("head", "last")
+        if self.kind not in HEADS:
+            raise VasError(f"unknown value head {self.kind!r} in the value model's config: one of {', '.join(HEADS)}")
+        self.mean_over: str = config.get("mean_over", "response")
+        self.support = (atoms(*config["support"], config["bins"], device=head.weight.device)
+                        if self.kind == "distributional" else None)
 
     @classmethod
     def create(
@@ -60,42 +71,72 @@ class ValueModel(nn.Module):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         init_value: float = 0.0,
+        init_rewards: torch.Tensor | None = None,
         num_layers: int | None = None,
+        head: str = "last",
+        mean_over: str = "response",
+        bins: int = 51,
+        support: tuple[float, float] = (0.0, 1.0),
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "ValueModel":
         """A new value model on the causal LM ``backbone`` (spec as in :func:`vas.models.resolve_model`).
 
         The backbone is frozen and wrapped with LoRA on all its linear layers (Table 4: rank 32, α 32);
-        the head is zero-initialised with bias ``init_value`` (the training data's mean reward is a good
-        start), so every V(s) starts at ``init_value``. ``num_layers`` keeps only the backbone's first L
+        the head is zero-initialised, with bias ``init_value`` (the training data's mean reward is a good
+        start), so every V(s) starts at ``init_value``; a distributional head over ``bins`` atoms spanning
+        ``support`` (low, high) starts at the histogram of ``init_rewards`` (B,) (the training rewards: 99 %, the
+        rest spread evenly), or uniform. ``mean_over`` is the mean head's window: ``response`` (from
+        the prompt's last token) or ``all`` (the prompt too). ``num_layers`` keeps only the backbone's first L
         layers (:func:`vas.models.load_backbone`), a cheaper value model for decoding.
+
+        Raises:
+            VasError: for an unknown head or window, fewer than 2 bins, or a support with low ≥ high.
         """
+        if head not in HEADS:
+            raise VasError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+        if mean_over not in MEAN_OVER:
+            raise VasError(f"--mean-over must be one of {', '.join(MEAN_OVER)}, got {mean_over!r}")
+        if head == "distributional" and (bins < 2 or not support[0] < support[1]):
+            raise VasError(f"a distributional head needs --bins ≥ 2 and a reward range low < high, got {bins} bins "
+                           f"over {tuple(support)}")
         body = load_backbone(backbone, device=device, dtype=dtype, num_layers=num_layers)
         body.requires_grad_(False)
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
         body = get_peft_model(body, lora)
-        head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
-        nn.init.zeros_(head.weight)
-        nn.init.constant_(head.bias, init_value)
+        outputs = bins if head == "distributional" else 1
+        linear = nn.Linear(body.config.hidden_size, outputs, device=device, dtype=torch.float32)
+        nn.init.zeros_(linear.weight)
+        if head == "distributional" and init_rewards is not None:  # their histogram, smoothed over all atoms
+            start = 0.99 * two_hot(torch.as_tensor(init_rewards, dtype=torch.float32), atoms(*support, bins)).mean(0)
+            with torch.no_grad():
+                linear.bias.copy_((start + 0.01 / bins).log())
+        elif head == "distributional":
+            nn.init.zeros_(linear.bias)  # uniform
+        else:
+            nn.init.constant_(linear.bias, init_value)
         if Path(backbone).expanduser().exists():  # a local directory: store it absolute, to reload from anywhere
             backbone = str(Path(backbone).expanduser().resolve())
         config = {"backbone": backbone, "num_layers": body.config.num_hidden_layers, "lora_rank": lora_rank,
-                  "lora_alpha": lora_alpha}
-        return cls(body, head, config, load_tokenizer(backbone))
+                  "lora_alpha": lora_alpha, "head": head}
+        if head == "mean":
+            config["mean_over"] = mean_over
+        if head == "distributional":
+            config.update(bins=bins, support=[float(support[0]), float(support[1])])
+        return cls(body, linear, config, load_tokenizer(backbone))
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
     ) -> torch.Tensor:
-        """V at every position.
+        """The backbone's last hidden states.
 
         Args:
             input_ids: (B, S) int64.
@@ -105,7 +146,7 @@ class ValueModel(nn.Module):
             cache: the backbone's KV cache of earlier tokens, updated in place, or None.
 
         Returns:
-            (B, S) float32: V of the state ending at each position.
+            (B, S, H) float32.
         """
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -115,7 +156,64 @@ class ValueModel(nn.Module):
             position_ids=position_ids,
             **(cache_kwargs(self.backbone, cache) if cache is not None else {"use_cache": False}),
         )
-        return self.head(out.last_hidden_state.float()).squeeze(-1)
+        return out.last_hidden_state.float()
+
+    def window_start(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        """The mean head's first pooled position per row, (B,) int64, from each prompt's length in tokens."""
+        return (prompt_lengths - 1).clamp_min(0) if self.mean_over == "response" else torch.zeros_like(prompt_lengths)
+
+    def outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head's outputs at every position of whole sequences: (B, S, 1) values, or (B, S, bins) logits of
+        the distributional head.
+
+        Args:
+            input_ids: (B, S) int64.
+            attention_mask: (B, S) {0,1} padding mask.
+            prompt_lengths: (B,) int64 prompt tokens of each row: the mean head's window starts at the prompt's
+                last token (``mean_over="response"``). None: the whole sequence is the prompt's last token on,
+                i.e. the window is every token.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if self.kind == "mean":
+            positions = position_ids_from_mask(attention_mask)
+            start = (self.window_start(prompt_lengths.to(positions.device)) if prompt_lengths is not None
+                     else torch.zeros(len(positions), dtype=torch.long, device=positions.device))
+            joins = attention_mask.bool() & (positions >= start[:, None])
+            hidden = RunningMean().extend(hidden, joins)
+        return self.head(hidden)
+
+    def values(self, outputs: torch.Tensor, beta: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The values of head outputs (…, 1 or bins) → (…) float32: the value, or for the distributional head its
+        mean (``beta`` None) or soft value at ``beta`` (a float or a tensor broadcastable to ``outputs.shape[:-1]``,
+        :func:`vas.value.heads.soft_value`). The other heads predict one value, whose soft value is itself."""
+        if self.kind != "distributional":
+            return outputs[..., 0]
+        return soft_value(torch.log_softmax(outputs.float(), dim=-1), self.support.to(outputs.device), beta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        prompt_lengths: torch.Tensor | None = None,
+        beta: torch.Tensor | float | None = None,
+        head_outputs: bool = False,
+    ) -> torch.Tensor:
+        """V at every position of whole sequences (:meth:`outputs`, then :meth:`values`).
+
+        Returns:
+            (B, S) float32: V of the state ending at each position (soft at ``beta`` for a distributional head);
+            with ``head_outputs``, the head's outputs (B, S, 1 or bins) instead (training reads them through
+            ``forward``, so that a wrapped model, e.g. for distributed training, is called as a module).
+        """
+        outputs = self.outputs(input_ids, attention_mask, prompt_lengths=prompt_lengths)
+        return outputs if head_outputs else self.values(outputs, beta)
 
     def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, **extra) -> None:
         """Write the LoRA adapter, the head, the tokenizer (``tokenizer``, else the model's own) and
@@ -162,8 +260,9 @@ class ValueModel(nn.Module):
         body = PeftModel.from_pretrained(body, directory, is_trainable=trainable)
         if not trainable:
             body = body.merge_and_unload()
-        head = nn.Linear(body.config.hidden_size, 1, device=device, dtype=torch.float32)
-        head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
+        weights = load_file(directory / HEAD_NAME, device=str(device))
+        head = nn.Linear(body.config.hidden_size, weights["weight"].shape[0], device=device, dtype=torch.float32)
+        head.load_state_dict(weights)
         model = cls(body, head, config, load_value_tokenizer(directory))
         model.name_or_path = str(directory.resolve())
         if not trainable:
@@ -182,6 +281,12 @@ def check_value_dir(directory: str | Path) -> None:
         raise VasError(f"value model {str(directory)!r} does not exist{hint}")
     if not (directory / CONFIG_NAME).is_file():
         raise VasError(f"{str(directory)!r} is not a value model folder (no {CONFIG_NAME}; `vas train` makes one)")
+
+
+def value_head(directory: str | Path) -> str:
+    """The head (:data:`vas.value.heads.HEADS`) of the value model saved in ``directory``, read from its config
+    without loading it (:func:`check_value_dir` first)."""
+    return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("head", "last")
 
 
 def fingerprint(directory: str | Path) -> str:
@@ -230,7 +335,8 @@ class CandidateScorer:
     Call :meth:`score` once per decoding step; it reads the tokens appended since the previous call from the
     rollout (``rollout.appended``: the whole left-padded prompt at the first call, the chosen token
     afterwards). State is per generation: make a new scorer for each new batch of prompts. The value model
-    must share π0's tokenizer.
+    must share π0's tokenizer. A ``mean`` head keeps each row's running mean of the hidden states
+    (:class:`vas.value.heads.RunningMean`) next to the cache, so it too costs one forward per step.
     """
 
     def __init__(self, model: ValueModel):
@@ -238,6 +344,8 @@ class CandidateScorer:
         self.cache = DynamicCache(config=model.backbone.config)
         self.past_mask: torch.Tensor | None = None  # (B, S_past) {0,1}: real tokens in the cache
         self.lengths: torch.Tensor | None = None  # (B,) real tokens in the cache
+        self.pool = RunningMean()  # the mean head's window sums
+        self.window_start: torch.Tensor | None = None  # (B,) the mean head's first pooled position; -1: not fed yet
 
     def reorder(self, rows: Sequence[int]) -> None:
         """Keep the cached rows ``rows``, in that order; a row ``-1`` is a new one with nothing fed yet. For a
@@ -256,6 +364,8 @@ class CandidateScorer:
         self.cache.batch_select_indices(source)  # new rows copy row 0's keys; their mask hides them
         self.past_mask = self.past_mask[source] * kept[:, None]
         self.lengths = self.lengths[source] * kept
+        self.pool.select(source, kept)
+        self.window_start = torch.where(kept, self.window_start[source], -1)
         longest = int(self.lengths.max()) if len(self.lengths) else 0
         if self.past_mask.shape[1] > 1.5 * longest + 8:
             self._compact(longest)
@@ -281,19 +391,24 @@ class CandidateScorer:
                 layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     @torch.no_grad()
-    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None,
+              beta: torch.Tensor | None = None) -> torch.Tensor:
         """Append the rollout's new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
 
         Args:
             rollout: has ``appended`` (:class:`vas.policy.local.Appended`): ids (B, P) int64 appended since the
-                last call (P ≥ 0), mask (B, P) {0,1} with 0 for padding (left padding, finished rows).
+                last call (P ≥ 0), mask (B, P) {0,1} with 0 for padding (left padding, finished rows). A row's
+                first call appends its prompt, unless the rollout tells ``prompt_lengths`` (B,) int64 (a server
+                feeding a prompt and earlier output at once); the mean head's window starts there.
             candidates: (B, k) int64 candidate next tokens.
             active: unused (finished rows are masked by ``appended``); for the common scorer signature.
+            beta: (B,) float32 β of each row for soft values (distributional head), or None for V^π0.
 
         Returns:
             (B, k) float32 values.
         """
-        device = self.model.device
+        model = self.model
+        device = model.device
         new_ids, new_mask = rollout.appended.ids.to(device), rollout.appended.mask.to(device).long()
         candidates = candidates.to(device)
         B, P = new_ids.shape
@@ -301,6 +416,7 @@ class CandidateScorer:
         if self.past_mask is None:
             self.past_mask = new_mask.new_zeros(B, 0)
             self.lengths = new_mask.new_zeros(B)
+            self.window_start = new_mask.new_full((B,), -1)
         S = self.past_mask.shape[1]
         new_positions = position_ids_from_mask(new_mask, self.lengths)
         lengths = self.lengths + new_mask.sum(dim=1)
@@ -314,16 +430,24 @@ class CandidateScorer:
         allowed[:, P:, S : S + P] = new_mask.bool()[:, None, :]
         diagonal = torch.arange(P + k, device=device)
         allowed[:, diagonal, S + diagonal] = True  # each query sees itself (candidates: only themselves)
-        dtype = self.model.backbone.dtype
+        dtype = model.backbone.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
-        values = self.model(
-            torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions, cache=self.cache
-        )
+        hidden = model.hidden_states(torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions,
+                                     cache=self.cache)
         self.cache.crop(-k)
+        if model.kind == "mean":
+            first = self.window_start < 0  # rows fed for the first time: their prompt is known now
+            prompt_lengths = getattr(rollout, "prompt_lengths", None)
+            prompt_lengths = lengths if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=device)
+            self.window_start = torch.where(first, model.window_start(prompt_lengths), self.window_start)
+            self.pool.extend(hidden[:, :P], new_mask.bool() & (new_positions >= self.window_start[:, None]))
+            features = self.pool.peek(hidden[:, P:])
+        else:
+            features = hidden[:, P:]
         self.past_mask = torch.cat([self.past_mask, new_mask], dim=1)
         self.lengths = lengths
-        return values[:, P:]
+        return model.values(model.head(features), None if beta is None else beta.to(device)[:, None])
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -358,6 +482,7 @@ class TextCandidateScorer:
         self.prompt_ids = list(prompt_ids)
         self.cache = DynamicCache(config=model.backbone.config)
         self.cached_ids: list[int] = []  # the ids whose keys and values are in the cache
+        self.cached_hidden = torch.zeros(0, model.backbone.config.hidden_size)  # their hidden states (mean head)
 
     def sequence(self, text: str, candidate: str | None) -> list[int]:
         """The value model's ids of the state whose response is ``candidate`` (``None``: ``text`` ends)."""
@@ -366,12 +491,13 @@ class TextCandidateScorer:
         return self.prompt_ids + self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
-    def score(self, text: str, candidates: Sequence[str | None]) -> torch.Tensor:
+    def score(self, text: str, candidates: Sequence[str | None], beta: float | None = None) -> torch.Tensor:
         """V(prompt ⊕ c) for each candidate response text c.
 
         Args:
             text: the response so far.
             candidates: k response texts, each ``text`` with one candidate appended (``None``: ``text`` ends).
+            beta: β for soft values (distributional head), or None for V^π0.
 
         Returns:
             (k,) float32 values.
@@ -397,11 +523,21 @@ class TextCandidateScorer:
         dtype = self.model.backbone.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         ids = torch.tensor([new + [t for s in suffixes for t in s]], device=device)
-        values = self.model(ids, mask[None, None].to(device), position_ids=torch.tensor([positions], device=device),
-                            cache=self.cache)
+        model = self.model
+        hidden = model.hidden_states(ids, mask[None, None].to(device), position_ids=torch.tensor([positions], device=device),
+                                     cache=self.cache)[0]  # (Q, H)
         crop_cache(self.cache, stable)
         self.cached_ids = sequences[0][:stable]
-        return values[0, ends].float().cpu()
+        if model.kind == "mean":  # the window's hidden states: cached prefix, new stable tokens, each suffix
+            start = int(model.window_start(torch.tensor(len(self.prompt_ids))))
+            self.cached_hidden = torch.cat([self.cached_hidden[:keep].to(hidden.device), hidden[:P]])
+            prefix = self.cached_hidden[start:]
+            offsets = [P + sum(lengths[:i]) for i in range(len(lengths))]
+            features = torch.stack([torch.cat([prefix, hidden[o : o + n]])[max(0, start - len(self.cached_hidden)):].mean(0)
+                                    for o, n in zip(offsets, lengths)])
+        else:
+            features = hidden[ends]
+        return model.values(model.head(features), beta).float().cpu()
 
 
 class TextScorer:
@@ -421,13 +557,14 @@ class TextScorer:
         self.rows = [TextCandidateScorer(model, model.tokenizer, ids)
                      for ids in encode_prompts(model.tokenizer, list(prompts))]
 
-    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor,
+              beta: torch.Tensor | None = None) -> torch.Tensor:
         """V of each candidate (B, k) float32 of the rollout's active rows (0 for finished rows), read as text
-        (``rollout.response_texts()``, ``rollout.candidate_texts``)."""
+        (``rollout.response_texts()``, ``rollout.candidate_texts``); soft at each row's ``beta`` (B,) if given."""
         texts, options = rollout.response_texts(), rollout.candidate_texts(candidates)
         values = torch.zeros(candidates.shape, dtype=torch.float32)
         for row in active.nonzero().flatten().tolist():
-            values[row] = self.rows[row].score(texts[row], options[row])
+            values[row] = self.rows[row].score(texts[row], options[row], None if beta is None else float(beta[row]))
         return values
 
 

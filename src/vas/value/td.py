@@ -12,6 +12,11 @@ Conventions (one trajectory, t = 0 … T):
 
 λ = 0 gives TD(0) targets G_t = γ V(s_{t+1}) (so G_{T−1} = γ r); λ = 1 with γ = 1 gives the Monte-Carlo
 return G_t = r.
+
+The recursion is linear, so it applies unchanged to return *distributions* (γ = 1): with V(s_t) the predicted
+histogram over fixed atoms and r as a histogram (:func:`vas.value.heads.two_hot`), G_t is the distributional
+λ-return, the mixture (1 − λ)·Σ_{n=1}^{T−t−1} λ^{n−1}·Z(s_{t+n}) + λ^{T−t−1}·δ_r, whose mean is the scalar λ-return
+of the means.
 """
 
 from __future__ import annotations
@@ -30,17 +35,18 @@ def lambda_returns(
     """λ-returns G_t for a batch of left-aligned trajectories (paper Sec. 3.3, App. C.1; Sutton & Barto 12.1).
 
     Args:
-        values: (B, S) float, V(s_t) for states t = 0 … S−1, left-aligned (index 0 is s_0). Entries where
-            ``state_mask`` is 0, and each row's last state s_T (whose value is its reward), are ignored.
-            Treated as constants (no gradient flows through the targets).
-        rewards: (B,) float, the reward of each finished trajectory.
+        values: (B, S) float, V(s_t) for states t = 0 … S−1, left-aligned (index 0 is s_0); or (B, S, n), a
+            distribution over n atoms per state. Entries where ``state_mask`` is 0, and each row's last state
+            s_T (whose value is its reward), are ignored. Treated as constants (no gradient flows through the
+            targets).
+        rewards: (B,) float, the reward of each finished trajectory; (B, n) with distributions.
         state_mask: (B, S) bool or {0, 1}, 1 for real states. Each row must be a prefix of ones of length
             T_b + 1 ≥ 1 (states s_0 … s_{T_b}).
         lam: λ ∈ [0, 1]. 0 → TD(0), 1 → Monte-Carlo (with γ = 1).
         gamma: discount γ ∈ [0, 1].
 
     Returns:
-        (B, S) float32 targets; G_{T_b} = r_b at each row's last state, 0 at masked positions.
+        (B, S) float32 targets (or (B, S, n)); G_{T_b} = r_b at each row's last state, 0 at masked positions.
 
     Raises:
         ValueError: if ``lam`` or ``gamma`` is outside [0, 1], shapes disagree, or a row has no state.
@@ -49,7 +55,8 @@ def lambda_returns(
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if values.shape != state_mask.shape or values.dim() != 2 or rewards.shape != values.shape[:1]:
+    if (values.shape[:2] != state_mask.shape or values.dim() not in (2, 3) or state_mask.dim() != 2
+            or rewards.shape != values.shape[:1] + values.shape[2:]):
         raise ValueError(
             f"shapes disagree: values {tuple(values.shape)}, state_mask {tuple(state_mask.shape)}, "
             f"rewards {tuple(rewards.shape)}"
@@ -61,12 +68,15 @@ def lambda_returns(
     values = values.detach().float()
     rewards = rewards.detach().float().to(values.device)
     last = lengths - 1  # (B,) index of s_T
-    B, S = values.shape
+    B, S = values.shape[:2]
     # the value of the finished state is its reward: bootstrapping from s_T uses r, not V̂(s_T)
-    values = torch.where(torch.arange(S, device=values.device)[None, :] == last[:, None], rewards[:, None], values)
+    trailing = (1,) * (values.dim() - 2)  # broadcast the per-row masks over a distribution's atoms
+    is_last = (torch.arange(S, device=values.device)[None, :] == last[:, None]).view(B, S, *trailing)
+    values = torch.where(is_last, rewards[:, None], values)
     returns = torch.zeros_like(values)
+    last = last.view(B, *trailing)
     # G at step t+1, carried backwards; rows whose last state is beyond t are reset to r at t == last.
-    g_next = torch.zeros(B, dtype=values.dtype, device=values.device)
+    g_next = torch.zeros_like(rewards)
     for t in range(S - 1, -1, -1):
         if t + 1 < S:
             bootstrap = gamma * ((1.0 - lam) * values[:, t + 1] + lam * g_next)

@@ -40,6 +40,7 @@ from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.models import resolve_dtype
 from vas.storage import make_temp_dir, require_absent, write_json_atomic
+from vas.value.heads import two_hot
 from vas.value.td import lambda_returns
 from vas.value.model import ValueModel
 
@@ -51,7 +52,8 @@ class ValueCollator:
     """Rows {prompt_ids, response_ids, reward} → a right-padded batch.
 
     Output tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S), ``state_index`` (B, T_max+1)
-    int64 positions of s_0 … s_T, ``state_mask`` (B, T_max+1) bool, ``reward`` (B,) float32.
+    int64 positions of s_0 … s_T, ``state_mask`` (B, T_max+1) bool, ``reward`` (B,) float32,
+    ``prompt_length`` (B,) int64.
     """
 
     def __init__(self, pad_token_id: int):
@@ -73,14 +75,22 @@ class ValueCollator:
             state_index[b, : T + 1] = torch.arange(L - 1, L + T)
             state_mask[b, : T + 1] = True
         reward = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float32)
+        prompt_length = torch.tensor([len(r["prompt_ids"]) for r in rows], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "state_index": state_index,
-                "state_mask": state_mask, "reward": reward}
+                "state_mask": state_mask, "reward": reward, "prompt_length": prompt_length}
+
+
+def state_outputs(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's outputs at s_t for t = 0 … T_max: (B, T_max+1, 1 or bins) float32 (garbage where
+    ``state_mask`` is False)."""
+    outputs = model(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_length"], head_outputs=True)
+    index = batch["state_index"][..., None].expand(-1, -1, outputs.shape[-1])
+    return outputs.gather(1, index)
 
 
 def state_values(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (garbage where ``state_mask`` is False)."""
-    values = model(batch["input_ids"], batch["attention_mask"])
-    return values.gather(1, batch["state_index"])
+    """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (the distributional head's mean)."""
+    return model.values(state_outputs(model, batch))
 
 
 class ValueTrainer(Trainer):
@@ -91,18 +101,30 @@ class ValueTrainer(Trainer):
         self.lam, self.gamma = lam, gamma
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values)."""
-        values = state_values(model, inputs)
+        """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values); for a
+        distributional head, the cross-entropy between its histogram at s_t and the distributional λ-return
+        (the same recursion over histograms, the reward as :func:`vas.value.heads.two_hot`)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        outputs = state_outputs(model, inputs)
         mask = inputs["state_mask"]
-        targets = lambda_returns(values.detach(), inputs["reward"], mask, lam=self.lam, gamma=self.gamma)
-        loss = ((values - targets) ** 2)[mask].mean()
+        if unwrapped.kind == "distributional":
+            log_probs = torch.log_softmax(outputs.float(), dim=-1)
+            reward = two_hot(inputs["reward"], unwrapped.support.to(log_probs.device))
+            targets = lambda_returns(log_probs.detach().exp(), reward, mask, lam=self.lam, gamma=self.gamma)
+            loss = -(targets * log_probs).sum(dim=-1)[mask].mean()
+            values = unwrapped.values(outputs)
+        else:
+            values = outputs[..., 0]
+            targets = lambda_returns(values.detach(), inputs["reward"], mask, lam=self.lam, gamma=self.gamma)
+            loss = ((values - targets) ** 2)[mask].mean()
         return (loss, {"values": values}) if return_outputs else loss
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Validation metrics, averaged over all states of all validation responses:
 
-        * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises);
+        * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises; for a distributional head, of its
+          mean to the λ-returns of the means, which are the means of its targets);
         * ``<prefix>_mc_mse``: MSE to the response's reward (Monte-Carlo label, independent of the model);
         * ``<prefix>_final_mse``: MSE of V(s_T) to the reward (the finished state, whose value is the reward);
         * ``<prefix>_reward_var``: the variance of the reward over the same states, i.e. the ``mc_mse`` of the best
@@ -273,9 +295,14 @@ def train_value_model(
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
     train_set, val_set = split_by_prompt(data, config.val_fraction, seed)
     set_seed(seed)  # the LoRA initialisation draws from the global generators; the Trainer seeds the rest
+    train_rewards = torch.tensor(train_set["reward"], dtype=torch.float32)
+    low, high = float(train_rewards.min()), float(train_rewards.max())
+    if high - low < 1e-6:  # one reward only: any range around it
+        low, high = low - 0.5, high + 0.5
     model = ValueModel.create(
         config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        init_value=float(torch.tensor(train_set["reward"]).mean()), num_layers=config.backbone_layers, device=device,
+        init_value=float(train_rewards.mean()), init_rewards=train_rewards, num_layers=config.backbone_layers, head=config.head,
+        mean_over=config.mean_over, bins=config.bins, support=(low, high), device=device,
     )
     out_dir = Path(out_dir)
     require_absent(out_dir)

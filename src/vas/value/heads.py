@@ -1,0 +1,133 @@
+"""How a value model turns the backbone's hidden states into values: its head.
+
+Three heads, chosen at training time and stored in the value model's config (``"head"``):
+
+* ``last``: V(s_t) = w·h_t + b, the hidden state at the last token of s_t (paper Sec. 3.3, App. C.1).
+* ``mean``: V(s_t) = w·mean(h_{a} … h_t) + b, the running mean of the hidden states over a window that starts at
+  the prompt's last token (``mean_over="response"``: s_0 and the response tokens) or at the first token
+  (``"all"``: the prompt too). While decoding, the mean is updated one token at a time (:class:`RunningMean`).
+* ``distributional``: a histogram over ``bins`` evenly spaced atoms z_1 … z_n spanning the reward's range,
+  p(z_i | s_t) = softmax(W·h_t + b)_i, trained by cross-entropy on distributional λ-returns
+  (:func:`two_hot` of the reward, mixed by :func:`vas.value.td.lambda_returns`). Its value is the mean Σ p_i z_i
+  (V^π0), or the soft value at strength β (:func:`soft_value`).
+
+The soft value Q_β(s) = (1/β)·log E_π0[exp(β·r) | s] is the guide of the KL-regularised optimal policy:
+π*(x|s) ∝ π0(x|s)·exp(β·Q_β(s ⊕ x)) for a terminal reward r (Q#, Zhou et al., 2025); it tends to V^π0(s) as
+β → 0 and is exact for every β given the return's distribution, which the distributional head predicts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEADS = ("last", "mean", "distributional")
+MEAN_OVER = ("response", "all")
+SMALL_BETA = 1e-6
+"""Below this |β| the soft value is the mean (their difference is O(β·Var r))."""
+
+
+def atoms(low: float, high: float, bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The distributional head's support: ``bins`` evenly spaced returns from ``low`` to ``high``, (bins,) float32."""
+    return torch.linspace(low, high, bins, dtype=torch.float32, device=device)
+
+
+def two_hot(returns: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Each return as a distribution on the two atoms around it, whose mean is the return (clamped to the
+    support's range): (…) float → (…, n) float32 that sums to 1.
+
+    Raises:
+        ValueError: if the support has fewer than 2 atoms.
+    """
+    n = support.numel()
+    if n < 2:
+        raise ValueError(f"a distributional head needs at least 2 atoms, got {n}")
+    low, high = float(support[0]), float(support[-1])
+    position = (returns.float().clamp(low, high) - low) / (high - low) * (n - 1)  # in [0, n-1]
+    below = position.floor().clamp(max=n - 2)
+    upper = position - below  # weight of the atom above
+    out = torch.zeros(*returns.shape, n, dtype=torch.float32, device=returns.device)
+    out.scatter_(-1, below.long().unsqueeze(-1), (1 - upper).unsqueeze(-1))
+    out.scatter_add_(-1, below.long().unsqueeze(-1) + 1, upper.unsqueeze(-1))
+    return out
+
+
+def soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float | None) -> torch.Tensor:
+    """(1/β)·log Σ_i p_i·exp(β·z_i): the soft value of a return distributed as p on the atoms z (the mean where
+    β is None or |β| < :data:`SMALL_BETA`).
+
+    Args:
+        log_probs: (…, n) log p, normalised over the last dimension.
+        support: (n,) the atoms z.
+        beta: None, a float, or a tensor broadcastable to ``log_probs.shape[:-1]``; negative β gives the
+            risk-averse soft value. As β → ±∞ it tends to the highest (lowest) atom with p > 0; a softmax
+            head gives every atom some mass, so at large |β| small tail probabilities weigh heavily.
+
+    Returns:
+        (…) float32. Computed in float64 after renormalising p, so that the limit β → 0 is reached smoothly
+        (an error ε in Σp would otherwise add ε/β).
+    """
+    log_probs = log_probs.double()
+    log_probs = log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)  # float32 rounding of Σp, /β below
+    z = support.to(log_probs)
+    mean = (log_probs.exp() * z).sum(dim=-1)
+    if beta is None:
+        return mean.float()
+    beta = torch.as_tensor(beta, dtype=torch.float64, device=log_probs.device).expand(mean.shape)
+    small = beta.abs() < SMALL_BETA
+    safe = torch.where(small, torch.ones_like(beta), beta)
+    soft = torch.logsumexp(log_probs + safe.unsqueeze(-1) * z, dim=-1) / safe
+    return torch.where(small, mean, soft).float()
+
+
+class RunningMean:
+    """The ``mean`` head's running state per row: the sum of the hidden states in the window so far and their count.
+
+    A full forward starts from an empty state; a cached scorer keeps one across decoding steps, so each new
+    token costs one addition and no re-feed.
+    """
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None  # (B, H) float32
+        self.count: torch.Tensor | None = None  # (B,) float32
+
+    def extend(self, hidden: torch.Tensor, joins: torch.Tensor) -> torch.Tensor:
+        """Add the tokens that join the window and return the mean at each position.
+
+        Args:
+            hidden: (B, P, H) float32 hidden states of P new tokens, in order.
+            joins: (B, P) bool, the tokens that are in the window (real tokens at or after its start).
+
+        Returns:
+            (B, P, H) float32: the window's mean up to each position (the position's own hidden state where
+            the window has not started yet).
+        """
+        B, P, H = hidden.shape
+        if self.total is None:
+            self.total = hidden.new_zeros(B, H)
+            self.count = hidden.new_zeros(B)
+        weight = joins.to(hidden.dtype)
+        total = self.total[:, None, :] + (hidden * weight[..., None]).cumsum(dim=1)
+        count = self.count[:, None] + weight.cumsum(dim=1)
+        means = torch.where(count[..., None] > 0, total / count.clamp_min(1)[..., None], hidden)
+        if P:
+            self.total, self.count = total[:, -1], count[:, -1]
+        return means
+
+    def peek(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The window's mean if each of k alternative next tokens joined it, without adding them.
+
+        Args:
+            hidden: (B, k, H) float32 hidden states of the k candidates.
+
+        Returns:
+            (B, k, H) float32.
+        """
+        if self.total is None:
+            return hidden
+        return (self.total[:, None, :] + hidden) / (self.count[:, None, None] + 1)
+
+    def select(self, index: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep rows ``index`` (B',) in that order; rows where ``kept`` is False start empty."""
+        if self.total is not None:
+            self.total = torch.where(kept[:, None], self.total[index], 0.0)
+            self.count = torch.where(kept, self.count[index], 0.0)

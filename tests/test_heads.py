@@ -1,0 +1,271 @@
+"""Value heads (last, mean, distributional): soft values against closed forms, two-hot targets and distributional
+λ-returns by hand, cached scoring against a full recompute done by hand, save/reload, and soft steering by Eq. 5."""
+
+import math
+
+import pytest
+import torch
+from helpers import random_value_model, tokens
+
+from vas.errors import VasError
+from vas.models import left_pad
+from vas.value.heads import atoms, soft_value, two_hot
+from vas.value.model import CandidateScorer, TextCandidateScorer, ValueModel
+from vas.value.td import lambda_returns
+
+PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
+HEADS = [{"head": "last"}, {"head": "mean"}, {"head": "mean", "mean_over": "all"},
+         {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}]
+HEAD_IDS = ["last", "mean-response", "mean-all", "distributional"]
+
+
+@pytest.mark.parametrize("beta", [-20.0, -1.0, 1e-9, 0.5, 3.0, 50.0])
+@pytest.mark.parametrize("atom", [0, 3, 7, 10])
+def test_soft_value_of_a_point_mass_is_its_return(beta, atom):
+    support = atoms(-1.0, 1.0, 11)
+    log_p = torch.full((11,), -math.inf)
+    log_p[atom] = 0.0
+    assert float(soft_value(log_p, support, beta)) == pytest.approx(float(support[atom]), abs=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("beta", [-4.0, -0.3, 0.7, 2.0, 10.0])
+def test_soft_value_of_a_bernoulli_return(p, beta):
+    support = torch.tensor([0.0, 1.0])
+    log_p = torch.log(torch.tensor([1 - p, p]))
+    expected = math.log(1 - p + p * math.exp(beta)) / beta
+    assert float(soft_value(log_p, support, beta)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_value_tends_to_the_mean_as_beta_vanishes():
+    support = atoms(-1.0, 1.0, 21)
+    p = torch.softmax(torch.randn(21, generator=torch.Generator().manual_seed(0)), dim=0)
+    p64, z = p.double() / p.double().sum(), support.double()
+    mean = float((p64 * z).sum())
+    variance = float((p64 * (z - mean) ** 2).sum())
+    for beta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+        # second order: Q_β = mean + β·Var/2 + O(β²) (|third cumulant| ≤ 1 here), up to float32's rounding of the result
+        tolerance = 2 * beta**2 + 1e-7
+        assert float(soft_value(p.log(), support, beta)) == pytest.approx(mean + beta * variance / 2, abs=tolerance)
+        assert float(soft_value(p.log(), support, -beta)) == pytest.approx(mean - beta * variance / 2, abs=tolerance)
+    assert float(soft_value(p.log(), support, None)) == pytest.approx(mean, abs=1e-7)
+
+
+def test_soft_value_rises_with_beta_towards_the_best_return():
+    support = atoms(0.0, 1.0, 5)
+    log_p = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05]))
+    values = [float(soft_value(log_p, support, b)) for b in (-200.0, -1.0, 1.0, 5.0, 200.0)]
+    assert values == sorted(values)
+    assert values[0] == pytest.approx(0.0, abs=0.01) and values[-1] == pytest.approx(1.0, abs=0.02)
+
+
+def test_two_hot_by_hand():
+    support = torch.tensor([0.0, 0.5, 1.0])
+    got = two_hot(torch.tensor([0.2, 0.5, 1.0, 1.7, -3.0]), support)
+    expected = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_distributional_lambda_returns_by_hand():
+    """Two atoms {0, 1}; states s_0, s_1, s_2 = finished with r = 1; λ = 0.5:
+    G_2 = δ_1, G_1 = ½·V(s_2 → r) + ½·G_2 = δ_1, G_0 = ½·p(s_1) + ½·G_1."""
+    p1 = torch.tensor([0.8, 0.2])
+    values = torch.stack([torch.tensor([0.5, 0.5]), p1, torch.tensor([0.9, 0.1])])[None]  # (1, 3, 2)
+    reward = torch.tensor([[0.0, 1.0]])
+    got = lambda_returns(values, reward, torch.ones(1, 3, dtype=torch.bool), lam=0.5)
+    expected = torch.stack([0.5 * p1 + 0.5 * torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0])])
+    torch.testing.assert_close(got[0], expected)
+    # and its mean is the scalar λ-return of the means
+    support = torch.tensor([0.0, 1.0])
+    scalar = lambda_returns(values @ support, torch.tensor([1.0]), torch.ones(1, 3, dtype=torch.bool), lam=0.5)
+    torch.testing.assert_close(got @ support, scalar)
+
+
+@torch.no_grad()
+def manual_values(model, sequence, prompt_length, beta=None):
+    """V of the state ending at the last token of ``sequence``, by hand from the backbone's hidden states."""
+    ids = torch.tensor([sequence])
+    hidden = model.hidden_states(ids, torch.ones_like(ids))[0]  # (S, H)
+    if model.kind == "mean":
+        start = prompt_length - 1 if model.mean_over == "response" else 0
+        feature = hidden[start:].mean(dim=0)
+    else:
+        feature = hidden[-1]
+    out = model.head(feature)
+    if model.kind != "distributional":
+        return float(out[0])
+    p = torch.softmax(out.double(), dim=0)
+    z = model.support.double()
+    if beta is None:
+        return float((p * z).sum())
+    return float(torch.log((p * torch.exp(beta * z)).sum()) / beta)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_cached_candidates_equal_full_recompute_for_every_head(tiny_model_dir, head):
+    model = random_value_model(tiny_model_dir, seed=2, **head)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    generator = torch.Generator().manual_seed(1)
+    prefixes = [list(p) for p in PROMPTS]
+    beta = torch.tensor([2.0, -1.5, 0.0]) if head["head"] == "distributional" else None
+    scorer = CandidateScorer(model)
+    new_ids, new_mask = ids, mask
+    for step in range(3):  # the prompt, then two appended tokens
+        cands = torch.randint(0, 250, (3, 5), generator=generator)
+        got = scorer.score(tokens(new_ids, new_mask), cands, beta=beta)
+        expected = torch.tensor([[manual_values(model, prefixes[b] + [int(c)], len(PROMPTS[b]),
+                                                None if beta is None or beta[b] == 0 else float(beta[b]))
+                                  for c in cands[b]] for b in range(3)])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        # the full forward agrees at every state too
+        for b in range(3):
+            full = model(torch.tensor([prefixes[b]]), torch.ones(1, len(prefixes[b]), dtype=torch.long),
+                         prompt_lengths=torch.tensor([len(PROMPTS[b])]))[0, -1]
+            assert float(full) == pytest.approx(manual_values(model, prefixes[b], len(PROMPTS[b])), abs=1e-4)
+        chosen = cands[:, step : step + 1]
+        for b in range(3):
+            prefixes[b].append(int(chosen[b]))
+        new_ids, new_mask = chosen, torch.ones_like(chosen)
+
+
+def test_a_reordered_mean_head_row_starts_its_window_at_its_prompt(tiny_model_dir):
+    """A server feeds a request that joins late its prompt and earlier output at once; the rollout's
+    ``prompt_lengths`` says where the prompt ends."""
+    from types import SimpleNamespace
+
+    from vas.policy.local import Appended
+
+    model = random_value_model(tiny_model_dir, seed=4, head="mean")
+    scorer = CandidateScorer(model)
+    cands = torch.tensor([[7, 8, 9]])
+    scorer.score(tokens(torch.tensor([PROMPTS[0]]), torch.ones(1, 5, dtype=torch.long)), cands)
+    scorer.reorder([0, -1])  # a second request joins with prompt PROMPTS[1] and two output tokens
+    joined = PROMPTS[1] + [60, 61]
+    ids, mask = left_pad([[int(cands[0, 0])], joined], pad_id=0)
+    both = torch.tensor([[7, 8, 9], [10, 11, 12]])
+    rollout = SimpleNamespace(appended=Appended(ids, mask), prompt_lengths=torch.tensor([5, 2]))
+    got = scorer.score(rollout, both)
+    first = PROMPTS[0] + [7]
+    expected = torch.tensor([[manual_values(model, first + [c], 5) for c in (7, 8, 9)],
+                             [manual_values(model, joined + [c], 2) for c in (10, 11, 12)]])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_text_scorer_equals_full_recompute_for_every_head(tiny_model_dir, head):
+    from vas.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = random_value_model(tiny_model_dir, seed=6, **head)
+    prompt_ids = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    scorer = TextCandidateScorer(model, tokenizer, prompt_ids)
+    beta = 3.0 if head["head"] == "distributional" else None
+    text = ""
+    for piece in ("good", " day", " to you"):
+        candidates = [text + " yes", text + "x", None, text + " not at all"]
+        got = scorer.score(text, candidates, beta)
+        expected = torch.tensor([manual_values(model, scorer.sequence(text, c), len(prompt_ids), beta)
+                                 for c in candidates])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        text += piece
+
+
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_save_and_reload_keeps_the_head(tiny_model_dir, tmp_path, head):
+    model = random_value_model(tiny_model_dir, seed=5, **head)
+    model.save_pretrained(tmp_path / "v")
+    reloaded = ValueModel.from_pretrained(tmp_path / "v")
+    assert (reloaded.kind, reloaded.mean_over) == (model.kind, model.mean_over)
+    ids = torch.tensor([PROMPTS[2]])
+    lengths = torch.tensor([3])
+    for beta in (None, 4.0):
+        torch.testing.assert_close(reloaded(ids, torch.ones_like(ids), prompt_lengths=lengths, beta=beta),
+                                   model(ids, torch.ones_like(ids), prompt_lengths=lengths, beta=beta), atol=1e-4, rtol=0)
+
+
+def test_bad_heads_are_refused(tiny_model_dir):
+    with pytest.raises(VasError, match="--head must be one of last, mean, distributional, got 'max'"):
+        ValueModel.create(tiny_model_dir, head="max")
+    with pytest.raises(VasError, match="--mean-over must be one of response, all"):
+        ValueModel.create(tiny_model_dir, head="mean", mean_over="prompt")
+    with pytest.raises(VasError, match="needs --bins ≥ 2 and a reward range low < high"):
+        ValueModel.create(tiny_model_dir, head="distributional", support=(1.0, 1.0))
+
+
+def test_soft_steering_is_eq5_with_soft_values(tiny_model_dir):
+    """One step of VAS with --soft: π ∝ π0·exp(β·w·Q_{β·w}) on the top-k and β·mean(w·Q) elsewhere, computed by
+    hand from the value model's outputs; a value model with one value per state refuses --soft."""
+    from vas.decoding.guidance import steered_logprobs
+    from vas.decoding.loop import Steering, steer
+
+    model = random_value_model(tiny_model_dir, seed=8, head="distributional", bins=11, support=(-1.0, 1.0))
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    base = torch.log_softmax(torch.randn(3, 256, generator=torch.Generator().manual_seed(3)), dim=-1)
+    beta = torch.tensor([4.0, 1.0, -2.0])
+    steering = Steering([model], [0.5], beta=beta, top_k=6, soft=True)
+    got = steer(steering, [CandidateScorer(model)], tokens(ids, mask), base, torch.ones(3, dtype=torch.bool),
+                *steering.rows(3))
+    candidates = base.topk(6, dim=-1).indices
+    soft = torch.tensor([[manual_values(model, PROMPTS[b] + [int(c)], len(PROMPTS[b]), float(beta[b]) * 0.5)
+                          for c in candidates[b]] for b in range(3)])
+    torch.testing.assert_close(got, steered_logprobs(base, candidates, 0.5 * soft, beta), atol=1e-4, rtol=0)
+    plain = steer(Steering([model], [0.5], beta=beta, top_k=6), [CandidateScorer(model)], tokens(ids, mask), base,
+                  torch.ones(3, dtype=torch.bool), *steering.rows(3))
+    assert not torch.allclose(plain, got, atol=1e-3)  # the mean and the soft value differ
+    with pytest.raises(VasError, match="--soft needs a distributional value model"):
+        Steering([random_value_model(tiny_model_dir)], beta=1.0, soft=True)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_training_reads_each_state_as_decoding_does(tiny_model_dir, head):
+    """The training batch (right padding, rows of different lengths) gives every state s_0 … s_T the value computed
+    by hand from that state's own tokens: the mean window starts at the prompt's last token in both."""
+    from vas.value.train import ValueCollator, state_values
+
+    model = random_value_model(tiny_model_dir, seed=9, **head)
+    rows = [{"prompt_ids": PROMPTS[0], "response_ids": [60, 61, 62], "reward": 1.0},
+            {"prompt_ids": PROMPTS[1], "response_ids": [70], "reward": 0.0},
+            {"prompt_ids": PROMPTS[2], "response_ids": [80, 81], "reward": 0.5}]
+    batch = ValueCollator(pad_token_id=0)(rows)
+    with torch.no_grad():
+        got = state_values(model, batch)
+    for b, row in enumerate(rows):
+        for t in range(len(row["response_ids"]) + 1):
+            state = row["prompt_ids"] + row["response_ids"][:t]
+            assert float(got[b, t]) == pytest.approx(manual_values(model, state, len(row["prompt_ids"])), abs=1e-4)
+
+
+def test_mean_head_rows_keep_their_windows_when_the_batch_is_permuted(tiny_model_dir):
+    model = random_value_model(tiny_model_dir, seed=10, head="mean")
+    scorer = CandidateScorer(model)
+    ids, mask = left_pad(PROMPTS[:2], pad_id=0)
+    cands = torch.tensor([[7, 8], [9, 10]])
+    scorer.score(tokens(ids, mask), cands)
+    scorer.reorder([1, 0])
+    chosen = torch.tensor([[10], [7]])  # row 0 is now the second prompt
+    got = scorer.score(tokens(chosen, torch.ones_like(chosen)), torch.tensor([[3, 4], [5, 6]]))
+    expected = torch.tensor([[manual_values(model, PROMPTS[1] + [10, c], 2) for c in (3, 4)],
+                             [manual_values(model, PROMPTS[0] + [7, c], 5) for c in (5, 6)]])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_transformers_processor_starts_the_mean_window_at_the_prompt_after_a_rewind(tiny_model_dir):
+    """The LogitsProcessor rebuilds its caches from the whole sequence when generate rewinds or starts over; the
+    mean head's window must still start at each prompt's last token, not at the last generated one."""
+    from vas.decoding.loop import Steering
+    from vas.decoding.processor import VASLogitsProcessor
+
+    model = random_value_model(tiny_model_dir, seed=11, head="mean")
+    ids, mask = left_pad(PROMPTS[:2], pad_id=0)
+    processor = VASLogitsProcessor(Steering([model], beta=2.0, top_k=3), mask, temperature=1.0)
+    scores = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    generated = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)  # the first call: two tokens in already
+    got = processor(generated, scores.clone())
+    base = torch.log_softmax(scores, dim=-1)
+    for b, prompt in enumerate(PROMPTS[:2]):
+        candidates = base[b].topk(3).indices
+        values = torch.tensor([manual_values(model, prompt + generated[b, -2:].tolist() + [int(c)], len(prompt))
+                               for c in candidates])
+        expected = base[b].clone()
+        expected[candidates] += 2.0 * (values - values.mean())
+        torch.testing.assert_close(got[b], torch.log_softmax(expected, dim=-1), atol=1e-4, rtol=0)
