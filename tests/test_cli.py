@@ -73,6 +73,13 @@ def make_cases(tmp, tiny, other, value_dir):
                                     "--dtype float16 (mixed precision) needs a CUDA device", tmp / "o8"),
         "unknown training dtype": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o8", "--dtype", "bf16"],
                                    "--dtype must be auto, float32, bfloat16 or float16, got 'bf16'", tmp / "o8"),
+        "soft without a distributional head": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir,
+                                                "--soft"], "--soft needs a distributional value model", None),
+        "unknown head": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9", "--head", "max"],
+                         "--head must be last, mean or distributional, got 'max'", tmp / "o9"),
+        "distributional head with a discount": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9",
+                                                 "--head", "distributional", "--gamma", "0.9"],
+                                                "--head distributional needs --bins ≥ 2 and --gamma 1", tmp / "o9"),
         "too many layers": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o7", "--backbone", tiny,
                              "--backbone-layers", 9], "keep 1 to 2 of them, got 9", tmp / "o7"),
     }
@@ -80,7 +87,8 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
-         "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "judge without responses",
+         "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
+         "distributional head with a discount", "judge without responses",
          "judge nothing"]
 
 
@@ -170,6 +178,28 @@ def test_policy_options_are_written_once_and_reach_the_command(monkeypatch):
         command.main(["generate", "--prompt", "hi", "-m", "some/model", "--api-stop", "a", "--api-stop", "b",
                       "--timeout", "5"], standalone_mode=False)
     assert received["config"] == PolicyConfig(base_model="some/model", api_stop=["a", "b"], timeout=5.0)
+
+
+def test_train_a_distributional_head_and_generate_with_soft_values(tiny_model_dir, tmp_path):
+    """`vas train --head distributional` stores the head; `vas generate --soft` then steers by the soft values,
+    and its rows say so (a resumed run with another --soft is refused)."""
+    from test_train import make_data
+
+    make_data(load_tokenizer(tiny_model_dir), n_prompts=8).save_to_disk(str(tmp_path / "data"))
+    r = vas("train", "--quiet", "--data", tmp_path / "data", "--out", tmp_path / "v", "--backbone", tiny_model_dir,
+            "--head", "distributional", "--bins", 7, "--epochs", 1, "--val-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "v" / "vas_value_config.json").read_text())
+    assert (config["head"], config["bins"], config["support"]) == ("distributional", 7, [0.0, 1.0])
+    common = ["generate", "--quiet", "--prompt", "hi", "--prompt", "yo", "--base-model", tiny_model_dir, "--value",
+              tmp_path / "v", "--beta", 8, "--max-new-tokens", 4, "-k", 5]
+    soft = vas(*common, "--soft", "--out", tmp_path / "soft.jsonl")
+    plain = vas(*common, "--out", tmp_path / "mean.jsonl")
+    assert soft.returncode == 0 and plain.returncode == 0, soft.stderr + plain.stderr
+    rows = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] for name in ("soft", "mean")}
+    assert all(row["kl"] > 0 for name in rows for row in rows[name])
+    # same seeds, a different guide: some step's distribution differs, so the KL does
+    assert [row["kl"] for row in rows["soft"]] != [row["kl"] for row in rows["mean"]]
 
 
 def test_evaluate_runs_end_to_end(tiny_model_dir, value_dir, tmp_path):

@@ -30,18 +30,20 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def values(tmp_path_factory):
-    """Two value models on the embedded model's first 2 layers with random LoRA and heads."""
+    """Three value models on the embedded model's first 2 layers with random LoRA and heads: the last-token,
+    mean and distributional heads."""
     folder = tmp_path_factory.mktemp("values")
-    for name, seed in (("kind", 1), ("short", 2)):
-        random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2).save_pretrained(folder / name)
-    return {"kind": str(folder / "kind"), "short": str(folder / "short")}
+    heads = {"kind": {}, "short": {"head": "mean"}, "odds": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
+    for seed, (name, head) in enumerate(heads.items(), start=1):
+        random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2, **head).save_pretrained(folder / name)
+    return {name: str(folder / name) for name in heads}
 
 
 @pytest.fixture(scope="module")
 def server(values, tmp_path_factory):
     with open(tmp_path_factory.mktemp("serve") / "server.log", "w+") as log, serve_in_background(
             ["--dtype", "float32", "--value-dtype", "float32", "--value", f"kind={values['kind']}",
-             "--value", f"short={values['short']}", "--api-key", "secret", "--max-model-len", "1024"], log=log) as url:
+             "--value", f"short={values['short']}", "--value", f"odds={values['odds']}", "--api-key", "secret", "--max-model-len", "1024"], log=log) as url:
         yield url
 
 
@@ -67,11 +69,13 @@ def complete(url: str, prompt_ids: list[int], xargs: dict | None = None, **body)
     return answer.json()["choices"][0]
 
 
-def own_greedy(local, prompt: str, beta: float = 0.0, weights: dict | None = None, top_k: int = 10) -> list[int]:
+def own_greedy(local, prompt: str, beta: float = 0.0, weights: dict | None = None, top_k: int = 10,
+               soft: bool = False) -> list[int]:
     """Greedy argmax(log π0 + β Σ w V) at τ = 1 (Sec. 4.4) from the project's own loop."""
     policy, models = local
     weights = weights or {}
-    steering = Steering([models[n] for n in weights], list(weights.values()), beta=beta, top_k=top_k) if weights else None
+    steering = (Steering([models[n] for n in weights], list(weights.values()), beta=beta, top_k=top_k, soft=soft)
+                if weights else None)
     return sample(policy, [prompt], steering, greedy=True, temperature=1.0, max_new_tokens=MAX_TOKENS).token_ids[0]
 
 
@@ -93,6 +97,16 @@ def test_steered_greedy_equals_the_projects_own_loop(server, local):
         assert want != own_greedy(local, prompt)  # the steering changes the answer
         xargs = {"vas_beta": beta, "vas_top_k": k, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
         assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
+
+
+def test_soft_and_mixed_heads_equal_the_projects_own_loop(server, local):
+    """The mean head's window starts at each request's prompt, and soft values are taken at the request's β."""
+    for prompt, (beta, weights, soft) in zip(PROMPTS, [(8.0, {"odds": 1.0}, True), (3.0, {"short": 1.0, "odds": -0.5}, True),
+                                                       (5.0, {"short": 1.0}, False)]):
+        want = own_greedy(local, prompt, beta, weights, soft=soft)
+        xargs = {"vas_beta": beta, "vas_soft": soft, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
+        assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
+    assert own_greedy(local, PROMPTS[0], 8.0, {"odds": 1.0}, soft=True) != own_greedy(local, PROMPTS[0], 8.0, {"odds": 1.0})
 
 
 KINDS = [  # (prompt, vllm_xargs): plain, β = 0, and steered with different β, k and mixes of the two value models

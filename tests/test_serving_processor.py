@@ -71,6 +71,18 @@ def test_request_bodies_with_misplaced_or_bad_fields_are_refused(body, message):
     assert message in request_error(body, SETTINGS)
 
 
+def test_soft_values_need_a_distributional_value_model(tiny_model_dir, tmp_path):
+    for name, head in (("last", {}), ("dist", {"head": "distributional", "support": (0.0, 1.0)})):
+        random_value_model(tiny_model_dir, **head).save_pretrained(tmp_path / name)
+    settings = Settings({"last": str(tmp_path / "last"), "dist": str(tmp_path / "dist")}, vocab_size=300)
+    assert parse_request({"vas_beta": 2, "vas_soft": True}, settings) == RequestSteering(2.0, 10, (1.0, 1.0), soft=True)
+    assert parse_request({"vas_beta": 2, "vas_soft": False, "vas_values": "last"}, settings).soft is False
+    with pytest.raises(ValueError, match="vas_soft needs a distributional value model among those the request weights"):
+        parse_request({"vas_beta": 2, "vas_soft": True, "vas_values": "last=1,dist=0"}, settings)
+    with pytest.raises(ValueError, match="vas_soft must be true or false, got 'yes'"):
+        parse_request({"vas_beta": 2, "vas_soft": "yes"}, settings)
+
+
 def test_good_request_bodies_pass():
     from vas.serving.processor import request_error
 
@@ -147,24 +159,31 @@ def test_rows_joining_at_different_steps_do_not_widen_the_cache(tiny_model_dir):
     assert scorer.past_mask.shape[1] <= 1.5 * longest + 8 + 21  # at most one step's new prompt beyond the bound
 
 
+HEADS = {"a": {"head": "last"}, "b": {"head": "mean"},
+         "c": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
+
+
 @pytest.fixture
 def processor(tiny_model_dir, tmp_path, monkeypatch):
-    for name, seed in (("a", 1), ("b", 2)):
-        random_value_model(tiny_model_dir, seed=seed).save_pretrained(tmp_path / name)
-    settings = Settings({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, vocab_size=300, top_k=4, dtype="float32",
+    for seed, (name, head) in enumerate(HEADS.items(), start=1):
+        random_value_model(tiny_model_dir, seed=seed, **head).save_pretrained(tmp_path / name)
+    settings = Settings({name: str(tmp_path / name) for name in HEADS}, vocab_size=300, top_k=4, dtype="float32",
                         record=True)
     monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
     config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=tiny_model_dir))
     return VllmLogitsProcessor(config, torch.device("cpu"), False)
 
 
-def expected(processor, logits, prompt, output, beta, weights, top_k, temperature):
-    """Eq. 5 by hand: full forwards of each value model over prompt + output + candidate; τ·log π returned."""
+def expected(processor, logits, prompt, output, beta, weights, top_k, temperature, soft=False):
+    """Eq. 5 by hand: full forwards of each value model over prompt + output + candidate (the mean head's window
+    from the prompt's last token, the distributional head's soft value at β·w with ``soft``); τ·log π returned."""
     base = torch.log_softmax(logits / temperature, dim=-1)
     candidates = base.topk(top_k).indices
     with torch.no_grad():
         ids = torch.tensor([prompt + output + [int(c)] for c in candidates])
-        values = sum(w * m(ids, torch.ones_like(ids))[:, -1] for w, m in zip(weights, processor.models))
+        lengths = torch.full((len(ids),), len(prompt))
+        values = sum(w * m(ids, torch.ones_like(ids), prompt_lengths=lengths, beta=beta * w if soft else None)[:, -1]
+                     for w, m in zip(weights, processor.models))
     steered = base.clone()
     steered[candidates] += beta * (values - values.mean())
     return temperature * torch.log_softmax(steered, dim=-1)
@@ -178,9 +197,9 @@ def test_the_processor_follows_the_batch(processor):
     prompts = {"p": [5, 17, 33, 2, 40], "q": [9, 12], "r": [77, 3, 101], "s": [8, 8, 8, 8]}
     outputs = {k: [] for k in prompts}
     steering = {"p": {"vas_beta": 2.0, "vas_values": "a=1,b=-0.5"}, "q": None,
-                "r": {"vas_beta": -3.0, "vas_top_k": 2, "vas_values": "b"}, "s": {"vas_beta": 1.0}}
+                "r": {"vas_beta": -3.0, "vas_top_k": 2, "vas_values": "b,c=0.5"}, "s": {"vas_beta": 4.0, "vas_soft": True}}
     temperature = {"p": 0.7, "q": 0.7, "r": 0.0, "s": 1.3}
-    weight = {"p": (1.0, -0.5), "r": (0.0, 1.0), "s": (1.0, 1.0)}
+    weight = {"p": (1.0, -0.5, 0.0), "r": (0.0, 1.0, 0.5), "s": (1.0, 1.0, 1.0)}
     top_k = {"p": 4, "r": 2, "s": 4}
 
     def added(index, name):
@@ -196,7 +215,7 @@ def test_the_processor_follows_the_batch(processor):
             else:
                 tau = temperature[name] or 1.0
                 want = expected(processor, logits[i], prompts[name], outputs[name], steering[name]["vas_beta"],
-                                weight[name], top_k[name], tau)
+                                weight[name], top_k[name], tau, steering[name].get("vas_soft", False))
                 torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
         for name in batch:  # vLLM appends each sampled token to the live output list
             outputs[name].append(int(torch.randint(0, V, ())))
@@ -214,10 +233,10 @@ def test_the_processor_follows_the_batch(processor):
     # r was preempted: it comes back as an addition with its output so far
     processor.update_state(BatchUpdate(3, removed=[], added=[added(2, "r")], moved=[]))
     step(["p", "s", "r"])
-    assert sorted(len(s.rows) for s in processor.scorers) == [3, 3]
+    assert sorted(len(s.rows) for s in processor.scorers) == [3, 3, 3]
     processor.update_state(BatchUpdate(1, removed=[1, 2], added=[], moved=[]))
     step(["p"])
-    assert [len(s.rows) for s in processor.scorers] == [1, 1]
+    assert [len(s.rows) for s in processor.scorers] == [1, 1, 0]  # c is no longer used: its cache is freed
 
 
 def test_recorded_steps_give_back_pi0_and_the_kl(processor):

@@ -38,6 +38,7 @@ ValueDtype = Annotated[str, typer.Option(help="Value models' dtype: 'auto' (bf16
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature τ of π0 (the paper collects at 0.7).")]
 MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")]
+Soft = Annotated[bool, typer.Option(help="Guide with soft values, (1/β)·log E[exp(β·r)], the KL-optimal guide, instead of the mean (distributional value models: vas train --head distributional).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Field = Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")]
 DEFAULT_MODEL = EMBEDDED
@@ -134,11 +135,15 @@ def _fingerprints(value: list[str]) -> list[str]:
     return [fingerprint(parse_weighted(spec)[0]) for spec in value]
 
 
-def _check_value_dirs(value: list[str]) -> None:
-    from vas.value.model import check_value_dir, parse_weighted
+def _check_value_dirs(value: list[str], soft: bool = False) -> None:
+    from vas.value.model import check_value_dir, parse_weighted, value_head
 
     for spec in value:
         check_value_dir(parse_weighted(spec)[0])
+    if soft and not any(value_head(parse_weighted(spec)[0]) == "distributional" for spec in value):
+        raise VasError("--soft needs a distributional value model (vas train --head distributional); "
+                       + (", ".join(f"{parse_weighted(s)[0]} has the {value_head(parse_weighted(s)[0])} head" for s in value)
+                          or "no --value was given"))
 
 
 @app.command()
@@ -234,6 +239,7 @@ def generate(
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
+    soft: Soft = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     out: Annotated[Optional[Path], typer.Option(help="Write JSONL here instead of printing (an interrupted run resumes from <out>.partial).")] = None,
     seed: Seed = 0,
@@ -258,14 +264,14 @@ def generate(
     if out:
         require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value)
+    _check_value_dirs(value, soft)
     checked = Steering(beta=beta, top_k=top_k)  # k and β, before anything loads
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
     base = policy.load(texts, max_new_tokens, checked if value else None)
     models, weights = _value_models(value, policy.device, value_dtype)
-    steering = Steering(models, weights, beta=beta, top_k=top_k)
+    steering = Steering(models, weights, beta=beta, top_k=top_k, soft=soft)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(base, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
@@ -292,6 +298,7 @@ def evaluate(
     reward: Annotated[str, typer.Option(help="Reward spec.")] = "positivity",
     betas: Annotated[str, typer.Option(help="Comma-separated β grid.")] = "2,5,10",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for VAS.")] = 10,
+    soft: Soft = False,
     best_of: Annotated[str, typer.Option(help="Comma-separated N for Best-of-N.")] = "1,2,4,8,16",
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
@@ -314,7 +321,7 @@ def evaluate(
 
     require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value)
+    _check_value_dirs(value, soft)
     checked = Steering(top_k=top_k)  # k, before anything loads
     chosen_betas = _floats(betas, "betas")
     ns = [int(n) for n in _floats(best_of, "best-of")]
@@ -324,7 +331,7 @@ def evaluate(
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy.device, value_dtype)
-    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, best_of=ns,
+    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft, best_of=ns,
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  concurrency=policy.concurrency, seed=seed, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
@@ -389,7 +396,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="frontier, beta-knob, composition, ablations, tool-use, or all (in that order).")],
+    name: Annotated[str, typer.Argument(help="frontier, value-heads, beta-knob, composition, ablations, tool-use, or all (in that order).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",

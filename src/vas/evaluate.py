@@ -85,6 +85,7 @@ def evaluate(
     top_k: int = 10,
     best_of: Sequence[int] = (1, 2, 4, 8, 16),
     vas_samples_per_prompt: int = 1,
+    soft: bool = False,
     temperature: float = 0.7,
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -145,7 +146,7 @@ def evaluate(
     per_sample = (seconds + reward_seconds) / (P * n_pool)
     report = {
         "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": top_k,
-                     "vas_samples_per_prompt": vas_samples_per_prompt, "temperature": temperature,
+                     "vas_samples_per_prompt": vas_samples_per_prompt, "soft": soft, "temperature": temperature,
                      "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or [])},
         "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)),
                   "kl": float(torch.tensor([r["kl"] for r in pool]).mean()),
@@ -173,7 +174,7 @@ def evaluate(
     m = vas_samples_per_prompt
     v_prompts = [p for p in prompts for _ in range(m)]
     for beta in betas:
-        steering = Steering(value_models, weights, beta=beta, top_k=top_k)
+        steering = Steering(value_models, weights, beta=beta, top_k=top_k, soft=soft)
         v = responses(policy, v_prompts, steering, partial / f"vas-beta{beta:g}.jsonl", seed=seed + 1,
                       desc=f"VAS β={beta:g}", **run)
         v_texts = [r["response"] for r in v]

@@ -254,6 +254,7 @@ def generate(policy, prompts: Sequence[Prompt], steering: Steering | None = None
         weights = torch.as_tensor(steering.weights).tolist() if steering else []
         log = RowLog(out, {"beta": beta, "weights": weights, "top_k": steering.top_k if steering else None,
                            "mask_outside_top_k": steering.mask_outside_top_k if steering else False,
+                           "soft": torch.as_tensor(steering.soft).tolist() if steering else False,
                            "temperature": temperature, "max_new_tokens": max_new_tokens, "greedy": greedy,
                            "seed": seed, "batch_size": batch_size, "num_prompts": len(prompts),
                            "prompts_sha256": prompts_digest(prompts), "policy": getattr(policy, "settings", {}),

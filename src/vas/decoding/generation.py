@@ -36,7 +36,7 @@ class Generation:
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
              value_models: Sequence[ValueModel] = (), weights: Sequence[float] | torch.Tensor | None = None,
-             beta: float | torch.Tensor = 1.0, top_k: int = 10, temperature: float = 0.7, max_new_tokens: int = 64,
+             beta: float | torch.Tensor = 1.0, top_k: int = 10, soft: bool | torch.Tensor = False, temperature: float = 0.7, max_new_tokens: int = 64,
              greedy: bool = False, seed: int = 0, batch_size: int = 8, progress: bool = False) -> list[Generation]:
     """Generate one response per prompt from π ∝ π0 · exp(β Σ_i w_i V_i(s ⊕ x)) over π0's top-k (Eq. 5,
     Sec. 4.2), or from π0 itself without value models.
@@ -50,6 +50,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         weights: (M,) one per value model (default 1 each), or (B, M) one row per prompt.
         beta: β, a float or (B,) one per prompt; 0 gives π0.
         top_k: k, π0's most likely tokens scored at each step.
+        soft: guide with soft values at β (distributional value models; :class:`vas.decoding.loop.Steering`), a
+            bool or (B,) one per prompt.
         temperature: τ > 0 of π0; β·V is added after it (see :mod:`vas.decoding.guidance`).
         max_new_tokens: the most tokens per response.
         greedy: take argmax π instead of sampling.
@@ -61,9 +63,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         One :class:`Generation` per prompt, in order.
 
     Raises:
-        vas.VasError: for bad settings (k, β, weights, temperature, a prompt that does not fit the context window).
+        vas.VasError: for bad settings (k, β, weights, temperature, a prompt that does not fit the context window,
+            ``soft`` without a distributional value model).
     """
-    steering = Steering(value_models, weights, beta=beta, top_k=top_k) if value_models else None
+    steering = Steering(value_models, weights, beta=beta, top_k=top_k, soft=soft) if value_models else None
     rows = generate_rows(LocalPolicy(model, tokenizer), list(prompts), steering, temperature=temperature,
                          max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
                          progress=progress)

@@ -46,10 +46,15 @@ class Steering:
         value_prompt: maps a prompt to the text that value models reading text see (through their own chat
             template), e.g. the task without a long constant instruction; the same map must have built their
             training rows (:func:`vas.collect.collect`). Default: the prompt itself.
+        soft: guide with soft values instead of V^π0: each distributional value model i gives
+            Q_{β·w_i}(s ⊕ x) = (1/(β w_i))·log E_π0[exp(β w_i r_i) | s ⊕ x] (:func:`vas.value.heads.soft_value`), so
+            that π ∝ π0·exp(β Σ_i w_i Q_i) is the KL-regularised optimal policy for Σ_i w_i r_i when the returns
+            are independent; value models with one value per state use it as is (a point mass). A bool shared
+            by all rows, or a (B,) bool tensor, one per prompt.
 
     Raises:
-        VasError: for k < 1, a weight count that is not the number of value models, or a β or weight that
-            is not finite.
+        VasError: for k < 1, a weight count that is not the number of value models, a β or weight that
+            is not finite, or soft values asked of value models none of which is distributional.
     """
 
     value_models: Sequence[ValueModel] = ()
@@ -58,6 +63,7 @@ class Steering:
     top_k: int = 10
     mask_outside_top_k: bool = False
     value_prompt: Callable[[str], str] | None = None
+    soft: bool | torch.Tensor = False
 
     def __post_init__(self):
         M = len(self.value_models)
@@ -72,6 +78,9 @@ class Steering:
                            f"beta={self.beta}, weights={self.weights}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise VasError(f"--top-k must be ≥ 1, got {self.top_k}")
+        if bool(torch.as_tensor(self.soft).any()) and M and not any(getattr(m, "kind", "last") == "distributional" for m in self.value_models):
+            raise VasError("--soft needs a distributional value model (vas train --head distributional); these give "
+                           "one value per state")
 
     def check_top_k(self, vocab_size: int | None) -> None:
         """Raise :class:`VasError` if k exceeds the vocabulary (None: not known, as for an API policy)."""
@@ -79,18 +88,20 @@ class Steering:
             raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
 
     def select(self, rows: Sequence[int]) -> "Steering":
-        """This steering for a subset of the prompts (per-row β and weights sliced; shared ones kept)."""
+        """This steering for a subset of the prompts (per-row β, weights and soft sliced; shared ones kept)."""
         beta = torch.as_tensor(self.beta, dtype=torch.float32)
         weights = torch.as_tensor(self.weights, dtype=torch.float32)
         index = torch.as_tensor(list(rows), dtype=torch.long)
+        soft = torch.as_tensor(self.soft, dtype=torch.bool)
         return replace(self, beta=beta[index] if beta.dim() else self.beta,
-                       weights=weights[index] if weights.dim() == 2 else self.weights)
+                       weights=weights[index] if weights.dim() == 2 else self.weights,
+                       soft=soft[index] if soft.dim() else self.soft)
 
     def rows(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's β (B,) and weights (B, M), float32.
 
         Raises:
-            VasError: if a per-row β or weight tensor does not have B rows.
+            VasError: if a per-row β, weight or soft tensor does not have B rows.
         """
         beta = torch.as_tensor(self.beta, dtype=torch.float32)
         weights = torch.as_tensor(self.weights, dtype=torch.float32)
@@ -98,10 +109,27 @@ class Steering:
             beta = beta.expand(B)
         if weights.dim() < 2:
             weights = weights.reshape(1, len(self.value_models)).expand(B, -1)
-        if beta.shape != (B,) or weights.shape[0] != B:
-            raise VasError(f"per-row beta {tuple(beta.shape)} and weights {tuple(weights.shape)} do not match "
-                           f"the {B} prompts")
+        if beta.shape != (B,) or weights.shape[0] != B or torch.as_tensor(self.soft).shape not in ((), (B,)):
+            raise VasError(f"per-row beta {tuple(beta.shape)}, weights {tuple(weights.shape)} and soft "
+                           f"{tuple(torch.as_tensor(self.soft).shape)} do not match the {B} prompts")
         return beta, weights
+
+    def soft_betas(self, beta: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor | None]:
+        """The β each value model's soft value is taken at, per row: β·w_i where the row asks for soft values,
+        0 (the mean) elsewhere; None for every model when no row does.
+
+        Args:
+            beta: (B,) float32, from :meth:`rows`.
+            weights: (B, M) float32 weights of the value models scored.
+
+        Returns:
+            M tensors (B,) float32, or M Nones.
+        """
+        soft = torch.as_tensor(self.soft, dtype=torch.bool)
+        if not bool(soft.any()):
+            return [None] * weights.shape[1]
+        scale = beta * soft.expand(beta.shape).to(beta.dtype)
+        return [scale * weights[:, i] for i in range(weights.shape[1])]
 
 
 def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prompt: Callable[[str], str] | None):
@@ -144,7 +172,9 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
         return base
     candidates = base.topk(min(steering.top_k, base.shape[1]), dim=-1).indices  # (B, k)
     if scorers:
-        values = weighted_values([s.score(rollout, candidates, active) for s in scorers], weights.to(base.device))
+        soft = steering.soft_betas(beta.cpu(), weights.cpu())
+        values = weighted_values([s.score(rollout, candidates, active, beta=b) for s, b in zip(scorers, soft)],
+                                 weights.to(base.device))
     else:
         values = torch.zeros(candidates.shape, device=base.device)
     counted = None

@@ -54,6 +54,7 @@ class VASLogitsProcessor(LogitsProcessor):
     def reset(self, attention_mask: torch.Tensor) -> None:
         """Start over for a new batch of prompts whose mask is ``attention_mask`` (B, L0)."""
         self.prompt_mask = attention_mask.long()
+        self.prompt_lengths = self.prompt_mask.sum(dim=1)  # (B,) where each row's response starts (mean heads)
         self.scorers: list[CandidateScorer] = []
         self.seen: torch.Tensor | None = None  # (B, L) ids already fed to the value models
         self.appended: Appended | None = None  # what the scorers read next (this object is their rollout)

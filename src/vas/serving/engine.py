@@ -130,11 +130,12 @@ class VllmPolicy:
         check_fits(ids, max_new_tokens, self.engine.llm_engine.model_config.max_model_len)
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
         record = [f"{next(self._ids)}" for _ in range(B)]
+        soft = torch.as_tensor(steering.soft, dtype=torch.bool).expand(B)
         params = []
         for b in range(B):
             extra = {"vas_id": record[b]}
             if names and float(beta[b]) != 0 and bool((weights[b] != 0).any()):
-                extra.update(vas_beta=float(beta[b]), vas_top_k=steering.top_k,
+                extra.update(vas_beta=float(beta[b]), vas_top_k=steering.top_k, vas_soft=bool(soft[b]),
                              vas_values=",".join(f"{n}={float(w)!r}" for n, w in zip(names, weights[b].tolist())))
             params.append(SamplingParams(temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens,
                                          seed=seeds[b], logprobs=0, extra_args=extra, skip_special_tokens=True))

@@ -5,7 +5,9 @@ Per request (``SamplingParams.extra_args`` offline, ``vllm_xargs`` in an OpenAI 
 - ``vas_beta``: β, a finite number; absent or 0 leaves the request untouched, with no value-model work;
 - ``vas_top_k``: k, 1 ≤ k ≤ the vocabulary size (default: the server's);
 - ``vas_values``: ``"NAME=WEIGHT,NAME=WEIGHT"`` over the value models loaded at start-up (a bare ``NAME`` has
-  weight 1; default: every loaded value model with weight 1). Composition is linear (Sec. 4.2).
+  weight 1; default: every loaded value model with weight 1). Composition is linear (Sec. 4.2);
+- ``vas_soft``: ``true`` to guide with soft values at the request's β (distributional value models,
+  :class:`vas.decoding.loop.Steering`'s ``soft``); default false, V^π0.
 
 Each step the processor gives every steered request π ∝ π0_τ · exp(β Σ_i w_i V_i(s ⊕ x)) over π0's top-k,
 and β·mean V to the other tokens (Eq. 5), with the project's temperature rule
@@ -45,10 +47,10 @@ from vas.decoding.guidance import base_logprobs, kl_divergence
 from vas.decoding.loop import Steering, steer
 from vas.errors import VasError
 from vas.policy.local import Appended
-from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer
+from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
 
 SETTINGS_ENV = "VAS_VLLM_SETTINGS"
-FIELDS = ("vas_beta", "vas_top_k", "vas_values", "vas_id")
+FIELDS = ("vas_beta", "vas_top_k", "vas_values", "vas_soft", "vas_id")
 GREEDY_EPS = 1e-5  # vLLM treats a temperature below this as greedy
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -94,6 +96,9 @@ def _settings(text: str | None) -> Settings:
         raise VasError(f"${SETTINGS_ENV} is not valid settings: {exc}") from None
 
 
+_head = cache(value_head)  # the served value models are loaded once: their heads do not change
+
+
 @dataclass(frozen=True)
 class RequestSteering:
     """One request's steering: β, k and one weight per loaded value model (``Settings.values`` order)."""
@@ -102,6 +107,7 @@ class RequestSteering:
     top_k: int
     weights: tuple[float, ...]
     record_id: str | None = None
+    soft: bool = False
 
 
 def _number(name: str, value, integer: bool = False) -> float:
@@ -152,7 +158,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     args = extra_args or {}
     unknown = sorted(k for k in args if k.startswith("vas_") and k not in FIELDS)
     if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}; VAS reads {', '.join(FIELDS[:3])}")
+        raise ValueError(f"unknown field {unknown[0]!r}; VAS reads {', '.join(FIELDS[:4])}")
     names = list(settings.values)
     beta = _number("vas_beta", args["vas_beta"]) if "vas_beta" in args else 0.0
     top_k = settings.top_k
@@ -167,10 +173,16 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
     if any(abs(beta * w) > FLOAT32_MAX for w in weights):
         raise ValueError(f"vas_beta times a vas_values weight must stay within float32 (3.4e38), got β = {beta}")
+    soft = args.get("vas_soft", False)
+    if not isinstance(soft, bool):
+        raise ValueError(f"vas_soft must be true or false, got {soft!r}")
+    if soft and not any(w and _head(path) == "distributional" for w, path in zip(weights, settings.values.values())):
+        raise ValueError("vas_soft needs a distributional value model among those the request weights (vas train "
+                         "--head distributional)")
     if beta == 0 or not any(weights):
         return None
     record = str(args["vas_id"]) if "vas_id" in args and settings.record else None
-    return RequestSteering(beta, top_k, weights, record)
+    return RequestSteering(beta, top_k, weights, record, soft)
 
 
 def request_error(body: dict, settings: Settings) -> str | None:
@@ -184,7 +196,7 @@ def request_error(body: dict, settings: Settings) -> str | None:
         return None  # absent, or vLLM's own validation answers
     miscased = sorted(k for k in xargs if k.lower().startswith("vas_") and k != k.lower())
     if miscased:
-        return f"unknown field {miscased[0]!r}; VAS reads {', '.join(FIELDS[:3])} (lower case)"
+        return f"unknown field {miscased[0]!r}; VAS reads {', '.join(FIELDS[:4])} (lower case)"
     try:
         parse_request(xargs, settings)
     except ValueError as exc:
@@ -246,7 +258,8 @@ class _LiveScorer:
         self.scorer = CandidateScorer(model)
         self.rows: list[_Request] = []
 
-    def score(self, batch: "_Batch", candidates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def score(self, batch: "_Batch", candidates: torch.Tensor, active: torch.Tensor,
+              beta: torch.Tensor | None = None) -> torch.Tensor:
         old = {id(r): i for i, r in enumerate(self.rows)}
         fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else []
         # a row whose request now has fewer tokens than were fed (vLLM discarded some) starts again
@@ -263,12 +276,14 @@ class _LiveScorer:
             if tokens:
                 ids[i, P - len(tokens):] = torch.tensor(tokens)
                 mask[i, P - len(tokens):] = 1
-        return self.scorer.score(_Appending(Appended(ids, mask)), candidates)
+        prompt_lengths = torch.tensor([len(r.prompt) for r in batch.requests])
+        return self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
 
 
 @dataclass
 class _Appending:
     appended: Appended
+    prompt_lengths: torch.Tensor  # (B,) each row's prompt tokens (the mean head's window starts at the last)
 
 
 @dataclass
@@ -369,7 +384,8 @@ class VllmLogitsProcessor(LogitsProcessor):
         weights = torch.tensor([r.steering.weights for r in requests])
         top_k = torch.tensor([r.steering.top_k for r in requests])
         used = [i for i in range(len(self.models)) if bool((weights[:, i] != 0).any())]
-        steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()))
+        soft = torch.tensor([r.steering.soft for r in requests])
+        steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()), soft=soft)
         base = base_logprobs(logits[rows], temperature)  # (B, V) log π0 at each request's τ
         logp = steer(steering, [self.scorers[i] for i in used], _Batch(requests), base,
                      torch.ones(len(index), dtype=torch.bool), beta, weights[:, used], top_k)
