@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from vas.experiments import ablations, beta_knob, composition, frontier, tool_use
+from vas.experiments import ablations, beta_knob, composition, frontier, tool_use, value_heads
 
-EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, beta_knob, composition, ablations, tool_use)}
+EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in (frontier, value_heads, beta_knob, composition, ablations, tool_use)}
