@@ -31,7 +31,9 @@ def test_beta_zero_is_base_policy():
     base = torch.log_softmax(torch.randn(4, 50), dim=-1)
     cands = base.topk(7, dim=-1).indices
     got = steered_logprobs(base, cands, torch.randn(4, 7) * 10, beta=0.0)
-    torch.testing.assert_close(got, base, atol=1e-6, rtol=0)
+    assert torch.equal(got, base)  # π0 bit for bit, not renormalised
+    mixed = steered_logprobs(base, cands, torch.randn(4, 7) * 10, beta=torch.tensor([0.0, 2.0, 0.0, -1.0]))
+    assert torch.equal(mixed[[0, 2]], base[[0, 2]]) and not torch.allclose(mixed[1], base[1])
 
 
 def test_equal_values_leave_policy_unchanged():

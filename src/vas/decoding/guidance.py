@@ -58,11 +58,11 @@ def steered_logprobs(
     """Log-probabilities of the steered policy π (paper Eq. 5).
 
     Args:
-        base_logprobs: (B, V) float, log π0(·|s_t), already at the sampling temperature.
+        base_logprobs: (B, V) float, log π0(·|s_t), normalised, already at the sampling temperature.
         candidate_ids: (B, k) int64, the top-k token ids of π0 (any k distinct ids per row work).
         candidate_values: (B, k) float, V(s_t ⊕ x) for each candidate (weighted sum if several value models).
         beta: β, the strength of the value guidance: a float, or a (B,) tensor with one β per row. β = 0
-            returns ``base_logprobs`` normalised, i.e. π0. Any finite β gives a finite KL: as |β| grows, π
+            returns ``base_logprobs`` itself, i.e. π0 bit for bit (KL exactly 0). Any finite β gives a finite KL: as |β| grows, π
             concentrates on the candidates with the largest β·V.
         mask_outside_top_k: give tokens outside the candidates probability 0 instead of β·mean(V) (the
             masked variant of App. D.1; not Eq. 5). β = 0 then gives π0 renormalised over the top-k.
@@ -109,7 +109,9 @@ def steered_logprobs(
         candidates = candidates.masked_fill(~counted, -torch.inf)
     else:
         logits = base_logprobs + outside
-    return torch.log_softmax(logits.scatter(1, candidate_ids, candidates), dim=-1)
+    steered = torch.log_softmax(logits.scatter(1, candidate_ids, candidates), dim=-1)
+    # β = 0 rows are π0 itself (renormalising would move them by rounding, and give a KL of ~1e-7 per step)
+    return steered if mask_outside_top_k else torch.where(beta == 0, base_logprobs, steered)
 
 
 def kl_divergence(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         heads.append(entry)
         del model
     summary = {"heads": heads, "plain": pool["plain"], "best_of_n": pool["best_of_n"],
+               "validation_rows": len(finished.labels),
                "reward_variance": float(torch.tensor(data["reward"]).var(unbiased=False)), "train_rows": len(data)}
     write_json_atomic(out / "summary.json", summary)
     plot(summary, out / "value_heads.png", size)
@@ -207,9 +208,13 @@ def section(summary: dict, size: Size) -> Section:
     soft_notes = []
     for entry in summary["heads"]:
         if "soft" in entry["runs"]:
-            pairs = [(m, s) for m in entry["runs"]["mean"] for s in entry["runs"]["soft"] if m["beta"] == s["beta"]]
-            soft_notes += [f"β={m['beta']:g}: {m['reward']:.3f} at KL {m['kl']:.1f} → {s['reward']:.3f} at KL {s['kl']:.1f}"
-                           for m, s in pairs]
+            means = entry["runs"]["mean"]
+            for s in sorted(entry["runs"]["soft"], key=lambda v: v["beta"]):
+                m = next(m for m in means if m["beta"] == s["beta"])
+                near = min(means, key=lambda m: abs(math.log((m["kl"] + 0.05) / (s["kl"] + 0.05))))
+                soft_notes.append(f"β={s['beta']:g}: {s['reward']:.3f} ± {s['reward_sem']:.3f} at KL {s['kl']:.2f} "
+                                  f"(the mean at the same β: {m['reward']:.3f} at KL {m['kl']:.2f}; at the nearest KL, "
+                                  f"β={near['beta']:g}: {near['reward']:.3f} ± {near['reward_sem']:.3f} at KL {near['kl']:.2f})")
     mean_heads = {e["head"]: e for e in summary["heads"] if e["head"] in ("mean", "mean-all")}
     window_note = ""
     if len(mean_heads) == 2:
@@ -241,12 +246,23 @@ def section(summary: dict, size: Size) -> Section:
         findings.append(f"Within {kl_limit:.2f} nats the best point is the {label(best_low[0], best_low[1] == 'soft')} head at "
                         f"β={best_low[2]['beta']:g}: {best_low[2]['reward']:.3f} at KL {best_low[2]['kl']:.2f}")
     if soft_notes:
-        findings.append("Soft values against the distributional head's mean, per β: " + "; ".join(soft_notes))
+        softest = next(e for e in summary["heads"] if "soft" in e["runs"])["runs"]
+        findings.append("Soft values Q_β against the distributional head's mean, per β: " + "; ".join(soft_notes))
+        if max(v["kl"] for v in softest["soft"]) < 0.5 * max(v["kl"] for v in softest["mean"]):
+            findings.append("The soft guide steers less at the same β: as β grows, each candidate's Q_β moves to the "
+                            "upper tail of its histogram, and a softmax head leaves some mass on every atom, so the "
+                            "candidates' soft values draw together (the likeliest reason; compare the points at equal "
+                            "KL, not at equal β)")
     if not (aim_r2 and aim_kl):
-        findings.append("Likeliest reason for what falls short: the value model is small and its data few "
-                        f"({size.recipe.backbone_layers or 'all'} of π0's layers, {summary['train_rows']} responses, VADER's variance over them "
-                        f"{summary['reward_variance']:.3f}); a head changes what the features can express, not how "
-                        f"much {summary['train_rows']} responses tell about a reward that a single word can flip")
+        finals = [e["finished"]["explained"] for e in summary["heads"]]
+        halves = [e["halfway"]["explained"] for e in summary["heads"]]
+        findings.append(f"Likeliest reason for what falls short: at a finished state the value is the reward itself, "
+                        f"and VADER's score of a reply turns on single words; every head explains "
+                        f"{min(finals):.0%}–{max(finals):.0%} of it there, but {min(halves):.0%}–{max(halves):.0%} of "
+                        f"App. C.1's halfway labels, which average {size.completions} completions. The value model is "
+                        f"also small ({size.recipe.backbone_layers or 'all'} of π0's layers) and its data few "
+                        f"({summary['train_rows']} responses; the R² at finished states rests on the "
+                        f"{summary.get('validation_rows', 'held-out')} validation responses)")
     findings.append(f"Decoding time per generated token (batch {size.batch_size}, mean over the β grid; against `last`): "
                     + costs)
     head_rows = "\n".join(rows)
