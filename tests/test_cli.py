@@ -79,7 +79,9 @@ def make_cases(tmp, tiny, other, value_dir):
                          "--head must be last, mean or distributional, got 'max'", tmp / "o9"),
         "distributional head with a discount": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9",
                                                  "--head", "distributional", "--gamma", "0.9"],
-                                                "--head distributional needs --bins ≥ 2 and --gamma 1", tmp / "o9"),
+                                                "--head distributional needs --gamma 1", tmp / "o9"),
+        "bins for another head": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9", "--bins", 11],
+                                  "--bins is for --head distributional", tmp / "o9"),
         "too many layers": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o7", "--backbone", tiny,
                              "--backbone-layers", 9], "keep 1 to 2 of them, got 9", tmp / "o7"),
     }
@@ -88,7 +90,7 @@ def make_cases(tmp, tiny, other, value_dir):
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
          "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
-         "distributional head with a discount", "judge without responses",
+         "distributional head with a discount", "bins for another head", "judge without responses",
          "judge nothing"]
 
 

@@ -77,6 +77,11 @@ def test_soft_values_need_a_distributional_value_model(tiny_model_dir, tmp_path)
     settings = Settings({"last": str(tmp_path / "last"), "dist": str(tmp_path / "dist")}, vocab_size=300)
     assert parse_request({"vas_beta": 2, "vas_soft": True}, settings) == RequestSteering(2.0, 10, (1.0, 1.0), soft=True)
     assert parse_request({"vas_beta": 2, "vas_soft": False, "vas_values": "last"}, settings).soft is False
+    # over HTTP, vLLM's vllm_xargs model (str | int | float values) turns JSON true into 1
+    assert parse_request({"vas_beta": 2, "vas_soft": 1}, settings).soft is True
+    assert parse_request({"vas_beta": 2, "vas_soft": "False"}, settings).soft is False
+    with pytest.raises(ValueError, match="vas_soft must be true or false, got 2"):
+        parse_request({"vas_beta": 2, "vas_soft": 2}, settings)
     with pytest.raises(ValueError, match="vas_soft needs a distributional value model among those the request weights"):
         parse_request({"vas_beta": 2, "vas_soft": True, "vas_values": "last=1,dist=0"}, settings)
     with pytest.raises(ValueError, match="vas_soft must be true or false, got 'yes'"):

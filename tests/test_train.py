@@ -71,7 +71,7 @@ def test_every_head_learns_a_learnable_signal(tiny_model_dir, tmp_path, head):
     tokenizer = load_tokenizer(tiny_model_dir)
     data = make_data(tokenizer)
     config = TrainConfig(backbone=tiny_model_dir, epochs=8, learning_rate=3e-3, batch_size=8, lora_rank=8,
-                         val_fraction=0.25, lam=0.95, head=head, bins=11)
+                         val_fraction=0.25, lam=0.95, head=head, bins=11 if head == "distributional" else 51)
     metrics = train_value_model(data, tmp_path / "v", config, tokenizer=tokenizer, progress=False)
     assert metrics["history"][-1]["eval_mc_mse"] < 0.1  # the constant ½ has 0.25
     model = ValueModel.from_pretrained(tmp_path / "v")

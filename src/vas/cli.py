@@ -140,8 +140,8 @@ def _check_value_dirs(value: list[str], soft: bool = False) -> None:
 
     for spec in value:
         check_value_dir(parse_weighted(spec)[0])
-    if soft and not any(value_head(parse_weighted(spec)[0]) == "distributional" for spec in value):
-        raise VasError("--soft needs a distributional value model (vas train --head distributional); "
+    if soft and not any(value_head(path) == "distributional" and weight for path, weight in map(parse_weighted, value)):
+        raise VasError("--soft needs a distributional value model with a weight ≠ 0 (vas train --head distributional); "
                        + (", ".join(f"{parse_weighted(s)[0]} has the {value_head(parse_weighted(s)[0])} head" for s in value)
                           or "no --value was given"))
 

@@ -189,8 +189,8 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata=_help(
         "'auto' (bf16 on CUDA, float32 on CPU), float32, or bfloat16 / float16 mixed precision (float16: CUDA only)."))
     head: str = field(default="last", metadata=_help(
-        "Value head: 'last' (the last token's hidden state, the paper's), 'mean' (the mean of the hidden states "
-        "over the response so far) or 'distributional' (a histogram of the reward, for --soft values)."))
+        "Value head: 'last' (the last token's hidden state, the paper's), 'mean' (the running mean of the hidden "
+        "states from the prompt's last token on) or 'distributional' (a histogram of the reward, for --soft values)."))
     mean_over: str = field(default="response", metadata=_help(
         "The mean head's window: 'response' (from the prompt's last token) or 'all' (the prompt too)."))
     bins: int = field(default=51, metadata=_help("The distributional head's atoms over the training rewards' range."))
@@ -214,5 +214,11 @@ class TrainConfig:
             raise VasError(f"--head must be last, mean or distributional, got {self.head!r}")
         if self.mean_over not in ("response", "all"):
             raise VasError(f"--mean-over must be response or all, got {self.mean_over!r}")
-        if self.head == "distributional" and (self.bins < 2 or self.gamma != 1):
-            raise VasError(f"--head distributional needs --bins ≥ 2 and --gamma 1, got {self.bins} and {self.gamma}")
+        if self.head == "distributional" and self.bins < 2:
+            raise VasError(f"--head distributional needs --bins ≥ 2, got {self.bins}")
+        if self.head == "distributional" and self.gamma != 1:
+            raise VasError(f"--head distributional needs --gamma 1 (its atoms do not shrink with γ), got {self.gamma}")
+        if self.head != "distributional" and self.bins != TrainConfig.bins:
+            raise VasError("--bins is for --head distributional")
+        if self.head != "mean" and self.mean_over != TrainConfig.mean_over:
+            raise VasError("--mean-over is for --head mean")

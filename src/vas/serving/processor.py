@@ -173,9 +173,12 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
     if any(abs(beta * w) > FLOAT32_MAX for w in weights):
         raise ValueError(f"vas_beta times a vas_values weight must stay within float32 (3.4e38), got β = {beta}")
-    soft = args.get("vas_soft", False)
-    if not isinstance(soft, bool):
+    soft = args.get("vas_soft", False)  # vLLM's vllm_xargs model turns JSON true into 1
+    if isinstance(soft, str) and soft.lower() in ("true", "false"):
+        soft = soft.lower() == "true"
+    if isinstance(soft, float) or soft not in (True, False):
         raise ValueError(f"vas_soft must be true or false, got {soft!r}")
+    soft = bool(soft)
     if soft and not any(w and _head(path) == "distributional" for w, path in zip(weights, settings.values.values())):
         raise ValueError("vas_soft needs a distributional value model among those the request weights (vas train "
                          "--head distributional)")
