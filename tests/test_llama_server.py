@@ -87,7 +87,23 @@ def test_greedy_token_by_token_reproduces_the_servers_greedy_completion(server_u
     whole = asyncio.run(one_request())
     rows = generate(api(server_url, tokenizer, stream), [prompt], Steering(top_k=5, beta=0.0), tmp_path / "greedy.jsonl",
                     temperature=1.0, max_new_tokens=12, greedy=True, batch_size=1, progress=False)
-    assert rows[0]["response"] == whole.text and rows[0]["tokens"] == whole.tokens == 12
+    assert rows[0]["tokens"] == whole.tokens == 12
+    if rows[0]["response"] != whole.text:
+        # llama.cpp evaluates a prompt in one batch and a completion token by token, with different rounding: the
+        # two greedy paths may part only where π0's two best tokens tie within rounding (seen with 0.3.36)
+        a = tokenizer(rows[0]["response"], add_special_tokens=False)["input_ids"]
+        b = tokenizer(whole.text, add_special_tokens=False)["input_ids"]
+        shared = tokenizer.decode(a[: next(i for i, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)])
+        policy = api(server_url, tokenizer)
+
+        async def top_two():
+            try:
+                return await policy.next_token(prompt, shared, 2)
+            finally:
+                await policy.close()
+
+        (first, logp_first), (second, logp_second) = asyncio.run(top_two())
+        assert abs(logp_first - logp_second) < 0.05, (shared, first, second, logp_first, logp_second)
 
 
 def test_streamed_next_token_is_the_same_answer(server_url, tokenizer):
