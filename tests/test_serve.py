@@ -106,7 +106,6 @@ def test_soft_and_mixed_heads_equal_the_projects_own_loop(server, local):
         want = own_greedy(local, prompt, beta, weights, soft=soft)
         xargs = {"vas_beta": beta, "vas_soft": soft, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
         assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
-    assert own_greedy(local, PROMPTS[0], 8.0, {"odds": 1.0}, soft=True) != own_greedy(local, PROMPTS[0], 8.0, {"odds": 1.0})
 
 
 KINDS = [  # (prompt, vllm_xargs): plain, β = 0, and steered with different β, k and mixes of the two value models
