@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vas.config import EMBEDDED, PolicyConfig, TrainConfig
+from vas.config import EMBEDDED, FinetuneConfig, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -226,6 +226,45 @@ def train(
 
 
 @app.command()
+@_options(FinetuneConfig, "config")
+def finetune(
+    data: Annotated[Path, typer.Option(help="Dataset folder written by `vas collect` (the value model's training data).")],
+    out: Annotated[Path, typer.Option(help="Output adapter folder (must not exist; <out>.checkpoints holds an interrupted run, which the same command resumes).")],
+    reward: Annotated[Optional[str], typer.Option(help="Online methods: the reward spec to optimise (default: the data's).")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    config: FinetuneConfig = FinetuneConfig(),
+):
+    """Fine-tune π0 with LoRA through TRL (DPO on the data's best-vs-worst pairs, or online RLOO/GRPO with a KL
+    penalty): the baselines VAS is compared with. Evaluate with `vas evaluate --policy OUT`."""
+    from vas.collect import REQUIRED_FOR_TRAINING
+    from vas.finetune import finetune as run, label
+    from vas.models import resolve_device
+    from vas.storage import load_dataset_dir, require_absent
+
+    config.check()
+    require_absent(out)
+    dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING | {"prompt"})
+    meta_file = data / "vas_collect.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not meta.get("base_model"):
+        raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
+    reward_spec = reward or meta.get("reward")
+    if config.method != "dpo":
+        from vas.rewards import load_reward
+
+        if not reward_spec:
+            raise VasError(f"--method {config.method} samples and scores new responses: pass --reward (the data names none)")
+        load_reward(reward_spec)  # a bad spec fails before any model loads
+    info = run(dataset, out, config, base_model=meta["base_model"], reward_spec=reward_spec, data_settings=meta,
+               device=resolve_device(device), progress=not quiet)
+    t = info["training"]
+    typer.echo(f"{label(info)}: {t['steps']} steps in {t['seconds'] / 60:.1f} min "
+               f"({t['samples_drawn'] or t['samples_read']} {'responses sampled' if t['samples_drawn'] else 'π0 samples read'}) "
+               f"→ {out}")
+
+
+@app.command()
 @_options(PolicyConfig, "policy")
 def generate(
     value: Annotated[list[str], typer.Option(metavar="PATH[=WEIGHT]", help="Value model folder, optionally PATH=WEIGHT; repeat to compose (Sec. 4.2).")] = [],
@@ -289,8 +328,9 @@ def generate(
 @app.command()
 @_options(PolicyConfig, "policy")
 def evaluate(
-    value: Annotated[list[str], typer.Option(metavar="PATH[=WEIGHT]", help="Value model folder, optionally PATH=WEIGHT; repeat to compose.")],
     out: Annotated[Path, typer.Option(help="Folder for report.json and reward_vs_kl.png.")],
+    value: Annotated[list[str], typer.Option(metavar="PATH[=WEIGHT]", help="Value model folder, optionally PATH=WEIGHT; repeat to compose.")] = [],
+    finetuned: Annotated[list[str], typer.Option("--policy", metavar="ADAPTER", help="A fine-tuned policy (a `vas finetune` folder), evaluated beside VAS; repeat for several.")] = [],
     prompts: Annotated[str, typer.Option(help="Held-out prompt source (see `vas collect`).")] = "chitchat",
     start: Annotated[int, typer.Option(help="First held-out prompt (keep it clear of the training prompts).")] = 1000,
     limit: Annotated[int, typer.Option(help="Number of held-out prompts.")] = 64,
@@ -308,7 +348,7 @@ def evaluate(
     quiet: Quiet = False,
     policy: PolicyConfig = PolicyConfig(),
 ):
-    """Compare plain sampling, VAS over a β grid and Best-of-N: reward, KL(π‖π0), length, time.
+    """Compare plain sampling, VAS over a β grid, Best-of-N and fine-tuned policies: reward, KL(π‖π0), length, time.
 
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
@@ -319,11 +359,21 @@ def evaluate(
     from vas.rewards import load_reward
     from vas.storage import require_absent
 
+    from vas.finetune import load_finetuned, read_finetune_info
+
     require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     _check_value_dirs(value, soft)
+    for adapter in finetuned:
+        if read_finetune_info(adapter)["base_model"] != policy.base_model:
+            raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
+                           f"π0 = {policy.base_model} (--base-model)")
+    if finetuned and policy.api_base_url:
+        raise VasError("--policy evaluates a fine-tuned policy beside a local π0: leave out --api-base-url")
+    if not value and not finetuned:
+        raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
     checked = Steering(top_k=top_k)  # k, before anything loads
-    chosen_betas = _floats(betas, "betas")
+    chosen_betas = _floats(betas, "betas") if value else []
     ns = [int(n) for n in _floats(best_of, "best-of")]
     if not ns or min(ns) < 1:
         raise VasError("--best-of needs positive integers")
@@ -331,7 +381,10 @@ def evaluate(
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy.device, value_dtype)
-    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft, best_of=ns,
+    tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
+             for a in finetuned]
+    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,
+                 best_of=ns, finetuned=tuned,
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  concurrency=policy.concurrency, seed=seed, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
@@ -366,8 +419,15 @@ def print_report(report: dict) -> None:
     for b in report["best_of_n"]:
         table.add_row(f"Best-of-{b['n']}", f"{b['reward']:.4f}", f"{b['reward_sem']:.4f}", f"≤ {b['kl']:.3f}",
                       f"{b['length']:.1f}", f"{b['seconds_per_prompt']:.2f}")
+    for f in report.get("finetuned", []):
+        table.add_row(f["name"], f"{f['reward']:.4f}", f"{f['reward_sem']:.4f}", f"{f['kl']:.3f}", f"{f['length']:.1f}",
+                      f"{f['seconds_per_prompt']:.2f}")
     Console().print(table)
     typer.echo(summary_sentence(report))
+    for f in report.get("finetuned", []):
+        t = f["training"]
+        drawn = f"{t['samples_drawn']} responses sampled" if t["samples_drawn"] else f"{t['samples_read']} π0 samples read"
+        typer.echo(f"{f['name']}: trained in {t['seconds'] / 60:.1f} min, {t['steps']} steps, {drawn}")
     for v in report["vas"]:
         warning = extreme_kl_warning(v["kl"], v["length"])
         _warn(warning and f"VAS β={v['beta']:g}: {warning}")
@@ -508,7 +568,7 @@ def _interrupt_hint() -> str:
         return "nothing is kept without --out"
     if command == "judge":
         return "the verdicts are written at the end: nothing is kept"
-    if command == "train":
+    if command in ("train", "finetune"):
         return ("the newest checkpoint is kept (every --save-steps steps, else every epoch): run the same command "
                 "again to resume from it")
     return "finished work is kept, run the same command again to resume"

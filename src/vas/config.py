@@ -222,3 +222,69 @@ class TrainConfig:
             raise VasError("--bins is for --head distributional")
         if self.head != "mean" and self.mean_over != TrainConfig.mean_over:
             raise VasError("--mean-over is for --head mean")
+
+
+FINETUNE_METHODS = ("dpo", "rloo", "grpo")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How π0 is fine-tuned with LoRA through TRL into a baseline policy π_θ (:func:`vas.finetune.finetune`): the
+    methods VAS is compared with (paper Sec. 5, Fig. 2/3, Table 1).
+
+    Attributes:
+        method: ``dpo`` (offline, on preference pairs from the collected π0 samples:
+            :func:`vas.finetune.preference_pairs`), ``rloo`` or ``grpo`` (online: π_θ samples responses to the
+            data's prompts and is rewarded by the reward function, with a KL penalty against π0). PPO is not
+            offered: TRL's PPO needs a reward *model* (a torch module), and recent TRL releases no longer ship it.
+        kl_coef: the KL penalty's coefficient: DPO's β (the implicit objective is r − β·KL(π_θ‖π0)), the KL
+            coefficient of RLOO (subtracted from the reward per sequence) or GRPO (added to the loss per token);
+            > 0. Not VAS's β.
+        epochs: passes over the pairs (DPO) or the prompts (online: each pass draws ``samples_per_prompt`` responses
+            per prompt).
+        learning_rate: AdamW's learning rate, linearly decayed.
+        batch_size: pairs (DPO) or sampled responses (online; a multiple of ``samples_per_prompt``) per step.
+        lora_rank: LoRA rank r on every linear layer of π0.
+        lora_alpha: LoRA α.
+        samples_per_prompt: online: responses drawn per prompt and step (RLOO's leave-one-out group, GRPO's
+            group); None: as many as the data holds per prompt.
+        max_new_tokens: online: the most tokens per sampled response; None: the data's.
+        temperature: online: the sampling temperature τ of π_θ (and of the KL term); None: the data's.
+        snapshots: adapters kept at evenly spaced steps, the final one included: 1 keeps only the final one, 2
+            also the one halfway (in ``<out>/snapshots/step-N``), each a policy of its own for evaluation.
+        save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
+        seed: seeds LoRA's initialisation, the data order and the sampling.
+    """
+
+    method: str = field(default="dpo", metadata=_help("'dpo' (offline, on the collected samples), 'rloo' or 'grpo' "
+                                                      "(online RL with a KL penalty against π0)."))
+    kl_coef: float = field(default=0.1, metadata=_help("KL coefficient: DPO's β, or RLOO's / GRPO's KL penalty (> 0)."))
+    epochs: float = field(default=2.0, metadata=_help("Passes over the pairs (DPO) or the prompts (online)."))
+    learning_rate: float = field(default=2e-4, metadata=_help("Learning rate (AdamW, linearly decayed).", "--lr"))
+    batch_size: int = field(default=16, metadata=_help("Pairs (DPO) or sampled responses (online) per step."))
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA α."))
+    samples_per_prompt: Optional[int] = field(default=None, metadata=_help(
+        "Online: responses per prompt and step (the group RLOO/GRPO compare); default: the data's per prompt."))
+    max_new_tokens: Optional[int] = field(default=None, metadata=_help("Online: most tokens per response; default: the data's."))
+    temperature: Optional[float] = field(default=None, metadata=_help("Online: sampling temperature; default: the data's."))
+    snapshots: int = field(default=1, metadata=_help(
+        "Adapters kept at evenly spaced steps (2: also the halfway one, in OUT/snapshots/step-N), each evaluable."))
+    save_steps: Optional[int] = field(default=None, metadata=_help("Checkpoint every N steps (default: every epoch)."))
+    seed: int = field(default=0, metadata=_help("Random seed."))
+
+    def check(self) -> None:
+        """Raise :class:`VasError` naming the first setting out of range."""
+        if self.method == "ppo":
+            raise VasError("--method ppo is not offered: TRL's PPO needs a reward model (a torch module scoring token "
+                           "states), not a reward function of the text, and recent TRL no longer ships it; use --method "
+                           "rloo (online, KL penalty in the reward, as PPO's) or grpo")
+        if self.method not in FINETUNE_METHODS:
+            raise VasError(f"--method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        for name, value in (("kl-coef", self.kl_coef), ("epochs", self.epochs), ("lr", self.learning_rate),
+                            ("batch-size", self.batch_size), ("lora-rank", self.lora_rank),
+                            ("lora-alpha", self.lora_alpha), ("samples-per-prompt", self.samples_per_prompt or 1),
+                            ("max-new-tokens", self.max_new_tokens or 1), ("temperature", self.temperature or 1),
+                            ("save-steps", self.save_steps or 1), ("snapshots", self.snapshots)):
+            if not (0 < value < math.inf):
+                raise VasError(f"--{name} must be a finite number > 0, got {value}")

@@ -8,11 +8,16 @@ For every held-out prompt:
   2020; Beirami et al. 2024). Cost: N samples and N reward calls per prompt.
 * **VAS** at each β: ``vas_samples_per_prompt`` steered samples per prompt; the exact sequence KL
   Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
+* **fine-tuned policies** π_θ (:mod:`vas.finetune`: DPO, RLOO, GRPO), as many samples per prompt as VAS, with
+  the same exact sequence KL(π_θ ‖ π0) on their own samples (π0 runs beside π_θ on the same tokens), and their
+  training cost.
 
 Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt (independent of
 the machine): ``policy_tokens`` = prompt + response for each of the N samples of Best-of-N (the pool
-repeats the prompt) or the one of VAS; ``value_tokens`` = prompt + (k + 1) per generated token for each of
-VAS's value models.
+repeats the prompt) or the one of VAS or of a fine-tuned policy; ``value_tokens`` = prompt + (k + 1) per
+generated token for each of VAS's value models. A fine-tuned policy (its LoRA adapter merged) is the same
+network as π0, so its decoding time is plain π0's time per generated token times its tokens; the measured
+time, which includes π0's forward for the KL, is kept beside it.
 
 Writes ``report.json``, ``responses.jsonl`` (every response: method, β, sample, prompt, text, reward, KL,
 tokens) and ``reward_vs_kl.png`` (atomically).
@@ -20,6 +25,7 @@ tokens) and ``reward_vs_kl.png`` (atomically).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -30,11 +36,17 @@ from pathlib import Path
 import torch
 
 from vas.decoding.loop import Steering
+from vas.errors import VasError
 from vas.jobs import generate
+from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
 from vas.storage import replace_atomic, require_absent, write_json_atomic, write_text_atomic
 from vas.value.model import ValueModel
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
 def best_of_n_weights(n: int, N: int) -> torch.Tensor:
@@ -86,6 +98,7 @@ def evaluate(
     best_of: Sequence[int] = (1, 2, 4, 8, 16),
     vas_samples_per_prompt: int = 1,
     soft: bool = False,
+    finetuned: Sequence = (),
     temperature: float = 0.7,
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -103,8 +116,13 @@ def evaluate(
     condition is kept in ``<out_dir>.partial/`` until the report is written, so an interrupted evaluation
     resumes where it stopped.
 
+    ``finetuned`` are :class:`vas.finetune.Finetuned` policies π_θ, sampled with π0 (a local ``policy``) beside
+    them.
+
     Returns:
-        The report: ``plain``, ``vas`` (one entry per β) and ``best_of_n`` (one per N) with ``reward``
+        The report: ``plain``, ``vas`` (one entry per β), ``best_of_n`` (one per N) and ``finetuned`` (one per
+        fine-tuned policy, with ``name``, ``method``, ``kl_coef``, ``path``, ``measured_seconds_per_prompt`` and
+        ``training``: its wall ``seconds`` and samples, :func:`vas.finetune.finetune`) with ``reward``
         (mean), ``reward_sem`` (over prompts, of per-prompt means), ``kl`` (nats per response), ``length``
         (tokens), ``seconds_per_prompt`` (decoding time per response; for an API run with concurrency, request
         latency rather than wall time), ``policy_tokens`` and ``value_tokens`` (per prompt; None for an API
@@ -114,8 +132,11 @@ def evaluate(
         under each method) and ``settings``.
 
     Raises:
-        VasError: if ``out_dir`` exists, or from decoding (finished conditions are kept).
+        VasError: if ``out_dir`` exists, fine-tuned policies are given with a policy behind an API, or from
+            decoding (finished conditions are kept).
     """
+    if finetuned and not hasattr(policy, "model"):
+        raise VasError("fine-tuned policies are evaluated beside a local π0: leave out --api-base-url")
     out_dir = Path(out_dir)
     require_absent(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -154,6 +175,7 @@ def evaluate(
                   "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean())), "value_tokens": 0.0},
         "best_of_n": [],
         "vas": [],
+        "finetuned": [],
         "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
     }
     order = pool_r.argsort(dim=1)
@@ -195,6 +217,32 @@ def evaluate(
         for i, example in enumerate(report["examples"]):
             example[f"vas_beta_{beta:g}"] = v_texts[i * m]
 
+    seconds_per_token = seconds / max(float(lengths.sum()), 1.0)  # plain π0's, which a merged adapter shares
+    for tuned in finetuned:
+        sampler = LocalPolicy(policy.model, policy.tokenizer, eos_token_ids=policy.eos_token_ids,
+                              pad_token_id=policy.pad_token_id, tuned=tuned.model, tuned_name=str(tuned.path))
+        f = responses(sampler, v_prompts, None, partial / f"finetuned-{_digest(tuned.path)}.jsonl", seed=seed + 1,
+                      desc=tuned.name, **run)
+        f_len = torch.tensor([r["tokens"] for r in f], dtype=torch.float32)
+        f_kl = torch.tensor([r["kl"] for r in f])
+        f_r = score(reward, v_prompts, [r["response"] for r in f])
+        report["finetuned"].append({
+            "name": tuned.name, "method": tuned.info["method"], "kl_coef": tuned.info["kl_coef"],
+            "path": str(tuned.path), "reward": float(f_r.mean()),
+            "reward_sem": standard_error(f_r.view(P, m).mean(dim=1)),
+            "reward_by_sample": f_r.view(P, m).mean(dim=0).tolist(), "kl": float(f_kl.mean()),
+            "kl_sem": standard_error(f_kl.view(P, m).mean(dim=1)), "length": float(f_len.mean()),
+            "seconds_per_prompt": seconds_per_token * float(f_len.mean()),
+            "measured_seconds_per_prompt": sum(r["seconds"] for r in f) / (P * m),
+            "policy_tokens": tokens_read(prompt_tokens, float(f_len.mean())), "value_tokens": 0.0,
+            "training": tuned.info["training"],
+        })
+        rows += [{"method": "finetuned", "beta": 0.0, "policy": tuned.name, "prompt_index": i // m, "sample": i % m,
+                  "prompt": v_prompts[i], "response": r["response"], "tokens": r["tokens"], "kl": r["kl"],
+                  "reward": float(x)} for i, (r, x) in enumerate(zip(f, f_r.tolist()))]
+        for i, example in enumerate(report["examples"]):
+            example[tuned.name] = f[i * m]["response"]
+
     tmp = partial / "report"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -231,7 +279,8 @@ def summary_sentence(report: dict) -> str:
 
 
 def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
-    """Reward against KL(π‖π0) for plain sampling, VAS (one point per β) and Best-of-N (KL bound)."""
+    """Reward against KL(π‖π0) for plain sampling, VAS (one point per β), Best-of-N (KL bound) and the fine-tuned
+    policies."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,6 +297,9 @@ def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
                 marker="o", capsize=3, label="VAS (exact KL)")
     for v in vas:
         ax.annotate(f"β={v['beta']:g}", (v["kl"], v["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for f in report.get("finetuned", []):
+        ax.errorbar([f["kl"]], [f["reward"]], yerr=[f["reward_sem"]], marker="D", capsize=3, linestyle="none",
+                    label=f"{f['name']} (exact KL)")
     plain = report["plain"]
     ax.errorbar([0.0], [plain["reward"]], yerr=[plain["reward_sem"]], marker="*", markersize=12, color="black",
                 capsize=3, linestyle="none", label="plain sampling (π0)")

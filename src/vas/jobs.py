@@ -148,6 +148,33 @@ def option_names(keys: Sequence[str]) -> list[str]:
     return names
 
 
+def trainer_checkpoint(checkpoint_dir: str | Path, settings: dict) -> str | None:
+    """The one way a :class:`transformers.Trainer` run resumes: ``checkpoint_dir`` keeps the run's settings in
+    ``vas_train.json`` beside the Trainer's checkpoints; an existing folder must hold the same settings.
+
+    Returns:
+        The newest complete checkpoint (its ``trainer_state.json`` written, which the Trainer writes last: an
+        interrupt while saving leaves a newer, incomplete one, which is skipped), or None to start afresh.
+
+    Raises:
+        VasError: if ``checkpoint_dir`` holds an interrupted run with other settings (named by option).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    settings = json.loads(json.dumps(settings))
+    settings_file = checkpoint_dir / "vas_train.json"
+    if checkpoint_dir.exists():
+        previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        if previous != settings:
+            raise VasError(f"{checkpoint_dir} holds an interrupted run with other settings "
+                           f"({', '.join(option_names(changed_settings(previous, settings)))}): restore them to resume "
+                           "it, or delete it")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(settings_file, json.dumps(settings))
+    checkpoints = sorted((c for c in checkpoint_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
+                         key=lambda c: int(c.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
 def run_concurrently(policy, todo: Sequence[int], work: Callable[[int, Callable[[int], None]], Awaitable[int]], *,
                      concurrency: int, total: int, done: int, desc: str, progress: bool, log: RowLog | None = None) -> None:
     """Run the coroutine ``work(i, tick)`` for every i in ``todo``, at most ``concurrency`` at once, with a progress

@@ -229,8 +229,10 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> to
 async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = None, *, temperature: float = 0.7,
                  max_new_tokens: int = 64, greedy: bool = False, generator: torch.Generator | None = None,
                  value_lock: asyncio.Lock | None = None, on_step: Callable[[int], None] | None = None) -> Decoded:
-    """Generate one response per prompt from π0, or from the VAS policy (Eq. 5) when ``steering`` has value
-    models and a row's β ≠ 0. Each row stops at its own end.
+    """Generate one response per prompt from π0, from the VAS policy (Eq. 5) when ``steering`` has value
+    models and a row's β ≠ 0, or from a fine-tuned policy π_θ when the policy carries one
+    (:class:`vas.policy.local.LocalPolicy` ``tuned``; the KL is then KL(π_θ ‖ π0), both at temperature τ). Each
+    row stops at its own end.
 
     Args:
         policy: π0: :class:`vas.policy.local.LocalPolicy`, :class:`vas.policy.api.ApiPolicy`, or anything with
@@ -252,7 +254,7 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         :class:`Decoded`.
 
     Raises:
-        VasError: for a temperature ≤ 0, max_new_tokens < 1, no or an empty prompt, one that does not fit the
+        VasError: for a temperature ≤ 0, max_new_tokens < 1, value models with a fine-tuned policy, no or an empty prompt, one that does not fit the
             context window, k larger than the vocabulary, per-row settings that do not match the prompts, a
             failed request, or a value model that returns a non-finite value.
     """
@@ -266,9 +268,11 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         if on_step is not None:
             on_step(int(decoded.steps.sum()))
         return decoded
+    steering = steering or Steering()
+    if getattr(policy, "tuned", None) is not None and steering.value_models:
+        raise VasError("VAS steers π0: a fine-tuned policy is sampled as it is, without value models")
     rollout = policy.start(prompts, max_new_tokens)
     B = len(prompts)
-    steering = steering or Steering()
     beta, weights = steering.rows(B)
     if steering.value_models:
         steering.check_top_k(getattr(policy, "vocab_size", None))
@@ -286,7 +290,10 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         active = ~finished
         told = (await rollout.next_logprobs(steering.top_k)).float()  # (B, S) at τ = 1
         base = base_logprobs(told, temperature)
-        if value_lock is not None and scorers:
+        tuned = getattr(rollout, "tuned_logprobs", None)
+        if tuned is not None:  # a fine-tuned policy π_θ is sampled; π0 beside it gives the exact KL
+            logp = base_logprobs(tuned, temperature)
+        elif value_lock is not None and scorers:
             async with value_lock:  # waits on the event loop; the forward runs in a worker thread
                 logp = await asyncio.to_thread(steer, steering, scorers, rollout, base, active, beta, weights)
         else:

@@ -34,8 +34,8 @@ PROMPTS = frontier.PROMPTS
 class Size:
     """How big each stage is (defaults: ≈ 30 minutes on 2 CPU cores, the frontier's stage included)."""
 
-    train_prompts: int = frontier.Size.train_prompts
-    recipe: Recipe = frontier.Size.recipe
+    train_prompts: int = 256  # the value-heads experiment's collection, shared with it
+    recipe: Recipe = Recipe(samples_per_prompt=4, backbone_layers=8)
     data_sizes: tuple[int, ...] = (64, 128, 256)
     target_prompts: int = 64
     eval_prompts: int = 32

@@ -135,6 +135,25 @@ class Setup:
                                    recipe=recipe, seed=self.seed, device=self.device, progress=self.progress,
                                    log=self.log, metadata={"reward": reward})
 
+    def finetuned(self, stage: Path, data: datasets.Dataset, config, reward: str) -> Path:
+        """π0 fine-tuned by ``config`` (:class:`vas.config.FinetuneConfig`) on ``data`` from :meth:`samples` (whose
+        rewards are ``reward``'s), kept in ``stage`` beside the value models trained on the same samples, or reused
+        from there. Returns the adapter's folder (:func:`vas.finetune.load_finetuned`)."""
+        from vas.finetune import finetune
+
+        name = (f"finetuned-{config.method}-kl{config.kl_coef:g}-{len(data)}rows-seed{self.seed}-"
+                f"{_digest(asdict(config), reward, len(data))}")
+        directory = stage / name
+        if directory.exists():
+            self.log(f"fine-tuned policy: reusing {directory}")
+            return directory
+        self.log(f"fine-tuning π0 by {config.method.upper()} (KL coefficient {config.kl_coef:g}) on {len(data)} responses "
+                 f"→ {directory}")
+        settings = json.loads((stage / "samples" / "vas_collect.json").read_text())
+        finetune(data, directory, config, base_model=self.base_model, reward_spec=reward, data_settings=settings,
+                 device=self.device, progress=self.progress, log=self.log)
+        return directory
+
     def load_value_model(self, directory: Path):
         from vas.value.model import ValueModel
 

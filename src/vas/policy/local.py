@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas import models
+from vas.errors import VasError
 from vas.models import cache_kwargs, check_fits, context_window, left_pad, position_ids_from_mask
 from vas.prompts import encode_prompts
 
@@ -69,19 +70,33 @@ class Rollout(Protocol):
 class LocalPolicy:
     """A local transformers causal LM as π0: the full next-token distribution, with a KV cache.
 
+    With ``tuned``, responses are sampled from that fine-tuned policy π_θ instead (a baseline such as DPO,
+    :mod:`vas.finetune`), and π0 runs beside it on the same tokens, so that the decoding loop measures the
+    exact KL(π_θ ‖ π0) at every step: each rollout then also gives π_θ's next-token log-probabilities
+    (:attr:`LocalRollout.tuned_logprobs`).
+
     Args:
         model: the frozen base causal LM.
         tokenizer: its tokenizer (its chat template formats text prompts).
         eos_token_ids: ids that end a response (default: the tokenizer's EOS and the generation config's).
         pad_token_id: id fed for padding and finished rows, always masked out (default: the tokenizer's pad,
             else its EOS).
+        tuned: the fine-tuned policy π_θ, a causal LM with π0's vocabulary (e.g. π0 with a LoRA adapter merged).
+        tuned_name: what names π_θ in stored settings (its adapter folder).
+
+    Raises:
+        VasError: if ``tuned``'s vocabulary size differs from π0's.
     """
 
     concurrent = False  # one model: jobs run its batches one after another
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-                 eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+                 eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+                 tuned: PreTrainedModel | None = None, tuned_name: str | None = None):
+        if tuned is not None and tuned.config.vocab_size != model.config.vocab_size:
+            raise VasError(f"the fine-tuned policy's vocabulary ({tuned.config.vocab_size}) is not π0's "
+                           f"({model.config.vocab_size})")
+        self.model, self.tokenizer, self.tuned, self.tuned_name = model, tokenizer, tuned, tuned_name
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else models.eos_token_ids(model, tokenizer)
         pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
@@ -89,8 +104,9 @@ class LocalPolicy:
     @property
     def settings(self) -> dict:
         """What decides this policy's answers, for resumed jobs to check: the model, its dtype, the end and pad ids."""
-        return {"model": str(self.model.name_or_path), "dtype": str(self.model.dtype),
-                "eos_token_ids": self.eos_token_ids, "pad_token_id": self.pad_token_id}
+        settings = {"model": str(self.model.name_or_path), "dtype": str(self.model.dtype),
+                    "eos_token_ids": self.eos_token_ids, "pad_token_id": self.pad_token_id}
+        return settings if self.tuned is None else {**settings, "tuned": self.tuned_name or str(self.tuned.name_or_path)}
 
     @property
     def vocab_size(self) -> int:
@@ -125,17 +141,24 @@ class LocalRollout:
         self.attention = self.appended.mask
         self.lengths = torch.zeros(len(prompt_ids), dtype=torch.long, device=device)
         self.cache = DynamicCache(config=policy.model.config)
+        self.tuned_cache = DynamicCache(config=policy.tuned.config) if policy.tuned is not None else None
+        self.tuned_logprobs: torch.Tensor | None = None  # (B, V) log π_θ at τ = 1, from the last next_logprobs
         self.eos = torch.as_tensor(policy.eos_token_ids, dtype=torch.long, device=device)
         self.token_ids: list[list[int]] = [[] for _ in prompt_ids]
 
-    async def next_logprobs(self, top_k: int | None = None) -> torch.Tensor:
-        model = self.policy.model
-        with torch.no_grad():  # inside the body: a no_grad decorator would end before a coroutine runs
+    def _logprobs(self, model: PreTrainedModel, cache: DynamicCache) -> torch.Tensor:
+        with torch.no_grad():
             out = model(input_ids=self.appended.ids, attention_mask=self.attention,
                         position_ids=position_ids_from_mask(self.appended.mask, self.lengths),
-                        **cache_kwargs(model, self.cache), logits_to_keep=1)
-        self.lengths = self.lengths + self.appended.mask.sum(dim=1)
+                        **cache_kwargs(model, cache), logits_to_keep=1)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    async def next_logprobs(self, top_k: int | None = None) -> torch.Tensor:
+        base = self._logprobs(self.policy.model, self.cache)
+        if self.tuned_cache is not None:
+            self.tuned_logprobs = self._logprobs(self.policy.tuned, self.tuned_cache)
+        self.lengths = self.lengths + self.appended.mask.sum(dim=1)
+        return base
 
     def advance(self, choice: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         choice = choice.to(self.attention.device)

@@ -39,7 +39,7 @@ from transformers import (
 from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.models import resolve_dtype
-from vas.storage import make_temp_dir, require_absent, write_json_atomic
+from vas.storage import make_temp_dir, require_absent
 from vas.value.heads import two_hot
 from vas.value.td import lambda_returns
 from vas.value.model import ValueModel
@@ -192,14 +192,14 @@ def describe_evaluation(metrics: dict[str, float], epoch: float) -> str:
 
 
 class TrainingProgress(TrainerCallback):
-    """In place of the Trainer's own progress and log printing: a labelled bar over the training steps with the
-    training loss, and :func:`describe_evaluation`'s line for each validation, through ``log``."""
+    """In place of the Trainer's own progress and log printing: a bar labelled ``desc`` over the training steps
+    with the training loss, and :func:`describe_evaluation`'s line for each validation, through ``log``."""
 
-    def __init__(self, log: Callable[[str], None] | None, progress: bool):
-        self.log, self.progress, self.bar, self.step = log, progress, None, 0
+    def __init__(self, log: Callable[[str], None] | None, progress: bool, desc: str = "training the value model"):
+        self.log, self.progress, self.desc, self.bar, self.step = log, progress, desc, None, 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="training the value model", unit="step", disable=not self.progress)
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", disable=not self.progress)
         self.step = 0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -307,16 +307,10 @@ def train_value_model(
     out_dir = Path(out_dir)
     require_absent(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
-    settings = json.loads(json.dumps({"config": dataclasses.asdict(config), "data": data_digest(data)}))
-    settings_file = checkpoint_dir / "vas_train.json"
-    if checkpoint_dir.exists():
-        from vas.jobs import changed_settings, option_names
+    from vas.jobs import trainer_checkpoint
 
-        previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        if previous != settings:
-            raise VasError(f"{checkpoint_dir} holds an interrupted run with other settings "
-                           f"({', '.join(option_names(changed_settings(previous, settings)))}): restore them to resume it, or "
-                           "delete it")
+    # before the Trainer, which creates its output folder
+    resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "data": data_digest(data)})
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
@@ -347,15 +341,9 @@ def train_value_model(
     for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
         trainer.remove_callback(printer)
     trainer.add_callback(TrainingProgress(log, progress))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings_file, settings)
-    # a checkpoint is complete once its trainer_state.json is written (the Trainer writes it last): an interrupt
-    # while saving leaves a newer, incomplete one, which is skipped
-    checkpoints = sorted((c for c in checkpoint_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
-                         key=lambda c: int(c.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
-    metrics = {"train_loss": result.training_loss, "history": history,
+    metrics = {"train_loss": result.training_loss, "train_seconds": result.metrics.get("train_runtime"), "history": history,
                **({k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {})}
     tmp = make_temp_dir(out_dir)
     model.save_pretrained(

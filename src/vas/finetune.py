@@ -1,0 +1,324 @@
+"""Fine-tuned baselines: π0 fine-tuned with LoRA through TRL into a policy π_θ, the methods the paper compares
+VAS with (Sec. 5, Fig. 2/3, Table 1), trained on the same data as the value model.
+
+* **DPO** (offline, as in the paper): preference pairs from the collected π0 samples, per prompt its
+  highest-reward response against its lowest (:func:`preference_pairs`); TRL's ``DPOTrainer``. Its β (here
+  ``kl_coef``) sets the trade-off: DPO's optimum is π0·exp(r/β)/Z, the KL-regularised optimum.
+* **Online RL with a KL penalty against π0**: TRL's ``RLOOTrainer`` (the reward of each sampled response minus
+  β·Σ_t log π_θ/π0, a leave-one-out baseline over the responses to the same prompt) or ``GRPOTrainer`` (KL in the
+  loss), sampling responses to the data's prompts and scoring them with the reward function. PPO is not offered
+  (:class:`vas.config.FinetuneConfig`).
+
+The result is a PEFT adapter folder with ``vas_finetune.json``: the method, settings, base model, reward and the
+training cost (wall seconds, and the π0 samples read or π_θ samples drawn). :func:`load_finetuned` loads it for
+:func:`vas.evaluate.evaluate`, which samples π_θ and measures its exact KL against π0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from vas.config import FinetuneConfig
+from vas.errors import VasError
+from vas.storage import make_temp_dir, require_absent, write_json_atomic
+
+META = "vas_finetune.json"
+
+
+def preference_pairs(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """DPO's preference pairs from collected π0 samples (:func:`vas.collect.collect`): for each prompt, the
+    response with the highest reward (chosen) against the one with the lowest (rejected). Among tied rewards the
+    first sampled is taken. A prompt whose responses all have the same reward gives no pair.
+
+    Args:
+        data: rows with ``prompt_ids``, ``response_ids``, ``reward`` and ``prompt_index`` (else rows are grouped
+            by ``prompt_ids``), several per prompt.
+        tokenizer: the tokenizer of the ids.
+
+    Returns:
+        One row per prompt with a preference, in prompt order: ``prompt`` (the prompt as π0 read it, chat
+        template included, special tokens kept), ``chosen`` and ``rejected`` (the responses' text, their EOS
+        included where it was generated), ``chosen_reward``, ``rejected_reward``, ``prompt_index``.
+    """
+    keys = data["prompt_index"] if "prompt_index" in data.column_names else [tuple(p) for p in data["prompt_ids"]]
+    groups: dict = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    rewards = data["reward"]
+    columns = {name: [] for name in ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "prompt_index")}
+    for index, (key, rows) in enumerate(groups.items()):
+        best = max(rows, key=lambda r: rewards[r])  # max/min keep the first of tied rows
+        worst = min(rows, key=lambda r: rewards[r])
+        if rewards[best] == rewards[worst]:
+            continue
+        columns["prompt"].append(tokenizer.decode(data[best]["prompt_ids"]))
+        columns["chosen"].append(tokenizer.decode(data[best]["response_ids"]))
+        columns["rejected"].append(tokenizer.decode(data[worst]["response_ids"]))
+        columns["chosen_reward"].append(float(rewards[best]))
+        columns["rejected_reward"].append(float(rewards[worst]))
+        columns["prompt_index"].append(key if isinstance(key, int) else index)
+    return datasets.Dataset.from_dict(columns)
+
+
+class _Elapsed(TrainerCallback):
+    """Keeps the training's wall seconds in the checkpoint folder at every save, so that a resumed run counts
+    the time the interrupted one spent up to its last checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        write_json_atomic(self.path, {"seconds": self.seconds})
+
+
+def _online_prompts(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """The data's distinct prompts, in order: ``prompt`` as π0 reads it (chat template included) and
+    ``user_prompt`` as the reward reads it."""
+    seen: dict = {}
+    for text, ids in zip(data["prompt"], data["prompt_ids"]):
+        seen.setdefault(tuple(ids), text)
+    return datasets.Dataset.from_dict({"prompt": [tokenizer.decode(list(ids)) for ids in seen],
+                                       "user_prompt": list(seen.values())})
+
+
+def finetune(
+    data: datasets.Dataset,
+    out_dir: str | Path,
+    config: FinetuneConfig,
+    *,
+    base_model: str,
+    reward_spec: str | None,
+    data_settings: dict,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Fine-tune π0 (``base_model``) with LoRA on ``data`` by ``config.method`` and save the adapter to ``out_dir``.
+
+    Args:
+        data: collected π0 samples (:func:`vas.collect.collect`): DPO trains on their pairs
+            (:func:`preference_pairs`); the online methods sample new responses to their prompts.
+        config: the method and its settings.
+        base_model: π0, which the data was collected from.
+        reward_spec: the reward the online methods optimise (:func:`vas.rewards.load_reward`); the data's own
+            rewards are DPO's.
+        data_settings: the data's collection settings (``vas_collect.json``): ``temperature``, ``max_new_tokens``,
+            the online defaults.
+        progress: show a progress bar over the training steps.
+
+    Checkpoints go to ``<out_dir>.checkpoints`` (every ``config.save_steps`` steps, else every epoch); the same
+    call resumes from the newest (:func:`vas.jobs.trainer_checkpoint`).
+
+    Returns:
+        The adapter's ``vas_finetune.json``: ``method``, ``kl_coef``, ``base_model``, ``reward``, ``config``,
+        ``training`` (``seconds``: wall time, resumed runs included up to their last checkpoint; ``steps``;
+        ``pairs`` (DPO); ``samples_read``: π0 samples the method read (DPO: 2 per pair); ``samples_drawn``:
+        responses π_θ sampled (online)) and ``train_loss``.
+
+    Raises:
+        VasError: for a setting out of range, ``out_dir`` existing, no pair (every prompt's responses tie), fewer
+            than 2 samples per prompt online, a batch size that is not a multiple of them, or an interrupted
+            run with other settings.
+    """
+    from peft import LoraConfig
+
+    from vas.jobs import trainer_checkpoint
+    from vas.models import load_policy, load_tokenizer, resolve_dtype
+    from vas.value.train import TrainingProgress, data_digest
+
+    config.check()
+    out_dir = Path(out_dir)
+    require_absent(out_dir)
+    if len(data) == 0:
+        raise VasError("the data holds no responses: collect some first (vas collect)")
+    device = torch.device(device)
+    tokenizer = load_tokenizer(base_model)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
+    common = dict(output_dir=str(checkpoint_dir), num_train_epochs=config.epochs, learning_rate=config.learning_rate,
+                  lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, seed=config.seed,
+                  save_strategy="steps" if config.save_steps else "epoch", save_steps=config.save_steps or 500,
+                  save_total_limit=2, logging_steps=1, report_to=[], disable_tqdm=not progress,
+                  use_cpu=device.type == "cpu", bf16=resolve_dtype("auto", device) == torch.bfloat16,
+                  dataloader_num_workers=0)
+    # before the trainer, which creates its output folder
+    resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "base_model": base_model,
+                                                 "reward": reward_spec, "data": data_digest(data)})
+    training: dict = {}
+    model = load_policy(base_model, device=device, dtype=torch.float32)
+    if config.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        pairs = preference_pairs(data, tokenizer)
+        if len(pairs) == 0:
+            raise VasError("no preference pair: every prompt's responses have the same reward (DPO needs a better "
+                           "and a worse response to one prompt; collect more --samples-per-prompt)")
+        args = DPOConfig(**common, beta=config.kl_coef, per_device_train_batch_size=config.batch_size, max_length=None)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
+                             processing_class=tokenizer, peft_config=lora)
+        training = {"pairs": len(pairs), "samples_read": 2 * len(pairs), "samples_drawn": 0}
+        per_step = None
+    else:
+        from vas.rewards import load_reward, score
+
+        counts: dict = {}
+        for key in (data["prompt_index"] if "prompt_index" in data.column_names else map(tuple, data["prompt_ids"])):
+            counts[key] = counts.get(key, 0) + 1
+        group = config.samples_per_prompt or min(counts.values())
+        if group < 2:
+            raise VasError(f"--method {config.method} compares ≥ 2 responses per prompt: pass --samples-per-prompt 2 "
+                           "or more (the data holds 1 per prompt)")
+        if config.batch_size % group:
+            raise VasError(f"--batch-size ({config.batch_size}) must be a multiple of the responses per prompt ({group})")
+        reward = load_reward(reward_spec)
+
+        def reward_function(prompts, completions, user_prompt, **_):
+            return score(reward, list(user_prompt), list(completions)).tolist()
+
+        reward_function.__name__ = str(reward_spec)
+        prompts = _online_prompts(data, tokenizer)
+        online = dict(per_device_train_batch_size=config.batch_size, num_generations=group,
+                      max_completion_length=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
+                      temperature=config.temperature or data_settings.get("temperature", 0.7),
+                      beta=config.kl_coef, disable_dropout=True)
+        if config.method == "rloo":
+            from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        else:
+            from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        trainer = Trainer(model=model, reward_funcs=reward_function, args=Config(**common, **online),
+                          train_dataset=prompts, processing_class=tokenizer, peft_config=lora)
+        training = {"samples_read": 0}
+        per_step = config.batch_size
+    from transformers import PrinterCallback, ProgressCallback
+
+    for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
+        trainer.remove_callback(printer)
+    trainer.add_callback(TrainingProgress(None, progress, desc=f"fine-tuning π0 ({config.method.upper()})"))
+    elapsed = _Elapsed(checkpoint_dir / "vas_elapsed.json")
+    trainer.add_callback(elapsed)
+
+    def info_at(steps: int, snapshot: bool = False) -> dict:  # an adapter's vas_finetune.json after ``steps`` steps
+        return {"method": config.method, "snapshot": snapshot, "kl_coef": config.kl_coef, "base_model": base_model, "reward": reward_spec,
+                "config": dataclasses.asdict(config),
+                "training": {"seconds": elapsed.seconds, "steps": steps, **training,
+                             "samples_drawn": steps * per_step if per_step else 0}}
+
+    snapshots = checkpoint_dir / "snapshots"
+    trainer.add_callback(_Snapshots(snapshots, config.snapshots, lambda model, steps: _save(
+        model, tokenizer, info_at(steps, snapshot=True), snapshots / f"step-{steps}")))
+    result = trainer.train(resume_from_checkpoint=resume)
+    steps = trainer.state.global_step
+    info = {**info_at(steps), "train_loss": result.training_loss}
+    tmp = make_temp_dir(out_dir)
+    _save(trainer.model, tokenizer, info, tmp)
+    if snapshots.is_dir():
+        snapshots.rename(tmp / "snapshots")
+    tmp.rename(out_dir)  # the adapter appears whole, or not at all
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if log is not None:
+        log(f"{label(info)}: {steps} steps in {elapsed.seconds / 60:.1f} min")
+    return info
+
+
+def _save(model, tokenizer: PreTrainedTokenizerBase, info: dict, directory: Path) -> None:
+    """Write the adapter, its tokenizer and ``info`` to ``directory`` (atomically where it does not exist yet)."""
+    target = directory
+    if not directory.exists():
+        directory = make_temp_dir(target)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    write_json_atomic(directory / META, info)
+    if directory != target:
+        directory.rename(target)
+
+
+class _Snapshots(TrainerCallback):
+    """Saves the adapter at ``count − 1`` evenly spaced steps before the last (``save(model, steps)``); a
+    resumed run keeps those it has."""
+
+    def __init__(self, directory: Path, count: int, save: Callable):
+        self.directory, self.count, self.save, self.steps = directory, count, save, set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = {round(state.max_steps * i / self.count) for i in range(1, self.count)} - {0, state.max_steps}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and not (self.directory / f"step-{state.global_step}").exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.save(model, state.global_step)
+
+
+def label(info: dict) -> str:
+    """A fine-tuned policy's name in reports, e.g. ``DPO β=0.1``, ``RLOO KL 0.05`` or, for a snapshot taken
+    during training, ``RLOO KL 0.05, step 16``."""
+    method = info["method"].upper()
+    name = f"{method} β={info['kl_coef']:g}" if info["method"] == "dpo" else f"{method} KL {info['kl_coef']:g}"
+    return name + (f", step {info['training']['steps']}" if info.get("snapshot") else "")
+
+
+@dataclass
+class Finetuned:
+    """A fine-tuned policy π_θ, loaded for evaluation.
+
+    Attributes:
+        path: its adapter folder.
+        model: π0 with the LoRA adapter merged (the same network as π0, so it decodes at π0's cost).
+        info: its ``vas_finetune.json`` (:func:`finetune`'s result).
+    """
+
+    path: Path
+    model: PreTrainedModel
+    info: dict
+
+    @property
+    def name(self) -> str:
+        return label(self.info)
+
+
+def read_finetune_info(path: str | Path) -> dict:
+    """The ``vas_finetune.json`` of an adapter folder.
+
+    Raises:
+        VasError: if ``path`` is not a folder written by :func:`finetune`.
+    """
+    meta = Path(path) / META
+    if not meta.is_file():
+        raise VasError(f"{path} is not a fine-tuned policy (no {META}): make one with vas finetune")
+    return json.loads(meta.read_text())
+
+
+def load_finetuned(path: str | Path, *, base_model: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Finetuned:
+    """Load the adapter at ``path`` onto π0 (``base_model``) and merge it.
+
+    Raises:
+        VasError: if ``path`` is not an adapter written by :func:`finetune`, or was fine-tuned from another base
+            model than ``base_model``.
+    """
+    from peft import PeftModel
+
+    from vas.models import load_policy
+
+    info = read_finetune_info(path)
+    if info["base_model"] != base_model:
+        raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model}")
+    model = PeftModel.from_pretrained(load_policy(base_model, device=device, dtype=dtype), str(path)).merge_and_unload()
+    model.eval()
+    return Finetuned(Path(path), model, info)
