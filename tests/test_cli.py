@@ -145,12 +145,12 @@ def test_experiment_all_quick_writes_every_section(tmp_path, tiny_model_dir):
     report = (tmp_path / "x" / "REPORT.md").read_text()
     from vas.experiments import EXPERIMENTS
 
-    sections = ["frontier", "judge", "beta-knob", "composition", "ablations-targets", "ablations-top-k", "ablations-data"]
+    sections = ["frontier", "bon-cost", "judge", "beta-knob", "composition", "ablations-targets", "ablations-top-k", "ablations-data"]
     assert [report.index(f"<!-- section: {name} -->") for name in sections] == sorted(
         report.index(f"<!-- section: {name} -->") for name in sections)  # all there, in the order they ran
     for name in EXPERIMENTS:
         assert (tmp_path / "x" / name / "summary.json").is_file()
-    # the frontier, composition and ablations share one collection of π0 samples
+    # at --quick size, every experiment shares one collection of π0 samples
     assert len(list((tmp_path / "x" / "stages").iterdir())) == 1
 
 

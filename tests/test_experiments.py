@@ -123,98 +123,137 @@ def test_matmul_flops_per_token_by_hand(tiny_model_dir):
     assert frontier.matmul_flops_per_token(policy.model) == 2 * (2 * layer + 32)  # no LM head
 
 
-def test_frontier_quick_run(tiny_model_dir, tmp_path):
+def test_frontier_quick_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(frontier, "REWARD", "verbosity")  # the tiny model's word counts differ: DPO has pairs
     sections = frontier.run(tmp_path / "frontier", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
                             size=frontier.QUICK, progress=False, log=lambda _: None)
-    assert [s.name for s in sections] == ["frontier", "judge"]
+    assert [s.name for s in sections] == ["frontier", "bon-cost", "judge"]
     out = tmp_path / "frontier"
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "judged_responses.jsonl").read_text().splitlines()]
     size = frontier.QUICK
-    assert len([r for r in rows if r["method"] == "vas"]) == len(size.betas) * size.eval_prompts * size.vas_samples_per_prompt
+    per_method = size.eval_prompts * size.vas_samples_per_prompt
+    assert len([r for r in rows if r["method"] == "vas"]) == len(size.betas) * per_method
+    # DPO at each β, and RLOO halfway and at the end
+    names = [f"DPO β={c:g}" for c in size.dpo_kl_coefs] + ["RLOO KL 0.05, step 2", "RLOO KL 0.05"]
+    assert [f["name"] for f in summary["report"]["finetuned"]] == names
+    assert [f["training"]["samples_drawn"] for f in summary["report"]["finetuned"][-2:]] == [8, 16]  # 8 prompts × 2
     pool = {(r["prompt_index"], r["sample"]): r["judge"] for r in rows if r["method"] == "plain"}
     n_pool = max(size.best_of)
-    for entry in summary["judged"]["vas"]:  # the judge's win rate, recounted from the saved scores
+    judged = [(e, lambda r, e=e: r["method"] == "vas" and r["beta"] == e["beta"]) for e in summary["judged"]["vas"]]
+    judged += [(e, lambda r, e=e: r["method"] == "finetuned" and r["policy"] == e["name"]) for e in summary["judged"]["finetuned"]]
+    assert len(judged) == len(size.betas) + len(names)
+    for entry, chosen in judged:  # the judge's win rate, recounted from the saved scores
         wins = []
-        for r in rows:
-            if r["method"] == "vas" and r["beta"] == entry["beta"]:
-                others = [pool[r["prompt_index"], s] for s in range(n_pool)]
-                wins.append(sum(1.0 if r["judge"] > o else 0.5 if r["judge"] == o else 0.0 for o in others) / n_pool)
-        assert entry["judge_win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
+        for r in filter(chosen, rows):
+            others = [pool[r["prompt_index"], s] for s in range(n_pool)]
+            wins.append(sum(1.0 if r["judge"] > o else 0.5 if r["judge"] == o else 0.0 for o in others) / n_pool)
+        assert len(wins) == per_method and entry["judge_win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
     bon1 = next(b for b in summary["judged"]["best_of_n"] if b["n"] == 1)
     assert bon1["judge_win_rate"] == pytest.approx(0.5, abs=1e-6) and bon1["reward_win_rate"] == pytest.approx(0.5, abs=1e-6)
     flops = summary["flops_per_token"]
-    for entry in summary["report"]["vas"]:
+    for entry in summary["report"]["vas"] + summary["report"]["finetuned"]:
         assert entry["gflop"] == pytest.approx((entry["policy_tokens"] * flops["policy"]
                                                 + entry["value_tokens"] * flops["value"]) / 1e9)
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # the verdicts follow from the saved numbers (the rules themselves: test_frontier_verdicts_by_hand)
-    assert sections[0].verdict == frontier.frontier_section(
-        summary["report"], summary["judged"], size, value_layers=1, policy_layers=2, train_rows=16, accuracy={}).verdict
-    assert sections[1] == frontier.judge_section(summary["report"], summary["judged"])
+    assert sections[0] == frontier.tradeoff_section(summary["report"], summary["judged"], size, **summary["settings"])
+    assert sections[1] == frontier.cost_section(summary["report"], size)
+    assert sections[2] == frontier.judge_section(summary["report"], summary["judged"])
     stages = list((tmp_path / "stages").iterdir())
     assert len(stages) == 1 and (stages[0] / "samples").is_dir()
-    # a rerun reuses the stages and the evaluation
+    # a rerun reuses the stages, the fine-tuned policies and the evaluation
     logs = []
     frontier.run(tmp_path / "frontier", base_model=tiny_model_dir, device=torch.device("cpu"), seed=0,
                  size=frontier.QUICK, progress=False, log=logs.append)
     assert any(line.startswith("evaluation: reusing") for line in logs)
     assert any(line.startswith("value model: reusing") for line in logs)
+    assert len([line for line in logs if line.startswith("fine-tuned policy: reusing")]) == len(size.dpo_kl_coefs) + 1
 
 
-def frontier_numbers(vas, judged_vas=(), judged_bon=()):
-    """report and judged dicts for the frontier's sections: plain π0 at 0.100 ± 0.020 (1 s per prompt),
-    Best-of-16 at 0.500 ± 0.030 (KL bound 1.84, 16 s); ``vas``: (β, reward, s.e., KL, seconds) per β;
-    ``judged_*``: (β or N, VADER win rate, TextBlob win rate, its s.e.)."""
+def frontier_numbers(vas, tuned=(), judged_vas=(), judged_bon=()):
+    """report and judged dicts for the frontier's sections: plain π0 at 0.100 ± 0.020 (1 s per prompt);
+    Best-of-2, 4 and 16 at 0.200 ± 0.020, 0.300 ± 0.020 and 0.500 ± 0.030 (KL bounds 0.19, 0.64, 1.84; 2, 4 and
+    16 s); ``vas``: (β, reward, s.e., KL, seconds) per β; ``tuned``: (name, reward, s.e., KL) per fine-tuned
+    policy; ``judged_*``: (β or N, VADER win rate, TextBlob win rate, its s.e.)."""
     def entry(reward, sem, kl, seconds, **more):
         return {"reward": reward, "reward_sem": sem, "kl": kl, "length": 10.0, "seconds_per_prompt": seconds,
-                "gflop": 1.0, **more}
+                "gflop": seconds, **more}
 
-    report = {"settings": {"prompts": 32, "n_pool": 32}, "plain": entry(0.1, 0.02, 0.0, 1.0),
-              "best_of_n": [entry(0.5, 0.03, 1.84, 16.0, n=16, kl_is_bound=True)],
-              "vas": [entry(r, sem, kl, seconds, beta=beta) for beta, r, sem, kl, seconds in vas]}
-    judged = {"plain": {"reward_mean": 0.1, "judge_mean": 0.05}, "vas": [], "best_of_n": []}
+    training = {"seconds": 60.0, "steps": 4, "samples_read": 8, "samples_drawn": 0}
+    report = {"settings": {"prompts": 32, "n_pool": 16}, "plain": entry(0.1, 0.02, 0.0, 1.0),
+              "best_of_n": [entry(r, sem, kl, n, n=n, kl_is_bound=True)
+                            for n, r, sem, kl in ((2, 0.2, 0.02, 0.193), (4, 0.3, 0.02, 0.636), (16, 0.5, 0.03, 1.835))],
+              "vas": [entry(r, sem, kl, seconds, beta=beta) for beta, r, sem, kl, seconds in vas],
+              "finetuned": [entry(r, sem, kl, 1.0, name=name, method=name.split()[0].lower(), training=training)
+                            for name, r, sem, kl in tuned]}
+    judged = {"plain": {"reward_mean": 0.1, "judge_mean": 0.05}, "vas": [], "best_of_n": [], "finetuned": []}
     for group, key, points in (("vas", "beta", judged_vas), ("best_of_n", "n", judged_bon)):
         judged[group] = [{key: x, "reward_win_rate": r, "reward_win_rate_sem": 0.05, "judge_win_rate": j,
                           "judge_win_rate_sem": j_sem, "reward_mean": 0.3, "judge_mean": 0.1} for x, r, j, j_sem in points]
-    if not judged_vas:  # the frontier's table needs a judged row for every β
-        judged["vas"] = [{"beta": v[0], "reward_win_rate": 0.5, "reward_win_rate_sem": 0.05, "judge_win_rate": 0.5,
-                          "judge_win_rate_sem": 0.05, "reward_mean": 0.3, "judge_mean": 0.1} for v in vas]
     return report, judged
 
 
-def test_frontier_verdicts_by_hand():
-    def frontier_section(*vas):
-        report, judged = frontier_numbers(vas)
-        return frontier.frontier_section(report, judged, frontier.Size(), value_layers=8, policy_layers=30,
-                                         train_rows=1024, accuracy={})
+def test_tradeoff_verdicts_by_hand():
+    """Claim (a): VAS's frontier runs from plain π0 (KL 0, 0.100 ± 0.020) to β=4 (KL 1, 0.300 ± 0.030) and β=8
+    (KL 2, 0.450 ± 0.030). At KL 0.5 it is at 0.200 ± 0.025 (halfway), at KL 1.5 at 0.375 ± 0.030."""
+    def section(*tuned, vas=((4.0, 0.30, 0.03, 1.0, 3.0), (8.0, 0.45, 0.03, 2.0, 4.0))):
+        report, judged = frontier_numbers(vas, tuned)
+        return frontier.tradeoff_section(report, judged, frontier.Size(), value_layers=8, policy_layers=30,
+                                         train_rows=512, value_seconds=120.0)
 
-    # β=4 beats plain (0.30 − 0.10 > 2·√(0.03² + 0.02²) ≈ 0.072) but stays below Best-of-16's 0.50 − 2·√2·0.03 ≈ 0.415;
-    # β=8 (0.45) reaches it at KL 1.00 < 1.84 in 4 s < 16 s
-    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.45, 0.03, 1.0, 4.0))
-    assert section.verdict == "reproduced"
-    assert "VAS at β=8 reaches 0.450 (Best-of-16: 0.500) at KL 1.00, below Best-of-16's bound 1.84" in section.body
-    # the same reward at KL 2.50, above the bound
-    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.45, 0.03, 2.5, 4.0))
-    assert section.verdict == "partly reproduced"
-    assert "first at β=8: 0.450 against 0.500, at KL 2.50 (above Best-of-16's bound 1.84)" in section.body
-    # 0.40 < 0.415: does not reach Best-of-16
-    section = frontier_section((4.0, 0.30, 0.03, 0.5, 3.0), (8.0, 0.40, 0.03, 1.0, 4.0))
-    assert section.verdict == "not reproduced"
-    assert "the best VAS point is β=8 with 0.400 at KL 1.00" in section.body
-    # 0.15 − 0.10 < 2·√2·0.02 ≈ 0.057: VAS never beats plain sampling beyond noise
-    assert frontier_section((4.0, 0.12, 0.02, 0.5, 3.0), (8.0, 0.15, 0.02, 1.0, 4.0)).verdict == "inconclusive"
+    below = ("DPO β=0.1", 0.10, 0.02, 0.5)  # 0.100 < 0.200 − 2·√(0.025² + 0.02²) = 0.136
+    tie = ("DPO β=0.3", 0.22, 0.02, 0.5)  # within 0.064 of 0.200
+    above = ("RLOO KL 0.05", 0.50, 0.02, 1.5)  # 0.500 > 0.375 + 2·√(0.03² + 0.02²) = 0.447
+    outside = ("RLOO KL 0.01", 0.90, 0.02, 3.0)  # beyond VAS's largest KL (2.0)
+    result = section(below)
+    assert result.verdict == "reproduced"
+    assert "- DPO β=0.1: 0.100 against VAS's 0.200 at the same KL (0.50; 2 s.e. = 0.064) (below)" in result.body
+    assert "| DPO β=0.1 | 0.100 ± 0.020 | 0.50 | 10.0 | 1.00 | 1.0 | 1.0 min, 8 read | — | — |" in result.body
+    assert "| VAS β=4 | 0.300 ± 0.030 | 1.00 | 10.0 | 3.00 | 3.0 | value model: 2.0 min, 512 read |" in result.body
+    assert section(below, tie).verdict == "partly reproduced"
+    result = section(below, above)
+    assert result.verdict == "not reproduced"
+    assert "- RLOO KL 0.05: 0.500 against VAS's 0.375 at the same KL (1.50; 2 s.e. = 0.072) (above)" in result.body
+    assert section(tie).verdict == "inconclusive"
+    result = section(outside)
+    assert result.verdict == "inconclusive" and "at KL 3.00, beyond VAS's largest (2.00, β=8, 0.450) (outside)" in result.body
+    # 0.13 − 0.10 < 2·√(0.02² + 0.02²) = 0.057: VAS never beats plain sampling beyond noise
+    assert section(below, vas=((4.0, 0.13, 0.02, 1.0, 3.0),)).verdict == "inconclusive"
+
+
+def test_cost_verdicts_by_hand():
+    """Claim (b): the largest N whose reward some β reaches within two standard errors, and its cost ratio."""
+    def section(*vas):
+        report, _ = frontier_numbers(vas)
+        return frontier.cost_section(report, frontier.Size())
+
+    # β=8 (0.45 ± 0.03) reaches Best-of-16 (0.50 − 2·√(0.03² + 0.03²) = 0.415) in 4 s against its 16 s
+    result = section((4.0, 0.30, 0.03, 1.0, 3.0), (8.0, 0.45, 0.03, 2.0, 4.0))
+    assert result.verdict == "reproduced"
+    assert "**N = 16** (0.500 ± 0.030); the cheapest β that reaches it, β=8 (0.450 ± 0.030)" in result.body
+    assert "Best-of-16 costs **4.00×** VAS's time (4.00× its GFLOP: 16 against 4)" in result.body
+    # β=4 alone reaches Best-of-4 (0.30 ≥ 0.30 − 0.072), not Best-of-16; at 5 s it is slower than Best-of-4's 4 s
+    result = section((4.0, 0.30, 0.03, 1.0, 5.0))
+    assert result.verdict == "partly reproduced"
+    assert "**N = 4**" in result.body and "**0.80×**" in result.body and "Best-of-16 (0.500) is out of VAS's reach" in result.body
+    # 0.15 ± 0.01 beats plain (0.05 > 2·√(0.01² + 0.02²) = 0.045) but misses Best-of-2 (0.15 < 0.20 − 0.045)
+    assert section((4.0, 0.15, 0.01, 1.0, 3.0)).verdict == "not reproduced"
+    assert section((4.0, 0.12, 0.02, 1.0, 3.0)).verdict == "inconclusive"
+    # observation (c): Best-of-2 at KL 0.193, VAS there 0.100 + 0.193·0.2 = 0.139 ± 0.022 → Best-of-N above
+    result = section((4.0, 0.30, 0.03, 1.0, 3.0), (8.0, 0.45, 0.03, 2.0, 4.0))
+    assert "- Best-of-2 at its KL bound 0.19: 0.200 against VAS's 0.139 at the same KL (0.19; 2 s.e. = 0.059)" in result.body
 
 
 def test_judge_verdicts_by_hand():
     def judge_section(judged_vas, judged_bon):
-        report, judged = frontier_numbers([(v[0], 0.3, 0.03, 1.0, 2.0) for v in judged_vas], judged_vas, judged_bon)
+        report, judged = frontier_numbers([(v[0], 0.3, 0.03, 1.0, 2.0) for v in judged_vas], (), judged_vas, judged_bon)
         return frontier.judge_section(report, judged)
 
     # both win under VADER (> 0.6) and under TextBlob by more than 2 s.e. (0.70 > 0.60, 0.65 > 0.60)
     section = judge_section([(8.0, 0.8, 0.7, 0.05)], [(4, 0.8, 0.65, 0.05)])
     assert section.verdict == "reproduced"
-    assert "by 0.10 on average for VAS and by 0.15 for Best-of-N" in section.body
+    assert "by 0.10 for VAS, 0.15 for Best-of-N on average" in section.body
     # Best-of-4's 0.65 is within 2 s.e. (0.08) of a coin flip
     section = judge_section([(8.0, 0.8, 0.7, 0.05)], [(4, 0.8, 0.65, 0.08)])
     assert section.verdict == "partly reproduced"

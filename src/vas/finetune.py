@@ -158,22 +158,12 @@ def finetune(
                   save_total_limit=2, logging_steps=1, report_to=[], disable_tqdm=not progress,
                   use_cpu=device.type == "cpu", bf16=resolve_dtype("auto", device) == torch.bfloat16,
                   dataloader_num_workers=0)
-    # before the trainer, which creates its output folder
-    resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "base_model": base_model,
-                                                 "reward": reward_spec, "data": data_digest(data)})
-    training: dict = {}
-    model = load_policy(base_model, device=device, dtype=torch.float32)
     if config.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
         pairs = preference_pairs(data, tokenizer)
         if len(pairs) == 0:
             raise VasError("no preference pair: every prompt's responses have the same reward (DPO needs a better "
                            "and a worse response to one prompt; collect more --samples-per-prompt)")
-        args = DPOConfig(**common, beta=config.kl_coef, per_device_train_batch_size=config.batch_size, max_length=None)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
-                             processing_class=tokenizer, peft_config=lora)
-        training = {"pairs": len(pairs), "samples_read": 2 * len(pairs), "samples_drawn": 0}
+        training = {"pairs": len(pairs), "samples_read": 2 * len(pairs)}
         per_step = None
     else:
         from vas.rewards import load_reward, score
@@ -193,7 +183,19 @@ def finetune(
             return score(reward, list(user_prompt), list(completions)).tolist()
 
         reward_function.__name__ = str(reward_spec)
-        prompts = _online_prompts(data, tokenizer)
+        training = {"samples_read": 0}
+        per_step = config.batch_size
+    # before the trainer, which creates its output folder
+    resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "base_model": base_model,
+                                                 "reward": reward_spec, "data": data_digest(data)})
+    model = load_policy(base_model, device=device, dtype=torch.float32)
+    if config.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=config.kl_coef, per_device_train_batch_size=config.batch_size, max_length=None)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
+                             processing_class=tokenizer, peft_config=lora)
+    else:
         online = dict(per_device_train_batch_size=config.batch_size, num_generations=group,
                       max_completion_length=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
                       temperature=config.temperature or data_settings.get("temperature", 0.7),
@@ -203,9 +205,7 @@ def finetune(
         else:
             from trl import GRPOConfig as Config, GRPOTrainer as Trainer
         trainer = Trainer(model=model, reward_funcs=reward_function, args=Config(**common, **online),
-                          train_dataset=prompts, processing_class=tokenizer, peft_config=lora)
-        training = {"samples_read": 0}
-        per_step = config.batch_size
+                          train_dataset=_online_prompts(data, tokenizer), processing_class=tokenizer, peft_config=lora)
     from transformers import PrinterCallback, ProgressCallback
 
     for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
@@ -215,8 +215,8 @@ def finetune(
     trainer.add_callback(elapsed)
 
     def info_at(steps: int, snapshot: bool = False) -> dict:  # an adapter's vas_finetune.json after ``steps`` steps
-        return {"method": config.method, "snapshot": snapshot, "kl_coef": config.kl_coef, "base_model": base_model, "reward": reward_spec,
-                "config": dataclasses.asdict(config),
+        return {"method": config.method, "snapshot": snapshot, "kl_coef": config.kl_coef, "base_model": base_model,
+                "reward": reward_spec, "config": dataclasses.asdict(config),
                 "training": {"seconds": elapsed.seconds, "steps": steps, **training,
                              "samples_drawn": steps * per_step if per_step else 0}}
 

@@ -8,7 +8,9 @@ This is the one resume mechanism of ``collect``, ``generate``, ``evaluate`` and 
 * :func:`chunk_seed` fixes the seed of batch i by (seed, i) alone;
 * :func:`run_concurrently` runs the unfinished batches, ``concurrency`` at once, with a progress bar;
 * :func:`generate` puts them together around the decoding loop (:func:`vas.decoding.loop.decode`), and
-  :func:`sample_responses` around a server's whole-response sampling.
+  :func:`sample_responses` around a server's whole-response sampling;
+* :func:`trainer_checkpoint` resumes a training run (``vas train``, ``vas finetune``) from its newest
+  checkpoint, refusing other settings.
 """
 
 from __future__ import annotations

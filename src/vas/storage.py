@@ -64,13 +64,16 @@ def load_dataset_dir(path: str | Path, required: set[str]) -> datasets.Dataset:
     """Load a folder written by ``save_to_disk`` and check it has the ``required`` columns.
 
     Raises:
-        VasError: if the folder is missing, not a dataset, or lacks a required column.
+        VasError: if the folder is missing, not a dataset, empty, or lacks a required column.
     """
     path = Path(path)
     if not path.exists():
         raise VasError(f"dataset {str(path)!r} does not exist")
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
         raise VasError(f"{str(path)!r} is not a dataset folder (run `vas collect` to make one)")
+    state = path / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files", True):
+        raise VasError(f"dataset {str(path)!r} holds no responses: collect some first (vas collect)")
     data = datasets.load_from_disk(str(path))
     missing = sorted(required - set(data.column_names))
     if missing:
