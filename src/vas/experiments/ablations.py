@@ -10,7 +10,7 @@
 
 All conditions decode the same held-out prompts with the same seeds at one β, so each is compared with the
 reference (TD(λ), all the data, k = 10, Eq. 5) by a paired per-prompt difference. The collected samples
-and the reference value model are the frontier experiment's (shared under ``stages/``).
+and the reference value model are shared with the composition and value-heads experiments (under ``stages/``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PROMPTS = frontier.PROMPTS
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 30 minutes on 2 CPU cores, the frontier's stage included)."""
+    """How big each stage is (defaults: ≈ 30 minutes on 2 CPU cores, the shared stage included)."""
 
     train_prompts: int = 256  # the value-heads experiment's collection, shared with it
     recipe: Recipe = Recipe(samples_per_prompt=4, backbone_layers=8)

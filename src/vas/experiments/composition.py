@@ -1,6 +1,6 @@
 """Composing value models at inference (paper Sec. 4.2): positivity and brevity.
 
-Two value models are trained separately on the same π0 samples (the frontier's, re-scored for brevity),
+Two value models are trained separately on the same π0 samples (the stage shared with the ablations and value-heads experiments, re-scored for brevity),
 and combined at decoding time as π ∝ π0 · exp(β · (w₁V_positivity + w₂V_brevity)) with equal weights,
 against each alone and against plain sampling. The claim is that both rewards improve together.
 """
@@ -30,7 +30,7 @@ PROMPTS = frontier.PROMPTS
 
 @dataclass(frozen=True)
 class Size:
-    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores, the frontier's stage included)."""
+    """How big each stage is (defaults: ≈ 25 minutes on 2 CPU cores, the shared stage included)."""
 
     train_prompts: int = 256  # the value-heads experiment's collection, shared with it
     recipe: Recipe = Recipe(samples_per_prompt=4, backbone_layers=8)
@@ -149,7 +149,7 @@ def section(summary: dict, size: Size) -> Section:
     else:
         finding = "Neither reward moves by more than two standard errors with the combination."
     examples = "\n".join(f"| {e['condition']} | {markdown_text(e['response'])} |" for e in summary["examples"])
-    body = f"""`vas experiment {NAME}`: a positivity value model (the frontier's) and a brevity value model (brevity =
+    body = f"""`vas experiment {NAME}`: a positivity value model (the ablations' reference) and a brevity value model (brevity =
 − words / 100) trained separately with the same recipe on the same π0 samples, re-scored. Decoding on
 {size.eval_prompts} held-out chitchat openings × {size.samples_per_prompt} samples (same seeds in every condition), k = {size.top_k},
 weights {size.weights[0]:g} : {size.weights[1]:g} for “both”. Δ is the paired difference from plain sampling (± s.e. over prompts).

@@ -49,9 +49,11 @@ class Size:
     best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
     vas_samples_per_prompt: int = 2
     batch_size: int = 16
-    dpo: FinetuneConfig = FinetuneConfig(method="dpo", epochs=1.0, batch_size=8)
+    # the fine-tuning's LoRA rank and learning rate are the value model's (Recipe: r = 16, lr 1e-3)
+    dpo: FinetuneConfig = FinetuneConfig(method="dpo", epochs=1.0, batch_size=8, learning_rate=1e-3)
     dpo_kl_coefs: tuple[float, ...] = (0.03, 0.1, 0.3)
-    online: FinetuneConfig = FinetuneConfig(method="rloo", kl_coef=0.05, epochs=1.0, batch_size=16, snapshots=2)
+    online: FinetuneConfig = FinetuneConfig(method="rloo", kl_coef=0.05, epochs=1.0, batch_size=16, learning_rate=1e-3,
+                                            snapshots=2)
 
 
 QUICK = Size(train_prompts=8, eval_prompts=3, recipe=Recipe(samples_per_prompt=2, max_new_tokens=8, epochs=1.0,

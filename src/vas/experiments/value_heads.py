@@ -1,8 +1,8 @@
 """Value heads on the frontier's task: how much of the reward each head explains, and what it does to VAS's
 reward–KL frontier, with soft values (Q_β, the KL-optimal guide) and without.
 
-Same data as ``vas experiment frontier`` (π0's responses to the same training openings, the shared stage), the
-same recipe, one value model per head (:mod:`vas.value.heads`): ``last`` (the paper's, the frontier's own), ``mean``
+The frontier's task, on the data the composition and ablations experiments share (π0's responses to the same
+training openings, the shared stage), one recipe, one value model per head (:mod:`vas.value.heads`): ``last`` (the paper's), ``mean``
 and ``distributional``; the mean head is also trained over prompt and response (``mean-all``), whose R² tells
 whether the prompt belongs in the mean. Each is scored by
 
@@ -32,7 +32,8 @@ PROMPTS = "chitchat"
 @dataclass(frozen=True)
 class Size:
     """How big each stage is (defaults: ≈ 45 minutes on 2 CPU cores, the shared stage included; the
-    collection and the ``last`` head are the frontier's, so after ``vas experiment frontier`` it takes less)."""
+    collection and the ``last`` head are shared with the composition and ablations experiments, so after either it
+    takes less)."""
 
     train_prompts: int = 256
     eval_prompts: int = 32
@@ -267,7 +268,7 @@ def section(summary: dict, size: Size) -> Section:
                     + costs)
     head_rows = "\n".join(rows)
     beta_header = " | ".join(f"β={b:g}" for b in size.betas)
-    body = f"""`vas experiment {NAME}`: the frontier's task and data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
+    body = f"""`vas experiment {NAME}`: the frontier's task on the shared data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
 openings, VADER positivity), one value model per head, same recipe ({size.recipe.backbone_layers or 'all'} of π0's layers, LoRA r = {size.recipe.lora_rank},
 TD(λ) λ = {size.recipe.lam:g}, {size.recipe.epochs:g} epochs; the distributional head has {size.bins} atoms over the training
 rewards' range and is trained by cross-entropy on distributional λ-returns). R²: the share of the variance
