@@ -135,7 +135,7 @@ def test_frontier_quick_run(tiny_model_dir, tmp_path, monkeypatch):
     per_method = size.eval_prompts * size.vas_samples_per_prompt
     assert len([r for r in rows if r["method"] == "vas"]) == len(size.betas) * per_method
     # DPO at each β, and RLOO halfway and at the end
-    names = [f"DPO β={c:g}" for c in size.dpo_kl_coefs] + ["RLOO KL 0.05, step 2", "RLOO KL 0.05"]
+    names = [f"DPO KL {c:g}" for c in size.dpo_kl_coefs] + ["RLOO KL 0.05, step 2", "RLOO KL 0.05"]
     assert [f["name"] for f in summary["report"]["finetuned"]] == names
     assert [f["training"]["samples_drawn"] for f in summary["report"]["finetuned"][-2:]] == [8, 16]  # 8 prompts × 2
     pool = {(r["prompt_index"], r["sample"]): r["judge"] for r in rows if r["method"] == "plain"}
@@ -202,14 +202,14 @@ def test_tradeoff_verdicts_by_hand():
         return frontier.tradeoff_section(report, judged, frontier.Size(), value_layers=8, policy_layers=30,
                                          train_rows=512, value_seconds=120.0)
 
-    below = ("DPO β=0.1", 0.10, 0.02, 0.5)  # 0.100 < 0.200 − 2·√(0.025² + 0.02²) = 0.136
-    tie = ("DPO β=0.3", 0.22, 0.02, 0.5)  # within 0.064 of 0.200
+    below = ("DPO KL 0.1", 0.10, 0.02, 0.5)  # 0.100 < 0.200 − 2·√(0.025² + 0.02²) = 0.136
+    tie = ("DPO KL 0.3", 0.22, 0.02, 0.5)  # within 0.064 of 0.200
     above = ("RLOO KL 0.05", 0.50, 0.02, 1.5)  # 0.500 > 0.375 + 2·√(0.03² + 0.02²) = 0.447
     outside = ("RLOO KL 0.01", 0.90, 0.02, 3.0)  # beyond VAS's largest KL (2.0)
     result = section(below)
     assert result.verdict == "reproduced"
-    assert "- DPO β=0.1: 0.100 against VAS's 0.200 at the same KL (0.50; 2 s.e. = 0.064) (below)" in result.body
-    assert "| DPO β=0.1 | 0.100 ± 0.020 | 0.50 | 10.0 | 1.00 | 1.0 | 1.0 min, 8 read | — | — |" in result.body
+    assert "- DPO KL 0.1: 0.100 against VAS's 0.200 at the same KL (0.50; 2 s.e. = 0.064) (below)" in result.body
+    assert "| DPO KL 0.1 | 0.100 ± 0.020 | 0.50 | 10.0 | 1.00 | 1.0 | 1.0 min, 8 read | — | — |" in result.body
     assert "| VAS β=4 | 0.300 ± 0.030 | 1.00 | 10.0 | 3.00 | 3.0 | value model: 2.0 min, 512 read |" in result.body
     assert section(below, tie).verdict == "partly reproduced"
     result = section(below, above)

@@ -111,7 +111,7 @@ def test_finetune_then_evaluate_from_the_command_line(tiny_model_dir, collected,
     r = vas("finetune", "--quiet", "--method", "dpo", "--data", collected, "--out", tmp_path / "dpo", "--epochs", 1,
             "--batch-size", 2, "--kl-coef", 0.2)
     assert r.returncode == 0, r.stderr
-    assert f"DPO β=0.2: {-(-len(pairs) // 2)} steps" in r.stdout
+    assert f"DPO KL 0.2: {-(-len(pairs) // 2)} steps" in r.stdout
     info = json.loads((tmp_path / "dpo" / "vas_finetune.json").read_text())
     assert info["training"]["pairs"] == len(pairs) and info["training"]["samples_read"] == 2 * len(pairs)
     assert (tmp_path / "dpo" / "adapter_config.json").is_file()
@@ -129,9 +129,9 @@ def test_finetune_then_evaluate_from_the_command_line(tiny_model_dir, collected,
             tmp_path / "rloo" / "snapshots" / "step-4", "--out", tmp_path / "e", "--limit", 2, "--best-of", "1,2",
             "--max-new-tokens", 4, "--reward", "verbosity")
     assert r.returncode == 0, r.stderr
-    assert "DPO β=0.2: trained in" in r.stdout and "RLOO KL 0.1, step 4" in r.stdout
+    assert "DPO KL 0.2: trained in" in r.stdout and "RLOO KL 0.1, step 4" in r.stdout
     report = json.loads((tmp_path / "e" / "report.json").read_text())
-    assert report["vas"] == [] and [f["name"] for f in report["finetuned"]] == ["DPO β=0.2", "RLOO KL 0.1, step 4"]
+    assert report["vas"] == [] and [f["name"] for f in report["finetuned"]] == ["DPO KL 0.2", "RLOO KL 0.1, step 4"]
     rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
     for entry in report["finetuned"]:  # the report's numbers, recounted from the saved responses
         own = [row for row in rows if row["method"] == "finetuned" and row["policy"] == entry["name"]]
@@ -171,7 +171,7 @@ def test_finetune_bad_input(tiny_model_dir, collected, tmp_path):
     assert r.returncode == 2 and "give --value and/or --policy" in r.stderr
 
 
-def test_finetune_resumes_an_interrupted_run(tiny_model_dir, collected, tmp_path):
+def test_finetune_resumes_an_interrupted_run(tiny_model_dir, collected, tmp_path, monkeypatch):
     """A run stopped after its first checkpoint continues from it and ends as an uninterrupted run does."""
     from transformers import TrainerCallback
 
@@ -183,15 +183,18 @@ def test_finetune_resumes_an_interrupted_run(tiny_model_dir, collected, tmp_path
     config = FinetuneConfig(method="dpo", epochs=1, batch_size=1, save_steps=1)
     settings = json.loads((collected / "vas_collect.json").read_text())
     common = dict(base_model=tiny_model_dir, reward_spec="verbosity", data_settings=settings, progress=False)
-    import vas.finetune as module
+    import vas.value.train as module  # where finetune() takes its progress callbacks from
 
-    original = module._Elapsed
-    module._Elapsed = type("Stopping", (Stop, original), {})
-    try:
+    original = module.show_progress
+
+    def stopping(trainer, *args):
+        trainer.add_callback(Stop())
+        return original(trainer, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "show_progress", stopping)
         with pytest.raises(KeyboardInterrupt):
             finetune(data, tmp_path / "a", config, **common)
-    finally:
-        module._Elapsed = original
     assert (tmp_path / "a.checkpoints" / "checkpoint-1").is_dir() and not (tmp_path / "a").exists()
     with pytest.raises(VasError, match="other settings"):
         finetune(data, tmp_path / "a", FinetuneConfig(method="dpo", epochs=1, batch_size=1, save_steps=1, kl_coef=0.5), **common)

@@ -249,6 +249,11 @@ def finetune(
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if not meta.get("base_model"):
         raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
+    if meta.get("api_base_url"):
+        raise VasError(f"{data} was collected through an API: its token columns are the value model's, not π0's, and π0 "
+                       "is not here to fine-tune")
+    if reward and config.method == "dpo":
+        raise VasError("--reward is for the online methods: DPO trains on the data's own rewards")
     reward_spec = reward or meta.get("reward")
     if config.method != "dpo":
         from vas.rewards import load_reward
@@ -368,8 +373,13 @@ def evaluate(
         if read_finetune_info(adapter)["base_model"] != policy.base_model:
             raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
                            f"π0 = {policy.base_model} (--base-model)")
-    if finetuned and policy.api_base_url:
-        raise VasError("--policy evaluates a fine-tuned policy beside a local π0: leave out --api-base-url")
+    if finetuned and (policy.api_base_url or policy.engine != "transformers"):
+        raise VasError("--policy evaluates a fine-tuned policy beside a local π0 on the default engine: leave out "
+                       "--api-base-url and --engine vllm")
+    for adapter in finetuned:
+        trained = read_finetune_info(adapter)["config"].get("temperature")
+        if trained is not None and trained != temperature:
+            _warn(f"{adapter} was trained at temperature {trained:g}, evaluated at {temperature:g}")
     if not value and not finetuned:
         raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
     checked = Steering(top_k=top_k)  # k, before anything loads
@@ -382,7 +392,7 @@ def evaluate(
     base = policy.load(held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy.device, value_dtype)
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
-             for a in finetuned]
+             for a in finetuned] if finetuned else []
     report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,
                  best_of=ns, finetuned=tuned,
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -238,8 +238,9 @@ class FinetuneConfig:
             data's prompts and is rewarded by the reward function, with a KL penalty against π0). PPO is not
             offered: TRL's PPO needs a reward *model* (a torch module), and recent TRL releases no longer ship it.
         kl_coef: the KL penalty's coefficient: DPO's β (the implicit objective is r − β·KL(π_θ‖π0)), the KL
-            coefficient of RLOO (subtracted from the reward per sequence) or GRPO (added to the loss per token);
-            > 0. Not VAS's β.
+            coefficient of RLOO (subtracted from the reward per sequence) or GRPO (added to the loss per token,
+            against advantages normalised within each group, so its scale differs from RLOO's); > 0. Not VAS's β
+            (which plays the role of 1/kl_coef: π ∝ π0·exp(β·V)).
         epochs: passes over the pairs (DPO) or the prompts (online: each pass draws ``samples_per_prompt`` responses
             per prompt).
         learning_rate: AdamW's learning rate, linearly decayed.
@@ -283,8 +284,8 @@ class FinetuneConfig:
             raise VasError(f"--method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
         for name, value in (("kl-coef", self.kl_coef), ("epochs", self.epochs), ("lr", self.learning_rate),
                             ("batch-size", self.batch_size), ("lora-rank", self.lora_rank),
-                            ("lora-alpha", self.lora_alpha), ("samples-per-prompt", self.samples_per_prompt or 1),
-                            ("max-new-tokens", self.max_new_tokens or 1), ("temperature", self.temperature or 1),
-                            ("save-steps", self.save_steps or 1), ("snapshots", self.snapshots)):
-            if not (0 < value < math.inf):
+                            ("lora-alpha", self.lora_alpha), ("samples-per-prompt", self.samples_per_prompt),
+                            ("max-new-tokens", self.max_new_tokens), ("temperature", self.temperature),
+                            ("save-steps", self.save_steps), ("snapshots", self.snapshots)):
+            if value is not None and not (0 < value < math.inf):
                 raise VasError(f"--{name} must be a finite number > 0, got {value}")

@@ -137,6 +137,10 @@ def evaluate(
     """
     if finetuned and not hasattr(policy, "model"):
         raise VasError("fine-tuned policies are evaluated beside a local π0: leave out --api-base-url")
+    names = [tuned.name for tuned in finetuned]
+    if len(set(names)) < len(names):
+        raise VasError(f"two fine-tuned policies have the same name ({', '.join(n for n in names if names.count(n) > 1)}): "
+                       "evaluate them separately")
     out_dir = Path(out_dir)
     require_absent(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -220,9 +224,10 @@ def evaluate(
     seconds_per_token = seconds / max(float(lengths.sum()), 1.0)  # plain π0's, which a merged adapter shares
     for tuned in finetuned:
         sampler = LocalPolicy(policy.model, policy.tokenizer, eos_token_ids=policy.eos_token_ids,
-                              pad_token_id=policy.pad_token_id, tuned=tuned.model, tuned_name=str(tuned.path))
+                              pad_token_id=policy.pad_token_id, tuned=tuned.load(), tuned_name=str(tuned.path))
         f = responses(sampler, v_prompts, None, partial / f"finetuned-{_digest(tuned.path)}.jsonl", seed=seed + 1,
-                      desc=tuned.name, **run)
+                      desc=tuned.name, **{**run, "settings": {**run["settings"], "finetuned": tuned.info}})
+        del sampler  # its merged copy of π0
         f_len = torch.tensor([r["tokens"] for r in f], dtype=torch.float32)
         f_kl = torch.tensor([r["kl"] for r in f])
         f_r = score(reward, v_prompts, [r["response"] for r in f])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,24 @@ from vas.errors import VasError
 from vas.storage import make_temp_dir, require_absent, write_json_atomic
 
 META = "vas_finetune.json"
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> str:
+    """The prompt as π0 read it, as text TRL tokenizes back into the same ids: special tokens kept, except a
+    leading BOS that the tokenizer adds again by itself."""
+    text = tokenizer.decode(list(prompt_ids))
+    bos = tokenizer.bos_token
+    if bos and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id] and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+def response_text(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """A response's text as it continues its prompt (decoded together, so that a tokenizer that drops a word's
+    leading space at the start of a text keeps it), special tokens kept."""
+    prompt = tokenizer.decode(list(prompt_ids))
+    whole = tokenizer.decode(list(prompt_ids) + list(response_ids))
+    return whole[len(prompt):] if whole.startswith(prompt) else tokenizer.decode(list(response_ids))
 
 
 def preference_pairs(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
@@ -61,30 +78,14 @@ def preference_pairs(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase)
         worst = min(rows, key=lambda r: rewards[r])
         if rewards[best] == rewards[worst]:
             continue
-        columns["prompt"].append(tokenizer.decode(data[best]["prompt_ids"]))
-        columns["chosen"].append(tokenizer.decode(data[best]["response_ids"]))
-        columns["rejected"].append(tokenizer.decode(data[worst]["response_ids"]))
+        prompt_ids = data[best]["prompt_ids"]
+        columns["prompt"].append(prompt_text(tokenizer, prompt_ids))
+        columns["chosen"].append(response_text(tokenizer, prompt_ids, data[best]["response_ids"]))
+        columns["rejected"].append(response_text(tokenizer, prompt_ids, data[worst]["response_ids"]))
         columns["chosen_reward"].append(float(rewards[best]))
         columns["rejected_reward"].append(float(rewards[worst]))
         columns["prompt_index"].append(key if isinstance(key, int) else index)
     return datasets.Dataset.from_dict(columns)
-
-
-class _Elapsed(TrainerCallback):
-    """Keeps the training's wall seconds in the checkpoint folder at every save, so that a resumed run counts
-    the time the interrupted one spent up to its last checkpoint."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-        self.start = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return self.before + time.perf_counter() - self.start
-
-    def on_save(self, args, state, control, **kwargs):
-        write_json_atomic(self.path, {"seconds": self.seconds})
 
 
 def _online_prompts(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
@@ -93,7 +94,7 @@ def _online_prompts(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) 
     seen: dict = {}
     for text, ids in zip(data["prompt"], data["prompt_ids"]):
         seen.setdefault(tuple(ids), text)
-    return datasets.Dataset.from_dict({"prompt": [tokenizer.decode(list(ids)) for ids in seen],
+    return datasets.Dataset.from_dict({"prompt": [prompt_text(tokenizer, list(ids)) for ids in seen],
                                        "user_prompt": list(seen.values())})
 
 
@@ -140,7 +141,7 @@ def finetune(
 
     from vas.jobs import trainer_checkpoint
     from vas.models import load_policy, load_tokenizer, resolve_dtype
-    from vas.value.train import TrainingProgress, data_digest
+    from vas.value.train import data_digest, show_progress
 
     config.check()
     out_dir = Path(out_dir)
@@ -174,7 +175,7 @@ def finetune(
         group = config.samples_per_prompt or min(counts.values())
         if group < 2:
             raise VasError(f"--method {config.method} compares ≥ 2 responses per prompt: pass --samples-per-prompt 2 "
-                           "or more (the data holds 1 per prompt)")
+                           f"or more (got {group})")
         if config.batch_size % group:
             raise VasError(f"--batch-size ({config.batch_size}) must be a multiple of the responses per prompt ({group})")
         reward = load_reward(reward_spec)
@@ -185,6 +186,10 @@ def finetune(
         reward_function.__name__ = str(reward_spec)
         training = {"samples_read": 0}
         per_step = config.batch_size
+        # the settings used, where the data gives the default: the policy is trained (and its KL measured) at τ
+        config = dataclasses.replace(config, samples_per_prompt=group,
+                                     max_new_tokens=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
+                                     temperature=config.temperature or data_settings.get("temperature", 0.7))
     # before the trainer, which creates its output folder
     resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "base_model": base_model,
                                                  "reward": reward_spec, "data": data_digest(data)})
@@ -197,8 +202,7 @@ def finetune(
                              processing_class=tokenizer, peft_config=lora)
     else:
         online = dict(per_device_train_batch_size=config.batch_size, num_generations=group,
-                      max_completion_length=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
-                      temperature=config.temperature or data_settings.get("temperature", 0.7),
+                      max_completion_length=config.max_new_tokens, temperature=config.temperature,
                       beta=config.kl_coef, disable_dropout=True)
         if config.method == "rloo":
             from trl import RLOOConfig as Config, RLOOTrainer as Trainer
@@ -206,13 +210,7 @@ def finetune(
             from trl import GRPOConfig as Config, GRPOTrainer as Trainer
         trainer = Trainer(model=model, reward_funcs=reward_function, args=Config(**common, **online),
                           train_dataset=_online_prompts(data, tokenizer), processing_class=tokenizer, peft_config=lora)
-    from transformers import PrinterCallback, ProgressCallback
-
-    for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
-        trainer.remove_callback(printer)
-    trainer.add_callback(TrainingProgress(None, progress, desc=f"fine-tuning π0 ({config.method.upper()})"))
-    elapsed = _Elapsed(checkpoint_dir / "vas_elapsed.json")
-    trainer.add_callback(elapsed)
+    elapsed = show_progress(trainer, checkpoint_dir, None, progress, f"fine-tuning π0 ({config.method.upper()})")
 
     def info_at(steps: int, snapshot: bool = False) -> dict:  # an adapter's vas_finetune.json after ``steps`` steps
         return {"method": config.method, "snapshot": snapshot, "kl_coef": config.kl_coef, "base_model": base_model,
@@ -266,30 +264,40 @@ class _Snapshots(TrainerCallback):
 
 
 def label(info: dict) -> str:
-    """A fine-tuned policy's name in reports, e.g. ``DPO β=0.1``, ``RLOO KL 0.05`` or, for a snapshot taken
-    during training, ``RLOO KL 0.05, step 16``."""
-    method = info["method"].upper()
-    name = f"{method} β={info['kl_coef']:g}" if info["method"] == "dpo" else f"{method} KL {info['kl_coef']:g}"
+    """A fine-tuned policy's name in reports, by its method and KL coefficient (DPO's β is one), e.g.
+    ``DPO KL 0.1`` or, for a snapshot taken during training, ``RLOO KL 0.05, step 16``."""
+    name = f"{info['method'].upper()} KL {info['kl_coef']:g}"
     return name + (f", step {info['training']['steps']}" if info.get("snapshot") else "")
 
 
 @dataclass
 class Finetuned:
-    """A fine-tuned policy π_θ, loaded for evaluation.
+    """A fine-tuned policy π_θ to evaluate: its adapter, loaded onto π0 only when :meth:`load` is called (one
+    at a time: each is a full copy of π0).
 
     Attributes:
         path: its adapter folder.
-        model: π0 with the LoRA adapter merged (the same network as π0, so it decodes at π0's cost).
         info: its ``vas_finetune.json`` (:func:`finetune`'s result).
+        device, dtype: where and in which dtype :meth:`load` puts it.
     """
 
     path: Path
-    model: PreTrainedModel
     info: dict
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
         return label(self.info)
+
+    def load(self) -> PreTrainedModel:
+        """π0 with the LoRA adapter merged: the same network as π0, so it decodes at π0's cost."""
+        from peft import PeftModel
+
+        from vas.models import load_policy
+
+        base = load_policy(self.info["base_model"], device=self.device, dtype=self.dtype)
+        return PeftModel.from_pretrained(base, str(self.path)).merge_and_unload().eval()
 
 
 def read_finetune_info(path: str | Path) -> dict:
@@ -306,19 +314,13 @@ def read_finetune_info(path: str | Path) -> dict:
 
 def load_finetuned(path: str | Path, *, base_model: str, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> Finetuned:
-    """Load the adapter at ``path`` onto π0 (``base_model``) and merge it.
+    """The fine-tuned policy at ``path``, checked against π0 (its weights load later, :meth:`Finetuned.load`).
 
     Raises:
         VasError: if ``path`` is not an adapter written by :func:`finetune`, or was fine-tuned from another base
             model than ``base_model``.
     """
-    from peft import PeftModel
-
-    from vas.models import load_policy
-
     info = read_finetune_info(path)
     if info["base_model"] != base_model:
         raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model}")
-    model = PeftModel.from_pretrained(load_policy(base_model, device=device, dtype=dtype), str(path)).merge_and_unload()
-    model.eval()
-    return Finetuned(Path(path), model, info)
+    return Finetuned(Path(path), info, device, dtype)

@@ -197,7 +197,8 @@ class Decoded:
         logprobs: log π(x_t|s_{t-1}) of each chosen token under the sampling policy (float).
         base_logprobs: log π0(x_t|s_{t-1}) of each chosen token, π0 at the sampling temperature (over the
             support: renormalised over the top-k for a policy that tells only those).
-        kl: (B,) float32, Σ_t KL(π(·|s_t) ‖ π0(·|s_t)) in nats over the generated steps (0 without steering).
+        kl: (B,) float32, Σ_t KL(π(·|s_t) ‖ π0(·|s_t)) in nats over the generated steps, π the steered or
+            fine-tuned policy (0 for plain sampling).
         finished: (B,) bool, True if the row ended by itself (EOS), False if cut at ``max_new_tokens``.
         steps: (B,) int64, steps taken (tokens generated, the ending one included).
         outside_mass: (B,) float32, mean over steps of the probability π0 (at temperature 1) puts outside the

@@ -201,7 +201,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     else:
         log("DPO skipped: every prompt's responses have the same reward, so there is no preference pair")
     adapters.append(setup.finetuned(stage, data, replace(size.online, seed=seed), REWARD))
-    policies = []
+    policies = []  # their weights load one at a time, when evaluated
     for adapter in adapters:
         snapshots = sorted((adapter / "snapshots").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         policies += [load_finetuned(p, base_model=base_model, device=device, dtype=setup.policy.dtype)
@@ -386,8 +386,10 @@ def cost_section(report: dict, size: Size) -> Section:
         if b["n"] == 1:
             continue
         where, sentence = against_vas(b, report)
-        lines.append(f"- Best-of-{b['n']} at its KL bound {b['kl']:.2f}: {sentence} → Best-of-N "
-                     f"{ {'below': 'below VAS', 'above': 'above VAS', 'tie': 'ties VAS', 'outside': 'outside VAS range'}[where] }.")
+        verdict_c = {"below": "below VAS at its KL bound (open at its true KL, which is lower)",
+                     "above": "above VAS, also at its true KL", "tie": "ties VAS at its KL bound",
+                     "outside": "beyond VAS's measured KL"}[where]
+        lines.append(f"- Best-of-{b['n']} at its KL bound {b['kl']:.2f}: {sentence} → {verdict_c}.")
     body = f"""Same runs as the section above. Cost here is decoding only (the value model's training is in the table above).
 
 {text}

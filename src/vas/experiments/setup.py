@@ -150,8 +150,8 @@ class Setup:
         self.log(f"fine-tuning π0 by {config.method.upper()} (KL coefficient {config.kl_coef:g}) on {len(data)} responses "
                  f"→ {directory}")
         settings = json.loads((stage / "samples" / "vas_collect.json").read_text())
-        finetune(data, directory, config, base_model=self.base_model, reward_spec=reward, data_settings=settings,
-                 device=self.device, progress=self.progress, log=self.log)
+        finetune(rescored(data, reward), directory, config, base_model=self.base_model, reward_spec=reward,
+                 data_settings=settings, device=self.device, progress=self.progress, log=self.log)
         return directory
 
     def load_value_model(self, directory: Path):

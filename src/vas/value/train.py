@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +40,7 @@ from transformers import (
 from vas.config import TrainConfig
 from vas.errors import VasError
 from vas.models import resolve_dtype
-from vas.storage import make_temp_dir, require_absent
+from vas.storage import make_temp_dir, require_absent, write_json_atomic
 from vas.value.heads import two_hot
 from vas.value.td import lambda_returns
 from vas.value.model import ValueModel
@@ -219,6 +220,34 @@ class TrainingProgress(TrainerCallback):
         self.bar.close()
 
 
+class Elapsed(TrainerCallback):
+    """Keeps a training's wall seconds in ``path`` (in its checkpoint folder) at every save, so that a resumed
+    run counts the time the interrupted one spent up to its last checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        write_json_atomic(self.path, {"seconds": self.seconds})
+
+
+def show_progress(trainer, checkpoint_dir: Path, log: Callable[[str], None] | None, progress: bool, desc: str) -> Elapsed:
+    """Replace the Trainer's printing (raw log dicts) by :class:`TrainingProgress` and start an :class:`Elapsed`
+    clock kept in ``checkpoint_dir``; returns the clock."""
+    for printer in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(printer)
+    trainer.add_callback(TrainingProgress(log, progress, desc))
+    elapsed = Elapsed(Path(checkpoint_dir) / "vas_elapsed.json")
+    trainer.add_callback(elapsed)
+    return elapsed
+
+
 def data_digest(data: datasets.Dataset) -> str:
     """A short hash of the training rows (token ids and rewards): a resumed run must train on the same data."""
     rows = [list(data[column]) for column in ("prompt_ids", "response_ids", "reward")]
@@ -338,12 +367,10 @@ def train_value_model(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
         data_collator=ValueCollator(tokenizer.pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
     )
-    for printer in (ProgressCallback, PrinterCallback):  # they print raw log dicts
-        trainer.remove_callback(printer)
-    trainer.add_callback(TrainingProgress(log, progress))
+    elapsed = show_progress(trainer, checkpoint_dir, log, progress, "training the value model")
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
-    metrics = {"train_loss": result.training_loss, "train_seconds": result.metrics.get("train_runtime"), "history": history,
+    metrics = {"train_loss": result.training_loss, "train_seconds": elapsed.seconds, "history": history,
                **({k: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {})}
     tmp = make_temp_dir(out_dir)
     model.save_pretrained(
