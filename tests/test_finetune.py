@@ -158,6 +158,7 @@ def test_finetune_bad_input(tiny_model_dir, collected, tmp_path):
         "bad kl": (["--data", collected, "--kl-coef", 0], "--kl-coef must be a finite number > 0"),
         "batch not a multiple": (["--method", "rloo", "--data", collected, "--batch-size", 3], "must be a multiple"),
         "bad reward": (["--method", "rloo", "--data", collected, "--reward", "nonsense"], "nonsense"),
+        "huge batch": (["--data", collected, "--batch-size", 10**15], "--batch-size must be at most"),
     }
     for case, (args, message) in cases.items():
         r = vas("finetune", "--quiet", "--out", tmp_path / "o", *args)
@@ -169,6 +170,13 @@ def test_finetune_bad_input(tiny_model_dir, collected, tmp_path):
     assert r.returncode == 2 and "is not a fine-tuned policy" in r.stderr
     r = vas("evaluate", "--quiet", "--base-model", tiny_model_dir, "--out", tmp_path / "e")
     assert r.returncode == 2 and "give --value and/or --policy" in r.stderr
+    damaged = tmp_path / "damaged"  # its metadata without the adapter's weights
+    damaged.mkdir()
+    (damaged / "vas_finetune.json").write_text(json.dumps({"method": "dpo", "kl_coef": 0.1, "base_model": tiny_model_dir,
+                                                           "training": {}}))
+    r = vas("evaluate", "--quiet", "--base-model", tiny_model_dir, "--policy", damaged, "--out", tmp_path / "e")
+    assert r.returncode == 2 and "damaged fine-tuned policy (adapter_config.json, adapter_model.safetensors missing)" in r.stderr
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
 
 
 def test_finetune_resumes_an_interrupted_run(tiny_model_dir, collected, tmp_path, monkeypatch):

@@ -192,6 +192,16 @@ def collect(
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 
 
+def _collected(data: Path, required: set[str]):
+    """The dataset folder written by `vas collect` (checked for the ``required`` columns) and its collection
+    settings (``vas_collect.json``; empty if absent)."""
+    from vas.storage import load_dataset_dir
+
+    dataset = load_dataset_dir(data, required)
+    meta_file = data / "vas_collect.json"
+    return dataset, json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
 @app.command()
 @_options(TrainConfig, "config")
 def train(
@@ -204,13 +214,10 @@ def train(
     """Train a value model on TD(λ) targets of π0's returns (backbone + LoRA + linear head)."""
     from vas.collect import REQUIRED_FOR_TRAINING
     from vas.models import load_tokenizer, resolve_device
-    from vas.storage import load_dataset_dir
     from vas.value.train import train_value_model
 
     config.check()
-    dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING)
-    meta_file = data / "vas_collect.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING)
     base_model = meta.get("base_model")
     config = dataclasses.replace(config, backbone=config.backbone or base_model)
     if config.backbone is None:
@@ -240,13 +247,11 @@ def finetune(
     from vas.collect import REQUIRED_FOR_TRAINING
     from vas.finetune import finetune as run, label
     from vas.models import resolve_device
-    from vas.storage import load_dataset_dir, require_absent
+    from vas.storage import require_absent
 
     config.check()
     require_absent(out)
-    dataset = load_dataset_dir(data, REQUIRED_FOR_TRAINING | {"prompt"})
-    meta_file = data / "vas_collect.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING | {"prompt"})
     if not meta.get("base_model"):
         raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
     if meta.get("api_base_url"):
@@ -384,9 +389,10 @@ def evaluate(
         raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
     checked = Steering(top_k=top_k)  # k, before anything loads
     chosen_betas = _floats(betas, "betas") if value else []
-    ns = [int(n) for n in _floats(best_of, "best-of")]
-    if not ns or min(ns) < 1:
-        raise VasError("--best-of needs positive integers")
+    ns = _floats(best_of, "best-of")
+    if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
+        raise VasError(f"--best-of needs integers from 1 to 4096, got {best_of!r}")
+    ns = [int(n) for n in ns]
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)

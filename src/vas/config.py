@@ -289,3 +289,5 @@ class FinetuneConfig:
                             ("save-steps", self.save_steps), ("snapshots", self.snapshots)):
             if value is not None and not (0 < value < math.inf):
                 raise VasError(f"--{name} must be a finite number > 0, got {value}")
+        if self.batch_size > 2**20:
+            raise VasError(f"--batch-size must be at most {2**20}, got {self.batch_size}")

@@ -304,12 +304,20 @@ def read_finetune_info(path: str | Path) -> dict:
     """The ``vas_finetune.json`` of an adapter folder.
 
     Raises:
-        VasError: if ``path`` is not a folder written by :func:`finetune`.
+        VasError: if ``path`` is not a folder written by :func:`finetune`, or lacks its adapter's files.
     """
     meta = Path(path) / META
     if not meta.is_file():
         raise VasError(f"{path} is not a fine-tuned policy (no {META}): make one with vas finetune")
-    return json.loads(meta.read_text())
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (Path(path) / f).is_file()]
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        info = None
+    if missing or not isinstance(info, dict) or not {"method", "kl_coef", "base_model", "training"} <= set(info):
+        raise VasError(f"{path} is a damaged fine-tuned policy ({', '.join(missing) + ' missing' if missing else META + ' unreadable'}): "
+                       "fine-tune it again")
+    return info
 
 
 def load_finetuned(path: str | Path, *, base_model: str, device: torch.device | str = "cpu",
