@@ -28,3 +28,36 @@ def tokens(ids, mask):
     from vas.policy.local import Appended
 
     return SimpleNamespace(appended=Appended(ids, mask))
+
+
+SERVED_HEADS = {"a": {"head": "last"}, "b": {"head": "mean"},
+                "c": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
+"""The value models :func:`served_value_models` serves: one of each head."""
+
+
+def served_value_models(model_dir: str, folder, monkeypatch) -> None:
+    """Save a random value model of each head in :data:`SERVED_HEADS` under ``folder`` and set the vLLM
+    processor's settings (k = 4, float32, recorded statistics) in the environment."""
+    from vas.serving.processor import SETTINGS_ENV, Settings
+
+    for seed, (name, head) in enumerate(SERVED_HEADS.items(), start=1):
+        random_value_model(model_dir, seed=seed, **head).save_pretrained(folder / name)
+    settings = Settings({name: str(folder / name) for name in SERVED_HEADS}, vocab_size=300, top_k=4, dtype="float32",
+                        record=True)
+    monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
+
+
+def expected(models, logits, prompt, output, beta, weights, top_k, temperature, soft=False):
+    """Eq. 5 by hand for one served request: full forwards of each value model over prompt + output + candidate
+    (the mean head's window from the prompt's last token, the distributional head's soft value at β·w with
+    ``soft``); τ·log π returned, as the vLLM processor returns it."""
+    base = torch.log_softmax(logits / temperature, dim=-1)
+    candidates = base.topk(top_k).indices
+    with torch.no_grad():
+        ids = torch.tensor([prompt + output + [int(c)] for c in candidates])
+        lengths = torch.full((len(ids),), len(prompt))
+        values = sum(w * m(ids, torch.ones_like(ids), prompt_lengths=lengths, beta=beta * w if soft else None)[:, -1]
+                     for w, m in zip(weights, models))
+    steered = base.clone()
+    steered[candidates] += beta * (values - values.mean())
+    return temperature * torch.log_softmax(steered, dim=-1)

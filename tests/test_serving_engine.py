@@ -91,3 +91,20 @@ def test_greedy_at_another_temperature_and_options_the_processor_lacks_are_refus
         sample(engine, ["hi"], Steering(values, beta=1.0), greedy=True, temperature=0.7, max_new_tokens=2)
     with pytest.raises(VasError, match="masking"):
         sample(engine, ["hi"], Steering(values, beta=1.0, mask_outside_top_k=True), max_new_tokens=2)
+
+
+def test_the_cli_hands_vllm_folders_and_loads_no_weights(engine, values):
+    """With --engine vllm the CLI describes the --value folders (vLLM's worker loads them), and they steer as
+    the loaded value models do."""
+    from vas.cli import _value_models
+    from vas.value.model import ValueModelFolder
+
+    folders, weights = _value_models([f"{values[0].name_or_path}=2", values[1].name_or_path],
+                                     PolicyConfig(base_model=MODEL, engine="vllm"), "float32")
+    assert [type(f) for f in folders] == [ValueModelFolder] * 2 and weights == [2.0, 1.0]
+    assert [(f.name_or_path, f.kind, f.dtype) for f in folders] == [(v.name_or_path, "last", torch.float32) for v in values]
+    kwargs = dict(temperature=1.0, max_new_tokens=8, greedy=True, seed=0, progress=False)
+    want = generate(engine, PROMPTS[:2], Steering(values, weights, beta=3.0), **kwargs)
+    got = generate(engine, PROMPTS[:2], Steering(folders, weights, beta=3.0), **kwargs)
+    assert [g["response_ids"] for g in got] == [w["response_ids"] for w in want]
+    assert [g["kl"] for g in got] == pytest.approx([w["kl"] for w in want])

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import random_value_model, tokens
+from helpers import expected, random_value_model, served_value_models, tokens
 
 pytest.importorskip("vllm")
 
@@ -14,7 +14,6 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from vas.serving.processor import (  # noqa: E402
-    SETTINGS_ENV,
     RequestSteering,
     Settings,
     VllmLogitsProcessor,
@@ -164,34 +163,11 @@ def test_rows_joining_at_different_steps_do_not_widen_the_cache(tiny_model_dir):
     assert scorer.past_mask.shape[1] <= 1.5 * longest + 8 + 21  # at most one step's new prompt beyond the bound
 
 
-HEADS = {"a": {"head": "last"}, "b": {"head": "mean"},
-         "c": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
-
-
 @pytest.fixture
 def processor(tiny_model_dir, tmp_path, monkeypatch):
-    for seed, (name, head) in enumerate(HEADS.items(), start=1):
-        random_value_model(tiny_model_dir, seed=seed, **head).save_pretrained(tmp_path / name)
-    settings = Settings({name: str(tmp_path / name) for name in HEADS}, vocab_size=300, top_k=4, dtype="float32",
-                        record=True)
-    monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
+    served_value_models(tiny_model_dir, tmp_path, monkeypatch)
     config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=tiny_model_dir))
     return VllmLogitsProcessor(config, torch.device("cpu"), False)
-
-
-def expected(processor, logits, prompt, output, beta, weights, top_k, temperature, soft=False):
-    """Eq. 5 by hand: full forwards of each value model over prompt + output + candidate (the mean head's window
-    from the prompt's last token, the distributional head's soft value at β·w with ``soft``); τ·log π returned."""
-    base = torch.log_softmax(logits / temperature, dim=-1)
-    candidates = base.topk(top_k).indices
-    with torch.no_grad():
-        ids = torch.tensor([prompt + output + [int(c)] for c in candidates])
-        lengths = torch.full((len(ids),), len(prompt))
-        values = sum(w * m(ids, torch.ones_like(ids), prompt_lengths=lengths, beta=beta * w if soft else None)[:, -1]
-                     for w, m in zip(weights, processor.models))
-    steered = base.clone()
-    steered[candidates] += beta * (values - values.mean())
-    return temperature * torch.log_softmax(steered, dim=-1)
 
 
 def test_the_processor_follows_the_batch(processor):
@@ -219,7 +195,7 @@ def test_the_processor_follows_the_batch(processor):
                 torch.testing.assert_close(out[i], logits[i])
             else:
                 tau = temperature[name] or 1.0
-                want = expected(processor, logits[i], prompts[name], outputs[name], steering[name]["vas_beta"],
+                want = expected(processor.steerer.models, logits[i], prompts[name], outputs[name], steering[name]["vas_beta"],
                                 weight[name], top_k[name], tau, steering[name].get("vas_soft", False))
                 torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
         for name in batch:  # vLLM appends each sampled token to the live output list
@@ -238,10 +214,10 @@ def test_the_processor_follows_the_batch(processor):
     # r was preempted: it comes back as an addition with its output so far
     processor.update_state(BatchUpdate(3, removed=[], added=[added(2, "r")], moved=[]))
     step(["p", "s", "r"])
-    assert sorted(len(s.rows) for s in processor.scorers) == [3, 3, 3]
+    assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3]
     processor.update_state(BatchUpdate(1, removed=[1, 2], added=[], moved=[]))
     step(["p"])
-    assert [len(s.rows) for s in processor.scorers] == [1, 1, 0]  # c is no longer used: its cache is freed
+    assert [len(s.keys) for s in processor.steerer.scorers] == [1, 1, 0]  # c is no longer used: its cache is freed
 
 
 def test_recorded_steps_give_back_pi0_and_the_kl(processor):

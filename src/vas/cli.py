@@ -119,13 +119,15 @@ def _options(config_class, name: str):
     return decorate
 
 
-def _value_models(value: list[str], device: str, value_dtype: str):
-    """The value models of the --value options and their weights (each folder checked before any loads)."""
+def _value_models(value: list[str], policy: PolicyConfig, value_dtype: str):
+    """The value models of the --value options and their weights (each folder checked before any loads); with
+    --engine vllm, their folders, which vLLM's worker loads."""
     from vas.models import resolve_device, resolve_value_dtype
     from vas.value.model import load_value_models
 
-    dev = resolve_device(device)
-    return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev))
+    dev = resolve_device(policy.device)
+    return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev),
+                             load=policy.engine != "vllm")
 
 
 def _fingerprints(value: list[str]) -> list[str]:
@@ -319,7 +321,7 @@ def generate(
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
     base = policy.load(texts, max_new_tokens, checked if value else None)
-    models, weights = _value_models(value, policy.device, value_dtype)
+    models, weights = _value_models(value, policy, value_dtype)
     steering = Steering(models, weights, beta=beta, top_k=top_k, soft=soft)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(base, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
@@ -396,7 +398,7 @@ def evaluate(
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)
-    models, weights = _value_models(value, policy.device, value_dtype)
+    models, weights = _value_models(value, policy, value_dtype)
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
     report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,

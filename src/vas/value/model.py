@@ -18,6 +18,7 @@ call, ``score(rollout, candidates, active, beta=None) -> (B, k)`` (``beta``: sof
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -128,6 +129,11 @@ class ValueModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's dtype (the head stays float32)."""
+        return self.backbone.dtype
 
     def hidden_states(
         self,
@@ -579,14 +585,38 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+@dataclass(frozen=True)
+class ValueModelFolder:
+    """A saved value model that is not loaded in this process: what an engine that loads value models in its
+    own workers (:class:`vas.serving.engine.VllmPolicy`) needs of it. Same attributes as a loaded
+    :class:`ValueModel` for that use.
+
+    Attributes:
+        name_or_path: the folder, absolute.
+        tokenizer: its tokenizer.
+        kind: its head (:data:`vas.value.heads.HEADS`).
+        dtype: the dtype it is to run in.
+    """
+
+    name_or_path: str
+    tokenizer: PreTrainedTokenizerBase
+    kind: str
+    dtype: torch.dtype
+
+
 def load_value_models(
     specs: Sequence[str],
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[list[ValueModel], list[float]]:
+    load: bool = True,
+) -> tuple[list[ValueModel] | list[ValueModelFolder], list[float]]:
     """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition), each with
     its tokenizer. Every folder is checked before any model loads.
+
+    Args:
+        load: False: describe each folder (:class:`ValueModelFolder`) without loading its weights, for an
+            engine that loads them in its own processes.
 
     Returns:
         The value models and their weights.
@@ -597,4 +627,7 @@ def load_value_models(
     parsed = [parse_weighted(spec) for spec in specs]
     for path, _ in parsed:
         check_value_dir(path)
+    if not load:
+        return [ValueModelFolder(str(Path(path).resolve()), load_value_tokenizer(path), value_head(path), dtype)
+                for path, _ in parsed], [w for _, w in parsed]
     return [ValueModel.from_pretrained(path, device=device, dtype=dtype) for path, _ in parsed], [w for _, w in parsed]
