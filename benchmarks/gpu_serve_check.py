@@ -9,7 +9,7 @@ completions of 4 prompts under 4 steerings (plain, each value model alone, a mix
 are equal or, where they part, the own loop's two best steered tokens at that step lie within
 :data:`TIE_NATS` of each other (a near tie that kernels of another rounding may break the other way; the
 answers then differ by design after it). Writes the vLLM version, the model runner vLLM chose, each pair's
-verdict and the time of each phase as JSON; exits 1 if any pair fails.
+verdict and the time of each phase as JSON; exits 1 if any pair fails or the runner is not V2.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def main() -> None:
         start = time.perf_counter()
         with open(Path(tmp) / "server.log", "w+") as log, serve_in_background(
                 ["--dtype", "float32", "--value-dtype", "float32", "--max-model-len", "1024",
-                 *(arg for name, path in folders.items() for arg in ("--value", f"{name}={path}"))], log=log) as url:
+                 "--gpu-memory-utilization", "0.6",
+                 *(arg for name, path in folders.items() for arg in ("--value", f"{name}={path}"))], log=log,
+                startup_timeout=900) as url:
             report["seconds"]["server_start"] = time.perf_counter() - start
             start = time.perf_counter()
             served = {}
@@ -129,12 +131,13 @@ def main() -> None:
                                     "gap_nats": None if parted is None or parted >= len(gaps) else gaps[parted],
                                     "pass": ok, "served": theirs, "own": mine})
         report["seconds"]["own_loop"] = time.perf_counter() - start
-    report["passed"] = all(p["pass"] for p in report["pairs"])
+    report["passed"] = all(p["pass"] for p in report["pairs"]) and report["runner"] == "V2"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     equal = sum(p["equal"] for p in report["pairs"])
-    print(f"{equal}/{len(report['pairs'])} steered greedy answers equal the own loop's token for token; "
-          f"{'all pass' if report['passed'] else 'FAILED'} (near ties < {TIE_NATS} nats allowed) → {args.out}")
+    print(f"vLLM {report['vllm']}, {report['runner']} model runner: {equal}/{len(report['pairs'])} steered greedy "
+          f"answers equal the own loop's token for token; {'all pass' if report['passed'] else 'FAILED'} (near "
+          f"ties < {TIE_NATS} nats allowed; the V2 runner expected) → {args.out}")
     raise SystemExit(0 if report["passed"] else 1)
 
 

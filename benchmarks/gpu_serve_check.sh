@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu-serve}
 venv=${VAS_GPU_VENV:-/tmp/vas-gpu-venv}
+python=${PYTHON:-python3}   # Python ≥ 3.11 (e.g. PYTHON=python3.11 where python3 is older)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m venv "$venv"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11) and "vas needs Python >= 3.11: set PYTHON")'
+"$python" -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q ".[serve]"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import expected, random_value_model, served_value_models, tokens
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.v1.sample.logits_processor")  # the V1 interface (vLLM < 0.34)
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402

@@ -23,7 +23,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (  # noqa: E402
 from vas.serving.processor import VllmLogitsProcessor, take_statistics  # noqa: E402
 from vas.serving.v2 import V2Processor  # noqa: E402
 
-V, SLOTS, MAX_LEN = 300, 4, 64
+V, SLOTS, MAX_LEN = 300, 5, 64
 
 
 class Runner:
@@ -133,10 +133,10 @@ def test_slots_reordered_reused_preempted_prefilled_in_chunks_and_declined(runne
     assert add("s", 1) and add("t", 0)
     step(["s", "p", "q", "t"], prefilling={"t": 5})
     step(["t", "s", "q", "p"])
-    # p is preempted, then refilled into slot 3 with its prompt and partial output; the mean head's window
-    # still starts at its prompt
+    # p is preempted, then refilled into another slot with its prompt and partial output; the mean head's
+    # window still starts at its prompt
     step(["t", "s", "q"])
-    assert add("p", 3)
+    assert add("p", 4)
     step(["p", "t", "s", "q"])
     step(["q", "p", "s", "t"])
     assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3]  # every used value model feeds every steered row
@@ -148,21 +148,26 @@ def test_slots_reordered_reused_preempted_prefilled_in_chunks_and_declined(runne
     assert [len(s.keys) for s in processor.steerer.scorers] == [0, 0, 0]
 
 
-def test_a_value_model_that_fails_ends_only_its_own_request(runner):
-    """A non-finite value for one request forces that request's EOS (recorded as its error) and steers the
-    other request as usual, at this step and the next."""
+@pytest.mark.parametrize("value, weight", [(torch.nan, 1.0), (1e38, 10.0)])  # a NaN; a weighted sum that overflows
+def test_a_value_model_that_fails_ends_only_its_own_request(runner, value, weight):
+    """A non-finite value for one request forces that request's EOS from then on (recorded as its error; it
+    is no longer scored) and steers the other request as usual, at this step and the next."""
     processor = VllmLogitsProcessor(runner.config, runner.state)
     models = processor.steerer.models
     live = processor.steerer.scorers[0]
-    score = live.scorer.score
+    score, scored = live.score, []
 
-    def failing(rollout, candidates, beta=None):
-        values = score(rollout, candidates, beta=beta)
-        values[0, 1] = torch.nan  # the first row's second candidate
+    def failing(rollout, candidates, active, beta=None):
+        values = score(rollout, candidates, active, beta=beta)
+        scored.append([r.steering.record_id for r in rollout.rows])
+        for b, row in enumerate(rollout.rows):
+            if row.steering.record_id == "x":
+                values[b, 1] = value  # x's second candidate
         return values
 
-    live.scorer.score = failing
-    runner.add(processor, 0, SamplingParams(temperature=0.7, extra_args={"vas_beta": 2.0, "vas_values": "a", "vas_id": "x"}), [5, 6, 7], [])
+    live.score = failing
+    runner.add(processor, 0, SamplingParams(temperature=0.7, extra_args={"vas_beta": 2.0, "vas_values": f"a={weight}",
+                                                                          "vas_id": "x"}), [5, 6, 7], [])
     runner.add(processor, 2, SamplingParams(temperature=0.7, extra_args={"vas_beta": 2.0, "vas_values": "a", "vas_id": "y"}), [9, 12], [])
     for step in range(2):
         logits = torch.randn(2, V)
@@ -170,8 +175,9 @@ def test_a_value_model_that_fails_ends_only_its_own_request(runner):
         assert out[0, 2] == 0 and bool(torch.isneginf(out[0, torch.arange(V) != 2]).all())  # EOS only
         want = expected(models[:1], logits[1], [9, 12], [3] * step, 2.0, (1.0,), 4, 0.7)
         torch.testing.assert_close(out[1], want, atol=1e-4, rtol=1e-4)
-        runner.commit(0, 3)
+        runner.commit(0, 2)
         runner.commit(2, 3)
+    assert scored == [["x", "y"], ["y"]]  # x is not scored once it failed
     records = take_statistics(["x", "y"])
-    assert "value model 'a' returned a non-finite value" in records["x"][0].error
+    assert "value model 'a' gave a non-finite value" in records["x"][0].error
     assert [r.error for r in records["y"].values()] == [None, None]

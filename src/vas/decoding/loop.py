@@ -151,7 +151,8 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
 
 
 def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, active: torch.Tensor,
-          beta: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor | None = None) -> torch.Tensor:
+          beta: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor | None = None,
+          failed: torch.Tensor | None = None) -> torch.Tensor:
     """One VAS step: π0's top-k candidates (B, k) scored by every value model and combined by Eq. 5.
 
     Args:
@@ -164,6 +165,9 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
         weights: (B, M) float32 weights of each row.
         top_k: (B,) int64 k of each row, at most ``steering.top_k`` (all ``steering.top_k`` if None). The
             scorers see ``steering.top_k`` candidates in every row; a row uses its first k.
+        failed: None, or a (B,) bool tensor that receives the rows whose weighted values are not all finite
+            (a value model's NaN or ±inf, or an overflowing weighted sum); those rows are then steered with
+            values 0 instead of raising, for a caller that fails them alone (a server).
 
     Returns:
         (B, S) float32 log π of the steered policy.
@@ -177,6 +181,9 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
                                  weights.to(base.device))
     else:
         values = torch.zeros(candidates.shape, device=base.device)
+    if failed is not None:
+        failed.copy_(~torch.isfinite(values).all(dim=1).to(failed.device))
+        values = values.masked_fill(failed.to(values.device)[:, None], 0.0)
     counted = None
     if top_k is not None:
         counted = torch.arange(candidates.shape[1], device=base.device)[None, :] < top_k.to(base.device)[:, None]

@@ -146,7 +146,7 @@ class VllmPolicy:
         for b, out in enumerate(outputs):
             completion = out.outputs[0]
             steps = {int(k): StepRecord(**v) for k, v in stats.get(record[b], {}).items()}
-            failure = next((s.error for s in steps.values() if s.error), None)
+            failure = next((s.error for t, s in steps.items() if s.error and t < len(completion.token_ids)), None)
             if failure is not None:
                 raise VasError(f"steering failed for prompt {b + 1} of the batch: {failure}")
             chosen = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]  # log π

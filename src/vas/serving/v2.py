@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
-from vas.serving.processor import GREEDY_EPS, BatchSteerer, RequestSteering, Row, parse_request
+from vas.serving.processor import BatchSteerer, RequestSteering, Row, steering_of
 
 
 @dataclass(frozen=True)
@@ -37,22 +37,24 @@ class V2Processor(LogitsProcessor):
             ``prefill_len.np`` (slots,) on the host, and ``device``.
 
     Raises:
-        ValueError: under speculative decoding (see :class:`vas.serving.processor.BatchSteerer`).
+        ValueError: under speculative decoding (see :class:`vas.serving.processor.BatchSteerer`) or with prompt
+            embeddings (requests without token ids).
     """
 
     def __init__(self, vllm_config, req_states):
+        if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
+            raise ValueError("VAS steering reads token ids: it does not run with --enable-prompt-embeds")
         self.steerer = BatchSteerer(vllm_config, req_states.device, "V2")
         self.req_states = req_states
         self.slots: dict[int, _Slot] = {}  # slot → steered request; a slot re-added unsteered is dropped
         self._keys = itertools.count()
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        steering = parse_request(sampling_params.extra_args, self.steerer.settings)
-        if steering is None:
+        steered = steering_of(sampling_params, self.steerer.settings)
+        if steered is None:
             self.slots.pop(req_idx, None)
             return False
-        temperature = sampling_params.temperature if sampling_params.temperature >= GREEDY_EPS else 1.0
-        self.slots[req_idx] = _Slot(next(self._keys), steering, temperature)
+        self.slots[req_idx] = _Slot(next(self._keys), *steered)
         return True
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
@@ -77,24 +79,33 @@ class V2Processor(LogitsProcessor):
         if not index:
             self.steerer.release()
             return logits
+        # rows in the order the requests arrived: vLLM reorders its batch every step, and following that
+        # order would reorder the value models' caches every step
+        index.sort(key=lambda i: self.slots[int(slots[i])].key)
         prompt_len = self.req_states.prompt_len.np
-        rows = [Row(self.slots[int(slots[i])].key, self.slots[int(slots[i])].steering,
-                    self.slots[int(slots[i])].temperature, int(prompt_len[slots[i]]), int(lengths[i])) for i in index]
-        at = torch.tensor(index, device=logits.device)
+        rows = []
+        for i in index:
+            slot = self.slots[int(slots[i])]
+            rows.append(Row(slot.key, slot.steering, slot.temperature, int(prompt_len[slots[i]]), int(lengths[i]),
+                            int(slots[i])))
         tokens = self.req_states.all_token_ids.gpu
-        slot_ids = torch.as_tensor(slots[index], dtype=torch.long, device=tokens.device)
-        out = self.steerer.steer(logits[at], rows, lambda starts: _gather(tokens, slot_ids, starts, rows))
+        at = torch.tensor(index, device=logits.device)
+        out = self.steerer.steer(logits[at], rows, lambda rows, starts: _gather(tokens, rows, starts))
         logits[at] = out.to(logits.dtype)
         return logits
 
 
-def _gather(tokens: torch.Tensor, slots: torch.Tensor, starts: list[int], rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens ``starts[b]`` … ``rows[b].length`` of each row's slot, left-padded, gathered on the device in one
-    indexing op: (ids, mask), each (B, P) int64 (:data:`vas.serving.processor.Reader`)."""
-    count = torch.tensor([r.length - s for r, s in zip(rows, starts)], device=tokens.device)
-    end = torch.tensor([r.length for r in rows], device=tokens.device)
-    P = int(count.max()) if len(rows) else 0
-    offsets = torch.arange(P, device=tokens.device)
+def _gather(tokens: torch.Tensor, rows: list[Row], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``starts[b]`` … ``rows[b].length`` of each row's slot (its ``source``), left-padded, gathered on
+    the device in one indexing op without a sync: (ids, mask), each (B, P) int64
+    (:data:`vas.serving.processor.Reader`)."""
+    counts = [r.length - s for r, s in zip(rows, starts)]
+    P = max(counts, default=0)
+    device = tokens.device
+    slots = torch.tensor([r.source for r in rows], dtype=torch.long, device=device)
+    count = torch.tensor(counts, device=device)
+    end = torch.tensor([r.length for r in rows], device=device)
+    offsets = torch.arange(P, device=device)
     mask = offsets[None, :] >= (P - count)[:, None]  # (B, P): the last count[b] columns are real
     positions = (end[:, None] - P + offsets[None, :]).clamp_min(0)
     ids = tokens[slots[:, None], positions].long() * mask

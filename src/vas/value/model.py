@@ -295,6 +295,16 @@ def value_head(directory: str | Path) -> str:
     return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("head", "last")
 
 
+def value_summary(directory: str | Path) -> dict:
+    """What a saved value model is, from its config, without its path: ``head``, ``reward`` (the reward spec it
+    was trained on), ``train_rows`` and ``val_rows`` (responses in its training and validation sets) and
+    ``validation_r2`` (the share of the validation rewards' variance it explains, 1 − MSE / Var; App. C.1).
+    Fields its config lacks (a value model saved by hand) are None."""
+    config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    return {"head": config.get("head", "last"), "reward": config.get("reward"), "train_rows": config.get("train_rows"),
+            "val_rows": config.get("val_rows"), "validation_r2": config.get("metrics", {}).get("eval_explained")}
+
+
 def fingerprint(directory: str | Path) -> str:
     """A short SHA-256 of the files that define a saved value model (its config, head and LoRA adapter), so a
     resumed job can tell a value model retrained into the same folder from the one it started with.
