@@ -577,6 +577,44 @@ def serve(
                 value_dtype=value_dtype, gpu_memory_utilization=gpu_memory_utilization, vllm_args=list(ctx.args)).run()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def playground(
+    ctx: typer.Context,
+    url: Annotated[Optional[str], typer.Option(help="A running vas serve (http://HOST:PORT); without it, one is started with the options that follow.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's key (Authorization: Bearer KEY); a started server requires it too.")] = None,
+    host: Annotated[str, typer.Option(help="Address of the page (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port of the page.")] = 7860,
+):
+    """A page to try steering by hand: one prompt, the plain and the steered answer side by side, streamed.
+
+    Sliders set β, k and each value model's weight, temperature, max tokens and the seed both answers share.
+    Connect to a running server with --url, or give vas serve's options (e.g. --value kind=runs/value) to
+    start one on 127.0.0.1 for the page. Needs pip install 'value-augmented-sampling[playground]'.
+    """
+    from vas.serving.playground import connect, launch
+    from vas.serving.server import check_free
+
+    if not 0 < port < 65536:
+        raise VasError(f"--port must be between 1 and 65535, got {port}")
+    check_free(host, port)
+    if url is not None:
+        if ctx.args:
+            raise VasError(f"--url connects to a running server: vas serve's options ({ctx.args[0]} …) start one instead")
+        server = connect(url, api_key)
+        typer.echo(f"page → http://{host}:{port}", err=True)
+        launch(server, host=host, port=port)
+        return
+    if not ctx.args:
+        raise VasError("give --url of a running vas serve, or vas serve's options (--value NAME=DIR …) to start one")
+    from vas.serving.server import serve_in_background
+
+    typer.echo("starting vas serve (about a minute on CPU) …", err=True)
+    with serve_in_background([*ctx.args, *(["--api-key", api_key] if api_key else [])]) as served:
+        server = connect(served, api_key)
+        typer.echo(f"vas serve at {served}; page → http://{host}:{port}", err=True)
+        launch(server, host=host, port=port)
+
+
 def _interrupt_hint() -> str:
     """What the interrupted command (the first word after ``vas``; no top-level option takes a value) kept, and
     how to resume it."""
