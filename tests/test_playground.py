@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import shutil
 import threading
@@ -38,23 +39,49 @@ def test_a_slider_label_tells_what_the_value_model_is():
     assert _label({"name": "x", "head": None}) == "weight of x (last)"
 
 
-def test_a_server_that_cannot_be_reached_or_is_not_vas_serve_is_one_line():
+def test_a_server_that_cannot_be_reached_or_is_not_openai_compatible_is_one_line():
     with pytest.raises(VasError, match=r"cannot reach a server at http://127.0.0.1:\d+.*is vas serve running there"):
         connect(f"http://127.0.0.1:{free_port()}", timeout=5)
+    with plain_server({}) as url, pytest.raises(VasError, match=r"lists no model at /v1/models \(HTTP 404\)"):
+        connect(url)
 
-    class NotVas(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(404)
-            self.end_headers()
 
-        def log_message(self, *args):
-            pass
+def test_a_server_without_value_models_answers_plainly_and_says_why():
+    """An OpenAI-compatible server that is not vas serve: the page has no weight sliders and its steered
+    column says why."""
+    with plain_server({"/v1/models": {"data": [{"id": "some-model"}]}}) as url:
+        server = connect(url)
+    assert (server.model, server.value_models) == ("some-model", [])
+    pytest.importorskip("gradio")
+    from vas.serving.playground import build
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotVas) as plain:
-        threading.Thread(target=plain.serve_forever, daemon=True).start()
-        with pytest.raises(VasError, match=r"lists no value models \(HTTP 404 .*is it vas serve\?"):
-            connect(f"http://127.0.0.1:{plain.server_address[1]}")
-        plain.shutdown()
+    assert "this server serves no value models" in json.dumps(build(server).config)
+
+
+class plain_server:
+    """An HTTP server on 127.0.0.1 that answers GET ``path`` with ``routes[path]`` as JSON, else 404."""
+
+    def __init__(self, routes: dict):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = routes.get(self.path)
+                self.send_response(404 if body is None else 200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps(body or {}).encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,8 +6,8 @@ The page is Gradio's (the ``playground`` extra); it builds its controls from the
 ``openai`` client, as any client would. Beside each answer it shows the tokens generated, the wall time, and
 the KL to π0 where it is known: 0 for the plain answer, which *is* π0; the server's OpenAI API returns π0's
 log-probabilities only, so the steered answer's KL is not reported there (``vas generate`` and
-``--engine vllm`` record it exactly). Errors (a server that cannot be reached, one that is not ``vas serve``,
-a setting the server refuses) are shown on the page, and every request has a time limit.
+``--engine vllm`` record it exactly). Errors (a server that went away, one without value models, a setting
+the server refuses, an empty prompt) are shown on the page, and every request has a time limit.
 """
 
 from __future__ import annotations
@@ -46,32 +46,38 @@ class Server:
 
 
 def connect(url: str, api_key: str | None = None, timeout: float = 30.0) -> Server:
-    """Ask the server at ``url`` what it serves.
+    """Ask the server at ``url`` what it serves. A server without a value-model list (an OpenAI-compatible
+    server that is not ``vas serve``) gives a :class:`Server` without value models: the page then answers
+    plainly and says why.
 
     Raises:
-        VasError: one line, if it cannot be reached, refuses the key, is not ``vas serve`` (no value-model
-            list), or serves no value models.
+        VasError: one line, if it cannot be reached, refuses the key, or lists no model at ``/v1/models`` (not
+            an OpenAI-compatible server).
     """
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS), headers=headers) as client:
             listing = client.get(f"{url}{VALUE_MODELS_PATH}")
-            models = client.get(f"{url}/v1/models") if listing.status_code == 200 else None
+            models = client.get(f"{url}/v1/models")
     except httpx.HTTPError as exc:
         raise VasError(f"cannot reach a server at {url}: {exc or type(exc).__name__} (is vas serve running there?)") from None
-    if listing.status_code == 401:
+    if 401 in (listing.status_code, models.status_code):
         raise VasError(f"the server at {url} needs its API key: give --api-key")
-    if listing.status_code != 200:
-        raise VasError(f"the server at {url} lists no value models (HTTP {listing.status_code} for "
-                       f"{VALUE_MODELS_PATH}): is it vas serve?")
-    info = listing.json()
-    if not info.get("value_models"):
-        raise VasError(f"the server at {url} serves no value models")
-    names = [m["id"] for m in models.json().get("data", [])] if models is not None and models.status_code == 200 else []
+    try:
+        names = [m["id"] for m in models.json()["data"]] if models.status_code == 200 else []
+    except (ValueError, KeyError, TypeError):
+        names = []
     if not names:
-        raise VasError(f"the server at {url} lists no model at /v1/models")
-    return Server(url, api_key, names[0], info["value_models"], int(info["top_k"]), int(info["max_top_k"]))
+        raise VasError(f"the server at {url} lists no model at /v1/models (HTTP {models.status_code}): is it an "
+                       "OpenAI-compatible server such as vas serve?")
+    info = listing.json() if listing.status_code == 200 else {}
+    return Server(url, api_key, names[0], info.get("value_models", []), int(info.get("top_k", 10)),
+                  int(info.get("max_top_k", 100)))
+
+
+NO_VALUE_MODELS = ("this server serves no value models (it is not vas serve, or lists none): only plain answers "
+                   "here; start vas serve --value NAME=DIR to steer")
 
 
 @dataclass
@@ -163,6 +169,8 @@ def build(server: Server, timeout: float = 300.0):
     with gr.Blocks(title="vas playground", analytics_enabled=False) as page:
         gr.Markdown(f"## VAS playground · `{server.model}`\nOne prompt, two answers from the same seed: plain π0, "
                     "and π0 steered by the value models below (π ∝ π0 · exp(β Σ wᵢ Vᵢ) over π0's top-k, Eq. 5).")
+        if not server.value_models:
+            gr.Markdown(f"⚠ {NO_VALUE_MODELS}", elem_id="notice")
         prompt = gr.Textbox(label="Prompt", lines=3, value="How was your weekend?", elem_id="prompt")
         with gr.Row():
             beta = gr.Slider(-32, 32, value=4, step=0.5, label="β", elem_id="beta")
@@ -189,6 +197,8 @@ def build(server: Server, timeout: float = 300.0):
                 return
             plain, steered = Answer(), Answer()
             try:
+                if not server.value_models:
+                    raise VasError(NO_VALUE_MODELS)
                 xargs = steering(server, beta_value, k_value, weight_values)
             except VasError as exc:
                 steered.error, steered.done = str(exc), True
