@@ -408,11 +408,18 @@ class BatchSteerer:
         self.failed &= {r.key for r in rows}  # requests that left
         ended = [b for b, r in enumerate(rows) if r.key in self.failed]
         live = [b for b, r in enumerate(rows) if r.key not in self.failed]
-        out = torch.full_like(logits, -torch.inf, dtype=torch.float32)
-        out[ended, self.eos] = 0.0
-        if not live:
-            return out
-        steered = [rows[b] for b in live]
+        out = torch.empty_like(logits, dtype=torch.float32)
+        if live:
+            out[live], newly = self._steer_live(logits[live], [rows[b] for b in live], read)
+            ended += [live[b] for b in newly]
+        if ended:
+            out[ended] = -torch.inf
+            out[ended, self.eos] = 0.0
+        return out
+
+    def _steer_live(self, logits: torch.Tensor, steered: list[Row], read: Reader) -> tuple[torch.Tensor, list[int]]:
+        """τ·log π (B, V) of rows not failed before this step, and those of them that fail now (recorded and
+        logged here; the caller ends them)."""
         temperature = torch.tensor([[r.temperature] for r in steered], device=logits.device)
         beta = torch.tensor([r.steering.beta for r in steered])
         weights = torch.tensor([r.steering.weights for r in steered])
@@ -420,10 +427,10 @@ class BatchSteerer:
         used = [i for i in range(len(self.models)) if bool((weights[:, i] != 0).any())]
         soft = torch.tensor([r.steering.soft for r in steered])
         steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()), soft=soft)
-        base = base_logprobs(logits[live], temperature)  # (B, V) log π0 at each request's τ
-        failed = torch.zeros(len(live), dtype=torch.bool)
+        base = base_logprobs(logits, temperature)  # (B, V) log π0 at each request's τ
+        failed = torch.zeros(len(steered), dtype=torch.bool)
         logp = steer(steering, [self.scorers[i] for i in used], _Step(steered, read),
-                     base, torch.ones(len(live), dtype=torch.bool), beta, weights[:, used], top_k, failed=failed)
+                     base, torch.ones(len(steered), dtype=torch.bool), beta, weights[:, used], top_k, failed=failed)
         for i, scorer in enumerate(self.scorers):
             if i not in used and scorer.keys:  # free the caches of a value model no request uses now
                 self.scorers[i] = _LiveScorer(self.models[i])
@@ -433,12 +440,7 @@ class BatchSteerer:
             self._fail(steered[b], [name for i, name in enumerate(self.settings.values) if i in used
                                     and steered[b].steering.weights[i]])
         self._record(steered, base, logp, int(top_k.max()), newly)
-        out[live] = logp * temperature
-        if newly:
-            rows_out = torch.tensor(live)[newly]
-            out[rows_out] = -torch.inf
-            out[rows_out, self.eos] = 0.0
-        return out
+        return logp * temperature, newly
 
     def _fail(self, row: Row, names: list[str]) -> None:
         message = (f"value model{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} gave a non-finite "
