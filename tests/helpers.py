@@ -14,7 +14,8 @@ def random_value_model(model_dir: str, seed: int = 0, lora_rank: int = 4, num_la
     torch.manual_seed(seed)
     model = ValueModel.create(model_dir, lora_rank=lora_rank, init_value=0.1, num_layers=num_layers, **head)
     with torch.no_grad():
-        torch.nn.init.normal_(model.head.weight, std=1.0)
+        for weight in ((model.head.baseline.weight, model.head.mix.weight) if model.kind == "next" else (model.head.weight,)):
+            torch.nn.init.normal_(weight, std=1.0)
         for name, param in model.backbone.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.2)
@@ -31,7 +32,7 @@ def tokens(ids, mask):
 
 
 SERVED_HEADS = {"a": {"head": "last"}, "b": {"head": "mean"},
-                "c": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
+                "c": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}, "d": {"head": "next"}}
 """The value models :func:`served_value_models` serves: one of each head."""
 
 

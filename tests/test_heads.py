@@ -1,4 +1,4 @@
-"""Value heads (last, mean, distributional): soft values against closed forms, two-hot targets and distributional
+"""Value heads (last, mean, distributional, next): soft values against closed forms, two-hot targets and distributional
 λ-returns by hand, cached scoring against a full recompute done by hand, save/reload, and soft steering by Eq. 5."""
 
 import math
@@ -14,9 +14,11 @@ from vas.value.model import CandidateScorer, TextCandidateScorer, ValueModel
 from vas.value.td import lambda_returns
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
-HEADS = [{"head": "last"}, {"head": "mean"}, {"head": "mean", "mean_over": "all"},
-         {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}]
-HEAD_IDS = ["last", "mean-response", "mean-all", "distributional"]
+TEXT_HEADS = [{"head": "last"}, {"head": "mean"}, {"head": "mean", "mean_over": "all"},
+              {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}]
+TEXT_HEAD_IDS = ["last", "mean-response", "mean-all", "distributional"]
+HEADS = TEXT_HEADS + [{"head": "next"}]  # the next head scores π0's tokens only, never text
+HEAD_IDS = TEXT_HEAD_IDS + ["next"]
 
 
 @pytest.mark.parametrize("beta", [-20.0, -1.0, 1e-9, 0.5, 3.0, 50.0])
@@ -83,9 +85,14 @@ def test_distributional_lambda_returns_by_hand():
 
 @torch.no_grad()
 def manual_values(model, sequence, prompt_length, beta=None):
-    """V of the state ending at the last token of ``sequence``, by hand from the backbone's hidden states."""
+    """V of the state ending at the last token of ``sequence``, by hand from the backbone's hidden states (the
+    next head: Q(s, x) = w·h_s + b + e_xᵀ·A·h_s of the state before the last token and the last token)."""
     ids = torch.tensor([sequence])
     hidden = model.hidden_states(ids, torch.ones_like(ids))[0]  # (S, H)
+    if model.kind == "next":
+        h, e = hidden[-2], model.backbone.get_input_embeddings().weight[sequence[-1]].float()
+        head = model.head
+        return float(head.baseline.weight[0] @ h + head.baseline.bias[0] + e @ (head.mix.weight @ h))
     if model.kind == "mean":
         start = prompt_length - 1 if model.mean_over == "response" else 0
         feature = hidden[start:].mean(dim=0)
@@ -151,7 +158,7 @@ def test_a_reordered_mean_head_row_starts_its_window_at_its_prompt(tiny_model_di
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("head", TEXT_HEADS, ids=TEXT_HEAD_IDS)
 def test_text_scorer_equals_full_recompute_for_every_head(tiny_model_dir, head):
     from vas.models import load_tokenizer
 
@@ -184,7 +191,7 @@ def test_save_and_reload_keeps_the_head(tiny_model_dir, tmp_path, head):
 
 
 def test_bad_heads_are_refused(tiny_model_dir):
-    with pytest.raises(VasError, match="--head must be one of last, mean, distributional, got 'max'"):
+    with pytest.raises(VasError, match="--head must be one of last, mean, distributional, next, got 'max'"):
         ValueModel.create(tiny_model_dir, head="max")
     with pytest.raises(VasError, match="--mean-over must be one of response, all"):
         ValueModel.create(tiny_model_dir, head="mean", mean_over="prompt")
@@ -229,8 +236,9 @@ def test_training_reads_each_state_as_decoding_does(tiny_model_dir, head):
     batch = ValueCollator(pad_token_id=0)(rows)
     with torch.no_grad():
         got = state_values(model, batch)
+    first = 1 if head["head"] == "next" else 0  # no token of the row leads to s_0: not a next-head state
     for b, row in enumerate(rows):
-        for t in range(len(row["response_ids"]) + 1):
+        for t in range(first, len(row["response_ids"]) + 1):
             state = row["prompt_ids"] + row["response_ids"][:t]
             assert float(got[b, t]) == pytest.approx(manual_values(model, state, len(row["prompt_ids"])), abs=1e-4)
 
@@ -269,3 +277,82 @@ def test_transformers_processor_starts_the_mean_window_at_the_prompt_after_a_rew
         expected = base[b].clone()
         expected[candidates] += 2.0 * (values - values.mean())
         torch.testing.assert_close(got[b], torch.log_softmax(expected, dim=-1), atol=1e-4, rtol=0)
+
+
+def test_the_next_head_reads_text_nowhere(tiny_model_dir):
+    from vas.models import load_tokenizer
+
+    model = random_value_model(tiny_model_dir, seed=6, head="next")
+    with pytest.raises(VasError, match="next head scores π0's own next tokens, not text"):
+        TextCandidateScorer(model, load_tokenizer(tiny_model_dir), [5, 6])
+
+
+def test_next_head_training_targets_of_a_hand_worked_trajectory():
+    """Q(s_t, x_{t+1}) regresses the λ-return of s_{t+1}: with V(s_1) = 0.2, V(s_2) = 0.6, r = 1, λ = 0.5 the
+    targets are G_1 = ½·0.6 + ½·1 = 0.8 and G_2 = 1 (G_3 = r for the finished state s_3); s_0 is not regressed
+    and padding never is."""
+    from vas.value.train import regressed_states
+
+    values = torch.tensor([[9.0, 0.2, 0.6, 0.7], [9.0, 0.3, 0.0, 0.0]])  # s_0 … s_3; row 2 ends at s_1
+    state_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    targets = lambda_returns(values, torch.tensor([1.0, 0.0]), state_mask, lam=0.5)
+    regressed = regressed_states("next", state_mask)
+    assert regressed.tolist() == [[False, True, True, True], [False, True, False, False]]
+    torch.testing.assert_close(targets[regressed], torch.tensor([0.5 * 0.6 + 0.5 * (0.5 * 1.0 + 0.5 * 1.0), 1.0, 1.0, 0.0]))
+    assert torch.equal(regressed_states("last", state_mask), state_mask)
+
+
+def test_next_head_scores_the_whole_vocabulary_as_it_scores_a_few(tiny_model_dir):
+    """Q(s, ·) over every token (one product with the embedding matrix) equals the candidates' gathered values,
+    past the gather limit too."""
+    from vas.value.heads import GATHER_LIMIT
+
+    model = random_value_model(tiny_model_dir, seed=12, head="next")
+    hidden = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    everything = model.head(hidden)  # (2, V)
+    V = model.head.embedding_weight.shape[0]
+    assert everything.shape == (2, V)
+    few = torch.tensor([[4, 9, 0], [V - 1, 7, 7]])
+    torch.testing.assert_close(model.head(hidden, few), everything.gather(1, few))
+    many = torch.arange(V).flip(0).expand(2, V)[:, : GATHER_LIMIT + 1]
+    torch.testing.assert_close(model.head(hidden, many), everything.gather(1, many))
+    by_hand = hidden @ model.head.baseline.weight[0] + model.head.baseline.bias + \
+        (model.head.embedding_weight @ (model.head.mix.weight @ hidden[1]))[5]
+    assert float(everything[1, 5]) == pytest.approx(float(by_hand[1]), abs=1e-5)
+
+
+def test_top_k_all_is_eq5_over_the_whole_vocabulary(tiny_model_dir):
+    """k = all with a next-token value model: every token x gets log π0(x) + β·Q(s, x), normalised (Eq. 5 with no
+    token outside the top-k), by hand from full forwards; a head that reads one candidate per token refuses it."""
+    from vas.decoding.loop import ALL, Steering, steer
+
+    model = random_value_model(tiny_model_dir, seed=13, head="next")
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    V = model.head.embedding_weight.shape[0]
+    base = torch.log_softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(4)), dim=-1)
+    beta = torch.tensor([1.5, -0.5, 0.0])
+    steering = Steering([model], [0.7], beta=beta, top_k=ALL)
+    got = steer(steering, [CandidateScorer(model)], tokens(ids, mask), base, torch.ones(3, dtype=torch.bool),
+                *steering.rows(3))
+    for b, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            values = torch.tensor([manual_values(model, prompt + [x], len(prompt)) for x in range(V)])
+        expected = torch.log_softmax(base[b] + float(beta[b]) * 0.7 * values, dim=-1)
+        torch.testing.assert_close(got[b], expected, atol=1e-4, rtol=0)
+    assert torch.equal(got[2], base[2])  # β = 0: π0 itself
+    with pytest.raises(VasError, match="--top-k all needs value models with the next head .*; a last head"):
+        Steering([random_value_model(tiny_model_dir)], top_k=ALL)
+
+
+def test_next_head_rows_follow_a_reordered_batch(tiny_model_dir):
+    """A server's batch changes: a kept row keeps its state, a new row (-1) is fed from its prompt."""
+    model = random_value_model(tiny_model_dir, seed=14, head="next")
+    scorer = CandidateScorer(model)
+    ids, mask = left_pad(PROMPTS[:2], pad_id=0)
+    scorer.score(tokens(ids, mask), torch.tensor([[7, 8], [9, 10]]))
+    scorer.reorder([1, -1])
+    new_ids, new_mask = left_pad([[10], PROMPTS[2]], pad_id=0)
+    got = scorer.score(tokens(new_ids, new_mask), torch.tensor([[3, 4], [5, 6]]))
+    expected = torch.tensor([[manual_values(model, PROMPTS[1] + [10, c], 2) for c in (3, 4)],
+                             [manual_values(model, PROMPTS[2] + [c], 7) for c in (5, 6)]])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

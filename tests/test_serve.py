@@ -30,10 +30,11 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def values(tmp_path_factory):
-    """Three value models on the embedded model's first 2 layers with random LoRA and heads: the last-token,
-    mean and distributional heads."""
+    """Four value models on the embedded model's first 2 layers with random LoRA and heads: the last-token,
+    mean, distributional and next-token heads."""
     folder = tmp_path_factory.mktemp("values")
-    heads = {"kind": {}, "short": {"head": "mean"}, "odds": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}}
+    heads = {"kind": {}, "short": {"head": "mean"}, "odds": {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)},
+             "ahead": {"head": "next"}}
     for seed, (name, head) in enumerate(heads.items(), start=1):
         random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2, **head).save_pretrained(folder / name)
     return {name: str(folder / name) for name in heads}
@@ -43,7 +44,8 @@ def values(tmp_path_factory):
 def server(values, tmp_path_factory):
     with open(tmp_path_factory.mktemp("serve") / "server.log", "w+") as log, serve_in_background(
             ["--dtype", "float32", "--value-dtype", "float32", "--value", f"kind={values['kind']}",
-             "--value", f"short={values['short']}", "--value", f"odds={values['odds']}", "--api-key", "secret", "--max-model-len", "1024"], log=log) as url:
+             "--value", f"short={values['short']}", "--value", f"odds={values['odds']}", "--value",
+             f"ahead={values['ahead']}", "--api-key", "secret", "--max-model-len", "1024"], log=log) as url:
         yield url
 
 
@@ -69,7 +71,7 @@ def complete(url: str, prompt_ids: list[int], xargs: dict | None = None, **body)
     return answer.json()["choices"][0]
 
 
-def own_greedy(local, prompt: str, beta: float = 0.0, weights: dict | None = None, top_k: int = 10,
+def own_greedy(local, prompt: str, beta: float = 0.0, weights: dict | None = None, top_k: int | str = 10,
                soft: bool = False) -> list[int]:
     """Greedy argmax(log π0 + β Σ w V) at τ = 1 (Sec. 4.4) from the project's own loop."""
     policy, models = local
@@ -105,6 +107,16 @@ def test_soft_and_mixed_heads_equal_the_projects_own_loop(server, local):
                                                        (5.0, {"short": 1.0}, False)]):
         want = own_greedy(local, prompt, beta, weights, soft=soft)
         xargs = {"vas_beta": beta, "vas_soft": soft, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
+        assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
+
+
+def test_the_next_head_and_every_token_equal_the_projects_own_loop(server, local):
+    """A next-token value model alone, over the whole vocabulary (vas_top_k "all"), and beside a last-token one."""
+    for prompt, (beta, weights, k) in zip(PROMPTS, [(4.0, {"ahead": 1.0}, 10), (3.0, {"ahead": 1.0}, "all"),
+                                                     (5.0, {"ahead": 1.0, "kind": 0.5}, 7)]):
+        want = own_greedy(local, prompt, beta, weights, k)
+        assert want != own_greedy(local, prompt)  # the steering changes the answer
+        xargs = {"vas_beta": beta, "vas_top_k": k, "vas_values": ",".join(f"{n}={w}" for n, w in weights.items())}
         assert complete(server, ids_of(prompt), xargs)["token_ids"] == want
 
 
@@ -168,6 +180,7 @@ def test_the_openai_client_streamed_and_not(server, local):
     ({"vas_beta": 1, "vas_top_k": 0}, "vas_top_k"),
     ({"vas_beta": 1, "vas_top_k": 49153}, "vas_top_k"),
     ({"vas_beta": 1, "vas_top_k": 101}, "--max-top-k"),
+    ({"vas_beta": 1, "vas_top_k": "all", "vas_values": "kind,ahead"}, "vas_top_k"),
     ({"vas_beta": 1e300}, "vas_beta"),
     ({"vas_beta": 1, "vas_top_k": "../../etc/passwd"}, "vas_top_k"),
 ])

@@ -21,16 +21,32 @@ from vas.serving.processor import (  # noqa: E402
 )
 from vas.value.model import CandidateScorer  # noqa: E402
 
-SETTINGS = Settings({"a": "/a", "b": "/b"}, vocab_size=300, top_k=10, max_top_k=100)
 
 
-def test_a_request_is_parsed_into_its_steering():
-    assert parse_request(None, SETTINGS) is None
-    assert parse_request({"vas_beta": 0, "vas_values": "a=2"}, SETTINGS) is None
-    assert parse_request({"vas_beta": "1.5"}, SETTINGS) == RequestSteering(1.5, 10, (1.0, 1.0))
-    assert parse_request({"vas_beta": -2, "vas_top_k": 7, "vas_values": "b=0.5"}, SETTINGS) == RequestSteering(-2.0, 7, (0.0, 0.5))
-    assert parse_request({"vas_beta": 3, "vas_values": " b = -1 , a"}, SETTINGS) == RequestSteering(3.0, 10, (1.0, -1.0))
-    assert parse_request({"vas_beta": 3, "vas_values": "a=0,b=0"}, SETTINGS) is None  # nothing to steer with
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    """Two served value models, a (last head) and d (next head): only their configs, which parsing reads."""
+    import json
+
+    from vas.value.model import CONFIG_NAME
+
+    folders = {}
+    for name, head in (("a", "last"), ("d", "next")):
+        folders[name] = tmp_path_factory.mktemp(name)
+        (folders[name] / CONFIG_NAME).write_text(json.dumps({"head": head}))
+    return Settings({"a": str(folders["a"]), "b": str(folders["d"])}, vocab_size=300, top_k=10, max_top_k=100)
+
+
+def test_a_request_is_parsed_into_its_steering(settings):
+    assert parse_request(None, settings) is None
+    assert parse_request({"vas_beta": 0, "vas_values": "a=2"}, settings) is None
+    assert parse_request({"vas_beta": "1.5"}, settings) == RequestSteering(1.5, 10, (1.0, 1.0))
+    assert parse_request({"vas_beta": -2, "vas_top_k": 7, "vas_values": "b=0.5"}, settings) == RequestSteering(-2.0, 7, (0.0, 0.5))
+    assert parse_request({"vas_beta": 3, "vas_values": " b = -1 , a"}, settings) == RequestSteering(3.0, 10, (1.0, -1.0))
+    assert parse_request({"vas_beta": 3, "vas_values": "a=0,b=0"}, settings) is None  # nothing to steer with
+    # b has the next head: k = all (the vocabulary), and k beyond --max-top-k, cost it nothing more
+    assert parse_request({"vas_beta": 1, "vas_top_k": "ALL", "vas_values": "b"}, settings) == RequestSteering(1.0, 300, (0.0, 1.0))
+    assert parse_request({"vas_beta": 1, "vas_top_k": 250, "vas_values": "a=0,b"}, settings) == RequestSteering(1.0, 250, (0.0, 1.0))
 
 
 @pytest.mark.parametrize("args, field", [
@@ -45,13 +61,15 @@ def test_a_request_is_parsed_into_its_steering():
     ({"vas_beta": 1, "vas_top_k": 301}, "vas_top_k"),
     ({"vas_beta": 1, "vas_top_k": 2.5}, "vas_top_k"),
     ({"vas_bta": 1}, "vas_bta"),
-    ({"vas_beta": 1, "vas_top_k": 101}, "at most the server's --max-top-k 100"),
+    ({"vas_beta": 1, "vas_top_k": 101}, "at most the server's --max-top-k 100 for value model 'a'"),
+    ({"vas_beta": 1, "vas_top_k": "all"}, "vas_top_k \"all\" needs value models with the next head; 'a'"),
+    ({"vas_beta": 1, "vas_top_k": "every"}, "vas_top_k"),
     ({"vas_beta": 1e300}, "vas_beta"),
     ({"vas_beta": 1e30, "vas_values": "a=1e10"}, "float32"),
 ])
-def test_bad_requests_name_the_field(args, field):
+def test_bad_requests_name_the_field(args, field, settings):
     with pytest.raises(ValueError, match=field):
-        parse_request(args, SETTINGS)
+        parse_request(args, settings)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -64,10 +82,10 @@ def test_bad_requests_name_the_field(args, field):
     ({"vllm_xargs": {"vas_beta": 1, "vas_values": "a=1,"}}, "empty entry"),
     ({"vllm_xargs": {"vas_beta": 1, "vas_top_k": 1e30}}, "vas_top_k must be between 1 and 100"),
 ])
-def test_request_bodies_with_misplaced_or_bad_fields_are_refused(body, message):
+def test_request_bodies_with_misplaced_or_bad_fields_are_refused(body, message, settings):
     from vas.serving.processor import request_error
 
-    assert message in request_error(body, SETTINGS)
+    assert message in request_error(body, settings)
 
 
 def test_soft_values_need_a_distributional_value_model(tiny_model_dir, tmp_path):
@@ -87,11 +105,11 @@ def test_soft_values_need_a_distributional_value_model(tiny_model_dir, tmp_path)
         parse_request({"vas_beta": 2, "vas_soft": "yes"}, settings)
 
 
-def test_good_request_bodies_pass():
+def test_good_request_bodies_pass(settings):
     from vas.serving.processor import request_error
 
-    assert request_error({"prompt": "hi"}, SETTINGS) is None
-    assert request_error({"prompt": "hi", "vllm_xargs": {"vas_beta": 2, "vas_values": "a=1,b"}}, SETTINGS) is None
+    assert request_error({"prompt": "hi"}, settings) is None
+    assert request_error({"prompt": "hi", "vllm_xargs": {"vas_beta": 2, "vas_values": "a=1,b"}}, settings) is None
 
 
 def test_rows_that_join_leave_and_move_keep_their_own_cache(tiny_model_dir):
@@ -180,7 +198,7 @@ def test_the_processor_follows_the_batch(processor):
     steering = {"p": {"vas_beta": 2.0, "vas_values": "a=1,b=-0.5"}, "q": None,
                 "r": {"vas_beta": -3.0, "vas_top_k": 2, "vas_values": "b,c=0.5"}, "s": {"vas_beta": 4.0, "vas_soft": True}}
     temperature = {"p": 0.7, "q": 0.7, "r": 0.0, "s": 1.3}
-    weight = {"p": (1.0, -0.5, 0.0), "r": (0.0, 1.0, 0.5), "s": (1.0, 1.0, 1.0)}
+    weight = {"p": (1.0, -0.5, 0.0, 0.0), "r": (0.0, 1.0, 0.5, 0.0), "s": (1.0, 1.0, 1.0, 1.0)}
     top_k = {"p": 4, "r": 2, "s": 4}
 
     def added(index, name):
@@ -214,10 +232,10 @@ def test_the_processor_follows_the_batch(processor):
     # r was preempted: it comes back as an addition with its output so far
     processor.update_state(BatchUpdate(3, removed=[], added=[added(2, "r")], moved=[]))
     step(["p", "s", "r"])
-    assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3]
+    assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3, 3]
     processor.update_state(BatchUpdate(1, removed=[1, 2], added=[], moved=[]))
     step(["p"])
-    assert [len(s.keys) for s in processor.steerer.scorers] == [1, 1, 0]  # c is no longer used: its cache is freed
+    assert [len(s.keys) for s in processor.steerer.scorers] == [1, 1, 0, 0]  # c and d are no longer used: caches freed
 
 
 def test_recorded_steps_give_back_pi0_and_the_kl(processor):

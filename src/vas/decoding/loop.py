@@ -29,6 +29,27 @@ from vas.policy.local import Prompt
 from vas.value.model import CandidateScorer, TextScorer, ValueModel
 
 
+ALL = "all"
+"""k that steers every token of π0's support (``--top-k all``, ``"vas_top_k": "all"``)."""
+
+
+def parse_top_k(text: str | int) -> int | str:
+    """k as a user writes it (``"10"``, ``10`` or ``"all"``) → an int ≥ 1 or :data:`ALL`.
+
+    Raises:
+        VasError: for anything else (the message names --top-k).
+    """
+    if isinstance(text, str) and text.strip().lower() == ALL:
+        return ALL
+    try:
+        k = int(text) if not isinstance(text, float) or text.is_integer() else None
+    except ValueError:
+        k = None
+    if k is None or isinstance(text, bool) or k < 1:
+        raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
+    return k
+
+
 @dataclass
 class Steering:
     """Value guidance: π ∝ π0 · exp(β · Σ_i w_i V_i(s ⊕ x)) over π0's top-k (Eq. 5, Sec. 4.2).
@@ -40,7 +61,9 @@ class Steering:
             row per prompt. Composition is linear (Sec. 4.2).
         beta: β, a float shared by all rows or a (B,) tensor, one per prompt. β = 0 gives π0 exactly;
             negative β steers towards low reward.
-        top_k: k, the number of π0's most likely tokens scored, ≥ 1 (capped by the support).
+        top_k: k, the number of π0's most likely tokens scored, ≥ 1 (capped by the support), or ``"all"``
+            (:data:`ALL`): every token of the support, which only value models with the ``next`` head afford
+            (Eq. 5 then has no token outside the top-k).
         mask_outside_top_k: sample only among the top-k (App. D.1's masked ablation) instead of giving the
             other tokens β·mean(V) as Eq. 5 does. A policy that tells only its top-k is always masked.
         value_prompt: maps a prompt to the text that value models reading text see (through their own chat
@@ -54,13 +77,14 @@ class Steering:
 
     Raises:
         VasError: for k < 1, a weight count that is not the number of value models, a β or weight that
-            is not finite, or soft values asked of value models none of which is distributional.
+            is not finite, soft values asked of value models none of which is distributional, or k = all with
+            a value model that scores one candidate per token (a head other than ``next``).
     """
 
     value_models: Sequence[ValueModel] = ()
     weights: Sequence[float] | torch.Tensor | None = None
     beta: float | torch.Tensor = 1.0
-    top_k: int = 10
+    top_k: int | str = 10
     mask_outside_top_k: bool = False
     value_prompt: Callable[[str], str] | None = None
     soft: bool | torch.Tensor = False
@@ -76,15 +100,20 @@ class Steering:
         if not bool(torch.isfinite(beta).all()) or not bool(torch.isfinite(weights).all()):
             raise VasError(f"--beta and the --value weights must be finite float32 numbers (|x| < 3.4e38), got "
                            f"beta={self.beta}, weights={self.weights}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise VasError(f"--top-k must be ≥ 1, got {self.top_k}")
+        if self.top_k == ALL:
+            slow = [m for m in self.value_models if getattr(m, "kind", "last") != "next"]
+            if slow:
+                raise VasError(f"--top-k all needs value models with the next head (vas train --head next); a "
+                               f"{slow[0].kind} head would read every token of the vocabulary at every step")
+        elif isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {self.top_k!r}")
         if bool(torch.as_tensor(self.soft).any()) and M and not any(getattr(m, "kind", "last") == "distributional" for m in self.value_models):
             raise VasError("--soft needs a distributional value model (vas train --head distributional); these give "
                            "one value per state")
 
     def check_top_k(self, vocab_size: int | None) -> None:
         """Raise :class:`VasError` if k exceeds the vocabulary (None: not known, as for an API policy)."""
-        if vocab_size is not None and self.top_k > vocab_size:
+        if vocab_size is not None and self.top_k != ALL and self.top_k > vocab_size:
             raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
 
     def select(self, rows: Sequence[int]) -> "Steering":
@@ -138,7 +167,8 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
     (:class:`vas.value.model.TextScorer`, which reads ``value_prompt(prompt)``).
 
     Raises:
-        VasError: if the value model reads text but the prompts are token ids.
+        VasError: if the value model reads text but the prompts are token ids, or has the ``next`` head (which
+            reads π0's tokens only).
     """
     policy_tokenizer = getattr(getattr(rollout, "policy", None), "tokenizer", None)
     shares = (policy_tokenizer is not None and model.tokenizer is not None
@@ -163,8 +193,8 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
         active: (B,) bool, rows still generating.
         beta: (B,) float32 β of each row.
         weights: (B, M) float32 weights of each row.
-        top_k: (B,) int64 k of each row, at most ``steering.top_k`` (all ``steering.top_k`` if None). The
-            scorers see ``steering.top_k`` candidates in every row; a row uses its first k.
+        top_k: (B,) int64 k of each row, at most ``steering.top_k`` (all ``steering.top_k`` if None). A row uses
+            its first k candidates; each scorer sees in every row as many as the rows that weight it use.
         failed: None, or a (B,) bool tensor that receives the rows whose weighted values are not all finite
             (a value model's NaN or ±inf, or an overflowing weighted sum); those rows are then steered with
             values 0 instead of raising, for a caller that fails them alone (a server).
@@ -174,11 +204,13 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
     """
     if not scorers and not steering.mask_outside_top_k:
         return base
-    candidates = base.topk(min(steering.top_k, base.shape[1]), dim=-1).indices  # (B, k)
+    support = base.shape[1]
+    k = support if steering.top_k == ALL else min(steering.top_k, support)
+    candidates = base.topk(k, dim=-1).indices  # (B, k), by π0's probability
     if scorers:
         soft = steering.soft_betas(beta.cpu(), weights.cpu())
-        values = weighted_values([s.score(rollout, candidates, active, beta=b) for s, b in zip(scorers, soft)],
-                                 weights.to(base.device))
+        values = weighted_values([_padded(s.score(rollout, candidates[:, :_read_by(i, weights, top_k, k)], active, beta=b), k)
+                                  for i, (s, b) in enumerate(zip(scorers, soft))], weights.to(base.device))
     else:
         values = torch.zeros(candidates.shape, device=base.device)
     if failed is not None:
@@ -192,6 +224,19 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
                                 mask_outside_top_k=steering.mask_outside_top_k, candidate_mask=counted)
     except ValueError as exc:
         raise VasError(f"steering failed: {exc}") from None
+
+
+def _read_by(i: int, weights: torch.Tensor, top_k: torch.Tensor | None, k: int) -> int:
+    """How many candidates scorer ``i`` reads: the most that any row weighting it uses (``k`` when rows share k)."""
+    if top_k is None:
+        return k
+    weighting = (weights[:, i] != 0).to(top_k.device)
+    return min(k, int(top_k[weighting].max())) if bool(weighting.any()) else 1
+
+
+def _padded(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k') values → (B, k), zeros for the candidates a scorer did not read (no row that weights it uses them)."""
+    return torch.nn.functional.pad(values, (0, k - values.shape[1]))
 
 
 @dataclass
@@ -296,7 +341,7 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
     base_logps: list[list[float]] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
         active = ~finished
-        told = (await rollout.next_logprobs(steering.top_k)).float()  # (B, S) at τ = 1
+        told = (await rollout.next_logprobs(None if steering.top_k == ALL else steering.top_k)).float()  # (B, S), τ = 1
         base = base_logprobs(told, temperature)
         tuned = getattr(rollout, "tuned_logprobs", None)
         if tuned is not None:  # a fine-tuned policy π_θ is sampled; π0 beside it gives the exact KL

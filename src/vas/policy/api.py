@@ -282,7 +282,7 @@ class ApiRollout:
 
     async def next_logprobs(self, top_k: int | None) -> torch.Tensor:
         if top_k is None:
-            raise VasError("an API base policy tells only its top-k next tokens: give --top-k")
+            raise VasError("an API base policy tells only its top-k next tokens: give --top-k K (a number, not all)")
         rows = [i for i, ended in enumerate(self.ended) if not ended]
         answers = await asyncio.gather(*(self.policy.next_token(self.prompts[i], self.texts[i], top_k) for i in rows))
         width = max([len(a) for a in answers] + [1])

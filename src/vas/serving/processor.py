@@ -3,7 +3,9 @@
 Per request (``SamplingParams.extra_args`` offline, ``vllm_xargs`` in an OpenAI request body):
 
 - ``vas_beta``: β, a finite number; absent or 0 leaves the request untouched, with no value-model work;
-- ``vas_top_k``: k, 1 ≤ k ≤ the vocabulary size (default: the server's);
+- ``vas_top_k``: k, 1 ≤ k ≤ the vocabulary size (default: the server's), or ``"all"``: every token, for a request
+  that weights only value models with the ``next`` head (which score every token from one forward; for them
+  the server's ``max_top_k`` does not apply);
 - ``vas_values``: ``"NAME=WEIGHT,NAME=WEIGHT"`` over the value models loaded at start-up (a bare ``NAME`` has
   weight 1; default: every loaded value model with weight 1). Composition is linear (Sec. 4.2);
 - ``vas_soft``: ``true`` to guide with soft values at the request's β (distributional value models,
@@ -56,7 +58,7 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from vas.decoding.guidance import base_logprobs, kl_divergence
-from vas.decoding.loop import Steering, steer
+from vas.decoding.loop import ALL, Steering, steer
 from vas.errors import VasError
 from vas.policy.local import Appended
 from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
@@ -79,7 +81,8 @@ class Settings:
     Attributes:
         values: value-model name → folder, in the order of the weights.
         vocab_size: the base model's vocabulary size (the largest k).
-        top_k: k for requests that do not give ``vas_top_k``.
+        top_k: k for requests that do not give ``vas_top_k``, or ``"all"`` (every served value model has the
+            ``next`` head).
         max_top_k: the largest k a request may ask for (each step scores the largest k of the batch in every
             steered row, so one huge k would cost every request).
         dtype: the value models' dtype (``"auto"``, ``"float32"``, ``"bfloat16"`` …).
@@ -89,7 +92,7 @@ class Settings:
 
     values: dict[str, str]
     vocab_size: int
-    top_k: int = 10
+    top_k: int | str = 10
     max_top_k: int = 100
     dtype: str = "auto"
     record: bool = False
@@ -118,7 +121,8 @@ _head = cache(value_head)  # the served value models are loaded once: their head
 
 @dataclass(frozen=True)
 class RequestSteering:
-    """One request's steering: β, k and one weight per loaded value model (``Settings.values`` order)."""
+    """One request's steering: β, k (``"all"``: the vocabulary size) and one weight per loaded value model
+    (``Settings.values`` order)."""
 
     beta: float
     top_k: int
@@ -180,7 +184,8 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
 
     Raises:
         ValueError: naming the field, for an unknown ``vas_*`` field, a β or weight that is not a finite
-            number, an unknown value-model name, or k outside 1 … vocabulary size. vLLM answers it with
+            number, an unknown value-model name, k outside 1 … vocabulary size, or k = "all" with a value model
+            whose head is not ``next``. vLLM answers it with
             HTTP 400 before any work is done; also for k above the server's ``max_top_k``.
     """
     args = extra_args or {}
@@ -189,16 +194,27 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
         raise ValueError(f"unknown field {_shown(unknown[0])}; VAS reads {', '.join(FIELDS[:4])}")
     names = list(settings.values)
     beta = _number("vas_beta", args["vas_beta"]) if "vas_beta" in args else 0.0
-    top_k = settings.top_k
-    if "vas_top_k" in args:
-        if isinstance(args["vas_top_k"], float) and not args["vas_top_k"].is_integer():
-            raise ValueError(f"vas_top_k must be an integer, got {_shown(args['vas_top_k'])}")
-        top_k = int(_number("vas_top_k", args["vas_top_k"], integer=not isinstance(args["vas_top_k"], float)))
-        largest = min(settings.vocab_size, settings.max_top_k)
-        if not 1 <= top_k <= largest:
-            raise ValueError(f"vas_top_k must be between 1 and {largest} (the vocabulary size {settings.vocab_size}, "
-                             f"at most the server's --max-top-k {settings.max_top_k}), got {top_k}")
     weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
+    def per_candidate() -> list[str]:  # the weighted value models that read one token per candidate
+        return [name for w, (name, path) in zip(weights, settings.values.items()) if w and _head(path) != "next"]
+
+    top_k = args.get("vas_top_k", settings.top_k)
+    if isinstance(top_k, str) and top_k.strip().lower() == ALL:
+        if per_candidate():
+            raise ValueError(f'vas_top_k "all" needs value models with the next head; {_shown(per_candidate()[0])} '
+                             "reads one token per candidate")
+        top_k = settings.vocab_size
+    elif "vas_top_k" in args:
+        if isinstance(top_k, float) and not top_k.is_integer():
+            raise ValueError(f'vas_top_k must be an integer or "all", got {_shown(top_k)}')
+        top_k = int(_number("vas_top_k", top_k, integer=not isinstance(top_k, float)))
+        capped = top_k > settings.max_top_k and per_candidate()
+        largest = min(settings.vocab_size, settings.max_top_k) if capped else settings.vocab_size
+        if not 1 <= top_k <= largest:
+            raise ValueError(f"vas_top_k must be between 1 and {largest} (the vocabulary size {settings.vocab_size}"
+                             + (f", at most the server's --max-top-k {settings.max_top_k} for value model "
+                                f"{_shown(capped[0])}, which reads one token per candidate" if capped else "")
+                             + f') or "all", got {top_k}')
     if any(abs(beta * w) > FLOAT32_MAX for w in weights):
         raise ValueError(f"vas_beta times a vas_values weight must stay within float32 (3.4e38), got β = {beta}")
     soft = args.get("vas_soft", False)  # vLLM's vllm_xargs model turns JSON true into 1

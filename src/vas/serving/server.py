@@ -65,8 +65,8 @@ class ServeConfig:
         host: the address to bind; loopback by default.
         port: the TCP port.
         api_key: a key clients must send, or None.
-        top_k: k for requests without ``vas_top_k``.
-        max_top_k: the largest k a request may ask for.
+        top_k: k for requests without ``vas_top_k``, or ``"all"`` (every value model has the ``next`` head).
+        max_top_k: the largest k a request that weights a value model of another head than ``next`` may ask for.
         dtype: π0's dtype: ``auto`` (bf16 on CUDA, float32 on CPU, as the other commands), float32,
             bfloat16, float16.
         value_dtype: the value models' dtype (:func:`vas.models.resolve_value_dtype`).
@@ -80,7 +80,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    top_k: int = 10
+    top_k: int | str = 10
     max_top_k: int = 100
     dtype: str = "auto"
     value_dtype: str = "auto"
@@ -93,11 +93,13 @@ class ServeConfig:
         Raises:
             VasError: if vLLM is missing, no value model is given, the address cannot be bound, a value
                 model's tokenizer differs from the base model's, k is outside 1 … min(vocabulary size,
-                ``max_top_k``), or speculative decoding is asked for.
+                ``max_top_k``) or is ``"all"`` with a value model whose head is not ``next``, or speculative
+                decoding is asked for.
         """
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
-        from vas.value.model import check_same_tokenizer, load_value_tokenizer
+        from vas.decoding.loop import ALL
+        from vas.value.model import check_same_tokenizer, load_value_tokenizer, value_head
 
         require_vllm()
         if not self.values:
@@ -119,9 +121,14 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
-        if not 1 <= self.top_k <= min(vocab_size, self.max_top_k):
+        if self.top_k == ALL:
+            slow = [name for name, path in self.values.items() if value_head(path) != "next"]
+            if slow:
+                raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} "
+                               f"has the {value_head(self.values[slow[0]])} head")
+        elif not 1 <= self.top_k <= min(vocab_size, self.max_top_k):
             raise VasError(f"--top-k must be between 1 and {min(vocab_size, self.max_top_k)} (the vocabulary size "
-                           f"{vocab_size}, at most --max-top-k), got {self.top_k}")
+                           f"{vocab_size}, at most --max-top-k) or all, got {self.top_k}")
         memory = self.gpu_memory_utilization
         if memory is None and not _has_accelerator():
             memory = CPU_MEMORY_SHARE

@@ -1,6 +1,6 @@
 """How a value model turns the backbone's hidden states into values: its head.
 
-Three heads, chosen at training time and stored in the value model's config (``"head"``):
+Four heads, chosen at training time and stored in the value model's config (``"head"``):
 
 * ``last``: V(s_t) = w·h_t + b, the hidden state at the last token of s_t (paper Sec. 3.3, App. C.1).
 * ``mean``: V(s_t) = w·mean(h_{a} … h_t) + b, the running mean of the hidden states over a window that starts at
@@ -10,6 +10,8 @@ Three heads, chosen at training time and stored in the value model's config (``"
   p(z_i | s_t) = softmax(W·h_t + b)_i, trained by cross-entropy on distributional λ-returns
   (:func:`two_hot` of the reward, mixed by :func:`vas.value.td.lambda_returns`). Its value is the mean Σ p_i z_i
   (V^π0), or the soft value at strength β (:func:`soft_value`).
+* ``next``: Q(s_t, x) = V(s_t ⊕ x) for every next token x at once, from the hidden state at s_t's last token
+  (:class:`NextTokenHead`): one token per row per step while decoding, instead of one per candidate.
 
 The soft value Q_β(s) = (1/β)·log E_π0[exp(β·r) | s] is the guide of the KL-regularised optimal policy:
 π*(x|s) ∝ π0(x|s)·exp(β·Q_β(s ⊕ x)) for a terminal reward r (Q#, Zhou et al., 2025); it tends to V^π0(s) as
@@ -19,8 +21,9 @@ The soft value Q_β(s) = (1/β)·log E_π0[exp(β·r) | s] is the guide of the K
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-HEADS = ("last", "mean", "distributional")
+HEADS = ("last", "mean", "distributional", "next")
 MEAN_OVER = ("response", "all")
 SMALL_BETA = 1e-6
 """Below this |β| the soft value is the mean (their difference is O(β·Var r))."""
@@ -131,3 +134,69 @@ class RunningMean:
         if self.total is not None:
             self.total = torch.where(kept[:, None], self.total[index], 0.0)
             self.count = torch.where(kept, self.count[index], 0.0)
+
+
+GATHER_LIMIT = 256
+"""Above this many candidates per state the ``next`` head scores the whole vocabulary and picks the candidates'
+values, instead of gathering each candidate's embedding."""
+
+
+class NextTokenHead(nn.Module):
+    """The ``next`` head: Q(s, x) for every next token x from the hidden state h_s at the last token of s, so one
+    value-model forward over s scores all of π0's candidates at once (Q(s, ·) over the vocabulary, as CD-Q's).
+
+    Q(s, x) = w·h_s + b + e_xᵀ·A·h_s, where e_x is the backbone's own (frozen) input embedding of x, the LM head
+    of a model with tied embeddings: the head learns (w, b) and A (H × H), about H² + H + 1 numbers whatever the
+    vocabulary's size. A starts at 0, so every Q(s, x) starts at the state's baseline w·h_s + b.
+
+    Q(s_t, x) is V(s_t ⊕ x): trained on the λ-return of s_{t+1} for the token x_{t+1} taken at s_t
+    (:func:`vas.value.td.lambda_returns`), and used as V(s ⊕ x) in Eq. 5.
+
+    Args:
+        hidden_size: H, the backbone's hidden size.
+        embeddings: the backbone's input embedding (V, H); kept by reference, neither trained nor saved.
+        device: where the head's parameters live (float32).
+    """
+
+    def __init__(self, hidden_size: int, embeddings: nn.Embedding, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.baseline = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
+        self.mix = nn.Linear(hidden_size, hidden_size, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.baseline.weight)
+        nn.init.zeros_(self.mix.weight)
+        self._embeddings = (embeddings,)  # a tuple: not a submodule, so neither trained nor saved with the head
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        """E, (V, H) in the backbone's dtype."""
+        return self._embeddings[0].weight
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Q(s, x) for the given next tokens, or for every token of the vocabulary.
+
+        Args:
+            hidden: (…, H) float32 hidden states h_s.
+            tokens: (…, k) int64 next tokens per state, or None for all V tokens.
+
+        Returns:
+            (…, k) or (…, V) float32.
+        """
+        mixed = self.mix(hidden)  # (…, H)
+        baseline = self.baseline(hidden)  # (…, 1)
+        weight = self.embedding_weight
+        if tokens is None or tokens.shape[-1] > GATHER_LIMIT:  # one (…, H) × (H, V) product beats gathering k rows
+            scores = (mixed.to(weight.dtype) @ weight.T).float()
+            return baseline + (scores if tokens is None else scores.gather(-1, tokens))
+        return baseline + (weight[tokens].float() * mixed.unsqueeze(-2)).sum(dim=-1)
+
+
+def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51,
+              device: torch.device | str = "cpu") -> nn.Module:
+    """A new (zero-initialised) head of the given kind on hidden states of size ``hidden_size``: an
+    ``nn.Linear`` to 1 output (``last``, ``mean``) or ``bins`` logits (``distributional``), or a
+    :class:`NextTokenHead` over ``embeddings``' vocabulary (``next``). Parameters float32 on ``device``."""
+    if kind == "next":
+        return NextTokenHead(hidden_size, embeddings, device)
+    linear = nn.Linear(hidden_size, bins if kind == "distributional" else 1, device=device, dtype=torch.float32)
+    nn.init.zeros_(linear.weight)
+    return linear

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
-from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, soft_value, two_hot
+from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, make_head, soft_value, two_hot
 from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer, position_ids_from_mask
 
 CONFIG_NAME = "vas_value_config.json"
@@ -48,7 +48,7 @@ class ValueModel(nn.Module):
     value models itself (:mod:`vas.serving.engine`) finds it.
     """
 
-    def __init__(self, backbone: PreTrainedModel, head: nn.Linear, config: dict,
+    def __init__(self, backbone: PreTrainedModel, head: nn.Module, config: dict,
                  tokenizer: PreTrainedTokenizerBase | None = None):
         super().__init__()
         self.backbone = backbone
@@ -57,10 +57,8 @@ class ValueModel(nn.Module):
         self.tokenizer = tokenizer
         self.name_or_path: str | None = None  # the folder it was loaded from (from_pretrained)
         self.kind: str = config.get("head", "last")
-        if self.kind not in HEADS:
-            raise VasError(f"unknown value head {self.kind!r} in the value model's config: one of {', '.join(HEADS)}")
         self.mean_over: str = config.get("mean_over", "response")
-        self.support = (atoms(*config["support"], config["bins"], device=head.weight.device)
+        self.support = (atoms(*config["support"], config["bins"], device=self.device)
                         if self.kind == "distributional" else None)
 
     @classmethod
@@ -105,17 +103,16 @@ class ValueModel(nn.Module):
         body.requires_grad_(False)
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
         body = get_peft_model(body, lora)
-        outputs = bins if head == "distributional" else 1
-        linear = nn.Linear(body.config.hidden_size, outputs, device=device, dtype=torch.float32)
-        nn.init.zeros_(linear.weight)
+        linear = make_head(head, body.config.hidden_size, body.get_input_embeddings(), bins=bins, device=device)
+        bias = linear.baseline.bias if head == "next" else linear.bias
         if head == "distributional" and init_rewards is not None:  # their histogram, smoothed over all atoms
             start = 0.99 * two_hot(torch.as_tensor(init_rewards, dtype=torch.float32), atoms(*support, bins)).mean(0)
             with torch.no_grad():
-                linear.bias.copy_((start + 0.01 / bins).log())
+                bias.copy_((start + 0.01 / bins).log())
         elif head == "distributional":
-            nn.init.zeros_(linear.bias)  # uniform
+            nn.init.zeros_(bias)  # uniform
         else:
-            nn.init.constant_(linear.bias, init_value)
+            nn.init.constant_(bias, init_value)
         if Path(backbone).expanduser().exists():  # a local directory: store it absolute, to reload from anywhere
             backbone = str(Path(backbone).expanduser().resolve())
         config = {"backbone": backbone, "num_layers": body.config.num_hidden_layers, "lora_rank": lora_rank,
@@ -128,7 +125,7 @@ class ValueModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return next(self.head.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,7 +173,9 @@ class ValueModel(nn.Module):
         prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The head's outputs at every position of whole sequences: (B, S, 1) values, or (B, S, bins) logits of
-        the distributional head.
+        the distributional head. Each position's output is for the state that ends there; for the ``next`` head it
+        is Q(s, x) of the previous position's state s and this position's token x, which is V of the state ending
+        here (position 0 has no previous state: its entry is the head's untrained baseline at position 0).
 
         Args:
             input_ids: (B, S) int64.
@@ -186,6 +185,9 @@ class ValueModel(nn.Module):
                 i.e. the window is every token.
         """
         hidden = self.hidden_states(input_ids, attention_mask)
+        if self.kind == "next":
+            following = self.head(hidden[:, :-1], input_ids[:, 1:, None])  # (B, S-1, 1): Q(s_p, x_{p+1})
+            return torch.cat([self.head.baseline(hidden[:, :1]), following], dim=1)
         if self.kind == "mean":
             positions = position_ids_from_mask(attention_mask)
             start = (self.window_start(prompt_lengths.to(positions.device)) if prompt_lengths is not None
@@ -262,13 +264,15 @@ class ValueModel(nn.Module):
         check_value_dir(directory)
         config_path = directory / CONFIG_NAME
         config = json.loads(config_path.read_text())
+        if config.get("head", "last") not in HEADS:
+            raise VasError(f"unknown value head {config['head']!r} in {str(config_path)!r}: one of {', '.join(HEADS)}")
         body = load_backbone(config["backbone"], device=device, dtype=dtype, num_layers=config.get("num_layers"))
         body = PeftModel.from_pretrained(body, directory, is_trainable=trainable)
         if not trainable:
             body = body.merge_and_unload()
-        weights = load_file(directory / HEAD_NAME, device=str(device))
-        head = nn.Linear(body.config.hidden_size, weights["weight"].shape[0], device=device, dtype=torch.float32)
-        head.load_state_dict(weights)
+        head = make_head(config.get("head", "last"), body.config.hidden_size, body.get_input_embeddings(),
+                         bins=config.get("bins", 1), device=device)
+        head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
         model = cls(body, head, config, load_value_tokenizer(directory))
         model.name_or_path = str(directory.resolve())
         if not trainable:
@@ -352,7 +356,9 @@ class CandidateScorer:
     rollout (``rollout.appended``: the whole left-padded prompt at the first call, the chosen token
     afterwards). State is per generation: make a new scorer for each new batch of prompts. The value model
     must share π0's tokenizer. A ``mean`` head keeps each row's running mean of the hidden states
-    (:class:`vas.value.heads.RunningMean`) next to the cache, so it too costs one forward per step.
+    (:class:`vas.value.heads.RunningMean`) next to the cache, so it too costs one forward per step. A ``next``
+    head reads no candidate at all: the forward covers the new tokens only, and Q(s, x) of every candidate comes
+    from the hidden state at s's last token (kept per row for a step that appends nothing).
     """
 
     def __init__(self, model: ValueModel):
@@ -362,6 +368,7 @@ class CandidateScorer:
         self.lengths: torch.Tensor | None = None  # (B,) real tokens in the cache
         self.pool = RunningMean()  # the mean head's window sums
         self.window_start: torch.Tensor | None = None  # (B,) the mean head's first pooled position; -1: not fed yet
+        self.state: torch.Tensor | None = None  # (B, H) the next head's hidden state at each row's last token
 
     def reorder(self, rows: Sequence[int]) -> None:
         """Keep the cached rows ``rows``, in that order; a row ``-1`` is a new one with nothing fed yet. For a
@@ -382,6 +389,7 @@ class CandidateScorer:
         self.lengths = self.lengths[source] * kept
         self.pool.select(source, kept)
         self.window_start = torch.where(kept, self.window_start[source], -1)
+        self.state = self.state[source] * kept[:, None]
         longest = int(self.lengths.max()) if len(self.lengths) else 0
         if self.past_mask.shape[1] > 1.5 * longest + 8:
             self._compact(longest)
@@ -428,11 +436,37 @@ class CandidateScorer:
         new_ids, new_mask = rollout.appended.ids.to(device), rollout.appended.mask.to(device).long()
         candidates = candidates.to(device)
         B, P = new_ids.shape
-        k = candidates.shape[1]
         if self.past_mask is None:
             self.past_mask = new_mask.new_zeros(B, 0)
             self.lengths = new_mask.new_zeros(B)
             self.window_start = new_mask.new_full((B,), -1)
+            self.state = torch.zeros(B, model.backbone.config.hidden_size, device=device)
+        if model.kind == "next":
+            if P:  # left-padded: a row's newest token is in the last column, if it got any
+                hidden, _ = self._feed(new_ids, new_mask, candidates[:, :0])
+                self.state = torch.where(new_mask[:, -1:].bool(), hidden[:, -1], self.state)
+            return model.head(self.state, candidates)
+        hidden, new_positions = self._feed(new_ids, new_mask, candidates)
+        if model.kind == "mean":
+            first = self.window_start < 0  # rows fed for the first time: their prompt is known now
+            prompt_lengths = getattr(rollout, "prompt_lengths", None)
+            prompt_lengths = self.lengths if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=device)
+            self.window_start = torch.where(first, model.window_start(prompt_lengths), self.window_start)
+            self.pool.extend(hidden[:, :P], new_mask.bool() & (new_positions >= self.window_start[:, None]))
+            features = self.pool.peek(hidden[:, P:])
+        else:
+            features = hidden[:, P:]
+        return model.values(model.head(features), None if beta is None else beta.to(device)[:, None])
+
+    def _feed(self, new_ids: torch.Tensor, new_mask: torch.Tensor,
+              candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over ``[new tokens, candidates]``: the new tokens (B, P) join the cache, the k candidates
+        (B, k) are read at the row's next position, each seeing the prefix and itself, and leave no trace.
+        Returns the hidden states (B, P + k, H) float32 and the new tokens' positions (B, P) int64."""
+        model = self.model
+        device = model.device
+        B, P = new_ids.shape
+        k = candidates.shape[1]
         S = self.past_mask.shape[1]
         new_positions = position_ids_from_mask(new_mask, self.lengths)
         lengths = self.lengths + new_mask.sum(dim=1)
@@ -451,19 +485,11 @@ class CandidateScorer:
 
         hidden = model.hidden_states(torch.cat([new_ids, candidates], dim=1), mask[:, None], position_ids=positions,
                                      cache=self.cache)
-        self.cache.crop(-k)
-        if model.kind == "mean":
-            first = self.window_start < 0  # rows fed for the first time: their prompt is known now
-            prompt_lengths = getattr(rollout, "prompt_lengths", None)
-            prompt_lengths = lengths if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=device)
-            self.window_start = torch.where(first, model.window_start(prompt_lengths), self.window_start)
-            self.pool.extend(hidden[:, :P], new_mask.bool() & (new_positions >= self.window_start[:, None]))
-            features = self.pool.peek(hidden[:, P:])
-        else:
-            features = hidden[:, P:]
+        if k:
+            self.cache.crop(-k)
         self.past_mask = torch.cat([self.past_mask, new_mask], dim=1)
         self.lengths = lengths
-        return model.values(model.head(features), None if beta is None else beta.to(device)[:, None])
+        return hidden, new_positions
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -490,6 +516,9 @@ class TextCandidateScorer:
     """
 
     def __init__(self, model: ValueModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]):
+        if model.kind == "next":
+            raise VasError("a value model with the next head scores π0's own next tokens, not text: it needs a local "
+                           "π0 with its tokenizer, reading the prompt as π0 does (no value prompt, no API policy)")
         if not prompt_ids:
             raise VasError("the value model's prompt is empty after tokenization")
         if tokenizer.eos_token_id is None:

@@ -89,6 +89,17 @@ def state_outputs(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Te
     return outputs.gather(1, index)
 
 
+def regressed_states(kind: str, state_mask: torch.Tensor) -> torch.Tensor:
+    """The states a head of this ``kind`` is regressed and validated on, (B, T_max+1) bool: every real state, or
+    for the ``next`` head every state reached by a response token (not s_0, which no token of the row leads to:
+    Q(s_t, x_{t+1}) is trained on the λ-return of s_{t+1}, so only tokens taken in the response are regressed)."""
+    if kind != "next":
+        return state_mask
+    regressed = state_mask.clone()
+    regressed[:, 0] = False
+    return regressed
+
+
 def state_values(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (the distributional head's mean)."""
     return model.values(state_outputs(model, batch))
@@ -104,25 +115,28 @@ class ValueTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values); for a
         distributional head, the cross-entropy between its histogram at s_t and the distributional λ-return
-        (the same recursion over histograms, the reward as :func:`vas.value.heads.two_hot`)."""
+        (the same recursion over histograms, the reward as :func:`vas.value.heads.two_hot`). The ``next`` head's
+        V(s_t) is Q(s_{t-1}, x_t), and s_0 is left out (:func:`regressed_states`)."""
         unwrapped = self.accelerator.unwrap_model(model)
         outputs = state_outputs(model, inputs)
         mask = inputs["state_mask"]
+        regressed = regressed_states(unwrapped.kind, mask)
         if unwrapped.kind == "distributional":
             log_probs = torch.log_softmax(outputs.float(), dim=-1)
             reward = two_hot(inputs["reward"], unwrapped.support.to(log_probs.device))
             targets = lambda_returns(log_probs.detach().exp(), reward, mask, lam=self.lam, gamma=self.gamma)
-            loss = -(targets * log_probs).sum(dim=-1)[mask].mean()
+            loss = -(targets * log_probs).sum(dim=-1)[regressed].mean()
             values = unwrapped.values(outputs)
         else:
             values = outputs[..., 0]
             targets = lambda_returns(values.detach(), inputs["reward"], mask, lam=self.lam, gamma=self.gamma)
-            loss = ((values - targets) ** 2)[mask].mean()
+            loss = ((values - targets) ** 2)[regressed].mean()
         return (loss, {"values": values}) if return_outputs else loss
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Validation metrics, averaged over all states of all validation responses:
+        """Validation metrics, averaged over all states of all validation responses (for the ``next`` head, all
+        but s_0: :func:`regressed_states`):
 
         * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises; for a distributional head, of its
           mean to the λ-returns of the means, which are the means of its targets);
@@ -142,9 +156,10 @@ class ValueTrainer(Trainer):
         for batch in loader:
             batch = self._prepare_inputs(batch)
             values = state_values(model, batch)
-            mask, reward = batch["state_mask"], batch["reward"]
-            targets = lambda_returns(values, reward, mask, lam=self.lam, gamma=self.gamma)
-            last = mask.sum(dim=1) - 1
+            states_mask, reward = batch["state_mask"], batch["reward"]
+            targets = lambda_returns(values, reward, states_mask, lam=self.lam, gamma=self.gamma)
+            mask = regressed_states(self.accelerator.unwrap_model(model).kind, states_mask)
+            last = states_mask.sum(dim=1) - 1
             sums["loss"] += float(((values - targets) ** 2)[mask].sum())
             sums["mc_mse"] += float(((values - reward[:, None]) ** 2)[mask].sum())
             sums["final_mse"] += float(((values.gather(1, last[:, None]).squeeze(1) - reward) ** 2).sum())
