@@ -2,6 +2,7 @@
 
     python benchmarks/decoding.py [--device auto] [--dtype float32]     # the full table
     python benchmarks/decoding.py --targets --repeats 5                 # issue 3's targets, repeated
+    python benchmarks/decoding.py --heads --repeats 3                   # the last head against the next head
 
 Every configuration runs in its own subprocess, so its peak memory is its own (CPU: peak resident set
 size of that process, weights included; CUDA: ``torch.cuda.max_memory_allocated``). All use the embedded
@@ -14,7 +15,9 @@ round, and their median and range reported.
 - ``plain-generate``: ``model.generate`` (do_sample, top_k=0), transformers' own loop: the baseline.
 - ``plain-loop``: :func:`vas.decoding.loop.sample` without steering (our loop, which VAS uses).
 - ``vas``: :func:`vas.decoding.loop.sample` with a value model the size of π0 (same backbone, LoRA merged), or
-  a layer-truncated one (``layers``: its first L layers), in π0's dtype or in ``value_dtype``.
+  a layer-truncated one (``layers``: its first L layers), in π0's dtype or in ``value_dtype``, with the ``last``
+  head (k + 1 value-model tokens per row per step) or the ``next`` head (``head``: one token per row per step;
+  ``k`` may then be ``"all"``).
 - ``naive``: the authors' way: each of the k candidates scored by its own forward pass over the whole
   re-fed context (no cache). Its cost per step grows linearly with the position, so it is timed at 4
   evenly spaced steps (first and last included), whose mean estimates the mean over all steps, and added
@@ -46,13 +49,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NAIVE_STEPS = 4
-IDENTITY = ("kind", "batch", "tokens", "k", "n", "layers", "value_dtype")
+IDENTITY = ("kind", "batch", "tokens", "k", "n", "layers", "value_dtype", "head")
 
 
-def configurations(quick: bool, dtype: str, targets_only: bool = False) -> list[dict]:
+def configurations(quick: bool, dtype: str, targets_only: bool = False, heads: bool = False) -> list[dict]:
     """The runs, in table order. ``quick`` shrinks them to check the script itself in a minute. In float32,
     VAS also runs with the value model in bfloat16 (π0 in float32): ``--value-dtype auto``'s choice on
-    hardware with native bf16. ``targets_only``: just what issue 3's targets need (batch 8)."""
+    hardware with native bf16. ``targets_only``: just what issue 3's targets need (batch 8). ``heads``: the
+    last head against the next head at batch 8, k = 10, same-size and quarter-depth value models."""
     tokens = 8 if quick else 64
     lengths = (8, 16) if quick else (32, 256)
     mixed = dtype == "float32"
@@ -60,6 +64,10 @@ def configurations(quick: bool, dtype: str, targets_only: bool = False) -> list[
     def vas(batch, **extra):
         return {"kind": "vas", "batch": batch, "tokens": tokens, "k": 20, **extra}
 
+    if heads:
+        return [{"kind": "plain-generate", "batch": 8, "tokens": tokens}, {"kind": "plain-loop", "batch": 8, "tokens": tokens},
+                vas(8, k=10), vas(8, k=10, layers="quarter"), vas(8, k=10, head="next"),
+                vas(8, k=10, layers="quarter", head="next"), vas(8, k="all", layers="quarter", head="next")]
     if targets_only:
         runs = [{"kind": "plain-generate", "batch": 8, "tokens": tokens}, {"kind": "plain-loop", "batch": 8, "tokens": tokens},
                 vas(8), vas(8, layers="quarter")]
@@ -167,7 +175,7 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     prompt_ids = encode_prompts(tokenizer, texts)
     steering = None
     if config["kind"] in ("vas", "naive"):
-        path = args.value_full if config.get("layers") is None else args.value_quarter
+        path = Path(args.value_dir) / f"{config.get('layers') or 'full'}-{config.get('head', 'last')}"
         value_dtype = resolve_dtype(config.get("value_dtype", args.dtype), device)
         value_model = ValueModel.from_pretrained(path, device=device, dtype=value_dtype)
         steering = vas.decoding.loop.Steering([value_model], beta=1.0, top_k=config["k"])
@@ -239,30 +247,33 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
 # ---------------------------------------------------------------------------------------------------- parent
 
 
-def make_value_models(directory: Path) -> tuple[str, str, int]:
-    """A full-depth and a quarter-depth value model on the embedded backbone, with random LoRA and head
-    (speed does not depend on training), saved like trained ones."""
+def make_value_models(directory: Path) -> int:
+    """Full-depth and quarter-depth value models with the last and the next head on the embedded backbone,
+    with random LoRA and head (speed does not depend on training), saved like trained ones in
+    ``directory/{full,quarter}-{last,next}``; returns the backbone's depth."""
     import torch
 
-    from vas.models import EMBEDDED_MODEL, load_tokenizer
+    from vas.models import EMBEDDED_MODEL, load_config, load_tokenizer
     from vas.value.model import ValueModel
 
     torch.manual_seed(0)
-    full = ValueModel.create(EMBEDDED_MODEL, lora_rank=16)
-    depth = full.value_config["num_layers"]
-    paths = []
-    for name, model in (("full", full), ("quarter", ValueModel.create(EMBEDDED_MODEL, lora_rank=16, num_layers=depth // 4))):
-        with torch.no_grad():
-            torch.nn.init.normal_(model.head.weight, std=0.05)
-        model.save_pretrained(directory / name, tokenizer=load_tokenizer(EMBEDDED_MODEL))
-        paths.append(str(directory / name))
-    return paths[0], paths[1], depth
+    depth = load_config(EMBEDDED_MODEL).num_hidden_layers
+    for layers in ("full", "quarter"):
+        for head in ("last", "next"):
+            model = ValueModel.create(EMBEDDED_MODEL, lora_rank=16, head=head,
+                                      num_layers=depth // 4 if layers == "quarter" else None)
+            with torch.no_grad():
+                for weight in (p for p in model.head.parameters() if p.dim() == 2):
+                    torch.nn.init.normal_(weight, std=0.05)
+            model.save_pretrained(directory / f"{layers}-{head}", tokenizer=load_tokenizer(EMBEDDED_MODEL))
+    return depth
 
 
 def label(r: dict, depth: int) -> str:
     if r["kind"] == "vas":
         parts = [f"L={depth // 4}/{depth}"] if r.get("layers") else []
         parts += [r["value_dtype"]] if r.get("value_dtype") else []
+        parts += [f"{r['head']} head"] if r.get("head") else []
         return f"VAS k={r['k']}" + (f", value model {' '.join(parts)}" if parts else "")
     if r["kind"] == "naive":
         return f"naive VAS reference k={r['k']}"
@@ -329,9 +340,12 @@ def targets(results: list[dict], repeats: int) -> dict:
 
     plain = {"kind": "plain-generate", "batch": 8, "tokens": 64}
     loop = {"kind": "plain-loop", "batch": 8, "tokens": 64}
-    vas = {"kind": "vas", "batch": 8, "k": 20, "tokens": 64, "layers": None, "value_dtype": None}
+    vas = {"kind": "vas", "batch": 8, "k": 20, "tokens": 64, "layers": None, "value_dtype": None, "head": None}
     quarter = {**vas, "layers": "quarter"}
     bf16, quarter_bf16 = {**vas, "value_dtype": "bfloat16"}, {**quarter, "value_dtype": "bfloat16"}
+    def at_k10(**match):
+        return {**vas, "k": 10, **match}
+
     found = {
         "VAS k=20 ÷ plain generate (target ≤ 3)": ratio(vas, plain),
         "VAS k=20 ÷ plain, our loop": ratio(vas, loop),
@@ -342,6 +356,11 @@ def targets(results: list[dict], repeats: int) -> dict:
         "VAS k=20, quarter-depth value model ÷ plain generate (target ≤ 1.5)": ratio(quarter, plain),
         "VAS k=20, bf16 value model ÷ plain generate (target ≤ 3)": ratio(bf16, plain),
         "VAS k=20, quarter-depth bf16 value model ÷ plain generate (target ≤ 1.5)": ratio(quarter_bf16, plain),
+        "VAS k=10, last head ÷ plain generate": ratio(at_k10(), plain),
+        "VAS k=10, next head ÷ plain generate (target ≤ 1.6)": ratio(at_k10(head="next"), plain),
+        "VAS k=10, quarter-depth last head ÷ plain generate": ratio(at_k10(layers="quarter"), plain),
+        "VAS k=10, quarter-depth next head ÷ plain generate": ratio(at_k10(layers="quarter", head="next"), plain),
+        "VAS k=all, quarter-depth next head ÷ plain generate": ratio(at_k10(k="all", layers="quarter", head="next"), plain),
     }
     return {name: value for name, value in found.items() if value is not None}
 
@@ -353,12 +372,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/decoding-<device>-<dtype>.json)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     parser.add_argument("--targets", action="store_true", help="only what issue 3's targets need (batch 8)")
+    parser.add_argument("--heads", action="store_true", help="only the last head against the next head (batch 8)")
     parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, round-robin")
     parser.add_argument("--profile", metavar="CONFIG", help="run one configuration in this process, its timed generation "
                         "under torch.profiler, e.g. '{\"kind\": \"vas\", \"batch\": 8, \"tokens\": 64, \"k\": 20}'")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--value-full", help=argparse.SUPPRESS)
-    parser.add_argument("--value-quarter", help=argparse.SUPPRESS)
+    parser.add_argument("--value-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker), args)))
@@ -377,21 +396,22 @@ def main() -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         profiler = profile(activities=activities)
         with tempfile.TemporaryDirectory() as tmp:
-            args.value_full, args.value_quarter, _ = make_value_models(Path(tmp))
+            make_value_models(Path(tmp))
+            args.value_dir = tmp
             print(worker(json.loads(args.profile), args, around=lambda: profiler))
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
 
     device = resolve_device(args.device)
-    suffix = ("-targets" if args.targets else "") + ("-quick" if args.quick else "")
+    suffix = ("-targets" if args.targets else "") + ("-heads" if args.heads else "") + ("-quick" if args.quick else "")
     out = args.out or Path(__file__).parent / "results" / f"decoding-{device.type}-{args.dtype}{suffix}.json"
     results, failures = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        full, quarter, depth = make_value_models(Path(tmp))
+        depth = make_value_models(Path(tmp))
         for round_ in range(args.repeats):
-            for config in configurations(args.quick, args.dtype, args.targets):
+            for config in configurations(args.quick, args.dtype, args.targets, args.heads):
                 cmd = [sys.executable, __file__, "--worker", json.dumps(config), "--device", args.device, "--dtype",
-                       args.dtype, "--value-full", full, "--value-quarter", quarter]
+                       args.dtype, "--value-dir", tmp]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode or not lines:  # e.g. out of memory: record it and go on

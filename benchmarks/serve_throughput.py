@@ -2,13 +2,14 @@
 
     python benchmarks/serve_throughput.py [--tokens 32] [--concurrency 1 8 32] [--out FILE]
 
-Starts `vas serve` on 127.0.0.1 with the embedded SmolLM2 (float32) and one value model on its first 8 of 30
-layers (about a quarter of the depth; random LoRA and head, which cost what trained ones cost), then sends
-the same chitchat prompts at each concurrency c (2·c requests, at most c in flight, τ = 0.7, a seed per
+Starts `vas serve` on 127.0.0.1 with the embedded SmolLM2 (float32) and two value models on its first 8 of 30
+layers (about a quarter of the depth; random LoRA and head, which cost what trained ones cost), one with the
+``last`` head (k + 1 tokens per row per step) and one with the ``next`` head (one token per row per step), then
+sends the same chitchat prompts at each concurrency c (2·c requests, at most c in flight, τ = 0.7, a seed per
 request, ``max_tokens`` fixed and ``ignore_eos`` so every request generates the same number of tokens):
 
 - plain vLLM: requests without ``vas_*`` fields (the processor leaves them untouched and does no work);
-- VAS: ``vas_beta`` = 2, ``vas_top_k`` = 10, the one value model.
+- VAS, per head: ``vas_beta`` = 2, ``vas_top_k`` = 10, that value model alone.
 
 Tokens/s counts generated tokens over the wall time of each configuration.
 """
@@ -33,6 +34,8 @@ from vas.models import EMBEDDED_MODEL, embedded_model_dir
 from vas.prompts import load_prompts
 from vas.serving.server import serve_in_background
 from vas.value.model import ValueModel
+
+HEADS = ("last", "next")
 
 
 async def measure(url: str, prompts: list[str], concurrency: int, tokens: int, xargs: dict | None) -> dict:
@@ -61,25 +64,33 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        value = ValueModel.create(str(embedded_model_dir()), num_layers=8)
-        torch.nn.init.normal_(value.head.weight, std=0.3)
-        value.save_pretrained(Path(tmp) / "value")
-        del value
+        for head in HEADS:
+            value = ValueModel.create(str(embedded_model_dir()), num_layers=8, head=head)
+            with torch.no_grad():
+                for weight in (p for p in value.head.parameters() if p.dim() == 2):
+                    torch.nn.init.normal_(weight, std=0.3 if head == "last" else 0.05)
+            value.save_pretrained(Path(tmp) / head)
+            del value
         rows = []
+        values = [arg for head in HEADS for arg in ("--value", f"{head}={Path(tmp) / head}")]
         with open(Path(tmp) / "server.log", "w") as log, serve_in_background(
-                ["--dtype", "float32", "--value-dtype", "float32", "--value", f"v={Path(tmp) / 'value'}",
-                 "--max-model-len", "1024"], log=log) as url:
-            asyncio.run(measure(url, load_prompts("chitchat", limit=2), 2, 4, {"vas_beta": 2.0}))  # warm-up
+                ["--dtype", "float32", "--value-dtype", "float32", *values, "--max-model-len", "1024"], log=log) as url:
+            for head in HEADS:  # warm-up
+                asyncio.run(measure(url, load_prompts("chitchat", limit=2), 2, 4, {"vas_beta": 2.0, "vas_values": head}))
             for c in args.concurrency:
                 prompts = load_prompts("chitchat", limit=2 * c)
-                plain = asyncio.run(measure(url, prompts, c, args.tokens, None))
-                vas = asyncio.run(measure(url, prompts, c, args.tokens, {"vas_beta": 2.0, "vas_top_k": 10, "vas_values": "v"}))
-                rows.append({"concurrency": c, "plain": plain, "vas": vas, "ratio": vas["tokens_per_s"] / plain["tokens_per_s"]})
-                print(f"concurrency {c:>2}: plain vLLM {plain['tokens_per_s']:7.1f} tokens/s, VAS {vas['tokens_per_s']:7.1f} "
-                      f"tokens/s ({vas['requests_per_s']:.2f} requests/s), VAS/plain {rows[-1]['ratio']:.2f}", flush=True)
+                row = {"concurrency": c, "plain": asyncio.run(measure(url, prompts, c, args.tokens, None))}
+                for head in HEADS:
+                    row[head] = asyncio.run(measure(url, prompts, c, args.tokens,
+                                                    {"vas_beta": 2.0, "vas_top_k": 10, "vas_values": head}))
+                    row[f"{head}_ratio"] = row[head]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+                rows.append(row)
+                print(f"concurrency {c:>2}: plain vLLM {row['plain']['tokens_per_s']:7.1f} tokens/s; "
+                      + "; ".join(f"VAS, {head} head {row[head]['tokens_per_s']:7.1f} tokens/s "
+                                  f"({row[f'{head}_ratio']:.2f}× plain)" for head in HEADS), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                                    "tokens": args.tokens, "value_model_layers": 8, "top_k": 10, "rows": rows}, indent=2))
+                                    "tokens": args.tokens, "value_model_layers": 8, "top_k": 10, "heads": HEADS, "rows": rows}, indent=2))
     print(f"→ {args.out}")
 
 

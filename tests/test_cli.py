@@ -40,7 +40,11 @@ def make_cases(tmp, tiny, other, value_dir):
                           "has no prompts", tmp / "o2"),
         "long prompt": (["generate", "--prompt", "hello " * 300, "--base-model", tiny], "exceeds the context window", None),
         "k zero": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 0],
-                   "--top-k must be ≥ 1, got 0", None),
+                   "--top-k must be an integer ≥ 1 or 'all', got '0'", None),
+        "k a word": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", "many"],
+                     "--top-k must be an integer ≥ 1 or 'all', got 'many'", None),
+        "k all, last head": (["evaluate", "--base-model", tiny, "--value", value_dir, "-k", "all", "--out", tmp / "o8"],
+                             "--top-k all needs value models with the next head", tmp / "o8"),
         "k too big": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir, "-k", 100000],
                       "--top-k must be between 1 and the vocabulary size 300", None),
         "non-finite reward": (["collect", "--quiet", "--out", tmp / "o3", "--limit", 2, "--max-new-tokens", 3, "--base-model", tiny,
@@ -76,7 +80,7 @@ def make_cases(tmp, tiny, other, value_dir):
         "soft without a distributional head": (["generate", "--prompt", "hi", "--base-model", tiny, "--value", value_dir,
                                                 "--soft"], "--soft needs a distributional value model", None),
         "unknown head": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9", "--head", "max"],
-                         "--head must be last, mean or distributional, got 'max'", tmp / "o9"),
+                         "--head must be one of last, mean, distributional, next, got 'max'", tmp / "o9"),
         "distributional head with a discount": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o9",
                                                  "--head", "distributional", "--gamma", "0.9"],
                                                 "--head distributional needs --gamma 1", tmp / "o9"),
@@ -87,7 +91,7 @@ def make_cases(tmp, tiny, other, value_dir):
     }
 
 
-CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k too big",
+CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k a word", "k all, last head", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
          "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
          "distributional head with a discount", "bins for another head", "judge without responses",
@@ -202,6 +206,26 @@ def test_train_a_distributional_head_and_generate_with_soft_values(tiny_model_di
     assert all(row["kl"] > 0 for name in rows for row in rows[name])
     # same seeds, a different guide: some step's distribution differs, so the KL does
     assert [row["kl"] for row in rows["soft"]] != [row["kl"] for row in rows["mean"]]
+
+
+def test_train_a_next_head_and_generate_over_every_token(tiny_model_dir, tmp_path):
+    """`vas train --head next` stores the head; `vas generate -k all` steers every token with it, and differs
+    from k = 5 (same seeds: Eq. 5 then leaves the other tokens at β·mean V)."""
+    from test_train import make_data
+
+    make_data(load_tokenizer(tiny_model_dir), n_prompts=8).save_to_disk(str(tmp_path / "data"))
+    r = vas("train", "--quiet", "--data", tmp_path / "data", "--out", tmp_path / "v", "--backbone", tiny_model_dir,
+            "--head", "next", "--epochs", 1, "--val-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "v" / "vas_value_config.json").read_text())["head"] == "next"
+    common = ["generate", "--quiet", "--prompt", "hi", "--prompt", "yo", "--base-model", tiny_model_dir, "--value",
+              tmp_path / "v", "--beta", 50, "--max-new-tokens", 4]
+    for k in ("all", "5"):
+        result = vas(*common, "-k", k, "--out", tmp_path / f"{k}.jsonl")
+        assert result.returncode == 0, result.stderr
+    rows = {k: [json.loads(line) for line in (tmp_path / f"{k}.jsonl").read_text().splitlines()] for k in ("all", "5")}
+    assert all(row["kl"] > 0 for k in rows for row in rows[k])
+    assert [row["kl"] for row in rows["all"]] != [row["kl"] for row in rows["5"]]
 
 
 def test_evaluate_runs_end_to_end(tiny_model_dir, value_dir, tmp_path):

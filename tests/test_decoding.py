@@ -124,6 +124,21 @@ def test_a_mixed_batch_equals_each_row_alone(policy, tiny_model_dir):
     assert float(batch.kl[0]) == 0 and float(batch.kl[1]) > 0 and float(batch.kl[2]) > 0
 
 
+@pytest.mark.parametrize("k", [5, "all"])
+def test_a_next_head_batch_equals_each_row_alone_as_rows_finish(policy, tiny_model_dir, k):
+    """Rows that end early (EOS) stop feeding the next head's state while the others go on: each row of the batch
+    gives what it gives alone, token for token, with the same KL."""
+    model = random_value_model(tiny_model_dir, seed=33, head="next")
+    steering = Steering([model], beta=2.0, top_k=k)
+    eos = tuple(range(2, 300, 9))  # many ends, so that rows finish at different steps
+    batch = run(policy, PROMPTS, steering, greedy=True, eos=eos, max_new_tokens=12)
+    assert len(set(batch.steps.tolist())) > 1 and float(batch.kl.min()) > 0
+    for b, prompt in enumerate(PROMPTS):
+        alone = run(policy, [prompt], steering, greedy=True, eos=eos, max_new_tokens=12)
+        assert alone.token_ids[0] == batch.token_ids[b]
+        torch.testing.assert_close(alone.kl[0], batch.kl[b], atol=1e-4, rtol=1e-4)
+
+
 def test_a_batch_at_beta_zero_does_no_value_model_work(policy, value_model, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a value model was called at β = 0")

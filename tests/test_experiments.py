@@ -507,3 +507,25 @@ def test_tool_use_check_names_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", real)
     with pytest.raises(VasError, match="no GGUF model"):
         tool_use.check(dataclasses.replace(tool_use.QUICK, policy="missing.gguf"))
+
+
+def test_value_heads_quick_run(tiny_model_dir, tmp_path):
+    """Every head of the quick size is trained and scored; the next head's VAS run reads one value-model token per
+    step where the last head reads k + 1; the section follows from the saved summary."""
+    from vas.experiments import value_heads
+
+    size = value_heads.QUICK
+    out = tmp_path / "value-heads"
+    [section] = value_heads.run(out, base_model=tiny_model_dir, device=torch.device("cpu"), seed=0, size=size,
+                                progress=False, log=lambda _: None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["head"] for e in summary["heads"]] == list(size.heads)
+    runs = {e["head"]: e["runs"] for e in summary["heads"]}
+    assert sorted(runs["distributional"]) == ["mean", "soft"] and list(runs["next"]) == ["mean"]
+    for head in size.frontier_heads:
+        assert [v["beta"] for v in runs[head]["mean"]] == list(size.betas)
+    last, nxt = runs["last"]["mean"][0], runs["next"]["mean"][0]
+    prompt = last["value_tokens"] - last["length"] * (size.top_k + 1)  # value_tokens = prompt + (k + 1)·length
+    assert nxt["value_tokens"] == pytest.approx(prompt + nxt["length"], rel=1e-6)
+    assert (out / "value_heads.png").read_bytes()[:4] == b"\x89PNG"
+    assert section == value_heads.section(summary, size)

@@ -86,13 +86,15 @@ def test_distributional_lambda_returns_by_hand():
 @torch.no_grad()
 def manual_values(model, sequence, prompt_length, beta=None):
     """V of the state ending at the last token of ``sequence``, by hand from the backbone's hidden states (the
-    next head: Q(s, x) = w·h_s + b + e_xᵀ·A·h_s of the state before the last token and the last token)."""
+    next head: Q(s, x) = w·h_s + b + ê_xᵀ·A·h_s / H of the state before the last token and the last token, ê_x the
+    embedding at unit RMS)."""
     ids = torch.tensor([sequence])
     hidden = model.hidden_states(ids, torch.ones_like(ids))[0]  # (S, H)
     if model.kind == "next":
         h, e = hidden[-2], model.backbone.get_input_embeddings().weight[sequence[-1]].float()
+        e = e / e.square().mean().sqrt() if bool(e.any()) else e  # the padding token's embedding is 0
         head = model.head
-        return float(head.baseline.weight[0] @ h + head.baseline.bias[0] + e @ (head.mix.weight @ h))
+        return float(head.baseline.weight[0] @ h + head.baseline.bias[0] + e @ (head.mix.weight @ h) / len(h))
     if model.kind == "mean":
         start = prompt_length - 1 if model.mean_over == "response" else 0
         feature = hidden[start:].mean(dim=0)
@@ -316,9 +318,14 @@ def test_next_head_scores_the_whole_vocabulary_as_it_scores_a_few(tiny_model_dir
     torch.testing.assert_close(model.head(hidden, few), everything.gather(1, few))
     many = torch.arange(V).flip(0).expand(2, V)[:, : GATHER_LIMIT + 1]
     torch.testing.assert_close(model.head(hidden, many), everything.gather(1, many))
-    by_hand = hidden @ model.head.baseline.weight[0] + model.head.baseline.bias + \
-        (model.head.embedding_weight @ (model.head.mix.weight @ hidden[1]))[5]
-    assert float(everything[1, 5]) == pytest.approx(float(by_hand[1]), abs=1e-5)
+    e = model.head.embedding_weight[5]
+    by_hand = (hidden[1] @ model.head.baseline.weight[0] + model.head.baseline.bias[0]
+               + e @ (model.head.mix.weight @ hidden[1]) / e.square().mean().sqrt() / 32)
+    assert float(everything[1, 5]) == pytest.approx(float(by_hand), abs=1e-5)
+    # ids beyond the embedding (the padding rows of a wider LM head) get the baseline
+    beyond = model.head(hidden, torch.tensor([[V, V + 3], [5, V]]))
+    baseline = hidden @ model.head.baseline.weight[0] + model.head.baseline.bias[0]
+    torch.testing.assert_close(beyond, torch.stack([baseline[0].expand(2), torch.stack([everything[1, 5], baseline[1]])]))
 
 
 def test_top_k_all_is_eq5_over_the_whole_vocabulary(tiny_model_dir):
@@ -356,3 +363,32 @@ def test_next_head_rows_follow_a_reordered_batch(tiny_model_dir):
     expected = torch.tensor([[manual_values(model, PROMPTS[1] + [10, c], 2) for c in (3, 4)],
                              [manual_values(model, PROMPTS[2] + [c], 7) for c in (5, 6)]])
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_next_head_training_loss_leaves_s0_out(tiny_model_dir, tmp_path):
+    """ValueTrainer's loss for a next head: the mean of (V(s_t) − G_t)² over t = 1 … T of every row, worked out
+    state by state here (s_0, which no response token leads to, is not in it)."""
+    from transformers import TrainingArguments
+
+    from vas.value.train import ValueCollator, ValueTrainer, state_values
+
+    model = random_value_model(tiny_model_dir, seed=15, head="next")
+    rows = [{"prompt_ids": PROMPTS[0], "response_ids": [60, 61, 62], "reward": 1.0},
+            {"prompt_ids": PROMPTS[1], "response_ids": [70], "reward": 0.0}]
+    batch = ValueCollator(pad_token_id=0)(rows)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = ValueTrainer(model=model, args=args, lam=0.5)
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, batch))
+        values = state_values(model, batch)
+    squares = []
+    for b, row in enumerate(rows):
+        T = len(row["response_ids"])
+        g = row["reward"]  # G_T = r, then G_t = ½·V(s_{t+1}) + ½·G_{t+1}, backwards
+        targets = {T: g}
+        for t in range(T - 1, -1, -1):
+            targets[t] = 0.5 * float(values[b, t + 1]) + 0.5 * targets[t + 1] if t + 1 < T else 0.5 * row["reward"] + 0.5 * targets[t + 1]
+        squares += [(float(values[b, t]) - targets[t]) ** 2 for t in range(1, T + 1)]
+        with_s0 = squares + [(float(values[b, 0]) - targets[0]) ** 2]
+    assert loss == pytest.approx(sum(squares) / len(squares), rel=1e-5)
+    assert loss != pytest.approx(sum(with_s0) / len(with_s0), rel=1e-3)

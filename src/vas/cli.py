@@ -565,7 +565,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,
     top_k: Annotated[str, typer.Option("--top-k", "-k", metavar="K|all", help="k for requests that do not send vas_top_k; all: every token (value models with the next head).")] = "10",
-    max_top_k: Annotated[int, typer.Option(help="The largest vas_top_k a request may send (each step scores the batch's largest k in every steered request).")] = 100,
+    max_top_k: Annotated[int, typer.Option(help="The largest vas_top_k a request may send to value models that read one token per candidate (not the next head; each step scores the batch's largest k in every steered request).")] = 100,
     dtype: Annotated[str, typer.Option(help="π0's dtype: 'auto' (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16.")] = "auto",
     value_dtype: ValueDtype = "auto",
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of accelerator memory (of the machine's memory on CPU; default there 0.3).")] = None,

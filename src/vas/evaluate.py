@@ -15,7 +15,7 @@ For every held-out prompt:
 Cost is given twice: wall seconds per prompt, and the tokens each model reads per prompt (independent of
 the machine): ``policy_tokens`` = prompt + response for each of the N samples of Best-of-N (the pool
 repeats the prompt) or the one of VAS or of a fine-tuned policy; ``value_tokens`` = prompt + (k + 1) per
-generated token for each of VAS's value models (+ 1 per generated token for one with the ``next`` head). A fine-tuned policy (its LoRA adapter merged) is the same
+generated token for each of VAS's value models (1 instead of k + 1 for one with the ``next`` head). A fine-tuned policy (its LoRA adapter merged) is the same
 network as π0, so its decoding time is plain π0's time per generated token times its tokens; the measured
 time, which includes π0's forward for the KL, is kept beside it.
 

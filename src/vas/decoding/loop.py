@@ -41,6 +41,8 @@ def parse_top_k(text: str | int) -> int | str:
     """
     if isinstance(text, str) and text.strip().lower() == ALL:
         return ALL
+    if not isinstance(text, (str, int, float)):
+        raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
     try:
         k = int(text) if not isinstance(text, float) or text.is_integer() else None
     except ValueError:

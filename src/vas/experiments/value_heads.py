@@ -2,9 +2,10 @@
 reward–KL frontier, with soft values (Q_β, the KL-optimal guide) and without.
 
 The frontier's task, on the data the composition and ablations experiments share (π0's responses to the same
-training openings, the shared stage), one recipe, one value model per head (:mod:`vas.value.heads`): ``last`` (the paper's), ``mean``
-and ``distributional``; the mean head is also trained over prompt and response (``mean-all``), whose R² tells
-whether the prompt belongs in the mean. Each is scored by
+training openings, the shared stage), one recipe, one value model per head (:mod:`vas.value.heads`): ``last`` (the paper's), ``mean``,
+``distributional`` and ``next`` (every next token's value from one hidden state, one value-model token per
+step); the mean head is also trained over prompt and response (``mean-all``), whose R² tells whether the prompt
+belongs in the mean. Each is scored by
 
 * R² at finished states: 1 − MSE(V(s_T), r) / Var(r) over the validation responses the training held out;
 * R² against App. C.1's halfway labels (held-out π0 responses cut halfway, π0 completions' mean reward);
@@ -38,8 +39,8 @@ class Size:
     train_prompts: int = 256
     eval_prompts: int = 32
     recipe: Recipe = Recipe(samples_per_prompt=4, backbone_layers=8)
-    heads: tuple[str, ...] = ("last", "mean", "mean-all", "distributional")
-    frontier_heads: tuple[str, ...] = ("last", "mean", "distributional")
+    heads: tuple[str, ...] = ("last", "mean", "mean-all", "distributional", "next")
+    frontier_heads: tuple[str, ...] = ("last", "mean", "distributional", "next")
     bins: int = 51
     top_k: int = 10
     betas: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
@@ -54,7 +55,7 @@ class Size:
 
 QUICK = Size(train_prompts=8, eval_prompts=3, recipe=Recipe(samples_per_prompt=2, max_new_tokens=8, epochs=1.0,
                                                             batch_size=8, backbone_layers=1),
-             heads=("last", "mean-all", "distributional"), frontier_heads=("last", "distributional"), bins=11, betas=(4.0,), best_of=(1, 2), vas_samples_per_prompt=1, batch_size=8, completions=2,
+             heads=("last", "mean-all", "distributional", "next"), frontier_heads=("last", "distributional", "next"), bins=11, betas=(4.0,), best_of=(1, 2), vas_samples_per_prompt=1, batch_size=8, completions=2,
              reference_n=2)
 
 

@@ -108,7 +108,7 @@ class VllmPolicy:
         """
         from vllm import SamplingParams, TokensPrompt
 
-        from vas.decoding.loop import Decoded, Steering
+        from vas.decoding.loop import ALL, Decoded, Steering
         from vas.models import check_fits
         from vas.prompts import encode_prompts
 
@@ -119,6 +119,9 @@ class VllmPolicy:
         if steering.mask_outside_top_k or steering.value_prompt is not None:
             raise VasError("--engine vllm steers by Eq. 5 on π0's own prompt: it has no top-k masking and no "
                            "value prompt; use the default engine for those")
+        if steering.top_k == ALL and steering.value_models:
+            raise VasError("--engine vllm takes a number for --top-k: its per-step records (the KL and log π0) would "
+                           "hold the whole vocabulary with -k all; use the default engine or vas serve for -k all")
         B = len(prompts)
         beta, weights = steering.rows(B)
         if steering.value_models:

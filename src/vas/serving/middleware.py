@@ -30,7 +30,7 @@ def value_models(settings: Settings) -> dict:
 
     Returns:
         ``{"value_models": [{"name", "head", "reward", "train_rows", "val_rows", "validation_r2"}, …],
-        "top_k": int, "max_top_k": int, "vocab_size": int}``.
+        "top_k": int or "all", "max_top_k": int, "vocab_size": int}``.
     """
     from vas.value.model import value_summary
 

@@ -72,8 +72,10 @@ def connect(url: str, api_key: str | None = None, timeout: float = 30.0) -> Serv
         raise VasError(f"the server at {url} lists no model at /v1/models (HTTP {models.status_code}): is it an "
                        "OpenAI-compatible server such as vas serve?")
     info = listing.json() if listing.status_code == 200 else {}
-    return Server(url, api_key, names[0], info.get("value_models", []), int(info.get("top_k", 10)),
-                  int(info.get("max_top_k", 100)))
+    largest = int(info.get("max_top_k", 100))
+    top_k = info.get("top_k", 10)  # "all" (vas serve --top-k all): the slider starts at its largest k
+    return Server(url, api_key, names[0], info.get("value_models", []), largest if top_k == "all" else int(top_k),
+                  largest)
 
 
 NO_VALUE_MODELS = ("this server serves no value models (it is not vas serve, or lists none): only plain answers "

@@ -395,7 +395,7 @@ class BatchSteerer:
         self.scorers = [_LiveScorer(m) for m in self.models]
         self.failed: set[Hashable] = set()  # keys of requests a value model failed: each step forces EOS
         logging.getLogger("vllm").info(
-            "VAS on vLLM's %s model runner: value models %s (%s); vas_top_k %d by default, at most %d", runner,
+            "VAS on vLLM's %s model runner: value models %s (%s); vas_top_k %s by default, at most %d for value models that read one token per candidate", runner,
             ", ".join(f"{name}={path}" for name, path in self.settings.values.items()), dtype,
             self.settings.top_k, self.settings.max_top_k)
         self.records: dict[str, dict[int, StepRecord]] = {}  # vas_id → output position → step

@@ -126,9 +126,11 @@ class ServeConfig:
             if slow:
                 raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} "
                                f"has the {value_head(self.values[slow[0]])} head")
-        elif not 1 <= self.top_k <= min(vocab_size, self.max_top_k):
+        elif not 1 <= self.top_k <= vocab_size or (self.top_k > self.max_top_k and any(
+                value_head(path) != "next" for path in self.values.values())):
             raise VasError(f"--top-k must be between 1 and {min(vocab_size, self.max_top_k)} (the vocabulary size "
-                           f"{vocab_size}, at most --max-top-k) or all, got {self.top_k}")
+                           f"{vocab_size}, at most --max-top-k unless every value model has the next head) or all, "
+                           f"got {self.top_k}")
         memory = self.gpu_memory_utilization
         if memory is None and not _has_accelerator():
             memory = CPU_MEMORY_SHARE

@@ -145,9 +145,12 @@ class NextTokenHead(nn.Module):
     """The ``next`` head: Q(s, x) for every next token x from the hidden state h_s at the last token of s, so one
     value-model forward over s scores all of π0's candidates at once (Q(s, ·) over the vocabulary, as CD-Q's).
 
-    Q(s, x) = w·h_s + b + e_xᵀ·A·h_s, where e_x is the backbone's own (frozen) input embedding of x, the LM head
-    of a model with tied embeddings: the head learns (w, b) and A (H × H), about H² + H + 1 numbers whatever the
-    vocabulary's size. A starts at 0, so every Q(s, x) starts at the state's baseline w·h_s + b.
+    Q(s, x) = w·h_s + b + ê_xᵀ·A·h_s / H, where ê_x is the backbone's own (frozen) input embedding of x, the LM
+    head of a model with tied embeddings, scaled to unit root mean square: the head learns (w, b) and A (H × H),
+    H² + H + 1 numbers whatever the vocabulary's size. A starts at 0, so every Q(s, x) starts at the state's
+    baseline w·h_s + b. The unit-RMS embedding and the 1/H keep an optimiser step's change of the token term
+    about that of the baseline (an Adam step moves every entry of A at once). Token ids beyond the embedding
+    (the padding rows of a wider LM head, which π0's tokenizer never emits) get the baseline.
 
     Q(s_t, x) is V(s_t ⊕ x): trained on the λ-return of s_{t+1} for the token x_{t+1} taken at s_t
     (:func:`vas.value.td.lambda_returns`), and used as V(s ⊕ x) in Eq. 5.
@@ -172,7 +175,7 @@ class NextTokenHead(nn.Module):
         return self._embeddings[0].weight
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Q(s, x) for the given next tokens, or for every token of the vocabulary.
+        """Q(s, x) for the given next tokens, or for every token of the vocabulary; computed in float32.
 
         Args:
             hidden: (…, H) float32 hidden states h_s.
@@ -181,13 +184,29 @@ class NextTokenHead(nn.Module):
         Returns:
             (…, k) or (…, V) float32.
         """
-        mixed = self.mix(hidden)  # (…, H)
+        mixed = self.mix(hidden) / hidden.shape[-1]  # (…, H)
         baseline = self.baseline(hidden)  # (…, 1)
         weight = self.embedding_weight
+        V = weight.shape[0]
+        if tokens is not None:
+            inside = tokens < V
+            tokens = tokens.clamp(max=V - 1)
         if tokens is None or tokens.shape[-1] > GATHER_LIMIT:  # one (…, H) × (H, V) product beats gathering k rows
-            scores = (mixed.to(weight.dtype) @ weight.T).float()
-            return baseline + (scores if tokens is None else scores.gather(-1, tokens))
-        return baseline + (weight[tokens].float() * mixed.unsqueeze(-2)).sum(dim=-1)
+            everything = weight.float()
+            scores = (mixed @ everything.T) * unit_rms_scale(everything)  # (…, V)
+            if tokens is None:
+                return baseline + scores
+            scores = scores.gather(-1, tokens)
+        else:
+            chosen = weight[tokens].float()  # (…, k, H)
+            scores = ((chosen * mixed.unsqueeze(-2)).sum(dim=-1)) * unit_rms_scale(chosen)
+        return baseline + scores.masked_fill(~inside, 0.0)
+
+
+def unit_rms_scale(vectors: torch.Tensor) -> torch.Tensor:
+    """1 / RMS of each vector: (…, H) → (…) float32 (0 for an all-zero vector)."""
+    mean_square = vectors.float().pow(2).mean(dim=-1)
+    return torch.where(mean_square > 0, mean_square.clamp_min(1e-30).rsqrt(), 0.0)
 
 
 def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51,

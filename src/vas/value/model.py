@@ -175,7 +175,7 @@ class ValueModel(nn.Module):
         """The head's outputs at every position of whole sequences: (B, S, 1) values, or (B, S, bins) logits of
         the distributional head. Each position's output is for the state that ends there; for the ``next`` head it
         is Q(s, x) of the previous position's state s and this position's token x, which is V of the state ending
-        here (position 0 has no previous state: its entry is the head's untrained baseline at position 0).
+        here (position 0 has no previous state: its entry is the baseline w·h_0 + b, the value of no state).
 
         Args:
             input_ids: (B, S) int64.
