@@ -148,7 +148,7 @@ def test_a_batch_at_beta_zero_does_no_value_model_work(policy, value_model, monk
     assert out.token_ids == run(policy, PROMPTS, seed=4).token_ids
 
 
-@pytest.mark.parametrize("k, message", [(0, "must be ≥ 1"), (-1, "must be ≥ 1"),
+@pytest.mark.parametrize("k, message", [(0, "must be an integer ≥ 1 or .all., got 0"), (-1, "must be an integer ≥ 1 or .all., got -1"),
                                         (10**6, "must be between 1 and the vocabulary size")])
 def test_bad_k(policy, value_model, k, message):
     with pytest.raises(VasError, match=message):

@@ -1,6 +1,7 @@
 """`vas serve`'s checks before vLLM starts: each bad option is one line and exit 2, and a machine without
 vLLM is told what to install."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,13 @@ def test_repeated_names_a_wrong_tokenizer_and_k_are_refused(tiny_model_dir, othe
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k=10_000)
     with pytest.raises(VasError, match="--top-k must be between 1 and 100"):
         config.command()
+    config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k="all")
+    with pytest.raises(VasError, match="--top-k all needs value models with the next head .*a has the last head"):
+        config.command()
+    random_value_model(tiny_model_dir, head="next").save_pretrained(tmp_path / "ahead")
+    for k in ("all", 200):  # a server of next heads only: any k up to the vocabulary
+        _, env = server.ServeConfig(tiny_model_dir, server.parse_named([f"n={tmp_path / 'ahead'}"]), top_k=k).command()
+        assert json.loads(env["VAS_VLLM_SETTINGS"])["top_k"] == k
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]),
                                 vllm_args=["--speculative-config", '{"method": "ngram"}'])
     with pytest.raises(VasError, match="does not run with speculative decoding"):

@@ -206,9 +206,12 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
     """
     if not scorers and not steering.mask_outside_top_k:
         return base
-    support = base.shape[1]
+    B, support = base.shape
     k = support if steering.top_k == ALL else min(steering.top_k, support)
-    candidates = base.topk(k, dim=-1).indices  # (B, k), by π0's probability
+    if k == support and top_k is None:  # every token of every row: Eq. 5 does not need them in π0's order
+        candidates = torch.arange(support, device=base.device).expand(B, support)
+    else:
+        candidates = base.topk(k, dim=-1).indices  # (B, k), by π0's probability (rows with a smaller k take the first)
     if scorers:
         soft = steering.soft_betas(beta.cpu(), weights.cpu())
         values = weighted_values([_padded(s.score(rollout, candidates[:, :_read_by(i, weights, top_k, k)], active, beta=b), k)

@@ -168,6 +168,7 @@ class NextTokenHead(nn.Module):
         nn.init.zeros_(self.baseline.weight)
         nn.init.zeros_(self.mix.weight)
         self._embeddings = (embeddings,)  # a tuple: not a submodule, so neither trained nor saved with the head
+        self._scale: tuple[torch.Tensor, torch.Tensor] | None = None  # (E it was computed for, 1 / RMS of each row)
 
     @property
     def embedding_weight(self) -> torch.Tensor:
@@ -192,8 +193,9 @@ class NextTokenHead(nn.Module):
             inside = tokens < V
             tokens = tokens.clamp(max=V - 1)
         if tokens is None or tokens.shape[-1] > GATHER_LIMIT:  # one (…, H) × (H, V) product beats gathering k rows
-            everything = weight.float()
-            scores = (mixed @ everything.T) * unit_rms_scale(everything)  # (…, V)
+            if self._scale is None or self._scale[0] is not weight:  # E is frozen: its rows' RMS once
+                self._scale = (weight, unit_rms_scale(weight))
+            scores = (mixed @ weight.float().T) * self._scale[1]  # (…, V)
             if tokens is None:
                 return baseline + scores
             scores = scores.gather(-1, tokens)
