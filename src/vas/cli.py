@@ -139,11 +139,12 @@ def _fingerprints(value: list[str]) -> list[str]:
 
 def _check_value_dirs(value: list[str], soft: bool = False, top_k: int | str = 10) -> None:
     from vas.decoding.loop import ALL
+    from vas.value.heads import reads_each_candidate
     from vas.value.model import check_value_dir, parse_weighted, value_head
 
     for spec in value:
         check_value_dir(parse_weighted(spec)[0])
-    slow = [path for path, _ in map(parse_weighted, value) if value_head(path) != "next"]
+    slow = [path for path, _ in map(parse_weighted, value) if reads_each_candidate(value_head(path))]
     if top_k == ALL and slow:
         raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} has "
                        f"the {value_head(slow[0])} head, which would read every token of the vocabulary at every step")

@@ -26,6 +26,7 @@ import torch
 from vas.errors import VasError
 from vas.decoding.guidance import base_logprobs, kl_divergence, steered_logprobs, weighted_values
 from vas.policy.local import Prompt
+from vas.value.heads import reads_each_candidate
 from vas.value.model import CandidateScorer, TextScorer, ValueModel
 
 
@@ -33,22 +34,22 @@ ALL = "all"
 """k that steers every token of π0's support (``--top-k all``, ``"vas_top_k": "all"``)."""
 
 
-def parse_top_k(text: str | int) -> int | str:
-    """k as a user writes it (``"10"``, ``10`` or ``"all"``) → an int ≥ 1 or :data:`ALL`.
+def parse_top_k(text: str | int, name: str = "--top-k") -> int | str:
+    """k as a user writes it (``"10"``, ``10``, ``10.0`` or ``"all"``, any case) → an int ≥ 1 or :data:`ALL`.
 
     Raises:
-        VasError: for anything else (the message names --top-k).
+        VasError: for anything else; the message names ``name`` (the CLI's flag, or a request's field).
     """
     if isinstance(text, str) and text.strip().lower() == ALL:
         return ALL
-    if not isinstance(text, (str, int, float)):
-        raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
-    try:
-        k = int(text) if not isinstance(text, float) or text.is_integer() else None
-    except ValueError:
-        k = None
-    if k is None or isinstance(text, bool) or k < 1:
-        raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
+    k = None
+    if isinstance(text, (str, int, float)) and not isinstance(text, bool):
+        try:
+            k = int(text) if not isinstance(text, float) or text.is_integer() else None
+        except ValueError:
+            pass
+    if k is None or k < 1:
+        raise VasError(f"{name} must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
     return k
 
 
@@ -103,7 +104,7 @@ class Steering:
             raise VasError(f"--beta and the --value weights must be finite float32 numbers (|x| < 3.4e38), got "
                            f"beta={self.beta}, weights={self.weights}")
         if self.top_k == ALL:
-            slow = [m for m in self.value_models if getattr(m, "kind", "last") != "next"]
+            slow = [m for m in self.value_models if reads_each_candidate(getattr(m, "kind", "last"))]
             if slow:
                 raise VasError(f"--top-k all needs value models with the next head (vas train --head next); a "
                                f"{slow[0].kind} head would read every token of the vocabulary at every step")

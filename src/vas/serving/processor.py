@@ -58,9 +58,10 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from vas.decoding.guidance import base_logprobs, kl_divergence
-from vas.decoding.loop import ALL, Steering, steer
+from vas.decoding.loop import ALL, Steering, parse_top_k, steer
 from vas.errors import VasError
 from vas.policy.local import Appended
+from vas.value.heads import reads_each_candidate
 from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
 
 try:  # vLLM < 0.34 also has the V1 runner and its interface
@@ -196,18 +197,19 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     beta = _number("vas_beta", args["vas_beta"]) if "vas_beta" in args else 0.0
     weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
     def per_candidate() -> list[str]:  # the weighted value models that read one token per candidate
-        return [name for w, (name, path) in zip(weights, settings.values.items()) if w and _head(path) != "next"]
+        return [name for w, (name, path) in zip(weights, settings.values.items())
+                if w and reads_each_candidate(_head(path))]
 
-    top_k = args.get("vas_top_k", settings.top_k)
-    if isinstance(top_k, str) and top_k.strip().lower() == ALL:
+    try:
+        top_k = parse_top_k(args.get("vas_top_k", settings.top_k), "vas_top_k")
+    except VasError as exc:
+        raise ValueError(str(exc)) from None
+    if top_k == ALL:
         if per_candidate():
             raise ValueError(f'vas_top_k "all" needs value models with the next head; {_shown(per_candidate()[0])} '
                              "reads one token per candidate")
         top_k = settings.vocab_size
-    elif "vas_top_k" in args:
-        if isinstance(top_k, float) and not top_k.is_integer():
-            raise ValueError(f'vas_top_k must be an integer or "all", got {_shown(top_k)}')
-        top_k = int(_number("vas_top_k", top_k, integer=not isinstance(top_k, float)))
+    else:
         capped = top_k > settings.max_top_k and per_candidate()
         largest = min(settings.vocab_size, settings.max_top_k) if capped else settings.vocab_size
         if not 1 <= top_k <= largest:

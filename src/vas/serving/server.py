@@ -99,6 +99,7 @@ class ServeConfig:
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
         from vas.decoding.loop import ALL
+        from vas.value.heads import reads_each_candidate
         from vas.value.model import check_same_tokenizer, load_value_tokenizer, value_head
 
         require_vllm()
@@ -121,13 +122,12 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
+        slow = [name for name, path in self.values.items() if reads_each_candidate(value_head(path))]
         if self.top_k == ALL:
-            slow = [name for name, path in self.values.items() if value_head(path) != "next"]
             if slow:
                 raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} "
                                f"has the {value_head(self.values[slow[0]])} head")
-        elif not 1 <= self.top_k <= vocab_size or (self.top_k > self.max_top_k and any(
-                value_head(path) != "next" for path in self.values.values())):
+        elif not 1 <= self.top_k <= vocab_size or (self.top_k > self.max_top_k and slow):
             raise VasError(f"--top-k must be between 1 and {min(vocab_size, self.max_top_k)} (the vocabulary size "
                            f"{vocab_size}, at most --max-top-k unless every value model has the next head) or all, "
                            f"got {self.top_k}")

@@ -211,6 +211,12 @@ def unit_rms_scale(vectors: torch.Tensor) -> torch.Tensor:
     return torch.where(mean_square > 0, mean_square.clamp_min(1e-30).rsqrt(), 0.0)
 
 
+def reads_each_candidate(head: str) -> bool:
+    """Whether a value model with this head reads one value-model token per candidate x of V(s ⊕ x) (every head
+    but ``next``): such a model cannot afford k = all, and a server's ``max_top_k`` bounds its k."""
+    return head != "next"
+
+
 def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51,
               device: torch.device | str = "cpu") -> nn.Module:
     """A new (zero-initialised) head of the given kind on hidden states of size ``hidden_size``: an
