@@ -178,7 +178,12 @@ def test_rerun_resumes_from_the_checkpoint(tiny_model_dir, tmp_path):
         train_value_model(data, tmp_path / "resumed", **other)
     with pytest.raises(VasError, match=r"other settings \(the data\)"):
         train_value_model(make_data(tokenizer, n_prompts=14), tmp_path / "resumed", **kwargs)
-    (tmp_path / "resumed.checkpoints" / "checkpoint-4").mkdir()  # what an interrupt while saving leaves: skipped
+    # what an interrupt while saving leaves: a checkpoint without its state, or with the state cut short; skipped
+    (tmp_path / "resumed.checkpoints" / "checkpoint-4").mkdir()
+    (tmp_path / "resumed.checkpoints" / "checkpoint-6").mkdir()
+    (tmp_path / "resumed.checkpoints" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log')
+    (tmp_path / "resumed.checkpoints" / "checkpoint-8").mkdir()
+    (tmp_path / "resumed.checkpoints" / "checkpoint-8" / "trainer_state.json").write_text("")
     train_value_model(data, tmp_path / "resumed", callbacks=[FirstStep()], **kwargs)
     assert not (tmp_path / "resumed.checkpoints").exists()
     assert FirstStep.seen[0] == (2, saved_bias)

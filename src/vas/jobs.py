@@ -155,8 +155,9 @@ def trainer_checkpoint(checkpoint_dir: str | Path, settings: dict) -> str | None
     ``vas_train.json`` beside the Trainer's checkpoints; an existing folder must hold the same settings.
 
     Returns:
-        The newest complete checkpoint (its ``trainer_state.json`` written, which the Trainer writes last: an
-        interrupt while saving leaves a newer, incomplete one, which is skipped), or None to start afresh.
+        The newest complete checkpoint (its ``trainer_state.json``, which the Trainer writes last, a whole JSON
+        document: an interrupt while saving leaves a newer, incomplete one, which is skipped), or None to start
+        afresh.
 
     Raises:
         VasError: if ``checkpoint_dir`` holds an interrupted run with other settings (named by option).
@@ -172,9 +173,19 @@ def trainer_checkpoint(checkpoint_dir: str | Path, settings: dict) -> str | None
                            "it, or delete it")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(settings_file, json.dumps(settings))
-    checkpoints = sorted((c for c in checkpoint_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
+    checkpoints = sorted((c for c in checkpoint_dir.glob("checkpoint-*") if _complete(c)),
                          key=lambda c: int(c.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished saving ``checkpoint``: its ``trainer_state.json``, written last and not
+    atomically, holds a whole JSON document (an interrupt during that write leaves it empty or cut short)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def run_concurrently(policy, todo: Sequence[int], work: Callable[[int, Callable[[int], None]], Awaitable[int]], *,
