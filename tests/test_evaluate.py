@@ -59,6 +59,17 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
         generated = vas[beta]["policy_tokens"] - prompt_tokens
         assert generated == pytest.approx(sum(r["tokens"] for r in steered) / 6)
         assert vas[beta]["value_tokens"] == pytest.approx(prompt_tokens + generated * 6)  # k + 1 = 6 per token
+    # the optimum's estimate on the saved pool: at the smallest α, each prompt's best pool response, at KL ≈ log 4
+    pool = torch.tensor([r["reward"] for r in plain]).view(3, 4)
+    optimum = report["optimum"]
+    assert optimum["points"][0]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)
+    assert optimum["max_reward"] == pytest.approx(float(pool.max(dim=1).values.mean()), abs=1e-6)
+    assert optimum["kl_cap"] == pytest.approx(math.log(4))
+    from vas.evaluate import kl_overhead
+
+    for entry in report["vas"] + report["best_of_n"]:
+        assert entry["kl_overhead"] == kl_overhead(entry["kl"], entry["reward"], optimum)
+    assert [row["n"] for row in report["kl_overhead"]] == [2, 4]
 
 
 def test_an_interrupted_evaluation_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path):
@@ -104,3 +115,96 @@ def test_summary_sentence_by_hand():
         "at no more KL, VAS reaches the reward of Best-of-2.")
     report["vas"][0]["reward"] = 0.58
     assert summary_sentence(report).endswith("; no β reaches a Best-of-N reward (N > 1) at or below its KL.")
+
+
+def test_kl_optimal_on_a_hand_worked_pool():
+    """π*_α ∝ π0·exp(r/α) on 2 prompts × 3 samples: α → ∞ is plain sampling (KL 0), α → 0 puts all mass on
+    each prompt's unique best sample (KL log 3), and α = 1/ln 2 weights prompt 0's samples 1 : 2 : 4."""
+    import math
+
+    from vas.evaluate import kl_optimal
+
+    pool = torch.tensor([[0.0, 1.0, 2.0], [3.0, 1.0, 2.0]])
+    reward, kl = kl_optimal(pool, 1e12)
+    assert reward.tolist() == pytest.approx([1.0, 2.0]) and kl.tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+    reward, kl = kl_optimal(pool, 1e-4)
+    assert reward.tolist() == pytest.approx([2.0, 3.0]) and kl.tolist() == pytest.approx([math.log(3)] * 2)
+    reward, kl = kl_optimal(torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), 1 / math.log(2))
+    w = [1 / 7, 2 / 7, 4 / 7]
+    assert reward.tolist() == pytest.approx([10 / 7, 1.0])
+    assert kl.tolist() == pytest.approx([sum(x * math.log(3 * x) for x in w), 0.0])
+    with pytest.raises(ValueError, match="α must be > 0"):
+        kl_optimal(pool, 0.0)
+
+
+def test_optimum_frontier_spans_plain_to_best_of_the_pool():
+    import math
+
+    from vas.evaluate import optimum_frontier
+
+    frontier = optimum_frontier(torch.tensor([[0.0, 1.0, 2.0], [3.0, 1.0, 2.0]]))
+    points = frontier["points"]
+    assert points[0] == {"alpha": None, "reward": 1.5, "reward_sem": pytest.approx(0.5), "kl": 0.0}
+    assert points[-1]["reward"] == pytest.approx(2.5, abs=1e-3) and points[-1]["kl"] == pytest.approx(math.log(3), abs=1e-2)
+    assert all(a["kl"] <= b["kl"] and a["reward"] <= b["reward"] for a, b in zip(points, points[1:]))
+    assert frontier["kl_cap"] == pytest.approx(math.log(3)) and frontier["max_reward"] == 2.5
+
+
+def test_kl_at_reward_and_overhead_by_hand():
+    from vas.evaluate import kl_at_reward, kl_overhead, overhead_table
+
+    # a curve from plain (0, 0.5) through (1, 0.6) and (3, 0.9): reward 0.7 is a third of the way from 1 to 3
+    assert kl_at_reward([(3.0, 0.9), (0.0, 0.5), (1.0, 0.6)], 0.7) == pytest.approx(1 + 2 / 3)
+    assert kl_at_reward([(0.0, 0.5), (1.0, 0.6)], 0.7) is None  # out of the measured range
+    assert kl_at_reward([(0.0, 0.5), (1.0, 0.6)], 0.4) == 0.0
+    # a dip is not smoothed over: the first segment that reaches the reward counts
+    assert kl_at_reward([(0.0, 0.5), (1.0, 0.8), (2.0, 0.6), (3.0, 1.0)], 0.7) == pytest.approx(2 / 3)
+    optimum = {"points": [{"kl": 0.0, "reward": 0.5}, {"kl": 0.5, "reward": 0.7}, {"kl": 1.0, "reward": 0.8}],
+               "kl_cap": 1.0}
+    assert kl_overhead(2.0, 0.75, optimum) == pytest.approx(2.0 / 0.75)  # the optimum needs 0.75 nats for 0.75
+    assert kl_overhead(2.0, 0.5, optimum) is None and kl_overhead(2.0, 0.85, optimum) is None
+    report = {"plain": {"reward": 0.5}, "optimum": optimum,
+              "vas": [{"kl": 1.0, "reward": 0.6}, {"kl": 3.0, "reward": 0.8}],
+              "best_of_n": [{"n": 1, "kl": 0.0, "reward": 0.5}, {"n": 2, "kl": 0.2, "reward": 0.7},
+                            {"n": 4, "kl": 0.6, "reward": 0.9}],
+              "finetuned": [{"name": "dpo", "kl": 2.0, "reward": 0.65}]}
+    table = overhead_table(report)
+    assert [row["n"] for row in table] == [2, 4]
+    # reward 0.7: the optimum needs 0.5; VAS 1 + 2·(0.1/0.2) = 2; Best-of-2 0.2; DPO never reaches 0.7
+    assert table[0]["optimum_kl"] == pytest.approx(0.5)
+    assert table[0]["methods"]["VAS"] == {"kl": pytest.approx(2.0), "overhead": pytest.approx(4.0)}
+    assert table[0]["methods"]["Best-of-N"] == {"kl": pytest.approx(0.2), "overhead": pytest.approx(0.4)}
+    assert table[0]["methods"]["dpo"] == {"kl": None, "overhead": None}
+    # reward 0.9: beyond the optimum's estimate and VAS's range
+    assert table[1]["optimum_kl"] is None and table[1]["methods"]["VAS"] == {"kl": None, "overhead": None}
+
+
+def test_summary_sentence_names_the_kl_overhead():
+    from vas.evaluate import summary_sentence
+
+    report = {"plain": {"reward": 0.5, "reward_sem": 0.03, "kl": 0.0, "seconds_per_prompt": 0.4},
+              "vas": [{"beta": 4.0, "reward": 0.75, "reward_sem": 0.04, "kl": 3.0, "seconds_per_prompt": 0.8}],
+              "best_of_n": [],
+              "optimum": {"points": [{"kl": 0.0, "reward": 0.5}, {"kl": 0.5, "reward": 0.7}, {"kl": 1.0, "reward": 0.8}],
+                          "kl_cap": 1.1}}
+    # the optimum reaches 0.75 at 0.75 nats: 3.0 / 0.75 = 4.0×
+    assert ("; the KL-optimal policy π0·exp(r/α)/Z, estimated on π0's pool, reaches that reward at KL 0.75, so VAS's "
+            "KL overhead there is 4.0×.") in summary_sentence(report)
+    report["vas"][0]["reward"] = 0.9
+    assert "beyond what the KL-optimal policy's estimate on π0's pool reaches (0.800 at KL 1.00; the estimate's KL " \
+           "is capped at log M = 1.10)" in summary_sentence(report)
+
+
+def test_saved_optimum_reads_the_pool_back(tmp_path):
+    """The optimum of a report written before it existed, from the plain rows of responses.jsonl (in any order;
+    VAS rows ignored), equals the one of the same pool; a folder without plain rows is refused."""
+    from vas.errors import VasError
+    from vas.evaluate import optimum_frontier, saved_optimum
+
+    pool = [[0.0, 1.0, 2.0], [3.0, 1.0, 2.0]]
+    rows = [{"method": "plain", "prompt_index": p, "sample": s, "reward": pool[p][s]} for s in range(3) for p in (1, 0)]
+    rows.append({"method": "vas", "prompt_index": 0, "sample": 0, "reward": 9.0})
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert saved_optimum(tmp_path) == optimum_frontier(torch.tensor(pool))
+    with pytest.raises(VasError, match="holds no plain π0 samples"):
+        saved_optimum(tmp_path / "missing")

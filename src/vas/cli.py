@@ -426,8 +426,9 @@ def _warn(message: str | None) -> None:
 
 
 def print_report(report: dict) -> None:
-    """The report as a table on the terminal, its one-sentence summary, and a warning for each β whose KL per
-    token is extreme."""
+    """The report as a table on the terminal (with each method's KL overhead: its KL ÷ the estimated optimum's at
+    its reward, "—" where undefined), its one-sentence summary, and a warning for each β whose KL per token is
+    extreme."""
     from rich.console import Console
     from rich.table import Table
 
@@ -435,19 +436,24 @@ def print_report(report: dict) -> None:
     from vas.evaluate import summary_sentence
 
     table = Table(title=f"held-out prompts: {report['settings']['prompts']}")
-    for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "length (tokens)", "s / prompt"):
+    def overhead(entry):
+        return "—" if entry.get("kl_overhead") is None else f"{entry['kl_overhead']:.1f}×"
+
+    for column in ("method", "mean reward", "± s.e.", "KL(π‖π0) nats", "KL ÷ optimum's", "length (tokens)", "s / prompt"):
         table.add_column(column, justify="right" if column != "method" else "left")
     p = report["plain"]
-    table.add_row("plain (π0)", f"{p['reward']:.4f}", f"{p['reward_sem']:.4f}", "0", f"{p['length']:.1f}", f"{p['seconds_per_prompt']:.2f}")
+    table.add_row("plain (π0)", f"{p['reward']:.4f}", f"{p['reward_sem']:.4f}", "0", "—", f"{p['length']:.1f}",
+                  f"{p['seconds_per_prompt']:.2f}")
     for v in report["vas"]:
         table.add_row(f"VAS β={v['beta']:g}", f"{v['reward']:.4f}", f"{v['reward_sem']:.4f}", f"{v['kl']:.3f}",
-                      f"{v['length']:.1f}", f"{v['seconds_per_prompt']:.2f}")
+                      overhead(v), f"{v['length']:.1f}", f"{v['seconds_per_prompt']:.2f}")
     for b in report["best_of_n"]:
         table.add_row(f"Best-of-{b['n']}", f"{b['reward']:.4f}", f"{b['reward_sem']:.4f}", f"≤ {b['kl']:.3f}",
-                      f"{b['length']:.1f}", f"{b['seconds_per_prompt']:.2f}")
+                      "≤ " + overhead(b) if b.get("kl_overhead") is not None else "—", f"{b['length']:.1f}",
+                      f"{b['seconds_per_prompt']:.2f}")
     for f in report.get("finetuned", []):
-        table.add_row(f["name"], f"{f['reward']:.4f}", f"{f['reward_sem']:.4f}", f"{f['kl']:.3f}", f"{f['length']:.1f}",
-                      f"{f['seconds_per_prompt']:.2f}")
+        table.add_row(f["name"], f"{f['reward']:.4f}", f"{f['reward_sem']:.4f}", f"{f['kl']:.3f}", overhead(f),
+                      f"{f['length']:.1f}", f"{f['seconds_per_prompt']:.2f}")
     Console().print(table)
     typer.echo(summary_sentence(report))
     for f in report.get("finetuned", []):

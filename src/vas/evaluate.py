@@ -8,6 +8,10 @@ For every held-out prompt:
   2020; Beirami et al. 2024). Cost: N samples and N reward calls per prompt.
 * **VAS** at each β: ``vas_samples_per_prompt`` steered samples per prompt; the exact sequence KL
   Σ_t KL(π(·|s_t) ‖ π0(·|s_t)).
+* **the KL-optimal policy** π*_α ∝ π0·exp(r/α) over a grid of α, estimated on the pool by self-normalised
+  weights (:func:`kl_optimal`): the limit of reward against KL. Its KL is capped at log n_pool, so at high KL it
+  is a lower bound on the optimum's reward. Each method's **KL overhead** is its KL divided by the optimum's at
+  the same reward (:func:`kl_overhead`; :func:`overhead_table` at each Best-of-N reward).
 * **fine-tuned policies** π_θ (:mod:`vas.finetune`: DPO, RLOO, GRPO), as many samples per prompt as VAS, with
   the same exact sequence KL(π_θ ‖ π0) on their own samples (π0 runs beside π_θ on the same tokens), and their
   training cost.
@@ -64,6 +68,133 @@ def best_of_n_weights(n: int, N: int) -> torch.Tensor:
 def best_of_n_kl_bound(N: int) -> float:
     """KL(π_BoN ‖ π0) ≤ log N − (N−1)/N nats."""
     return math.log(N) - (N - 1) / N
+
+
+def kl_optimal(pool_rewards: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL-regularised optimum π*_α(y|x) ∝ π0(y|x)·exp(r(x, y)/α) (Korbak et al. 2022; Rafailov et al.
+    2023), estimated on M samples of π0 per prompt by self-normalised importance weights
+    w_i = exp(r_i/α) / Σ_j exp(r_j/α): on the pool, π* puts mass w_i on sample i where π0 puts 1/M.
+
+    Args:
+        pool_rewards: (P, M) float rewards of M π0 samples for each of P prompts.
+        alpha: the KL coefficient α > 0, in reward units (``inf``: plain sampling).
+
+    Returns:
+        Per prompt (P,) float64: the expected reward Σ_i w_i r_i and the KL Σ_i w_i log(M w_i) in nats. The KL
+        is at most log M (all mass on one sample), so at small α the estimate is a lower bound on the optimum's
+        reward: π* may reach rewards the pool never drew.
+
+    Raises:
+        ValueError: if ``alpha`` ≤ 0 or ``pool_rewards`` is not 2-D.
+    """
+    if not alpha > 0:
+        raise ValueError(f"α must be > 0, got {alpha}")
+    if pool_rewards.dim() != 2:
+        raise ValueError(f"pool_rewards must be (prompts, samples), got shape {tuple(pool_rewards.shape)}")
+    r = pool_rewards.double()
+    log_w = torch.log_softmax(r / alpha, dim=1)  # α = inf: uniform, plain sampling
+    w = log_w.exp()
+    return (w * r).sum(dim=1), (w * (log_w + math.log(r.shape[1]))).sum(dim=1).clamp_min(0.0)
+
+
+def optimum_frontier(pool_rewards: torch.Tensor, points: int = 25) -> dict:
+    """The estimated KL-optimal frontier (:func:`kl_optimal`) over a grid of α from 100 to 0.003 reward
+    standard deviations of the pool (geometric), plus plain sampling (α = ∞).
+
+    Args:
+        pool_rewards: (P, M) float rewards of π0's pool.
+
+    Returns:
+        ``points``: one ``{"alpha", "reward", "reward_sem", "kl"}`` per α, in increasing KL; ``kl_cap``: log M
+        nats, the most KL the estimate can show; ``max_reward``: the pool's mean best reward, which the estimate
+        approaches as α → 0.
+    """
+    spread = float(pool_rewards.double().std()) or 1.0
+    alphas = [math.inf] + (spread * torch.logspace(2, -2.5, points, dtype=torch.float64)).tolist()
+    frontier = []
+    for alpha in alphas:
+        reward, kl = kl_optimal(pool_rewards, alpha)
+        frontier.append({"alpha": alpha if math.isfinite(alpha) else None, "reward": float(reward.mean()),
+                         "reward_sem": standard_error(reward), "kl": float(kl.mean())})
+    return {"points": frontier, "kl_cap": math.log(pool_rewards.shape[1]),
+            "max_reward": float(pool_rewards.double().max(dim=1).values.mean())}
+
+
+def saved_optimum(eval_dir: str | Path) -> dict:
+    """:func:`optimum_frontier` of the π0 pool saved in an evaluation's ``responses.jsonl`` (for a report
+    written before the optimum was part of it).
+
+    Raises:
+        VasError: if the folder has no ``responses.jsonl`` with plain samples.
+    """
+    path = Path(eval_dir) / "responses.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    plain = sorted(((r["prompt_index"], r["sample"], r["reward"]) for r in rows if r["method"] == "plain"))
+    if not plain:
+        raise VasError(f"{path} holds no plain π0 samples to estimate the KL-optimal policy on")
+    P = plain[-1][0] + 1
+    return optimum_frontier(torch.tensor([r for _, _, r in plain], dtype=torch.float64).view(P, -1))
+
+
+def kl_at_reward(points: Sequence[tuple[float, float]], reward: float) -> float | None:
+    """The least KL at which a method's measured curve reaches ``reward``: ``points`` are its (KL, reward)
+    pairs, joined in order of KL by straight lines (the first point is plain sampling's, (0, its reward), for
+    a method that starts there). None if no point or segment reaches ``reward``: it is out of the method's
+    measured range (no extrapolation)."""
+    points = sorted(points)
+    if points and points[0][1] >= reward:
+        return points[0][0]
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if r1 >= reward > r0:
+            return k0 + (k1 - k0) * (reward - r0) / (r1 - r0)
+    return None
+
+
+def kl_overhead(kl: float, reward: float, optimum: dict) -> float | None:
+    """A method's KL divided by the KL the estimated optimum (:func:`optimum_frontier`) needs for the same
+    ``reward`` ("KL overhead"; 1 = as efficient as π*). None where it is undefined: a reward at or below plain
+    sampling's (π* needs no KL for it) or above what the optimum's estimate reaches on the pool."""
+    curve = [(p["kl"], p["reward"]) for p in optimum["points"]]
+    if reward <= curve[0][1]:
+        return None
+    needed = kl_at_reward(curve, reward)
+    return None if needed is None or needed <= 0 else kl / needed
+
+
+def method_curves(report: dict) -> dict[str, list[tuple[float, float]]]:
+    """Each method's measured (KL, reward) points from :func:`evaluate`'s report, each starting at plain
+    sampling's (0, reward): ``VAS`` (its β grid), ``Best-of-N`` (KL: the bound) and each fine-tuned policy by
+    name."""
+    start = [(0.0, report["plain"]["reward"])]
+    curves = {"VAS": start + [(v["kl"], v["reward"]) for v in report["vas"]],
+              "Best-of-N": start + [(b["kl"], b["reward"]) for b in report["best_of_n"] if b["n"] > 1]}
+    for f in report.get("finetuned", []):
+        curves[f["name"]] = start + [(f["kl"], f["reward"])]
+    return {name: curve for name, curve in curves.items() if len(curve) > 1}
+
+
+def overhead_table(report: dict) -> list[dict]:
+    """The KL each method needs for each Best-of-N reward (N > 1) and its KL overhead there
+    (:func:`kl_at_reward` on the method's curve, divided by the optimum's KL for that reward).
+
+    Returns:
+        One ``{"n", "reward", "optimum_kl", "methods": {NAME: {"kl", "overhead"}}}`` per N; ``kl`` is None where
+        the reward is out of the method's measured range, ``overhead`` also where the optimum's estimate does not
+        reach it (``optimum_kl`` None).
+    """
+    optimum = report["optimum"]
+    curve = [(p["kl"], p["reward"]) for p in optimum["points"]]
+    rows = []
+    for b in report["best_of_n"]:
+        if b["n"] == 1:
+            continue
+        optimum_kl = kl_at_reward(curve, b["reward"])
+        methods = {}
+        for name, points in method_curves(report).items():
+            kl = kl_at_reward(points, b["reward"])
+            methods[name] = {"kl": kl, "overhead": kl / optimum_kl if kl is not None and optimum_kl else None}
+        rows.append({"n": b["n"], "reward": b["reward"], "optimum_kl": optimum_kl, "methods": methods})
+    return rows
 
 
 def tokens_read(prompt_tokens: float | None, generated: float, times: int = 1) -> float | None:
@@ -194,6 +325,7 @@ def evaluate(
             "seconds_per_prompt": N * per_sample, "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean()), N),
             "value_tokens": 0.0,
         })
+    report["optimum"] = optimum_frontier(pool_r)
     best = pool_r.argmax(dim=1)
     for i, example in enumerate(report["examples"]):
         example[f"best_of_{n_pool}"] = texts[i * n_pool + int(best[i])]
@@ -251,6 +383,9 @@ def evaluate(
         for i, example in enumerate(report["examples"]):
             example[tuned.name] = f[i * m]["response"]
 
+    for entry in report["best_of_n"] + report["vas"] + report["finetuned"]:
+        entry["kl_overhead"] = kl_overhead(entry["kl"], entry["reward"], report["optimum"])
+    report["kl_overhead"] = overhead_table(report)
     tmp = partial / "report"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -265,7 +400,7 @@ def evaluate(
 def summary_sentence(report: dict) -> str:
     """One sentence on where VAS stands, from :func:`evaluate`'s report: its best β against plain sampling (the
     difference with its standard error), the largest Best-of-N, and which Best-of-N rewards some β reaches at no
-    more KL than their bound."""
+    more KL than their bound, and VAS's KL overhead against the estimated optimum (where the report has it)."""
     plain = report["plain"]
     parts = []
     if report["vas"]:
@@ -274,6 +409,8 @@ def summary_sentence(report: dict) -> str:
         parts.append(f"VAS's best β ({best['beta']:g}) reaches a mean reward of {best['reward']:.3f} against "
                      f"{plain['reward']:.3f} for plain sampling ({best['reward'] - plain['reward']:+.3f} ± "
                      f"{gain_sem:.3f}) at KL {best['kl']:.2f} nats and {best['seconds_per_prompt']:.2f} s per prompt")
+        if report.get("optimum"):
+            parts.append(optimum_clause(report["optimum"], best))
     if report["best_of_n"]:
         top = max(report["best_of_n"], key=lambda b: b["n"])
         parts.append(f"Best-of-{top['n']} reaches {top['reward']:.3f} at KL ≤ {top['kl']:.2f} and "
@@ -286,9 +423,23 @@ def summary_sentence(report: dict) -> str:
     return "; ".join(parts) + "."
 
 
+def optimum_clause(optimum: dict, point: dict) -> str:
+    """How much more KL than the estimated optimum (:func:`optimum_frontier`) a method's ``point`` needs for its
+    reward, as a clause of :func:`summary_sentence`."""
+    curve = [(p["kl"], p["reward"]) for p in optimum["points"]]
+    overhead = kl_overhead(point["kl"], point["reward"], optimum)
+    if overhead is not None:
+        return (f"the KL-optimal policy π0·exp(r/α)/Z, estimated on π0's pool, reaches that reward at KL "
+                f"{kl_at_reward(curve, point['reward']):.2f}, so VAS's KL overhead there is {overhead:.1f}×")
+    if point["reward"] <= curve[0][1]:
+        return "that reward is no more than plain sampling's, which the KL-optimal policy reaches at KL 0"
+    return (f"that reward is beyond what the KL-optimal policy's estimate on π0's pool reaches ({curve[-1][1]:.3f} "
+            f"at KL {curve[-1][0]:.2f}; the estimate's KL is capped at log M = {optimum['kl_cap']:.2f})")
+
+
 def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
-    """Reward against KL(π‖π0) for plain sampling, VAS (one point per β), Best-of-N (KL bound) and the fine-tuned
-    policies."""
+    """Reward against KL(π‖π0) for plain sampling, VAS (one point per β), Best-of-N (KL bound), the fine-tuned
+    policies and the estimated KL-optimal frontier (where the report has it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,6 +459,10 @@ def plot_reward_vs_kl(report: dict, path: str | Path) -> None:
     for f in report.get("finetuned", []):
         ax.errorbar([f["kl"]], [f["reward"]], yerr=[f["reward_sem"]], marker="D", capsize=3, linestyle="none",
                     label=f"{f['name']} (exact KL)")
+    if report.get("optimum"):
+        points = report["optimum"]["points"]
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], color="grey", linestyle="--",
+                label=f"KL-optimal π0·exp(r/α)/Z (estimate on π0's pool; KL ≤ log M = {report['optimum']['kl_cap']:.2f})")
     plain = report["plain"]
     ax.errorbar([0.0], [plain["reward"]], yerr=[plain["reward_sem"]], marker="*", markersize=12, color="black",
                 capsize=3, linestyle="none", label="plain sampling (π0)")
