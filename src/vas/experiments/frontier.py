@@ -143,6 +143,10 @@ def plot(report: dict, judged: dict, path: Path) -> None:
                 for f in group:
                     ax.annotate(f["name"].split(" ", 1)[1], (f[key], f["reward"]), textcoords="offset points",
                                 xytext=(4, 5 if "step" in f["name"] else -11), fontsize=7)
+        if key == "kl" and "optimum" in report:
+            points = report["optimum"]["points"]
+            ax.plot([p["kl"] for p in points], [p["reward"] for p in points], color="grey", linestyle="--",
+                    label="KL-optimal π0·exp(r/α)/Z (estimate on the pool)")
         x0 = 0.0 if key == "kl" else plain[key]
         ax.errorbar([x0], [plain["reward"]], yerr=[plain["reward_sem"]], marker="*", markersize=12, color="black",
                     capsize=3, linestyle="none", label="plain sampling (π0)")
@@ -270,6 +274,8 @@ def against_vas(entry: dict, report: dict) -> tuple[str, str]:
 def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: int, policy_layers: int,
                      train_rows: int, value_seconds: float | None) -> Section:
     """Claim (a), Fig. 2/3: the table of every method and the verdict on VAS against the fine-tuned policies."""
+    from vas.evaluate import kl_overhead
+
     recipe = size.recipe
     plain = report["plain"]
     vas = sorted(report["vas"], key=lambda v: v["beta"])
@@ -295,7 +301,9 @@ def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: in
     def row(name, e, j, training="—"):
         kl = f"≤ {e['kl']:.2f}" if e.get("kl_is_bound") else f"{e['kl']:.2f}"
         wins = ("— | —" if j is None else f"{j['reward_win_rate']:.2f} | {j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f}")
-        return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f} | {kl} | {e['length']:.1f} | "
+        overhead = kl_overhead(e["kl"], e["reward"], report["optimum"]) if "optimum" in report else None
+        overhead = "—" if overhead is None else ("≤ " if e.get("kl_is_bound") else "") + f"{overhead:.1f}×"
+        return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f} | {kl} | {overhead} | {e['length']:.1f} | "
                 f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {training} | {wins} |")
 
     def cost(t):
@@ -322,6 +330,11 @@ def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: in
                f"learns from the same {train_rows} π0 responses (or draws as many), far from the paper's 7B models "
                "trained on tens of thousands of samples.")
     dpo_note = "" if any(f["method"] == "dpo" for f in tuned) else " (skipped: every opening's responses tie)"
+    optimum_note = ("KL overhead: the method's KL divided by the KL the KL-optimal policy π0·exp(r/α)/Z needs for the "
+                    "same reward, estimated on the pool of π0 samples (its KL is capped at log "
+                    f"{report['settings']['n_pool']}, so at high reward it is a lower bound on the optimum's reward); "
+                    "— where undefined (at or below plain sampling's reward, or beyond the estimate's reach)."
+                    if "optimum" in report else "")
     body = f"""`vas experiment {NAME}`: positivity (VADER compound, in [−1, 1]) of replies to chitchat openings. The data
 budget of every method is one collection of π0's responses to {size.train_prompts} openings × {recipe.samples_per_prompt} ({train_rows} responses,
 ≤ {recipe.max_new_tokens} tokens, τ = 0.7). **VAS**: a value model ({value_layers} of π0's {policy_layers} layers, LoRA r = {recipe.lora_rank}, TD(λ) λ = {recipe.lam:g},
@@ -338,9 +351,11 @@ included; a fine-tuned policy, its adapter merged, decodes at plain π0's time p
 prompt, and the training (wall time; π0 samples read or responses drawn). Win rates against π0 samples of
 the same prompt (ties ½); TextBlob polarity is a judge no method was trained on.
 
-| method | reward (VADER) | KL nats | tokens | s / prompt | GFLOP / prompt | training | win rate, VADER | win rate, TextBlob |
-|---|---|---|---|---|---|---|---|---|
+| method | reward (VADER) | KL nats | KL overhead | tokens | s / prompt | GFLOP / prompt | training | win rate, VADER | win rate, TextBlob |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
+
+{optimum_note}
 
 ![frontier]({NAME}/frontier.png)
 

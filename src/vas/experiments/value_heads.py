@@ -83,7 +83,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     and ``value_heads.png`` to ``out`` and return the report's section."""
     import json
 
-    from vas.evaluate import evaluate
+    from vas.evaluate import evaluate, saved_optimum
     from vas.experiments.ablations import held_out_labels
     from vas.experiments.setup import Setup
     from vas.experiments.validation import value_mse
@@ -120,11 +120,12 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                                   max_new_tokens=size.recipe.max_new_tokens, batch_size=size.batch_size, seed=seed,
                                   progress=progress, metadata={"reward": REWARD, "base_model": base_model,
                                                                "prompt_source": PROMPTS, "head": name})
-            pool = pool or report
+            if pool is None:
+                pool = report if "optimum" in report else {**report, "optimum": saved_optimum(eval_dir)}
             entry["runs"]["soft" if soft else "mean"] = report["vas"]
         heads.append(entry)
         del model
-    summary = {"heads": heads, "plain": pool["plain"], "best_of_n": pool["best_of_n"],
+    summary = {"heads": heads, "plain": pool["plain"], "best_of_n": pool["best_of_n"], "optimum": pool["optimum"],
                "validation_rows": len(finished.labels),
                "reward_variance": float(torch.tensor(data["reward"]).var(unbiased=False)), "train_rows": len(data)}
     write_json_atomic(out / "summary.json", summary)
@@ -145,6 +146,10 @@ def plot(summary: dict, path: Path, size: Size) -> None:
                 color="black", capsize=3, label="Best-of-N (KL: bound)")
     for b in bon:
         ax.annotate(f"N={b['n']}", (b["kl"], b["reward"]), textcoords="offset points", xytext=(4, -11), fontsize=8)
+    if "optimum" in summary:
+        points = summary["optimum"]["points"]
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], color="grey", linestyle="--",
+                label=f"KL-optimal π0·exp(r/α)/Z (estimate; KL ≤ log M = {summary['optimum']['kl_cap']:.2f})")
     for entry in summary["heads"]:
         for kind, runs in entry["runs"].items():
             runs = sorted(runs, key=lambda v: v["beta"])
@@ -180,6 +185,8 @@ def plot(summary: dict, path: Path, size: Size) -> None:
 
 def section(summary: dict, size: Size) -> Section:
     """The report's section: R² and frontier per head, and the aim's verdict from the measured numbers alone."""
+    from vas.evaluate import kl_at_reward, kl_overhead
+
     bon = {b["n"]: b for b in summary["best_of_n"]}
     reference = bon.get(size.reference_n) or bon[max(bon)]
     kl_limit = size.aim_kl_factor * reference["kl"]
@@ -187,13 +194,17 @@ def section(summary: dict, size: Size) -> Section:
     def reaches(v):  # within two standard errors of Best-of-N's reward
         return v["reward"] >= reference["reward"] - 2 * math.hypot(v["reward_sem"], reference["reward_sem"])
 
+    def overhead(v):  # the KL overhead against the optimum's estimate, where defined
+        x = kl_overhead(v["kl"], v["reward"], summary["optimum"]) if "optimum" in summary else None
+        return "" if x is None else f"; {x:.1f}×"
+
     rows, best = [], None
     for entry in summary["heads"]:
         if not entry["runs"]:
             rows.append(f"| {entry['head']} | {entry['finished']['explained']:.0%} | {entry['halfway']['explained']:.0%} | "
                         + " | ".join("—" for _ in size.betas) + " |")
         for kind, runs in entry["runs"].items():
-            points = " | ".join(f"{v['reward']:.3f} ± {v['reward_sem']:.3f} ({v['kl']:.1f})"
+            points = " | ".join(f"{v['reward']:.3f} ± {v['reward_sem']:.3f} ({v['kl']:.1f}{overhead(v)})"
                                 for v in sorted(runs, key=lambda v: v["beta"]))
             rows.append(f"| {label(entry['head'], kind == 'soft')} | {entry['finished']['explained']:.0%} | "
                         f"{entry['halfway']['explained']:.0%} | {points} |")
@@ -269,6 +280,13 @@ def section(summary: dict, size: Size) -> Section:
                     + costs)
     head_rows = "\n".join(rows)
     beta_header = " | ".join(f"β={b:g}" for b in size.betas)
+    optimum_note = ""
+    if "optimum" in summary:
+        optimum_kl = kl_at_reward([(p["kl"], p["reward"]) for p in summary["optimum"]["points"]], reference["reward"])
+        optimum_note = (f" The optimum's estimate reaches Best-of-{reference['n']}'s reward at KL {optimum_kl:.2f}"
+                        if optimum_kl is not None else "") + (
+            f" (its KL is capped at log {max(size.best_of)} = {summary['optimum']['kl_cap']:.2f}: above it the estimate is a "
+            "lower bound on the optimum's reward).")
     body = f"""`vas experiment {NAME}`: the frontier's task on the shared data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
 openings, VADER positivity), one value model per head, same recipe ({size.recipe.backbone_layers or 'all'} of π0's layers, LoRA r = {size.recipe.lora_rank},
 TD(λ) λ = {size.recipe.lam:g}, {size.recipe.epochs:g} epochs; the distributional head has {size.bins} atoms over the training
@@ -277,7 +295,8 @@ explained, at the finished validation responses (their reward) and at App. C.1's
 {size.eval_prompts} held-out responses ({size.completions} π0 completions each). VAS on {size.eval_prompts} held-out openings, k = {size.top_k},
 {size.vas_samples_per_prompt} samples per prompt, exact KL; Best-of-N from a pool of {max(size.best_of)} π0 samples per prompt
 (Best-of-{reference['n']}: {reference['reward']:.3f} ± {reference['reward_sem']:.3f}, KL ≤ {reference['kl']:.2f}; plain π0
-{summary['plain']['reward']:.3f}). Cells: reward ± s.e. (KL nats).
+{summary['plain']['reward']:.3f}). Cells: reward ± s.e. (KL nats; KL overhead: the KL divided by the KL the KL-optimal policy
+π0·exp(r/α)/Z needs for that reward, estimated on the same pool, where defined).{optimum_note}
 
 | head | R² finished | R² halfway | {beta_header} |
 |---|---|---|{'---|' * len(size.betas)}
