@@ -11,7 +11,9 @@ import torch
 from vas.errors import VasError
 from vas.experiments import ablations, beta_knob, composition, frontier, tool_use
 from vas.experiments.report import HEADER, Section, write_section
+from vas.prompts import load_prompts
 from vas.rewards import load_reward
+from vas.storage import load_dataset_dir
 
 
 def test_sections_are_appended_replaced_and_kept(tmp_path):
@@ -529,3 +531,50 @@ def test_value_heads_quick_run(tiny_model_dir, tmp_path):
     assert nxt["value_tokens"] == pytest.approx(prompt + nxt["length"], rel=1e-6)
     assert (out / "value_heads.png").read_bytes()[:4] == b"\x89PNG"
     assert section == value_heads.section(summary, size)
+
+
+def test_scaling_quick_run(tiny_model_dir, tmp_path):
+    """Each size trains on the responses to a prefix of one collection, per head; the finished-state R² is taken on
+    responses to other prompts; the section is what its saved summary renders; a second run reuses every stage."""
+    from vas.experiments import scaling
+
+    size = scaling.QUICK
+    out = tmp_path / "scaling"
+    kwargs = dict(base_model=tiny_model_dir, device=torch.device("cpu"), seed=0, size=size, progress=False)
+    [section] = scaling.run(out, log=lambda _: None, **kwargs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["responses"], r["head"]) for r in summary["runs"]] == [(n, h) for n in size.responses for h in size.heads]
+    assert summary["collected_responses"] == max(size.responses)
+    assert summary["held_out_responses"] == size.held_out_prompts * size.recipe.samples_per_prompt
+    stages = list((tmp_path / "stages").iterdir())
+    trained = sorted(p.name.split("-seed")[0] for stage in stages for p in stage.glob("value-*"))
+    assert trained == sorted(f"value-positivity{'' if h == 'last' else '-' + h}-lam0.95-L1-{n}rows"
+                             for n in size.responses for h in size.heads)
+    held_out = next(s for s in stages if "-from8-" in s.name)  # 16 responses, 2 per prompt: prompts 0–7 train
+    assert load_dataset_dir(held_out / "samples", {"prompt"})["prompt"] == [
+        p for p in load_prompts("chitchat", start=8, limit=2) for _ in range(2)]
+    assert [v["beta"] for r in summary["runs"] for v in r["vas"]] == list(size.betas) * len(summary["runs"])
+    assert summary["optimum"]["points"][0]["reward"] == pytest.approx(summary["plain"]["reward"], abs=1e-6)
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert section == scaling.section(summary, size)
+    logged = []
+    assert scaling.run(out, log=logged.append, **kwargs) == [section]
+    assert not any(line.startswith(("collecting", "training", "halfway labels:")) for line in logged)
+
+
+def test_scaling_measures_by_hand():
+    """The KL VAS needs for Best-of-N's reward and for the aim's reward, interpolated along its β curve from plain
+    sampling, and their ratios to Best-of-N's bound and to the optimum's KL."""
+    from vas.experiments import scaling
+
+    size = scaling.Size(reference_n=2, aim_reward=0.8)
+    summary = {"plain": {"reward": 0.5}, "best_of_n": [{"n": 1, "reward": 0.5, "kl": 0.0}, {"n": 2, "reward": 0.7, "kl": 0.2}],
+               "optimum": {"points": [{"kl": 0.0, "reward": 0.5}, {"kl": 0.4, "reward": 0.8}, {"kl": 1.0, "reward": 0.9}]},
+               "runs": [{"responses": 8, "head": "last", "vas": [{"kl": 1.0, "reward": 0.6}, {"kl": 3.0, "reward": 0.9}]},
+                        {"responses": 16, "head": "last", "vas": [{"kl": 1.0, "reward": 0.6}]}]}
+    first, second = scaling.measures(summary, size)
+    # 0.7 on the segment (1, 0.6)–(3, 0.9): KL 1 + 2/3; 0.8: 1 + 4/3; the optimum needs 0.4 for 0.8
+    assert first["kl_at_reference"] == pytest.approx(5 / 3) and first["reference_ratio"] == pytest.approx(5 / 3 / 0.2)
+    assert first["kl_at_aim"] == pytest.approx(7 / 3) and first["overhead_at_aim"] == pytest.approx(7 / 3 / 0.4)
+    assert second == {"responses": 16, "head": "last", "kl_at_reference": None, "reference_ratio": None,
+                      "kl_at_aim": None, "optimum_kl_at_aim": pytest.approx(0.4), "overhead_at_aim": None}

@@ -488,33 +488,39 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="frontier, value-heads, beta-knob, composition, ablations, tool-use, or all (in that order).")],
+    name: Annotated[str, typer.Argument(help="frontier, value-heads, scaling, beta-knob, composition, ablations, tool-use, or all (in that order).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
-    quick: Annotated[bool, typer.Option(help="A seconds-long version, to check the set-up (numbers meaningless).")] = False,
+    quick: Annotated[bool, typer.Option(help="A seconds-long version, to check the set-up (numbers meaningless); the same as --size quick.")] = False,
+    size: Annotated[str, typer.Option(help="A named size: default, quick, or one the experiment offers (scaling: large, for a GPU).")] = "default",
     quiet: Quiet = False,
 ):
     """Run one of the paper's claims at small scale; writes OUT/NAME/ and its section of OUT/REPORT.md."""
     import time
 
-    from vas.experiments import EXPERIMENTS
+    from vas.experiments import EXPERIMENTS, size_named
     from vas.experiments.report import write_section
     from vas.models import resolve_device
 
     if name not in EXPERIMENTS and name != "all":
         raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} or all")
+    if quick and size not in ("default", "quick"):
+        raise VasError(f"--quick is --size quick: leave out one of --quick and --size {size}")
+    size = "quick" if quick else size
+    quick = size == "quick"
     chosen_ones = list(EXPERIMENTS) if name == "all" else [name]
+    chosen_sizes = {chosen: size_named(EXPERIMENTS[chosen], size) for chosen in chosen_ones}
     for chosen in chosen_ones:  # what an experiment needs installed is checked before any runs
         module = EXPERIMENTS[chosen]
         if hasattr(module, "check"):
-            module.check(module.QUICK if quick else module.Size())
+            module.check(chosen_sizes[chosen])
     for chosen in chosen_ones:
         module = EXPERIMENTS[chosen]
         start = time.perf_counter()
         sections = module.run(out / chosen, base_model=base_model, device=resolve_device(device), seed=seed,
-                              size=module.QUICK if quick else module.Size(), progress=not quiet, log=typer.echo)
+                              size=chosen_sizes[chosen], progress=not quiet, log=typer.echo)
         for section in sections:
             if quick:
                 section = dataclasses.replace(section, title=section.title + " [--quick smoke test: numbers meaningless]")

@@ -41,20 +41,21 @@ class Recipe:
 def collected_samples(
     directory: Path,
     *,
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    policy,
     prompts: Sequence[str],
     reward_spec: str,
     recipe: Recipe,
     seed: int,
     progress: bool,
     log: Callable[[str], None],
+    batch_size: int | None = None,
     metadata: dict | None = None,
 ) -> datasets.Dataset:
-    """``recipe.samples_per_prompt`` π0 responses per prompt scored by ``reward_spec``, collected into
-    ``directory`` (:func:`vas.collect.collect`), or loaded from it if it exists."""
+    """``recipe.samples_per_prompt`` responses per prompt from ``policy`` (π0: a :class:`vas.policy.local.LocalPolicy`
+    or a :class:`vas.serving.engine.VllmPolicy`) scored by ``reward_spec``, collected into ``directory``
+    (:func:`vas.collect.collect`, ``batch_size`` responses per batch, default ``recipe.batch_size``), or loaded
+    from it if it exists."""
     from vas.collect import COLUMNS, collect
-    from vas.policy.local import LocalPolicy
     from vas.rewards import load_reward
     from vas.storage import load_dataset_dir
 
@@ -62,9 +63,9 @@ def collected_samples(
         log(f"samples: reusing {directory}")
         return load_dataset_dir(directory, set(COLUMNS))
     log(f"collecting {len(prompts)}×{recipe.samples_per_prompt} responses from π0 → {directory}")
-    return collect(LocalPolicy(policy, tokenizer), prompts, load_reward(reward_spec), directory,
+    return collect(policy, prompts, load_reward(reward_spec), directory,
                    samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                   batch_size=recipe.batch_size, seed=seed, progress=progress,
+                   batch_size=batch_size or recipe.batch_size, seed=seed, progress=progress,
                    metadata={"reward": reward_spec, **(metadata or {})})
 
 
@@ -131,7 +132,9 @@ def samples_and_value_model(
         The collected dataset and the value model's folder.
     """
     metadata = {"reward": reward_spec, **(metadata or {})}
-    data = collected_samples(out / "samples", policy=policy, tokenizer=tokenizer, prompts=prompts,
+    from vas.policy.local import LocalPolicy
+
+    data = collected_samples(out / "samples", policy=LocalPolicy(policy, tokenizer), prompts=prompts,
                              reward_spec=reward_spec, recipe=recipe, seed=seed, progress=progress, log=log,
                              metadata={"base_model": base_model, **metadata})
     value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,

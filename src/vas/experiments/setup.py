@@ -102,18 +102,37 @@ class Setup:
     def stages(self) -> Path:
         return self.out.parent / "stages"
 
-    def samples(self, prompts: str, count: int, recipe: Recipe, reward: str) -> tuple[datasets.Dataset, Path]:
-        """π0's responses to the first ``count`` prompts of source ``prompts``, scored by ``reward``, and the
-        stage folder they are kept in (pass it to :meth:`value_model`)."""
+    def samples(self, prompts: str, count: int, recipe: Recipe, reward: str, *, start: int = 0,
+                engine: str = "transformers", batch_size: int | None = None) -> tuple[datasets.Dataset, Path]:
+        """π0's responses to ``count`` prompts of source ``prompts`` from the ``start``-th on, scored by
+        ``reward``, and the stage folder they are kept in (pass it to :meth:`value_model`). ``engine``:
+        ``transformers`` samples with the loaded π0, ``vllm`` in a ``vllm.LLM`` engine started for the collection
+        and shut down after it (:class:`vas.serving.engine.VllmPolicy`; ``vas collect --engine vllm``).
+        ``batch_size``: responses per collection batch (default: ``recipe.batch_size``)."""
+        from vas.policy.local import LocalPolicy
         from vas.prompts import load_prompts
 
-        name = (f"{prompts}-{count}x{recipe.samples_per_prompt}-{recipe.max_new_tokens}tok-seed{self.seed}-"
-                f"{_digest(self.base_model, recipe.samples_per_prompt, recipe.max_new_tokens, recipe.batch_size)}")
+        first = f"from{start}-" if start else ""
+        sampler = "" if engine == "transformers" else f"{engine}-"
+        name = (f"{prompts}-{first}{count}x{recipe.samples_per_prompt}-{recipe.max_new_tokens}tok-{sampler}"
+                f"seed{self.seed}-"
+                f"{_digest(self.base_model, recipe.samples_per_prompt, recipe.max_new_tokens, batch_size or recipe.batch_size)}")
         stage = self.stages / name
-        data = collected_samples(
-            stage / "samples", policy=self.policy, tokenizer=self.tokenizer,
-            prompts=load_prompts(prompts, limit=count), reward_spec=reward, recipe=recipe, seed=self.seed,
-            progress=self.progress, log=self.log, metadata={"base_model": self.base_model, "prompts": prompts})
+        if (stage / "samples").exists() or engine == "transformers":
+            policy = LocalPolicy(self.policy, self.tokenizer)
+        else:
+            from vas.serving.engine import VllmPolicy
+
+            policy = VllmPolicy(self.base_model)
+        try:
+            data = collected_samples(
+                stage / "samples", policy=policy, prompts=load_prompts(prompts, start=start, limit=count),
+                reward_spec=reward, recipe=recipe, batch_size=batch_size, seed=self.seed, progress=self.progress,
+                log=self.log, metadata={"base_model": self.base_model, "prompts": prompts,
+                                        **({"start": start} if start else {}), **({"engine": engine} if sampler else {})})
+        finally:
+            if not isinstance(policy, LocalPolicy):
+                policy.shutdown()
         return data, stage
 
     def value_model(self, stage: Path, data: datasets.Dataset, reward: str, recipe: Recipe, *,

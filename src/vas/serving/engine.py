@@ -73,6 +73,12 @@ class VllmPolicy:
                           logprobs_mode="processed_logprobs", gpu_memory_utilization=memory,
                           worker_extension_cls="vas.serving.processor.WorkerExtension")
 
+    def shutdown(self) -> None:
+        """Shut down the engine's worker, if started (a later batch starts a new one)."""
+        if self.engine is not None:
+            self.engine.llm_engine.engine_core.shutdown()
+            self.engine = None
+
     def _names(self, steering) -> list[str]:
         """The engine's names of ``steering``'s value models, starting the engine with them if needed."""
         from vas.value.model import check_same_tokenizer
