@@ -79,6 +79,27 @@ def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, lo
     assert again["response_ids"] == data["response_ids"]  # a seed gives the same samples
 
 
+def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, local, tmp_path):
+    """On a CPU, a seeded batch whose prompts exceed vLLM's per-step token budget (which vLLM 0.32 fails on:
+    "CPU Generator does not use offset") is decoded in runs of consecutive prompts that fit it, in order."""
+    from vas.collect import collect
+    from vas.rewards import load_reward
+
+    budget = engine.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert [list(g) for g in engine._prefill_groups([3, 4, 2, 7])] == [[0, 1, 2, 3]]
+    assert [list(g) for g in engine._prefill_groups([budget - 1, 2, budget, 1, 1])] == [[0], [1], [2], [3, 4]]
+    prompt = "Write a short poem about the sea, the wind and the stars at night, please. " * 4
+    rows = budget // len(local.tokenizer(prompt)["input_ids"]) + 8  # more prompt tokens than one step takes
+    data = collect(engine, [prompt] * rows, load_reward("brevity"), tmp_path / "data", max_new_tokens=2,
+                   batch_size=rows, seed=1, progress=False)
+    assert len(data) == rows and data["prompt_index"] == list(range(rows))
+    ids = torch.tensor([data[-1]["prompt_ids"] + data[-1]["response_ids"]])  # the last row, in the second run
+    with torch.no_grad():
+        logits = local.model(ids).logits[0, len(data[-1]["prompt_ids"]) - 1 : -1]
+    want = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(data[-1]["response_ids"])[:, None])[:, 0]
+    assert data[-1]["logprobs"] == pytest.approx(want.tolist(), abs=1e-3)
+
+
 def test_the_engine_keeps_the_value_models_it_started_with(engine, values, tmp_path):
     random_value_model(str(embedded_model_dir()), seed=9, num_layers=1).save_pretrained(tmp_path / "other")
     other = ValueModel.from_pretrained(tmp_path / "other")

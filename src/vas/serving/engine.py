@@ -79,6 +79,24 @@ class VllmPolicy:
             self.engine.llm_engine.engine_core.shutdown()
             self.engine = None
 
+    def _prefill_groups(self, lengths: list[int]) -> list[range]:
+        """The batch split into runs of consecutive prompts that vLLM prefills in one step each. On a CPU, vLLM
+        0.32 fails on a seeded request whose prefill is split over steps (its CPU generator cannot rewind: "CPU
+        Generator does not use offset"), so there each run's prompt tokens stay within the scheduler's
+        per-step budget (``max_num_batched_tokens``); on an accelerator the batch is one run."""
+        from vas.serving.server import _has_accelerator
+
+        if _has_accelerator():
+            return [range(len(lengths))]
+        budget = self.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        groups, start, total = [], 0, 0
+        for b, n in enumerate(lengths):
+            if b > start and total + n > budget:
+                groups.append(range(start, b))
+                start, total = b, 0
+            total += n
+        return groups + [range(start, len(lengths))] if lengths else groups
+
     def _names(self, steering) -> list[str]:
         """The engine's names of ``steering``'s value models, starting the engine with them if needed."""
         from vas.value.model import check_same_tokenizer
@@ -148,7 +166,10 @@ class VllmPolicy:
                              vas_values=",".join(f"{n}={float(w)!r}" for n, w in zip(names, weights[b].tolist())))
             params.append(SamplingParams(temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens,
                                          seed=seeds[b], logprobs=0, extra_args=extra, skip_special_tokens=True))
-        outputs = self.engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        outputs = []
+        for group in self._prefill_groups([len(p) for p in ids]):
+            outputs += self.engine.generate([TokensPrompt(prompt_token_ids=ids[b]) for b in group],
+                                            [params[b] for b in group], use_tqdm=False)
         stats = self.engine.collective_rpc("vas_statistics", args=(record,))[0]
         texts, tokens, logps, base_logps = [], [], [], []
         kl, finished = torch.zeros(B), torch.zeros(B, dtype=torch.bool)
