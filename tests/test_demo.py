@@ -20,6 +20,8 @@ def test_demo_stages_and_rerun(tiny_model_dir, tmp_path):
     assert [v["beta"] for v in report["vas"]] == [2.0]
     assert report["best_of_n"][0]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)  # best of 1 = plain
     assert len(datasets.load_from_disk(str(tmp_path / "d" / "samples"))) == TINY.train_prompts * TINY.recipe.samples_per_prompt
+    # a quarter of the tiny π0's 2 layers, rounded, at least 1
+    assert json.loads((tmp_path / "d" / "value" / "vas_value_config.json").read_text())["num_layers"] == 1
 
     logs.clear()
     shutil.rmtree(tmp_path / "d" / "eval")
