@@ -72,6 +72,12 @@ def make_cases(tmp, tiny, other, value_dir):
         "judge nothing": (["judge", tmp, "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
                           "nothing to judge", None),
         "unknown experiment": (["experiment", "frontierr", "--out", tmp / "o6"], "unknown experiment 'frontierr'", tmp / "o6"),
+        "unknown size": (["experiment", "scaling", "--size", "huge", "--out", tmp / "o6"],
+                         "experiment scaling has no size 'huge': choose one of default, quick, large", tmp / "o6"),
+        "a size another experiment lacks": (["experiment", "frontier", "--size", "large", "--out", tmp / "o6"],
+                                            "experiment frontier has no size 'large': choose one of default, quick", tmp / "o6"),
+        "quick and another size": (["experiment", "scaling", "--quick", "--size", "large", "--out", tmp / "o6"],
+                                   "--quick is --size quick: leave out one of --quick and --size large", tmp / "o6"),
         "float16 training on CPU": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o8", "--backbone", tiny,
                                      "--device", "cpu", "--dtype", "float16"],
                                     "--dtype float16 (mixed precision) needs a CUDA device", tmp / "o8"),
@@ -93,7 +99,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k a word", "k all, last head", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
-         "missing value model", "missing data", "non-finite beta", "unknown experiment", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
+         "missing value model", "missing data", "non-finite beta", "unknown experiment", "unknown size", "a size another experiment lacks", "quick and another size", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
          "distributional head with a discount", "bins for another head", "judge without responses",
          "judge nothing"]
 
@@ -147,13 +153,14 @@ def test_experiment_all_quick_writes_every_section(tmp_path, tiny_model_dir):
     result = vas("experiment", "all", "--quick", "--quiet", "--base-model", tiny_model_dir, "--out", tmp_path / "x")
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "x" / "REPORT.md").read_text()
-    from vas.experiments import EXPERIMENTS
+    from vas.experiments import ALL
 
     sections = ["frontier", "bon-cost", "judge", "beta-knob", "composition", "ablations-targets", "ablations-top-k", "ablations-data"]
     assert [report.index(f"<!-- section: {name} -->") for name in sections] == sorted(
         report.index(f"<!-- section: {name} -->") for name in sections)  # all there, in the order they ran
-    for name in EXPERIMENTS:
+    for name in ALL:
         assert (tmp_path / "x" / name / "summary.json").is_file()
+    assert "scaling" not in ALL and not (tmp_path / "x" / "scaling").exists()  # it runs on its own
     # at --quick size, every experiment shares one collection of π0 samples
     assert len(list((tmp_path / "x" / "stages").iterdir())) == 1
 

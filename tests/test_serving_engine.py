@@ -88,6 +88,10 @@ def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, lo
     budget = engine.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     assert [list(g) for g in engine._prefill_groups([3, 4, 2, 7])] == [[0, 1, 2, 3]]
     assert [list(g) for g in engine._prefill_groups([budget - 1, 2, budget, 1, 1])] == [[0], [1], [2], [3, 4]]
+    seqs = engine.engine.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    assert [len(g) for g in engine._prefill_groups([1] * (seqs + 1))] == [seqs, 1]
+    with pytest.raises(VasError, match=f"prompt 2 of the batch has {budget + 1}"):
+        engine._prefill_groups([1, budget + 1])
     prompt = "Write a short poem about the sea, the wind and the stars at night, please. " * 4
     rows = budget // len(local.tokenizer(prompt)["input_ids"]) + 8  # more prompt tokens than one step takes
     data = collect(engine, [prompt] * rows, load_reward("brevity"), tmp_path / "data", max_new_tokens=2,

@@ -488,7 +488,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="frontier, value-heads, scaling, beta-knob, composition, ablations, tool-use, or all (in that order).")],
+    name: Annotated[str, typer.Argument(help="frontier, value-heads, scaling, beta-knob, composition, ablations, tool-use, or all (in that order; all leaves out scaling, which runs on its own).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
@@ -500,7 +500,7 @@ def experiment(
     """Run one of the paper's claims at small scale; writes OUT/NAME/ and its section of OUT/REPORT.md."""
     import time
 
-    from vas.experiments import EXPERIMENTS, size_named
+    from vas.experiments import ALL, EXPERIMENTS, size_named
     from vas.experiments.report import write_section
     from vas.models import resolve_device
 
@@ -510,7 +510,7 @@ def experiment(
         raise VasError(f"--quick is --size quick: leave out one of --quick and --size {size}")
     size = "quick" if quick else size
     quick = size == "quick"
-    chosen_ones = list(EXPERIMENTS) if name == "all" else [name]
+    chosen_ones = list(ALL) if name == "all" else [name]
     chosen_sizes = {chosen: size_named(EXPERIMENTS[chosen], size) for chosen in chosen_ones}
     for chosen in chosen_ones:  # what an experiment needs installed is checked before any runs
         module = EXPERIMENTS[chosen]

@@ -16,6 +16,9 @@ from vas.experiments import ablations, beta_knob, composition, frontier, scaling
 
 EXPERIMENTS: dict[str, ModuleType] = {module.NAME: module for module in
                                       (frontier, value_heads, scaling, beta_knob, composition, ablations, tool_use)}
+ALL = tuple(name for name in EXPERIMENTS if name != scaling.NAME)
+"""What ``vas experiment all`` runs: every experiment but ``scaling`` (90 minutes, collecting through vLLM), which
+runs on its own."""
 
 
 def sizes(module: ModuleType) -> dict:

@@ -143,7 +143,7 @@ def plot(report: dict, judged: dict, path: Path) -> None:
                 for f in group:
                     ax.annotate(f["name"].split(" ", 1)[1], (f[key], f["reward"]), textcoords="offset points",
                                 xytext=(4, 5 if "step" in f["name"] else -11), fontsize=7)
-        if key == "kl" and "optimum" in report:
+        if key == "kl" and report.get("optimum"):
             points = report["optimum"]["points"]
             ax.plot([p["kl"] for p in points], [p["reward"] for p in points], color="grey", linestyle="--",
                     label="KL-optimal π0·exp(r/α)/Z (estimate on the pool)")
@@ -301,7 +301,7 @@ def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: in
     def row(name, e, j, training="—"):
         kl = f"≤ {e['kl']:.2f}" if e.get("kl_is_bound") else f"{e['kl']:.2f}"
         wins = ("— | —" if j is None else f"{j['reward_win_rate']:.2f} | {j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f}")
-        overhead = kl_overhead(e["kl"], e["reward"], report["optimum"]) if "optimum" in report else None
+        overhead = kl_overhead(e["kl"], e["reward"], report["optimum"]) if report.get("optimum") else None
         overhead = "—" if overhead is None else ("≤ " if e.get("kl_is_bound") else "") + f"{overhead:.1f}×"
         return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f} | {kl} | {overhead} | {e['length']:.1f} | "
                 f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {training} | {wins} |")
@@ -334,7 +334,7 @@ def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: in
                     "same reward, estimated on the pool of π0 samples (its KL is capped at log "
                     f"{report['settings']['n_pool']}, so at high reward it is a lower bound on the optimum's reward); "
                     "— where undefined (at or below plain sampling's reward, or beyond the estimate's reach)."
-                    if "optimum" in report else "")
+                    if report.get("optimum") else "")
     body = f"""`vas experiment {NAME}`: positivity (VADER compound, in [−1, 1]) of replies to chitchat openings. The data
 budget of every method is one collection of π0's responses to {size.train_prompts} openings × {recipe.samples_per_prompt} ({train_rows} responses,
 ≤ {recipe.max_new_tokens} tokens, τ = 0.7). **VAS**: a value model ({value_layers} of π0's {policy_layers} layers, LoRA r = {recipe.lora_rank}, TD(λ) λ = {recipe.lam:g},

@@ -121,7 +121,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                                   progress=progress, metadata={"reward": REWARD, "base_model": base_model,
                                                                "prompt_source": PROMPTS, "head": name})
             if pool is None:
-                pool = report if "optimum" in report else {**report, "optimum": saved_optimum(eval_dir)}
+                pool = report if report.get("optimum") else {**report, "optimum": saved_optimum(eval_dir)}
             entry["runs"]["soft" if soft else "mean"] = report["vas"]
         heads.append(entry)
         del model
@@ -146,7 +146,7 @@ def plot(summary: dict, path: Path, size: Size) -> None:
                 color="black", capsize=3, label="Best-of-N (KL: bound)")
     for b in bon:
         ax.annotate(f"N={b['n']}", (b["kl"], b["reward"]), textcoords="offset points", xytext=(4, -11), fontsize=8)
-    if "optimum" in summary:
+    if summary.get("optimum"):
         points = summary["optimum"]["points"]
         ax.plot([p["kl"] for p in points], [p["reward"] for p in points], color="grey", linestyle="--",
                 label=f"KL-optimal π0·exp(r/α)/Z (estimate; KL ≤ log M = {summary['optimum']['kl_cap']:.2f})")
@@ -195,7 +195,7 @@ def section(summary: dict, size: Size) -> Section:
         return v["reward"] >= reference["reward"] - 2 * math.hypot(v["reward_sem"], reference["reward_sem"])
 
     def overhead(v):  # the KL overhead against the optimum's estimate, where defined
-        x = kl_overhead(v["kl"], v["reward"], summary["optimum"]) if "optimum" in summary else None
+        x = kl_overhead(v["kl"], v["reward"], summary["optimum"]) if summary.get("optimum") else None
         return "" if x is None else f"; {x:.1f}×"
 
     rows, best = [], None
@@ -281,12 +281,13 @@ def section(summary: dict, size: Size) -> Section:
     head_rows = "\n".join(rows)
     beta_header = " | ".join(f"β={b:g}" for b in size.betas)
     optimum_note = ""
-    if "optimum" in summary:
+    if summary.get("optimum"):
         optimum_kl = kl_at_reward([(p["kl"], p["reward"]) for p in summary["optimum"]["points"]], reference["reward"])
-        optimum_note = (f" The optimum's estimate reaches Best-of-{reference['n']}'s reward at KL {optimum_kl:.2f}"
-                        if optimum_kl is not None else "") + (
-            f" (its KL is capped at log {max(size.best_of)} = {summary['optimum']['kl_cap']:.2f}: above it the estimate is a "
-            "lower bound on the optimum's reward).")
+        optimum_note = ((f" The optimum's estimate reaches Best-of-{reference['n']}'s reward at KL {optimum_kl:.2f}."
+                         if optimum_kl is not None else
+                         f" The optimum's estimate does not reach Best-of-{reference['n']}'s reward.")
+                        + f" Its KL cannot pass log {max(size.best_of)} = {summary['optimum']['kl_cap']:.2f} nats and at a given "
+                        "reward it needs more KL than the true optimum, so each KL overhead is a lower bound.")
     body = f"""`vas experiment {NAME}`: the frontier's task on the shared data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
 openings, VADER positivity), one value model per head, same recipe ({size.recipe.backbone_layers or 'all'} of π0's layers, LoRA r = {size.recipe.lora_rank},
 TD(λ) λ = {size.recipe.lam:g}, {size.recipe.epochs:g} epochs; the distributional head has {size.bins} atoms over the training

@@ -83,15 +83,25 @@ class VllmPolicy:
         """The batch split into runs of consecutive prompts that vLLM prefills in one step each. On a CPU, vLLM
         0.32 fails on a seeded request whose prefill is split over steps (its CPU generator cannot rewind: "CPU
         Generator does not use offset"), so there each run's prompt tokens stay within the scheduler's
-        per-step budget (``max_num_batched_tokens``); on an accelerator the batch is one run."""
+        per-step budget (``max_num_batched_tokens``) and its requests within ``max_num_seqs``; on an accelerator
+        the batch is one run.
+
+        Raises:
+            VasError: on a CPU, for a prompt longer than the per-step budget.
+        """
         from vas.serving.server import _has_accelerator
 
         if _has_accelerator():
             return [range(len(lengths))]
-        budget = self.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        scheduler = self.engine.llm_engine.vllm_config.scheduler_config
+        budget = scheduler.max_num_batched_tokens
+        if lengths and max(lengths) > budget:
+            raise VasError(f"--engine vllm on a CPU prefills a prompt in one step of at most {budget} tokens; prompt "
+                           f"{lengths.index(max(lengths)) + 1} of the batch has {max(lengths)}: shorten it or use the "
+                           "default engine")
         groups, start, total = [], 0, 0
         for b, n in enumerate(lengths):
-            if b > start and total + n > budget:
+            if b > start and (total + n > budget or b - start == scheduler.max_num_seqs):
                 groups.append(range(start, b))
                 start, total = b, 0
             total += n
