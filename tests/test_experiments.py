@@ -211,8 +211,8 @@ def test_tradeoff_verdicts_by_hand():
     result = section(below)
     assert result.verdict == "reproduced"
     assert "- DPO KL 0.1: 0.100 against VAS's 0.200 at the same KL (0.50; 2 s.e. = 0.064) (below)" in result.body
-    assert "| DPO KL 0.1 | 0.100 ± 0.020 | 0.50 | 10.0 | 1.00 | 1.0 | 1.0 min, 8 read | — | — |" in result.body
-    assert "| VAS β=4 | 0.300 ± 0.030 | 1.00 | 10.0 | 3.00 | 3.0 | value model: 2.0 min, 512 read |" in result.body
+    assert "| DPO KL 0.1 | 0.100 ± 0.020 | 0.50 | — | 10.0 | 1.00 | 1.0 | 1.0 min, 8 read | — | — |" in result.body
+    assert "| VAS β=4 | 0.300 ± 0.030 | 1.00 | — | 10.0 | 3.00 | 3.0 | value model: 2.0 min, 512 read |" in result.body
     result = section(below, tie)
     assert result.verdict == "partly reproduced"
     assert ("At equal KL the fine-tuned policies' reward minus VAS's ranges from -0.100 to +0.020; 1 of 2 lie within "
