@@ -215,14 +215,17 @@ def plot(summary: dict, path: Path, size: Size) -> None:
     ax.errorbar([b["kl"] for b in bon], [b["reward"] for b in bon], yerr=[b["reward_sem"] for b in bon], marker="s",
                 color="black", capsize=3, label="Best-of-N (KL: bound)")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = dict(zip(size.heads, "o^vD"))  # the head by marker and line style, the data size by colour
     for run in summary["runs"]:
         colour = colours[size.responses.index(run["responses"]) % len(colours)]
         curve = sorted(run["vas"], key=lambda v: v["beta"])
         ax.errorbar([v["kl"] for v in curve], [v["reward"] for v in curve], yerr=[v["reward_sem"] for v in curve],
-                    marker="o", capsize=2, color=colour, linestyle="-" if run["head"] == size.heads[0] else ":",
+                    marker=markers[run["head"]], capsize=2, color=colour,
+                    linestyle="-" if run["head"] == size.heads[0] else ":",
                     label=f"VAS, {run['head']}, {run['responses']} responses")
     ax.axhline(size.aim_reward, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("symlog", linthresh=0.5)
+    ax.set_xlim(left=-0.02)  # KL ≥ 0: no autoscaled negative decades
     ax.set_xlabel("KL(π ‖ π0) per response [nats], log scale above 0.5")
     ax.set_ylabel("mean positivity (VADER), held-out prompts")
     ax.set_title(f"Reward vs KL (β = {', '.join(f'{b:g}' for b in size.betas)})")

@@ -161,6 +161,7 @@ def plot(summary: dict, path: Path, size: Size) -> None:
         ax.axhline(reference["reward"], color="grey", linestyle=":", linewidth=0.8)
         ax.axvline(size.aim_kl_factor * reference["kl"], color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("symlog", linthresh=0.5)
+    ax.set_xlim(left=-0.02)  # KL ≥ 0: no autoscaled negative decades
     ax.set_xlabel(f"KL(π ‖ π0) per response [nats], log scale above 0.5 (dotted: Best-of-{size.reference_n}'s "
                   f"reward, {size.aim_kl_factor:g}× its KL bound)")
     ax.set_ylabel("mean positivity (VADER), held-out prompts")
