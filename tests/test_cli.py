@@ -78,6 +78,8 @@ def make_cases(tmp, tiny, other, value_dir):
                                             "experiment frontier has no size 'large': choose one of default, quick", tmp / "o6"),
         "quick and another size": (["experiment", "scaling", "--quick", "--size", "large", "--out", tmp / "o6"],
                                    "--quick is --size quick: leave out one of --quick and --size large", tmp / "o6"),
+        "experiment into a file": (["experiment", "scaling", "--quick", "--out", tmp / "taken.jsonl"],
+                                   "is a file: name a folder", None),
         "float16 training on CPU": (["train", "--quiet", "--data", tmp / "good-data", "--out", tmp / "o8", "--backbone", tiny,
                                      "--device", "cpu", "--dtype", "float16"],
                                     "--dtype float16 (mixed precision) needs a CUDA device", tmp / "o8"),
@@ -99,7 +101,7 @@ def make_cases(tmp, tiny, other, value_dir):
 
 CASES = ["missing model", "invalid model", "empty prompts", "long prompt", "k zero", "k a word", "k all, last head", "k too big",
          "non-finite reward", "not a value model", "value backbone without API", "API extra not JSON", "missing columns", "negative limit", "output exists",
-         "missing value model", "missing data", "non-finite beta", "unknown experiment", "unknown size", "a size another experiment lacks", "quick and another size", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
+         "missing value model", "missing data", "non-finite beta", "unknown experiment", "unknown size", "a size another experiment lacks", "quick and another size", "experiment into a file", "float16 training on CPU", "unknown training dtype", "too many layers", "soft without a distributional head", "unknown head",
          "distributional head with a discount", "bins for another head", "judge without responses",
          "judge nothing"]
 
@@ -116,7 +118,7 @@ def test_bad_input(case, tmp_path, tiny_model_dir, other_tokenizer_model_dir, va
         # a collect whose reward fails keeps what it sampled, to resume from; no other bad input leaves anything
         kept = must_not_exist.with_name(must_not_exist.name + ".partial")
         assert kept.exists() == (case == "non-finite reward")
-    if case == "output exists":
+    if case in ("output exists", "experiment into a file"):
         assert (tmp_path / "taken.jsonl").read_text() == "keep me\n"
 
 

@@ -159,6 +159,9 @@ def test_kl_at_reward_and_overhead_by_hand():
     assert kl_at_reward([(0.0, 0.5), (1.0, 0.6)], 0.4) == 0.0
     # a dip is not smoothed over: the first segment that reaches the reward counts
     assert kl_at_reward([(0.0, 0.5), (1.0, 0.8), (2.0, 0.6), (3.0, 1.0)], 0.7) == pytest.approx(2 / 3)
+    # the curve's top within float32 rounding (Best-of-M and the optimum's α → 0 both at the pool's mean maximum)
+    assert kl_at_reward([(0.0, 0.5), (1.0, 0.8)], 0.8 + 3e-8) == 1.0
+    assert kl_at_reward([(0.0, 0.5), (1.0, 0.8)], 0.8 + 1e-5) is None
     optimum = {"points": [{"kl": 0.0, "reward": 0.5}, {"kl": 0.5, "reward": 0.7}, {"kl": 1.0, "reward": 0.8}],
                "kl_cap": 1.0}
     assert kl_overhead(2.0, 0.75, optimum) == pytest.approx(2.0 / 0.75)  # the optimum needs 0.75 nats for 0.75

@@ -435,7 +435,10 @@ def print_report(report: dict) -> None:
     from vas.decoding.guidance import extreme_kl_warning
     from vas.evaluate import summary_sentence
 
-    table = Table(title=f"held-out prompts: {report['settings']['prompts']}")
+    table = Table(title=f"held-out prompts: {report['settings']['prompts']}",
+                  caption="KL ÷ optimum's: a method's KL over the KL that the KL-optimal policy π0·exp(r/α)/Z needs "
+                          "for the same reward, estimated on π0's pool; the estimate overstates that KL, so each ratio "
+                          "is a lower bound (Best-of-N can show < 1×)")
     def overhead(entry):
         return "—" if entry.get("kl_overhead") is None else f"{entry['kl_overhead']:.1f}×"
 
@@ -493,7 +496,7 @@ def experiment(
     base_model: BaseModel = DEFAULT_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
-    quick: Annotated[bool, typer.Option(help="A seconds-long version, to check the set-up (numbers meaningless); the same as --size quick.")] = False,
+    quick: Annotated[bool, typer.Option(help="A minutes-long smoke test of the set-up (numbers meaningless); the same as --size quick.")] = False,
     size: Annotated[str, typer.Option(help="A named size: default, quick, or one the experiment offers (scaling: large, for a GPU).")] = "default",
     quiet: Quiet = False,
 ):
@@ -506,6 +509,8 @@ def experiment(
 
     if name not in EXPERIMENTS and name != "all":
         raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} or all")
+    if out.exists() and not out.is_dir():
+        raise VasError(f"--out {out} is a file: name a folder (it holds every experiment's data and REPORT.md)")
     if quick and size not in ("default", "quick"):
         raise VasError(f"--quick is --size quick: leave out one of --quick and --size {size}")
     size = "quick" if quick else size

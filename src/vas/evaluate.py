@@ -146,8 +146,12 @@ def kl_at_reward(points: Sequence[tuple[float, float]], reward: float) -> float 
     """The least KL at which a method's measured curve reaches ``reward``: ``points`` are its (KL, reward)
     pairs, joined in order of KL by straight lines (the first point is plain sampling's, (0, its reward), for
     a method that starts there). None if no point or segment reaches ``reward``: it is out of the method's
-    measured range (no extrapolation)."""
+    measured range (no extrapolation). A ``reward`` above the curve's highest by no more than float32 rounding
+    (1e-6, relative) counts as that highest: Best-of-M on a pool of M and the optimum's α → 0 limit both reach
+    the mean of the per-prompt maxima, summed in different precisions."""
     points = sorted(points)
+    if points and 0 < reward - max(r for _, r in points) <= 1e-6 * max(1.0, abs(reward)):
+        reward = max(r for _, r in points)
     if points and points[0][1] >= reward:
         return points[0][0]
     for (k0, r0), (k1, r1) in zip(points, points[1:]):

@@ -117,6 +117,9 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.rewards import load_reward
     from vas.storage import write_json_atomic
 
+    if size == LARGE and device.type == "cpu":
+        log("note: --size large is meant for a GPU (16,384 responses, full-depth value models); on a CPU it takes "
+            "many hours")
     m = size.recipe.samples_per_prompt
     train_prompts = [n // m for n in size.responses]
     setup = Setup.load(out, base_model=base_model, device=device, seed=seed, progress=progress, log=log, size=size)

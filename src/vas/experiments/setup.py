@@ -106,14 +106,15 @@ class Setup:
                 engine: str = "transformers", batch_size: int | None = None) -> tuple[datasets.Dataset, Path]:
         """π0's responses to ``count`` prompts of source ``prompts`` from the ``start``-th on, scored by
         ``reward``, and the stage folder they are kept in (pass it to :meth:`value_model`). ``engine``:
-        ``transformers`` samples with the loaded π0, ``vllm`` in a ``vllm.LLM`` engine started for the collection
-        and shut down after it (:class:`vas.serving.engine.VllmPolicy`; ``vas collect --engine vllm``).
+        ``transformers`` samples with the loaded π0, ``vllm`` in a ``vllm.LLM`` engine (π0 in the loaded π0's dtype)
+        started for the collection and shut down after it (:class:`vas.serving.engine.VllmPolicy`; ``vas collect --engine vllm``).
         ``batch_size``: responses per collection batch (default: ``recipe.batch_size``)."""
         from vas.policy.local import LocalPolicy
         from vas.prompts import load_prompts
 
         first = f"from{start}-" if start else ""
-        sampler = "" if engine == "transformers" else f"{engine}-"
+        dtype = str(self.policy.dtype).removeprefix("torch.")  # vLLM runs π0 in the loaded π0's dtype, not its own
+        sampler = "" if engine == "transformers" else f"{engine}-{dtype}-"
         name = (f"{prompts}-{first}{count}x{recipe.samples_per_prompt}-{recipe.max_new_tokens}tok-{sampler}"
                 f"seed{self.seed}-"
                 f"{_digest(self.base_model, recipe.samples_per_prompt, recipe.max_new_tokens, batch_size or recipe.batch_size)}")
@@ -123,7 +124,7 @@ class Setup:
         else:
             from vas.serving.engine import VllmPolicy
 
-            policy = VllmPolicy(self.base_model)
+            policy = VllmPolicy(self.base_model, dtype=dtype)
         try:
             data = collected_samples(
                 stage / "samples", policy=policy, prompts=load_prompts(prompts, start=start, limit=count),
