@@ -166,6 +166,7 @@ def test_kl_at_reward_and_overhead_by_hand():
                "kl_cap": 1.0}
     assert kl_overhead(2.0, 0.75, optimum) == pytest.approx(2.0 / 0.75)  # the optimum needs 0.75 nats for 0.75
     assert kl_overhead(2.0, 0.5, optimum) is None and kl_overhead(2.0, 0.85, optimum) is None
+    assert kl_overhead(0.0, 0.5 + 3e-8, optimum) is None  # Best-of-1: plain sampling's reward, summed otherwise
     report = {"plain": {"reward": 0.5}, "optimum": optimum,
               "vas": [{"kl": 1.0, "reward": 0.6}, {"kl": 3.0, "reward": 0.8}],
               "best_of_n": [{"n": 1, "kl": 0.0, "reward": 0.5}, {"n": 2, "kl": 0.2, "reward": 0.7},

@@ -22,7 +22,7 @@ class DemoSize:
     as a full-depth one on this task and trains and steers at about a quarter of the cost, which buys four
     responses per prompt within the demo's time (README, "The demo's recipe")."""
 
-    train_prompts: int = 256
+    train_prompts: int = 320
     eval_prompts: int = 48
     recipe: Recipe = Recipe(samples_per_prompt=4)
     value_depth: float | None = 0.25

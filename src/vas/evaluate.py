@@ -164,9 +164,9 @@ def kl_overhead(kl: float, reward: float, optimum: dict) -> float | None:
     """A method's KL divided by the KL the estimated optimum (:func:`optimum_frontier`) needs for the same
     ``reward`` ("KL overhead"; 1 = as efficient as the estimate, a lower bound on the overhead against the true
     π*, see :func:`optimum_frontier`). None where it is undefined: a reward at or below plain
-    sampling's (π* needs no KL for it) or above what the optimum's estimate reaches on the pool."""
+    sampling's, within float32 rounding (π* needs no KL for it) or above what the optimum's estimate reaches on the pool."""
     curve = [(p["kl"], p["reward"]) for p in optimum["points"]]
-    if reward <= curve[0][1]:
+    if reward <= curve[0][1] + 1e-6 * max(1.0, abs(reward)):  # within float32 rounding of plain sampling's (Best-of-1)
         return None
     needed = kl_at_reward(curve, reward)
     return None if needed is None or needed <= 0 else kl / needed
