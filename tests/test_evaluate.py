@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_value_model
@@ -65,10 +66,17 @@ def test_small_evaluation_run(tiny_model_dir, tmp_path):
     assert optimum["points"][0]["reward"] == pytest.approx(report["plain"]["reward"], abs=1e-6)
     assert optimum["max_reward"] == pytest.approx(float(pool.max(dim=1).values.mean()), abs=1e-6)
     assert optimum["kl_cap"] == pytest.approx(math.log(4))
-    from vas.evaluate import kl_overhead
-
-    for entry in report["vas"] + report["best_of_n"]:
-        assert entry["kl_overhead"] == kl_overhead(entry["kl"], entry["reward"], optimum)
+    # Best-of-4 on a pool of 4 reaches the pool's mean best, which the optimum reaches at α → 0 with the mass
+    # split over each prompt's tied best responses: KL mean log(4 / ties)
+    ties = (pool == pool.max(dim=1, keepdim=True).values).sum(dim=1).double()
+    if bon[4]["reward"] > report["plain"]["reward"] + 1e-5:
+        assert bon[4]["kl_overhead"] == pytest.approx((math.log(4) - 3 / 4) / float(torch.log(4 / ties).mean()), rel=1e-4)
+    curve_kl, curve_reward = zip(*[(p["kl"], p["reward"]) for p in optimum["points"]])
+    for v in report["vas"]:  # VAS: its KL over the optimum's, interpolated along the curve
+        if curve_reward[0] + 1e-5 < v["reward"] < curve_reward[-1] - 1e-5:
+            assert v["kl_overhead"] == pytest.approx(v["kl"] / float(np.interp(v["reward"], curve_reward, curve_kl)))
+        elif not curve_reward[0] - 1e-5 < v["reward"] < curve_reward[-1] + 1e-5:
+            assert v["kl_overhead"] is None
     assert [row["n"] for row in report["kl_overhead"]] == [2, 4]
 
 
@@ -148,6 +156,15 @@ def test_optimum_frontier_spans_plain_to_best_of_the_pool():
     assert points[-1]["reward"] == pytest.approx(2.5, abs=1e-3) and points[-1]["kl"] == pytest.approx(math.log(3), abs=1e-2)
     assert all(a["kl"] <= b["kl"] and a["reward"] <= b["reward"] for a, b in zip(points, points[1:]))
     assert frontier["kl_cap"] == pytest.approx(math.log(3)) and frontier["max_reward"] == 2.5
+    # a near-tie (1e-3 apart) and an exact tie: the curve still ends exactly at the pool's mean best, the exact
+    # tie's mass split over its two best responses (KL log(3/2))
+    frontier = optimum_frontier(torch.tensor([[0.0, 0.4, 0.401], [1.0, 1.0, 0.0]], dtype=torch.float64))
+    assert frontier["points"][-1] == {"alpha": 0.0, "reward": pytest.approx(0.7005), "reward_sem": pytest.approx(0.2995),
+                                      "kl": pytest.approx((math.log(3) + math.log(1.5)) / 2)}
+    assert frontier["max_reward"] == pytest.approx(0.7005)
+    for bad, message in (([[0.0, float("nan")]], "non-finite"), ([[0.0], [1.0]], "samples ≥ 2")):
+        with pytest.raises(ValueError, match=message):
+            optimum_frontier(torch.tensor(bad))
 
 
 def test_kl_at_reward_and_overhead_by_hand():

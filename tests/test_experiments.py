@@ -578,3 +578,44 @@ def test_scaling_measures_by_hand():
     assert first["kl_at_aim"] == pytest.approx(7 / 3) and first["overhead_at_aim"] == pytest.approx(7 / 3 / 0.4)
     assert second == {"responses": 16, "head": "last", "kl_at_reference": None, "reference_ratio": None,
                       "kl_at_aim": None, "optimum_kl_at_aim": pytest.approx(0.4), "overhead_at_aim": None}
+
+
+def test_scaling_refuses_a_size_beyond_its_prompts():
+    """The chitchat openings number 4,404: a size needing one more (training + held-out + evaluation prompts)
+    fails in one line before anything runs; the large size fits."""
+    from vas.experiments import scaling
+
+    assert len(load_prompts(scaling.PROMPTS)) == 4404
+    fits = dataclasses.replace(scaling.QUICK, responses=(4 * 4000,), recipe=dataclasses.replace(scaling.QUICK.recipe, samples_per_prompt=4),
+                               held_out_prompts=400, eval_prompts=4)
+    scaling.check(fits)  # 4000 + 400 + 4 = 4404
+    with pytest.raises(VasError, match="this size needs 4405 chitchat prompts .*, the source has 4404"):
+        scaling.check(dataclasses.replace(fits, eval_prompts=5))
+    scaling.check(dataclasses.replace(scaling.LARGE, engine="transformers"))
+
+
+def test_scaling_verdict_by_hand():
+    """Aims at the largest size (16 responses): R² 0.7 ≥ 0.6 is met; Best-of-2's reward 0.7 at KL 5/3 against
+    2 × 0.2 is missed; reward 0.8 at KL 7/3 against 3 × 0.4 is missed: partly reproduced. Where the optimum's
+    estimate stops below 0.8 the last aim is 'not measurable' and no aim but R² can be met."""
+    from vas.experiments import scaling
+
+    size = dataclasses.replace(scaling.QUICK, responses=(8, 16), betas=(2.0, 8.0), reference_n=2, aim_reward=0.8,
+                               aim_explained=0.6, aim_kl_factor=2.0, aim_overhead=3.0)
+    vas = [{"beta": 2.0, "kl": 1.0, "reward": 0.6, "reward_sem": 0.01}, {"beta": 8.0, "kl": 3.0, "reward": 0.9, "reward_sem": 0.01}]
+    summary = {"plain": {"reward": 0.5, "reward_sem": 0.01},
+               "best_of_n": [{"n": 1, "reward": 0.5, "reward_sem": 0.01, "kl": 0.0}, {"n": 2, "reward": 0.7, "reward_sem": 0.01, "kl": 0.2}],
+               "optimum": {"points": [{"kl": 0.0, "reward": 0.5}, {"kl": 0.4, "reward": 0.8}, {"kl": 1.0, "reward": 0.9}],
+                           "kl_cap": 1.1},
+               "runs": [{"responses": n, "head": "last", "finished": {"explained": x}, "halfway": {"explained": x},
+                         "vas": vas} for n, x in ((8, 0.3), (16, 0.7))],
+               "held_out_responses": 4, "halfway_states": 2, "collected_responses": 16, "engine": "transformers"}
+    section = scaling.section(summary, size)
+    assert section.verdict == "partly reproduced"
+    assert "| finished-state R² ≥ 60% at the largest size | 70% (last) | met |" in section.body
+    assert "| VAS reaches Best-of-2's reward at ≤ 2× its KL bound | 8.3× at best | missed |" in section.body
+    assert "| VAS's KL overhead at reward 0.8 ≤ 3× the optimum's | 5.8× at best | missed |" in section.body
+    summary["optimum"]["points"] = summary["optimum"]["points"][:1] + [{"kl": 1.0, "reward": 0.75}]
+    section = scaling.section(summary, size)
+    assert "| the optimum's estimate does not reach it | not measurable |" in section.body
+    assert section.verdict == "partly reproduced"

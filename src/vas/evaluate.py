@@ -110,20 +110,32 @@ def optimum_frontier(pool_rewards: torch.Tensor, points: int = 60) -> dict:
         pool_rewards: (P, M) float rewards of π0's pool, M ≥ 2.
 
     Returns:
-        ``points``: one ``{"alpha", "reward", "reward_sem", "kl"}`` per α, in increasing KL; ``kl_cap``: log M
-        nats, the most KL the estimate can show; ``max_reward``: the pool's mean best reward, which the estimate
-        approaches as α → 0.
+        ``points``: one ``{"alpha", "reward", "reward_sem", "kl"}`` per α, in increasing KL, ending at the
+        α → 0 limit (``alpha`` 0: the mass split evenly over each prompt's best samples, KL log(M / their
+        number)); ``kl_cap``: log M nats, the most KL the estimate can show; ``max_reward``: the pool's mean
+        best reward, the limit's.
+
+    Raises:
+        ValueError: if ``pool_rewards`` is not 2-D with M ≥ 2, or holds a non-finite reward.
     """
-    spread = float(pool_rewards.double().std(dim=1).mean())  # within prompts: what the weights compare
-    spread = spread if math.isfinite(spread) and spread > 0 else 1.0
+    r = pool_rewards.double()
+    if r.dim() != 2 or r.shape[1] < 2:
+        raise ValueError(f"pool_rewards must be (prompts, samples ≥ 2), got shape {tuple(r.shape)}")
+    if not torch.isfinite(r).all():
+        raise ValueError("pool_rewards holds a non-finite reward")
+    spread = float(r.std(dim=1).mean())  # within prompts: what the weights compare
+    spread = spread if spread > 0 else 1.0
     alphas = [math.inf] + (spread * torch.logspace(2, -2.5, points, dtype=torch.float64)).tolist()
     frontier = []
     for alpha in alphas:
-        reward, kl = kl_optimal(pool_rewards, alpha)
+        reward, kl = kl_optimal(r, alpha)
         frontier.append({"alpha": alpha if math.isfinite(alpha) else None, "reward": float(reward.mean()),
                          "reward_sem": standard_error(reward), "kl": float(kl.mean())})
-    return {"points": frontier, "kl_cap": math.log(pool_rewards.shape[1]),
-            "max_reward": float(pool_rewards.double().max(dim=1).values.mean())}
+    best = r.max(dim=1).values
+    ties = (r == best[:, None]).sum(dim=1).double()
+    frontier.append({"alpha": 0.0, "reward": float(best.mean()), "reward_sem": standard_error(best),
+                     "kl": float(torch.log(r.shape[1] / ties).mean())})
+    return {"points": frontier, "kl_cap": math.log(r.shape[1]), "max_reward": float(best.mean())}
 
 
 def saved_optimum(eval_dir: str | Path) -> dict:
@@ -132,6 +144,7 @@ def saved_optimum(eval_dir: str | Path) -> dict:
 
     Raises:
         VasError: if the folder has no ``responses.jsonl`` with plain samples.
+        ValueError: from :func:`optimum_frontier`, if it has one plain sample per prompt.
     """
     path = Path(eval_dir) / "responses.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -142,16 +155,21 @@ def saved_optimum(eval_dir: str | Path) -> dict:
     return optimum_frontier(torch.tensor([r for _, _, r in plain], dtype=torch.float64).view(P, -1))
 
 
+def _above(reward: float, than: float) -> bool:
+    """``reward`` > ``than`` by more than float32 rounding (1e-6, relative): rewards summed in different
+    precisions, such as Best-of-M's and the optimum's α → 0 limit on the same pool, compare equal."""
+    return reward - than > 1e-6 * max(1.0, abs(reward))
+
+
 def kl_at_reward(points: Sequence[tuple[float, float]], reward: float) -> float | None:
     """The least KL at which a method's measured curve reaches ``reward``: ``points`` are its (KL, reward)
     pairs, joined in order of KL by straight lines (the first point is plain sampling's, (0, its reward), for
     a method that starts there). None if no point or segment reaches ``reward``: it is out of the method's
     measured range (no extrapolation). A ``reward`` above the curve's highest by no more than float32 rounding
-    (1e-6, relative) counts as that highest: Best-of-M on a pool of M and the optimum's α → 0 limit both reach
-    the mean of the per-prompt maxima, summed in different precisions."""
+    counts as that highest (:func:`_above`)."""
     points = sorted(points)
-    if points and 0 < reward - max(r for _, r in points) <= 1e-6 * max(1.0, abs(reward)):
-        reward = max(r for _, r in points)
+    if points and not _above(reward, max(r for _, r in points)):
+        reward = min(reward, max(r for _, r in points))
     if points and points[0][1] >= reward:
         return points[0][0]
     for (k0, r0), (k1, r1) in zip(points, points[1:]):
@@ -166,10 +184,19 @@ def kl_overhead(kl: float, reward: float, optimum: dict) -> float | None:
     π*, see :func:`optimum_frontier`). None where it is undefined: a reward at or below plain
     sampling's, within float32 rounding (π* needs no KL for it) or above what the optimum's estimate reaches on the pool."""
     curve = [(p["kl"], p["reward"]) for p in optimum["points"]]
-    if reward <= curve[0][1] + 1e-6 * max(1.0, abs(reward)):  # within float32 rounding of plain sampling's (Best-of-1)
+    if not _above(reward, curve[0][1]):  # Best-of-1 included
         return None
     needed = kl_at_reward(curve, reward)
     return None if needed is None or needed <= 0 else kl / needed
+
+
+def with_overheads(report: dict) -> dict:
+    """Set, in place, each method's ``kl_overhead`` (:func:`kl_overhead`) and the report's ``kl_overhead`` table
+    (:func:`overhead_table`) from its ``optimum`` (None: no overheads); returns ``report``."""
+    for entry in report["best_of_n"] + report["vas"] + report.get("finetuned", []):
+        entry["kl_overhead"] = kl_overhead(entry["kl"], entry["reward"], report["optimum"]) if report["optimum"] else None
+    report["kl_overhead"] = overhead_table(report) if report["optimum"] else []
+    return report
 
 
 def method_curves(report: dict) -> dict[str, list[tuple[float, float]]]:
@@ -394,9 +421,7 @@ def evaluate(
         for i, example in enumerate(report["examples"]):
             example[tuned.name] = f[i * m]["response"]
 
-    for entry in report["best_of_n"] + report["vas"] + report["finetuned"]:
-        entry["kl_overhead"] = kl_overhead(entry["kl"], entry["reward"], report["optimum"]) if report["optimum"] else None
-    report["kl_overhead"] = overhead_table(report) if report["optimum"] else []
+    with_overheads(report)
     tmp = partial / "report"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -442,7 +467,7 @@ def optimum_clause(optimum: dict, point: dict) -> str:
     if overhead is not None:
         return (f"the KL-optimal policy π0·exp(r/α)/Z, estimated on π0's pool, reaches that reward at KL "
                 f"{kl_at_reward(curve, point['reward']):.2f}, so VAS's KL overhead there is {overhead:.1f}×")
-    if point["reward"] <= curve[0][1]:
+    if not _above(point["reward"], curve[0][1]):
         return "that reward is no more than plain sampling's, which the KL-optimal policy reaches at KL 0"
     return (f"that reward is beyond what the KL-optimal policy's estimate on π0's pool reaches ({curve[-1][1]:.3f} "
             f"at KL {curve[-1][0]:.2f}; the estimate's KL is capped at log M = {optimum['kl_cap']:.2f})")
