@@ -28,7 +28,7 @@ class DemoSize:
     value_depth: float | None = 0.25
     betas: tuple[float, ...] = (2.0, 5.0, 10.0)
     top_k: int = 10
-    best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
+    best_of: tuple[int, ...] = (1, 2, 4, 8)
 
 
 def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), device: str = "auto",
