@@ -1,5 +1,5 @@
 """The demo: collect → train → evaluate on the embedded model, task "positivity of replies to chitchat
-openings", sized for about 15 minutes on 2 CPU cores (``vas demo``).
+openings", sized for under 20 minutes on 2 CPU cores (``vas demo``).
 
 Training prompts and held-out prompts are disjoint slices of the chitchat openings.
 """
