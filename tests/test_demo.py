@@ -28,3 +28,22 @@ def test_demo_stages_and_rerun(tiny_model_dir, tmp_path):
     run_demo(tmp_path / "d", base_model=tiny_model_dir, size=TINY, progress=False, log=logs.append)
     assert any(line.startswith("samples: reusing") for line in logs)
     assert any(line.startswith("value model: reusing") for line in logs)
+
+
+def test_demo_refuses_a_folder_made_otherwise(tiny_model_dir, tmp_path):
+    """A rerun with other demo settings, or into stages that predate recorded settings, is refused in one line,
+    before anything is loaded or written."""
+    from dataclasses import replace
+
+    from vas.errors import VasError
+
+    run_demo(tmp_path / "d", base_model=tiny_model_dir, size=TINY, progress=False, log=lambda _: None)
+    settings = (tmp_path / "d" / "settings.json").read_text()
+    assert json.loads(settings)["size"]["train_prompts"] == TINY.train_prompts
+    with pytest.raises(VasError, match="holds results made with other settings"):
+        run_demo(tmp_path / "d", base_model=tiny_model_dir, size=replace(TINY, best_of=(1, 2, 4)), progress=False,
+                 log=lambda _: None)
+    assert (tmp_path / "d" / "settings.json").read_text() == settings
+    (tmp_path / "d" / "settings.json").unlink()  # a folder from before settings were recorded
+    with pytest.raises(VasError, match="holds stages made before their settings were recorded"):
+        run_demo(tmp_path / "d", base_model=tiny_model_dir, size=TINY, progress=False, log=lambda _: None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vas.pipeline import Recipe, samples_and_value_model
+from vas.pipeline import Recipe, claim, samples_and_value_model
 
 DEMO_REWARD = "positivity"
 DEMO_PROMPTS = "chitchat"
@@ -33,10 +33,14 @@ class DemoSize:
 
 def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), device: str = "auto",
              seed: int = 0, progress: bool = True, log=print) -> dict:
-    """Run the three stages into ``out/`` (``samples/``, ``value/``, ``eval/``), reusing finished stages.
+    """Run the three stages into ``out/`` (``samples/``, ``value/``, ``eval/``), reusing finished stages made
+    with the same settings (``out/settings.json``).
 
     Returns:
         The evaluation report (see :func:`vas.evaluate.evaluate`).
+
+    Raises:
+        VasError: if ``out`` holds a demo made with other settings (:func:`vas.pipeline.claim`).
     """
     from vas.evaluate import evaluate
     from vas.models import (
@@ -52,6 +56,7 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     from vas.value.model import ValueModel
 
     out = Path(out)
+    claim(out, size, seed=seed, base_model=base_model)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(base_model)
     policy = load_policy(base_model, device=dev, dtype=resolve_dtype("auto", dev))

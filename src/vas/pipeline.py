@@ -6,8 +6,9 @@ also resumes inside its stage, see :mod:`vas.collect`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -15,6 +16,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.config import TrainConfig
+from vas.errors import VasError
+from vas.storage import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,22 @@ def samples_and_value_model(
     value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
                                     seed=seed, device=device, progress=progress, log=log, metadata=metadata)
     return data, value_dir
+
+
+def claim(out: Path, size, *, seed: int, base_model: str) -> None:
+    """Record in ``out/settings.json`` that ``out`` holds a run (the demo, an experiment) of this ``size`` (a
+    dataclass), seed and base model, so that a rerun reuses its stages only under the same settings.
+
+    Raises:
+        VasError: if ``out`` holds results made with other settings, or stages without ``settings.json`` (made
+            before settings were recorded).
+    """
+    settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base_model": base_model}))
+    recorded = Path(out) / "settings.json"
+    if not recorded.is_file() and (Path(out) / "samples").exists():
+        raise VasError(f"{out} holds stages made before their settings were recorded: use another --out, or delete "
+                       f"{out} to start over")
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise VasError(f"{out} holds results made with other settings (size, seed or base model): use another "
+                       f"--out, or delete {out} to start over")
+    write_json_atomic(recorded, settings)

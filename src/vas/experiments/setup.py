@@ -19,29 +19,11 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vas.errors import VasError
-from vas.pipeline import Recipe, collected_samples, rescored, trained_value_model
+from vas.pipeline import Recipe, claim, collected_samples, rescored, trained_value_model
 
 
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def claim(out: Path, size, *, seed: int, base_model: str) -> None:
-    """Record in ``out/settings.json`` that ``out`` holds an experiment of this ``size`` (a dataclass), seed and
-    base model.
-
-    Raises:
-        VasError: if ``out`` holds results made with other settings.
-    """
-    from vas.storage import write_json_atomic
-
-    settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base_model": base_model}))
-    recorded = Path(out) / "settings.json"
-    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-        raise VasError(f"{out} holds results made with other settings (size, seed or base model): use another "
-                       f"--out, or delete {out} to start over")
-    write_json_atomic(recorded, settings)
 
 
 def recipe_fields(recipe: Recipe) -> dict:

@@ -185,7 +185,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
     from vas.collect import REQUIRED_FOR_TRAINING, collect
     from vas.decoding.loop import Steering
-    from vas.experiments.setup import claim
+    from vas.pipeline import claim
     from vas.experiments.home_search import (
         HomeSearchReward,
         field_f1,
