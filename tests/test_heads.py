@@ -1,5 +1,5 @@
-"""Value heads (last, mean, distributional, next): soft values against closed forms, two-hot targets and distributional
-λ-returns by hand, cached scoring against a full recompute done by hand, save/reload, and soft steering by Eq. 5."""
+"""Value heads (last, mean, distributional, next): soft values against closed forms, trimmed tails, two-hot targets and
+distributional λ-returns by hand, cached scoring against a full recompute done by hand, save/reload, and soft steering by Eq. 5."""
 
 import math
 
@@ -9,7 +9,7 @@ from helpers import random_value_model, tokens
 
 from vas.errors import VasError
 from vas.models import left_pad
-from vas.value.heads import atoms, soft_value, two_hot
+from vas.value.heads import TAIL, atoms, soft_value, trim_tails, two_hot
 from vas.value.model import CandidateScorer, TextCandidateScorer, ValueModel
 from vas.value.td import lambda_returns
 
@@ -30,35 +30,75 @@ def test_soft_value_of_a_point_mass_is_its_return(beta, atom):
     assert float(soft_value(log_p, support, beta)) == pytest.approx(float(support[atom]), abs=1e-6)
 
 
+def trimmed_by_hand(p, share):
+    """Walk up from the lowest atom taking mass until ``share`` is taken, then down from the highest; renormalise."""
+    p = [float(x) for x in p]
+    for order in (range(len(p)), reversed(range(len(p)))):
+        left = share
+        for i in order:
+            taken = min(left, p[i])
+            p[i] -= taken
+            left -= taken
+    return [x / sum(p) for x in p]
+
+
+def test_trim_tails_by_hand():
+    probs = torch.tensor([[0.02, 0.5, 0.45, 0.03], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(trim_tails(probs, 0.05), torch.tensor([[0.0, 0.47, 0.43, 0.0], [0.0, 0.9, 0.0, 0.0]],
+                                                                     dtype=torch.float64) / 0.9)
+    torch.testing.assert_close(trim_tails(probs, 0.05)[0], torch.tensor(trimmed_by_hand(probs[0], 0.05), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"the share trimmed from each tail must be in \[0, 0.5\), got 0.5"):
+        trim_tails(probs, 0.5)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("beta", [-4.0, -0.3, 0.7, 2.0, 10.0])
-def test_soft_value_of_a_bernoulli_return(p, beta):
+@pytest.mark.parametrize("tail", [0.0, TAIL])
+def test_soft_value_of_a_bernoulli_return(p, beta, tail):
+    """Trimmed by ``tail`` at each end, a Bernoulli(p) return keeps p − tail on 1 and 1 − p − tail on 0."""
     support = torch.tensor([0.0, 1.0])
     log_p = torch.log(torch.tensor([1 - p, p]))
-    expected = math.log(1 - p + p * math.exp(beta)) / beta
-    assert float(soft_value(log_p, support, beta)) == pytest.approx(expected, rel=1e-5)
+    high = (p - tail) / (1 - 2 * tail)
+    expected = math.log(1 - high + high * math.exp(beta)) / beta
+    assert float(soft_value(log_p, support, beta, tail)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_soft_value_tends_to_the_mean_as_beta_vanishes():
+@pytest.mark.parametrize("tail", [0.0, TAIL])
+def test_soft_value_tends_to_the_mean_as_beta_vanishes(tail):
     support = atoms(-1.0, 1.0, 21)
     p = torch.softmax(torch.randn(21, generator=torch.Generator().manual_seed(0)), dim=0)
-    p64, z = p.double() / p.double().sum(), support.double()
-    mean = float((p64 * z).sum())
-    variance = float((p64 * (z - mean) ** 2).sum())
+    q, z = torch.tensor(trimmed_by_hand(p.double() / p.double().sum(), tail), dtype=torch.float64), support.double()
+    mean = float((q * z).sum())
+    variance = float((q * (z - mean) ** 2).sum())
     for beta in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
         # second order: Q_β = mean + β·Var/2 + O(β²) (|third cumulant| ≤ 1 here), up to float32's rounding of the result
         tolerance = 2 * beta**2 + 1e-7
-        assert float(soft_value(p.log(), support, beta)) == pytest.approx(mean + beta * variance / 2, abs=tolerance)
-        assert float(soft_value(p.log(), support, -beta)) == pytest.approx(mean - beta * variance / 2, abs=tolerance)
-    assert float(soft_value(p.log(), support, None)) == pytest.approx(mean, abs=1e-7)
+        assert float(soft_value(p.log(), support, beta, tail)) == pytest.approx(mean + beta * variance / 2, abs=tolerance)
+        assert float(soft_value(p.log(), support, -beta, tail)) == pytest.approx(mean - beta * variance / 2, abs=tolerance)
+    untrimmed = float((p.double() * z).sum() / p.double().sum())
+    assert float(soft_value(p.log(), support, None, tail)) == pytest.approx(untrimmed, abs=1e-7)
 
 
-def test_soft_value_rises_with_beta_towards_the_best_return():
+def test_soft_value_rises_with_beta_towards_the_upper_percentile():
+    """Atoms 0, ¼, ½, ¾, 1 with p = .4, .3, .2, .05, .05: trimming 5 % at each end leaves .35 on 0 and .05 on ¾, so
+    the soft value runs from 0 (β → −∞) to ¾ (β → +∞), the 5th and 95th percentiles; untrimmed, to 0 and 1."""
     support = atoms(0.0, 1.0, 5)
     log_p = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05]))
-    values = [float(soft_value(log_p, support, b)) for b in (-200.0, -1.0, 1.0, 5.0, 200.0)]
-    assert values == sorted(values)
-    assert values[0] == pytest.approx(0.0, abs=0.01) and values[-1] == pytest.approx(1.0, abs=0.02)
+    for tail, top in ((TAIL, 0.75), (0.0, 1.0)):
+        values = [float(soft_value(log_p, support, b, tail)) for b in (-200.0, -1.0, 1.0, 5.0, 200.0)]
+        assert values == sorted(values)
+        assert values[0] == pytest.approx(0.0, abs=0.01) and values[-1] == pytest.approx(top, abs=0.02)
+
+
+def test_a_tiny_upper_tail_does_not_set_the_soft_value():
+    """A return that is ⅕ but for 10⁻⁶ of the mass on 1: untrimmed, β = 100 values it at 1 + ln(10⁻⁶)/100 ≈ 0.86
+    (exp(100·1 − 13.8) outweighs exp(100·⅕)); trimmed, at ⅕."""
+    support = torch.tensor([0.2, 1.0])
+    log_p = torch.log(torch.tensor([1 - 1e-6, 1e-6], dtype=torch.float64))
+    expected = math.log((1 - 1e-6) * math.exp(20.0) + 1e-6 * math.exp(100.0)) / 100
+    assert float(soft_value(log_p, support, 100.0, 0.0)) == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.862, abs=1e-3)
+    assert float(soft_value(log_p, support, 100.0)) == pytest.approx(0.2, abs=1e-6)
 
 
 def test_two_hot_by_hand():
@@ -103,11 +143,12 @@ def manual_values(model, sequence, prompt_length, beta=None):
     out = model.head(feature)
     if model.kind != "distributional":
         return float(out[0])
-    p = torch.softmax(out.double(), dim=0)
-    z = model.support.double()
-    if beta is None:
-        return float((p * z).sum())
-    return float(torch.log((p * torch.exp(beta * z)).sum()) / beta)
+    # the point value V̂ (the last output), and the histogram's trimmed soft value's excess over its trimmed mean
+    point, z = float(out[-1]), model.support.double()
+    if not beta:
+        return point
+    q = torch.tensor(trimmed_by_hand(torch.softmax(out[:-1].double(), dim=0), TAIL), dtype=torch.float64)
+    return point + float(torch.log((q * torch.exp(beta * z)).sum()) / beta - (q * z).sum())
 
 
 @pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
@@ -392,3 +433,85 @@ def test_next_head_training_loss_leaves_s0_out(tiny_model_dir, tmp_path):
         with_s0 = squares + [(float(values[b, 0]) - targets[0]) ** 2]
     assert loss == pytest.approx(sum(squares) / len(squares), rel=1e-5)
     assert loss != pytest.approx(sum(with_s0) / len(with_s0), rel=1e-3)
+
+
+def test_distributional_training_loss_by_hand(tiny_model_dir, tmp_path):
+    """ValueTrainer's loss for a distributional head, worked out state by state (λ = ½, atoms 0, ½, 1): the point
+    value's squared error to its λ-returns G_t (G_T = r), plus the histogram's cross-entropy to distributional
+    λ-returns that end at two-hot(V̂(s_T)), the point value of the finished state, not at the reward."""
+    from transformers import TrainingArguments
+
+    from vas.value.train import ValueCollator, ValueTrainer, state_outputs
+
+    model = random_value_model(tiny_model_dir, seed=16, head="distributional", bins=3, support=(0.0, 1.0))
+    rows = [{"prompt_ids": PROMPTS[0], "response_ids": [60, 61, 62], "reward": 1.0},
+            {"prompt_ids": PROMPTS[1], "response_ids": [70], "reward": 0.0}]
+    batch = ValueCollator(pad_token_id=0)(rows)
+    trainer = ValueTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                           lam=0.5)
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, batch))
+        outputs = state_outputs(model, batch).double()
+
+    def two_hot_by_hand(v):  # atoms 0, ½, 1
+        v = min(max(v, 0.0), 1.0)
+        if v <= 0.5:
+            return [1 - 2 * v, 2 * v, 0.0]
+        return [0.0, 2 - 2 * v, 2 * v - 1]
+
+    terms = []
+    for b, row in enumerate(rows):
+        T = len(row["response_ids"])
+        p = [torch.softmax(outputs[b, t, :3], dim=0) for t in range(T + 1)]
+        point = [float(outputs[b, t, 3]) for t in range(T + 1)]
+        g, z = {T: row["reward"]}, {T: torch.tensor(two_hot_by_hand(point[T]), dtype=torch.float64)}
+        for t in range(T - 1, -1, -1):  # the next state's own value, except s_T's, which is the end of the return
+            g[t] = 0.5 * (point[t + 1] if t + 1 < T else row["reward"]) + 0.5 * g[t + 1]
+            z[t] = 0.5 * (p[t + 1] if t + 1 < T else z[T]) + 0.5 * z[t + 1]
+        terms += [float(-(z[t] * p[t].log()).sum()) + (point[t] - g[t]) ** 2 for t in range(T + 1)]
+    assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_the_histogram_trains_only_its_own_rows():
+    """The distributional head's histogram logits are a linear map of detached hidden states: their gradient reaches
+    the head's histogram rows, never the hidden states; V̂'s reaches both (the backbone learns what V̂ needs)."""
+    from vas.value.heads import DistributionalHead
+
+    head = DistributionalHead(4, 3)
+    hidden = torch.randn(2, 4, requires_grad=True)
+    head(hidden)[:, :2].sum().backward()
+    assert not hidden.grad.any() and head.weight.grad[:2].abs().sum() > 0
+    head(hidden)[:, 2].sum().backward()
+    torch.testing.assert_close(hidden.grad, head.weight[2].detach().expand(2, 4))
+
+
+def test_a_histogram_only_model_from_before_the_point_value_still_loads(tiny_model_dir, tmp_path):
+    """A distributional value model saved before the point value (bins outputs, no ``point_value`` in its config) is
+    valued at its histogram's mean, and its soft value is that mean plus the trimmed histogram's excess, by hand;
+    asking it for V̂ is refused in one line."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = random_value_model(tiny_model_dir, seed=17, head="distributional", bins=5, support=(0.0, 1.0))
+    model.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "vas_value_config.json"
+    config = json.loads(config_path.read_text())
+    del config["point_value"]
+    config_path.write_text(json.dumps(config))
+    head = load_file(tmp_path / "old" / "value_head.safetensors")
+    save_file({name: tensor[:5].contiguous() for name, tensor in head.items()}, tmp_path / "old" / "value_head.safetensors")
+    old = ValueModel.from_pretrained(tmp_path / "old")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        outputs = old(ids, torch.ones_like(ids), head_outputs=True)[0, -1]
+        p = torch.softmax(outputs.double(), dim=0)
+    assert outputs.shape == (5,)
+    z = torch.linspace(0, 1, 5, dtype=torch.float64)
+    mean = float((p * z).sum())
+    q = torch.tensor(trimmed_by_hand(p, TAIL), dtype=torch.float64)
+    soft = mean + float(torch.log((q * torch.exp(3.0 * z)).sum()) / 3.0 - (q * z).sum())
+    assert float(old.values(outputs)) == pytest.approx(mean, abs=1e-6)
+    assert float(old.values(outputs, 3.0)) == pytest.approx(soft, abs=1e-6)
+    with pytest.raises(VasError, match="this distributional value model has no point value: it was trained by an older vas"):
+        old.point_values(outputs)

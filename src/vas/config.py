@@ -165,8 +165,9 @@ class TrainConfig:
             needs CUDA).
         head: how the value model reads a state (:mod:`vas.value.heads`): ``last`` (the hidden state at its last
             token, the paper's), ``mean`` (the running mean of the hidden states over the window ``mean_over``)
-            or ``distributional`` (a histogram of the return over ``bins`` atoms spanning the training rewards'
-            range, trained by cross-entropy on distributional λ-returns; needs γ = 1) or ``next`` (Q(s, x) for
+            or ``distributional`` (a point value beside a histogram of the return over ``bins`` atoms spanning
+            the training rewards' range, trained by cross-entropy on distributional λ-returns that end at the point
+            value of the finished response; needs γ = 1) or ``next`` (Q(s, x) for
             every next token x from the state's last hidden state: one value-model token per step while decoding,
             and ``--top-k all`` affordable).
         mean_over: the mean head's window: ``response`` (from the prompt's last token) or ``all`` (the prompt too).
@@ -192,7 +193,8 @@ class TrainConfig:
         "'auto' (bf16 on CUDA, float32 on CPU), float32, or bfloat16 / float16 mixed precision (float16: CUDA only)."))
     head: str = field(default="last", metadata=_help(
         "Value head: 'last' (the last token's hidden state, the paper's), 'mean' (the running mean of the hidden "
-        "states from the prompt's last token on), 'distributional' (a histogram of the reward, for --soft values) "
+        "states from the prompt's last token on), 'distributional' (a value and a histogram of where π0's "
+        "continuations lead, for --soft values) "
         "or 'next' (the value of every next token from one hidden state: the cheapest to steer with, and -k all)."))
     mean_over: str = field(default="response", metadata=_help(
         "The mean head's window: 'response' (from the prompt's last token) or 'all' (the prompt too)."))

@@ -30,7 +30,9 @@ def recipe_fields(recipe: Recipe) -> dict:
     """The recipe's settings that shape its value model: a head's settings only where they apply, so that a
     ``last``-head value model keeps the stage name it had before heads were a setting."""
     fields = asdict(recipe)
-    if recipe.head != "distributional":
+    if recipe.head == "distributional":  # trained with a point value since (vas.value.heads): older stages not reused
+        fields["point_value"] = True
+    else:
         del fields["bins"]
     if recipe.head != "mean":
         del fields["mean_over"]

@@ -261,12 +261,12 @@ def section(summary: dict, size: Size) -> Section:
                         f"β={best_low[2]['beta']:g}: {best_low[2]['reward']:.3f} at KL {best_low[2]['kl']:.2f}")
     if soft_notes:
         softest = next(e for e in summary["heads"] if "soft" in e["runs"])["runs"]
-        findings.append("Soft values Q_β against the distributional head's mean, per β: " + "; ".join(soft_notes))
+        findings.append("Soft values Q_β against the distributional head's value, per β: " + "; ".join(soft_notes))
         if max(v["kl"] for v in softest["soft"]) < 0.5 * max(v["kl"] for v in softest["mean"]):
-            findings.append("The soft guide steers less at the same β: as β grows, each candidate's Q_β moves to the "
-                            "upper tail of its histogram, and a softmax head leaves some mass on every atom, so the "
-                            "candidates' soft values draw together (the likeliest reason; compare the points at equal "
-                            "KL, not at equal β)")
+            findings.append("The soft guide steers less at the same β: as β grows, Q_β is set by the histogram's upper "
+                            "tail, which cross-entropy training barely pins down and which also holds the head's own "
+                            "error about the reward, alike for every candidate (BENCHMARKS.md, \"Soft values\"; "
+                            "compare the points at equal KL, not at equal β)")
     if not (aim_r2 and aim_kl):
         finals = [e["finished"]["explained"] for e in summary["heads"]]
         halves = [e["halfway"]["explained"] for e in summary["heads"]]

@@ -7,15 +7,21 @@ Four heads, chosen at training time and stored in the value model's config (``"h
   the prompt's last token (``mean_over="response"``: s_0 and the response tokens) or at the first token
   (``"all"``: the prompt too). While decoding, the mean is updated one token at a time (:class:`RunningMean`).
 * ``distributional``: a histogram over ``bins`` evenly spaced atoms z_1 … z_n spanning the reward's range,
-  p(z_i | s_t) = softmax(W·h_t + b)_i, trained by cross-entropy on distributional λ-returns
-  (:func:`two_hot` of the reward, mixed by :func:`vas.value.td.lambda_returns`). Its value is the mean Σ p_i z_i
-  (V^π0), or the soft value at strength β (:func:`soft_value`).
+  p(z_i | s_t) = softmax(W·h_t + b)_i, and one more output, a point value V̂(s_t) = w·h_t + b trained like the
+  ``last`` head (TD(λ) on the reward). The histogram is trained by cross-entropy on distributional λ-returns
+  (:func:`vas.value.td.lambda_returns`) that end at :func:`two_hot` (V̂(s_T)) instead of the reward: it spreads
+  only over where π0's continuations lead, not over the model's own error about the reward of a finished
+  response, which steering cannot reach (a finished state's histogram is a point, V̂(s_T)). Its value is V̂
+  (V^π0); its soft value at strength β is V̂ plus the histogram's :func:`soft_excess`, the trimmed histogram's
+  soft value less its mean (:meth:`vas.value.model.ValueModel.values`). Value models saved before the point
+  value (no ``"point_value"`` in their config) load as a histogram alone, whose mean takes V̂'s place.
 * ``next``: Q(s_t, x) = V(s_t ⊕ x) for every next token x at once, from the hidden state at s_t's last token
   (:class:`NextTokenHead`): one token per row per step while decoding, instead of one per candidate.
 
 The soft value Q_β(s) = (1/β)·log E_π0[exp(β·r) | s] is the guide of the KL-regularised optimal policy:
 π*(x|s) ∝ π0(x|s)·exp(β·Q_β(s ⊕ x)) for a terminal reward r (Q#, Zhou et al., 2025); it tends to V^π0(s) as
-β → 0 and is exact for every β given the return's distribution, which the distributional head predicts.
+β → 0 and is exact for every β given the return's distribution, which the distributional head predicts
+(:func:`soft_value` trims its tails, which the head cannot predict).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from torch import nn
 HEADS = ("last", "mean", "distributional", "next")
 MEAN_OVER = ("response", "all")
 SMALL_BETA = 1e-6
-"""Below this |β| the soft value is the mean (their difference is O(β·Var r))."""
+"""Below this |β| the soft value is the (trimmed) histogram's mean (their difference is O(β·Var r))."""
+TAIL = 0.05
+"""The share of a distributional head's mass trimmed from each end before its soft value (:func:`soft_value`)."""
 
 
 def atoms(low: float, high: float, bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -54,32 +62,84 @@ def two_hot(returns: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float | None) -> torch.Tensor:
-    """(1/β)·log Σ_i p_i·exp(β·z_i): the soft value of a return distributed as p on the atoms z (the mean where
-    β is None or |β| < :data:`SMALL_BETA`).
+def trim_tails(probs: torch.Tensor, share: float) -> torch.Tensor:
+    """Remove ``share`` of the mass from each end of a histogram and renormalise: (…, n) → (…, n), the same dtype.
+
+    The lowest atoms give up ``share`` of the mass and the highest atoms another ``share`` (one atom may give up
+    both), so the histogram's middle 1 − 2·share remains; a point mass stays itself.
+
+    Raises:
+        ValueError: unless 0 ≤ ``share`` < 0.5.
+    """
+    if not 0.0 <= share < 0.5:
+        raise ValueError(f"the share trimmed from each tail must be in [0, 0.5), got {share}")
+    below = probs.cumsum(dim=-1) - probs  # mass strictly below each atom
+    above = probs.flip(-1).cumsum(dim=-1).flip(-1) - probs  # strictly above
+    removed = (share - below).clamp_min(0).minimum(probs) + (share - above).clamp_min(0).minimum(probs)
+    return (probs - removed).clamp_min(0) / (1 - 2 * share)
+
+
+def soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float | None,
+               tail: float = TAIL) -> torch.Tensor:
+    """(1/β)·log Σ_i p̃_i·exp(β·z_i): the soft value of a return distributed as p on the atoms z, with ``tail``
+    of the mass trimmed from each end (p̃ = :func:`trim_tails` (p, ``tail``)); the mean of the untrimmed p where
+    β is None.
+
+    Why trimmed: at large β the soft value is set by the histogram's highest atoms, however little mass they
+    hold: β·Q_β → β·z_max + log p(z_max). A softmax head gives every atom some mass, and cross-entropy training
+    barely constrains the tail's shape (a probability of 10⁻⁴ or 10⁻⁸ on an atom no target reaches costs about
+    the same), so an untrimmed soft value is the same top atom for every candidate and stops steering. Trimmed,
+    it runs from the middle's mean (β → 0) to the histogram's 1 − ``tail`` quantile (β → +∞; its ``tail``
+    quantile as β → −∞), all parts of the histogram that training pins down.
 
     Args:
         log_probs: (…, n) log p, normalised over the last dimension.
         support: (n,) the atoms z.
         beta: None, a float, or a tensor broadcastable to ``log_probs.shape[:-1]``; negative β gives the
-            risk-averse soft value. As β → ±∞ it tends to the highest (lowest) atom with p > 0; a softmax
-            head gives every atom some mass, so at large |β| small tail probabilities weigh heavily.
+            risk-averse soft value; |β| < :data:`SMALL_BETA` gives the trimmed histogram's mean.
+        tail: the share of the mass trimmed from each end, in [0, 0.5) (0: the exact soft value of p).
 
     Returns:
         (…) float32. Computed in float64 after renormalising p, so that the limit β → 0 is reached smoothly
         (an error ε in Σp would otherwise add ε/β).
+
+    Raises:
+        ValueError: if ``tail`` is outside [0, 0.5).
     """
+    if beta is None:
+        return _mean(log_probs, support).float()
+    _, soft = _trimmed_soft_value(log_probs, support, beta, tail)
+    return soft.float()
+
+
+def soft_excess(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float,
+                tail: float = TAIL) -> torch.Tensor:
+    """Q_β − E[z] of the trimmed histogram (:func:`soft_value`): how far the soft value lies above its mean (below,
+    for β < 0), (…) float32, computed in float64; 0 where |β| < :data:`SMALL_BETA`. Arguments as for
+    :func:`soft_value`."""
+    mean, soft = _trimmed_soft_value(log_probs, support, beta, tail)
+    return (soft - mean).float()
+
+
+def _mean(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """E_p[z], (…) float64, p renormalised in float64."""
+    log_probs = log_probs.double()
+    return ((log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)).exp() * support.to(log_probs)).sum(dim=-1)
+
+
+def _trimmed_soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float,
+                        tail: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trimmed histogram's mean and soft value (the mean where |β| < :data:`SMALL_BETA`), both (…) float64."""
     log_probs = log_probs.double()
     log_probs = log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)  # float32 rounding of Σp, /β below
     z = support.to(log_probs)
-    mean = (log_probs.exp() * z).sum(dim=-1)
-    if beta is None:
-        return mean.float()
+    probs = trim_tails(log_probs.exp(), tail)
+    mean = (probs * z).sum(dim=-1)
     beta = torch.as_tensor(beta, dtype=torch.float64, device=log_probs.device).expand(mean.shape)
     small = beta.abs() < SMALL_BETA
     safe = torch.where(small, torch.ones_like(beta), beta)
-    soft = torch.logsumexp(log_probs + safe.unsqueeze(-1) * z, dim=-1) / safe
-    return torch.where(small, mean, soft).float()
+    soft = torch.logsumexp(probs.log() + safe.unsqueeze(-1) * z, dim=-1) / safe
+    return mean, torch.where(small, mean, soft)
 
 
 class RunningMean:
@@ -217,13 +277,31 @@ def reads_each_candidate(head: str) -> bool:
     return head != "next"
 
 
-def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51,
+class DistributionalHead(nn.Linear):
+    """The distributional head: hidden states (…, H) → (…, bins + 1), the histogram's logits then V̂.
+
+    V̂ is a linear map of the hidden states, trained with the backbone exactly like the ``last`` head; the
+    histogram's logits are a linear map of the same hidden states detached, so its cross-entropy trains only
+    the head's histogram rows and the backbone learns what V̂ needs (at inference the two are one linear map).
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        histogram = nn.functional.linear(hidden.detach(), self.weight[:-1], self.bias[:-1])
+        point = nn.functional.linear(hidden, self.weight[-1:], self.bias[-1:])
+        return torch.cat([histogram, point], dim=-1)
+
+
+def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51, point_value: bool = True,
               device: torch.device | str = "cpu") -> nn.Module:
     """A new (zero-initialised) head of the given kind on hidden states of size ``hidden_size``: an
-    ``nn.Linear`` to 1 output (``last``, ``mean``) or ``bins`` logits (``distributional``), or a
-    :class:`NextTokenHead` over ``embeddings``' vocabulary (``next``). Parameters float32 on ``device``."""
+    ``nn.Linear`` to 1 output (``last``, ``mean``) or to ``bins`` logits and, with ``point_value``, V̂
+    (``distributional``: bins + 1 outputs, V̂ last), or a :class:`NextTokenHead` over ``embeddings``' vocabulary
+    (``next``). Parameters float32 on ``device``."""
     if kind == "next":
         return NextTokenHead(hidden_size, embeddings, device)
-    linear = nn.Linear(hidden_size, bins if kind == "distributional" else 1, device=device, dtype=torch.float32)
+    if kind == "distributional" and point_value:
+        linear = DistributionalHead(hidden_size, bins + 1, device=device, dtype=torch.float32)
+    else:
+        linear = nn.Linear(hidden_size, bins if kind == "distributional" else 1, device=device, dtype=torch.float32)
     nn.init.zeros_(linear.weight)
     return linear

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from vas.errors import VasError
-from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, make_head, soft_value, two_hot
+from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, make_head, soft_excess, soft_value, two_hot
 from vas.models import cache_kwargs, crop_cache, load_backbone, load_tokenizer, position_ids_from_mask
 
 CONFIG_NAME = "vas_value_config.json"
@@ -40,8 +40,8 @@ class ValueModel(nn.Module):
     """V(s): backbone (+ LoRA) → hidden states (B, S, H) → head (:mod:`vas.value.heads`) → (B, S) float32 values.
 
     The head is ``last`` (a linear map of the state's last hidden state, Sec. 3.3), ``mean`` (of the running
-    mean of the hidden states from the prompt's last token, or from the first with ``mean_over="all"``) or ``distributional`` (a histogram over the reward's range,
-    read as its mean or as the soft value at β); it is stored in the config (``value_config["head"]``).
+    mean of the hidden states from the prompt's last token, or from the first with ``mean_over="all"``) or ``distributional`` (a point value V̂
+    beside a histogram over the reward's range, read as V̂ or as the soft value at β); it is stored in the config (``value_config["head"]``).
     Build a fresh one with :meth:`create`, reload a trained one with :meth:`from_pretrained`. It carries its
     tokenizer (``tokenizer``), which decides whether it reads π0's token ids or text while decoding, and
     the folder it was loaded from (``name_or_path``, None for a new one), by which an engine that loads
@@ -70,7 +70,6 @@ class ValueModel(nn.Module):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         init_value: float = 0.0,
-        init_rewards: torch.Tensor | None = None,
         num_layers: int | None = None,
         head: str = "last",
         mean_over: str = "response",
@@ -84,8 +83,8 @@ class ValueModel(nn.Module):
         The backbone is frozen and wrapped with LoRA on all its linear layers (Table 4: rank 32, α 32);
         the head is zero-initialised, with bias ``init_value`` (the training data's mean reward is a good
         start), so every V(s) starts at ``init_value``; a distributional head over ``bins`` atoms spanning
-        ``support`` (low, high) starts at the histogram of ``init_rewards`` (B,) (the training rewards: 99 %, the
-        rest spread evenly), or uniform. ``mean_over`` is the mean head's window: ``response`` (from
+        ``support`` (low, high) starts with V̂ = ``init_value`` and its histogram at :func:`two_hot` (``init_value``)
+        (99 % of the mass, the rest spread evenly), where its targets start. ``mean_over`` is the mean head's window: ``response`` (from
         the prompt's last token) or ``all`` (the prompt too). ``num_layers`` keeps only the backbone's first L
         layers (:func:`vas.models.load_backbone`), a cheaper value model for decoding.
 
@@ -105,14 +104,11 @@ class ValueModel(nn.Module):
         body = get_peft_model(body, lora)
         linear = make_head(head, body.config.hidden_size, body.get_input_embeddings(), bins=bins, device=device)
         bias = linear.baseline.bias if head == "next" else linear.bias
-        if head == "distributional" and init_rewards is not None:  # their histogram, smoothed over all atoms
-            start = 0.99 * two_hot(torch.as_tensor(init_rewards, dtype=torch.float32), atoms(*support, bins)).mean(0)
+        nn.init.constant_(bias, init_value)  # V, or the distributional head's V̂
+        if head == "distributional":
+            start = 0.99 * two_hot(torch.tensor([float(init_value)]), atoms(*support, bins))[0] + 0.01 / bins
             with torch.no_grad():
-                bias.copy_((start + 0.01 / bins).log())
-        elif head == "distributional":
-            nn.init.zeros_(bias)  # uniform
-        else:
-            nn.init.constant_(bias, init_value)
+                bias[:bins].copy_(start.log())
         if Path(backbone).expanduser().exists():  # a local directory: store it absolute, to reload from anywhere
             backbone = str(Path(backbone).expanduser().resolve())
         config = {"backbone": backbone, "num_layers": body.config.num_hidden_layers, "lora_rank": lora_rank,
@@ -120,7 +116,7 @@ class ValueModel(nn.Module):
         if head == "mean":
             config["mean_over"] = mean_over
         if head == "distributional":
-            config.update(bins=bins, support=[float(support[0]), float(support[1])])
+            config.update(bins=bins, support=[float(support[0]), float(support[1])], point_value=True)
         return cls(body, linear, config, load_tokenizer(backbone))
 
     @property
@@ -172,7 +168,7 @@ class ValueModel(nn.Module):
         *,
         prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The head's outputs at every position of whole sequences: (B, S, 1) values, or (B, S, bins) logits of
+        """The head's outputs at every position of whole sequences: (B, S, 1) values, or (B, S, bins + 1) logits and V̂ of
         the distributional head. Each position's output is for the state that ends there; for the ``next`` head it
         is Q(s, x) of the previous position's state s and this position's token x, which is V of the state ending
         here (position 0 has no previous state: its entry is the baseline w·h_0 + b, the value of no state).
@@ -197,12 +193,38 @@ class ValueModel(nn.Module):
         return self.head(hidden)
 
     def values(self, outputs: torch.Tensor, beta: torch.Tensor | float | None = None) -> torch.Tensor:
-        """The values of head outputs (…, 1 or bins) → (…) float32: the value, or for the distributional head its
-        mean (``beta`` None) or soft value at ``beta`` (a float or a tensor broadcastable to ``outputs.shape[:-1]``,
-        :func:`vas.value.heads.soft_value`). The other heads predict one value, whose soft value is itself."""
+        """The values of head outputs (…, 1, bins or bins + 1) → (…) float32: the value; for the distributional head
+        (``beta`` a float or a tensor broadcastable to ``outputs.shape[:-1]``):
+
+        * its point value V̂ (``beta`` None), or for a model saved before V̂ its histogram's mean;
+        * its soft value at ``beta``: that value plus the histogram's :func:`vas.value.heads.soft_excess`, the soft
+          value of the histogram trimmed of :data:`vas.value.heads.TAIL` at each end less its mean. The histogram gives the spread, V̂ the
+          location; the soft value tends to V̂ as β → 0 and to V̂ plus the distance from the trimmed mean to the
+          histogram's 1 − TAIL quantile as β → ∞.
+
+        The other heads predict one value, whose soft value is itself."""
         if self.kind != "distributional":
             return outputs[..., 0]
-        return soft_value(torch.log_softmax(outputs.float(), dim=-1), self.support.to(outputs.device), beta)
+        log_probs = torch.log_softmax(self.histogram_logits(outputs).float(), dim=-1)
+        support = self.support.to(outputs.device)
+        point = (soft_value(log_probs, support, None) if outputs.shape[-1] == len(self.support)  # saved before V̂
+                 else self.point_values(outputs))
+        return point if beta is None else point + soft_excess(log_probs, support, beta)
+
+    def histogram_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The distributional head's histogram logits among its outputs: (…, bins [+ 1]) → (…, bins)."""
+        return outputs[..., : len(self.support)]
+
+    def point_values(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The distributional head's point value V̂ (:mod:`vas.value.heads`): (…, bins + 1) → (…) float32.
+
+        Raises:
+            VasError: if the head has no point value (a distributional value model saved by an older vas).
+        """
+        if outputs.shape[-1] != len(self.support) + 1:
+            raise VasError("this distributional value model has no point value: it was trained by an older vas; "
+                           "train it again")
+        return outputs[..., -1].float()
 
     def forward(
         self,
@@ -217,7 +239,7 @@ class ValueModel(nn.Module):
 
         Returns:
             (B, S) float32: V of the state ending at each position (soft at ``beta`` for a distributional head);
-            with ``head_outputs``, the head's outputs (B, S, 1 or bins) instead (training reads them through
+            with ``head_outputs``, the head's outputs (B, S, 1, bins or bins + 1) instead (training reads them through
             ``forward``, so that a wrapped model, e.g. for distributed training, is called as a module).
         """
         outputs = self.outputs(input_ids, attention_mask, prompt_lengths=prompt_lengths)
@@ -271,7 +293,7 @@ class ValueModel(nn.Module):
         if not trainable:
             body = body.merge_and_unload()
         head = make_head(config.get("head", "last"), body.config.hidden_size, body.get_input_embeddings(),
-                         bins=config.get("bins", 1), device=device)
+                         bins=config.get("bins", 1), point_value=config.get("point_value", False), device=device)
         head.load_state_dict(load_file(directory / HEAD_NAME, device=str(device)))
         model = cls(body, head, config, load_value_tokenizer(directory))
         model.name_or_path = str(directory.resolve())

@@ -82,7 +82,7 @@ class ValueCollator:
 
 
 def state_outputs(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The head's outputs at s_t for t = 0 … T_max: (B, T_max+1, 1 or bins) float32 (garbage where
+    """The head's outputs at s_t for t = 0 … T_max: (B, T_max+1, 1, bins or bins + 1) float32 (garbage where
     ``state_mask`` is False)."""
     outputs = model(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_length"], head_outputs=True)
     index = batch["state_index"][..., None].expand(-1, -1, outputs.shape[-1])
@@ -101,7 +101,7 @@ def regressed_states(kind: str, state_mask: torch.Tensor) -> torch.Tensor:
 
 
 def state_values(model: ValueModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (the distributional head's mean)."""
+    """V(s_t) for t = 0 … T_max: (B, T_max+1) float32 (the distributional head's point value V̂)."""
     return model.values(state_outputs(model, batch))
 
 
@@ -113,19 +113,25 @@ class ValueTrainer(Trainer):
         self.lam, self.gamma = lam, gamma
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values); for a
-        distributional head, the cross-entropy between its histogram at s_t and the distributional λ-return
-        (the same recursion over histograms, the reward as :func:`vas.value.heads.two_hot`). The ``next`` head's
-        V(s_t) is Q(s_{t-1}, x_t), and s_0 is left out (:func:`regressed_states`)."""
+        """MSE between V(s_t) and the λ-returns G_t (computed from the same, detached, values). The ``next``
+        head's V(s_t) is Q(s_{t-1}, x_t), and s_0 is left out (:func:`regressed_states`).
+
+        A distributional head (:mod:`vas.value.heads`) learns its point value V̂ like the ``last`` head and its
+        histogram by cross-entropy to the distributional λ-return (the same recursion over histograms) whose
+        finished state's return is :func:`vas.value.heads.two_hot` (V̂(s_T)), detached: the histogram spreads over
+        where π0's continuations lead, not over V̂'s error. Its loss is the sum of the two, per state."""
         unwrapped = self.accelerator.unwrap_model(model)
         outputs = state_outputs(model, inputs)
         mask = inputs["state_mask"]
         regressed = regressed_states(unwrapped.kind, mask)
         if unwrapped.kind == "distributional":
-            log_probs = torch.log_softmax(outputs.float(), dim=-1)
-            reward = two_hot(inputs["reward"], unwrapped.support.to(log_probs.device))
-            targets = lambda_returns(log_probs.detach().exp(), reward, mask, lam=self.lam, gamma=self.gamma)
-            loss = -(targets * log_probs).sum(dim=-1)[regressed].mean()
+            log_probs = torch.log_softmax(unwrapped.histogram_logits(outputs).float(), dim=-1)
+            point = unwrapped.point_values(outputs)  # V̂(s_t), (B, T_max+1)
+            point_targets = lambda_returns(point.detach(), inputs["reward"], mask, lam=self.lam, gamma=self.gamma)
+            last = (mask.sum(dim=1) - 1)[:, None]
+            finished = two_hot(point.gather(1, last).squeeze(1).detach(), unwrapped.support.to(log_probs.device))
+            targets = lambda_returns(log_probs.detach().exp(), finished, mask, lam=self.lam, gamma=self.gamma)
+            loss = (-(targets * log_probs).sum(dim=-1) + (point - point_targets) ** 2)[regressed].mean()
             values = unwrapped.values(outputs)
         else:
             values = outputs[..., 0]
@@ -139,7 +145,7 @@ class ValueTrainer(Trainer):
         but s_0: :func:`regressed_states`):
 
         * ``<prefix>_loss``: MSE to the TD(λ) targets (what training minimises; for a distributional head, of its
-          mean to the λ-returns of the means, which are the means of its targets);
+          point value V̂, the part of its loss besides the histogram's cross-entropy);
         * ``<prefix>_mc_mse``: MSE to the response's reward (Monte-Carlo label, independent of the model);
         * ``<prefix>_final_mse``: MSE of V(s_T) to the reward (the finished state, whose value is the reward);
         * ``<prefix>_reward_var``: the variance of the reward over the same states, i.e. the ``mc_mse`` of the best
@@ -345,7 +351,7 @@ def train_value_model(
         low, high = low - 0.5, high + 0.5
     model = ValueModel.create(
         config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        init_value=float(train_rewards.mean()), init_rewards=train_rewards, num_layers=config.backbone_layers, head=config.head,
+        init_value=float(train_rewards.mean()), num_layers=config.backbone_layers, head=config.head,
         mean_over=config.mean_over, bins=config.bins, support=(low, high), device=device,
     )
     out_dir = Path(out_dir)
