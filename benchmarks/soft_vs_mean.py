@@ -1,15 +1,16 @@
-"""Soft values against the mean at equal KL: one distributional value model steering π0 with β·E_p[z] (Eq. 5) and
-with the soft guide β·Q_β = log E_p[exp(β·z)] (``vas evaluate --soft``), on the same held-out prompts.
+"""Soft values against the mean at equal KL: one distributional value model steering π0 with its value V (Eq. 5) and
+with the soft guide β·Q_β (``vas evaluate --soft``, :meth:`vas.value.model.ValueModel.values`), on the same
+held-out prompts.
 
-    python benchmarks/soft_vs_mean.py VALUE_DIR [--start 1152] [--limit 32] [--mean-betas 2,8,32]
-        [--soft-betas 8,32,128,512] [--out benchmarks/results/soft-vs-mean]
+    python benchmarks/soft_vs_mean.py VALUE_DIR [--start 1152] [--limit 96] [--mean-betas 2,8,32]
+        [--soft-betas 4,8,16,32,64] [--out benchmarks/results/soft-vs-mean]
 
-The defaults are `vas experiment scaling`'s evaluation (chitchat openings 1152–1183, positivity, k = 10, ≤ 40 new
-tokens, 2 responses per prompt, seed 0), so VALUE_DIR can be its largest distributional value model. Soft values
-need a larger β for the same KL: their guide's spread over the candidates saturates as β grows
-(`benchmarks/soft_value_spread.py`), so the comparison is at equal KL, not equal β. For each soft point the script
-prints the reward the mean guide reaches at that KL (interpolated along its curve from plain sampling) and the
-KL the mean guide needs for the soft point's reward (:func:`vas.evaluate.kl_at_reward`).
+The defaults are `vas experiment scaling`'s evaluation prompts and settings (chitchat openings from 1152,
+positivity, k = 10, ≤ 40 new tokens, 2 responses per prompt, seed 0), on 96 openings instead of 32, so VALUE_DIR can
+be a distributional value model trained on its largest size. The two guides differ between candidates by different
+amounts at the same β (`benchmarks/soft_value_spread.py`), so the comparison is at equal KL, not equal β. For each
+soft point the script prints the reward the mean guide reaches at that KL (interpolated along its curve from plain
+sampling) and the KL the mean guide needs for the soft point's reward (:func:`vas.evaluate.kl_at_reward`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("value_dir")
     parser.add_argument("--start", type=int, default=1152)
-    parser.add_argument("--limit", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=96)
     parser.add_argument("--mean-betas", default="2,8,32")
-    parser.add_argument("--soft-betas", default="8,32,128,512")
+    parser.add_argument("--soft-betas", default="4,8,16,32,64")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soft-vs-mean"))
     args = parser.parse_args()
 
