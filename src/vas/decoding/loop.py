@@ -73,7 +73,8 @@ class Steering:
             template), e.g. the task without a long constant instruction; the same map must have built their
             training rows (:func:`vas.collect.collect`). Default: the prompt itself.
         soft: guide with soft values instead of V^π0: each distributional value model i gives
-            Q_{β·w_i}(s ⊕ x) = (1/(β w_i))·log E_π0[exp(β w_i r_i) | s ⊕ x] (:func:`vas.value.heads.soft_value`), so
+            Q_{β·w_i}(s ⊕ x) = (1/(β w_i))·log E_π0[exp(β w_i r_i) | s ⊕ x] (its histogram's, trimmed, moved onto its
+            point value: :meth:`vas.value.model.ValueModel.values`), so
             that π ∝ π0·exp(β Σ_i w_i Q_i) is the KL-regularised optimal policy for Σ_i w_i r_i when the returns
             are independent; value models with one value per state use it as is (a point mass). A bool shared
             by all rows, or a (B,) bool tensor, one per prompt.

@@ -16,7 +16,8 @@ return G_t = r.
 The recursion is linear, so it applies unchanged to return *distributions* (γ = 1): with V(s_t) the predicted
 histogram over fixed atoms and r as a histogram (:func:`vas.value.heads.two_hot`), G_t is the distributional
 λ-return, the mixture (1 − λ)·Σ_{n=1}^{T−t−1} λ^{n−1}·Z(s_{t+n}) + λ^{T−t−1}·δ_r, whose mean is the scalar λ-return
-of the means.
+of the means. (The distributional head gives, in r's place, two-hot of its own point value at s_T:
+:mod:`vas.value.heads`.)
 """
 
 from __future__ import annotations
