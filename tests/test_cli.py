@@ -8,6 +8,8 @@ import sys
 
 import datasets
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from helpers import random_value_model
 
 from vas.models import load_tokenizer
@@ -205,7 +207,12 @@ def test_train_a_distributional_head_and_generate_with_soft_values(tiny_model_di
             "--head", "distributional", "--bins", 7, "--epochs", 1, "--val-fraction", 0.25)
     assert r.returncode == 0, r.stderr
     config = json.loads((tmp_path / "v" / "vas_value_config.json").read_text())
-    assert (config["head"], config["bins"], config["support"]) == ("distributional", 7, [0.0, 1.0])
+    assert (config["head"], config["bins"], config["support"], config["point_value"]) == ("distributional", 7, [0.0, 1.0], True)
+    # one epoch on 8 prompts leaves the histogram near its start, a point at the mean reward, whose trimmed soft
+    # value is V̂ itself; random histogram rows give every candidate its own spread, as a trained head would
+    head = load_file(tmp_path / "v" / "value_head.safetensors")
+    head["weight"][:7] = torch.randn(7, head["weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    save_file(head, tmp_path / "v" / "value_head.safetensors")
     common = ["generate", "--quiet", "--prompt", "hi", "--prompt", "yo", "--base-model", tiny_model_dir, "--value",
               tmp_path / "v", "--beta", 8, "--max-new-tokens", 4, "-k", 5]
     soft = vas(*common, "--soft", "--out", tmp_path / "soft.jsonl")
