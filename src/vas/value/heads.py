@@ -106,10 +106,9 @@ def soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tenso
     Raises:
         ValueError: if ``tail`` is outside [0, 0.5).
     """
-    if beta is None:
-        return _mean(log_probs, support).float()
-    _, soft = _trimmed_soft_value(log_probs, support, beta, tail)
-    return soft.float()
+    if beta is None:  # the untrimmed histogram's mean
+        return _trimmed_soft_value(log_probs, support, 0.0, 0.0)[0].float()
+    return _trimmed_soft_value(log_probs, support, beta, tail)[1].float()
 
 
 def soft_excess(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float,
@@ -119,12 +118,6 @@ def soft_excess(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tens
     :func:`soft_value`."""
     mean, soft = _trimmed_soft_value(log_probs, support, beta, tail)
     return (soft - mean).float()
-
-
-def _mean(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """E_p[z], (…) float64, p renormalised in float64."""
-    log_probs = log_probs.double()
-    return ((log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)).exp() * support.to(log_probs)).sum(dim=-1)
 
 
 def _trimmed_soft_value(log_probs: torch.Tensor, support: torch.Tensor, beta: torch.Tensor | float,
