@@ -71,11 +71,11 @@ def own(policy, models, prompt: list[int], xargs: dict | None) -> tuple[list[int
     async def replay() -> list[float]:
         rollout = policy.start([prompt], MAX_TOKENS)
         scorers = [CandidateScorer(m) for m in steering.value_models]
-        beta, weights = steering.rows(1)
+        rows = steering.rows(1)
         active, gaps = torch.ones(1, dtype=torch.bool), []
         for token in ids:
             base = base_logprobs((await rollout.next_logprobs(steering.top_k)).float(), 1.0)
-            logp = steer(steering, scorers, rollout, base, active, beta, weights)
+            logp = steer(steering, rows, scorers, rollout, base, active)
             top = logp[0].topk(2).values
             gaps.append(float(top[0] - top[1]))
             rollout.advance(torch.tensor([token], device=base.device), active)

@@ -99,7 +99,7 @@ def test_soft_values_need_a_distributional_value_model(tiny_model_dir, tmp_path)
     assert parse_request({"vas_beta": 2, "vas_soft": "False"}, settings).soft is False
     with pytest.raises(ValueError, match="vas_soft must be true or false, got 2"):
         parse_request({"vas_beta": 2, "vas_soft": 2}, settings)
-    with pytest.raises(ValueError, match="vas_soft needs a distributional value model among those the request weights"):
+    with pytest.raises(ValueError, match="vas_soft needs a distributional value model with a weight ≠ 0"):
         parse_request({"vas_beta": 2, "vas_soft": True, "vas_values": "last=1,dist=0"}, settings)
     with pytest.raises(ValueError, match="vas_soft must be true or false, got 'yes'"):
         parse_request({"vas_beta": 2, "vas_soft": "yes"}, settings)

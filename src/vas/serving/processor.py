@@ -47,21 +47,31 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from vas.decoding.guidance import base_logprobs, kl_divergence
-from vas.decoding.loop import ALL, Steering, parse_top_k, steer
+from vas.decoding.loop import RowSettings, Steering, steer
+from vas.decoding.rules import (
+    ALL,
+    REQUEST,
+    SHOWN,
+    check_models,
+    check_product,
+    parse_beta,
+    parse_soft,
+    parse_top_k,
+    parse_weights,
+    shown,
+)
 from vas.errors import VasError
 from vas.policy.local import Appended
-from vas.value.heads import reads_each_candidate
 from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
 
 try:  # vLLM < 0.34 also has the V1 runner and its interface
@@ -71,8 +81,8 @@ except ImportError:
 
 SETTINGS_ENV = "VAS_VLLM_SETTINGS"
 FIELDS = ("vas_beta", "vas_top_k", "vas_values", "vas_soft", "vas_id")
+PARSED = "vas_parsed"  # a request's parsed steering, left by admit() for the worker (not a field clients send)
 GREEDY_EPS = 1e-5  # vLLM treats a temperature below this as greedy
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -132,120 +142,91 @@ class RequestSteering:
     soft: bool = False
 
 
-SHOWN = 60
-"""The most characters of a request's value that an error message echoes."""
-
-
-def _shown(value) -> str:
-    """``repr(value)``, cut to :data:`SHOWN` characters: an error names what was wrong without echoing a huge
-    value back."""
-    text = repr(value)
-    return text if len(text) <= SHOWN else f"{text[:SHOWN - 1]}…"
-
-
-def _number(name: str, value, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{name} must be a number, got {_shown(value)}")
-    try:
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {_shown(value)}") from None
-    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise ValueError(f"{name} must be a finite number (|x| ≤ 3.4e38, float32), got {_shown(value)}")
-    return number
-
-
-def parse_weights(text, names: list[str]) -> tuple[float, ...]:
-    """``"NAME=WEIGHT,NAME=WEIGHT"`` → one weight per name in ``names`` (0 for names not listed).
-
-    Raises:
-        ValueError: naming ``vas_values``, for an unknown or repeated name or a weight that is not finite.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f'vas_values must be a non-empty string "NAME=WEIGHT,NAME=WEIGHT" (a bare NAME has weight 1), '
-                         f'got {_shown(text)}')
-    weights = dict.fromkeys(names, 0.0)
-    seen = set()
-    for part in text.split(","):
-        name, sep, weight = part.strip().partition("=")
-        name = name.strip()
-        if not name:
-            raise ValueError(f"vas_values has an empty entry: {_shown(text)}")
-        if name not in weights:
-            raise ValueError(f"vas_values names an unknown value model {_shown(name)}; this server has: {', '.join(names)}")
-        if name in seen:
-            raise ValueError(f"vas_values names the value model {_shown(name)} twice")
-        seen.add(name)
-        weights[name] = _number(f"vas_values' weight of {_shown(name)}", weight) if sep else 1.0
-    return tuple(weights.values())
-
-
 def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteering | None:
-    """The steering a request asks for, or None when it asks for none (no ``vas_beta``, or β = 0).
+    """The steering a request asks for, or None when it asks for none (no ``vas_beta``, or β = 0, or every
+    weight 0), by the rules of :mod:`vas.decoding.rules`.
+
+    ``vas_values`` is ``"NAME=WEIGHT,…"`` in an OpenAI request, or a mapping NAME → weight (the offline engine's).
 
     Raises:
         ValueError: naming the field, for an unknown ``vas_*`` field, a β or weight that is not a finite
-            number, an unknown value-model name, k outside 1 … vocabulary size, or k = "all" with a value model
-            whose head is not ``next``. vLLM answers it with
-            HTTP 400 before any work is done; also for k above the server's ``max_top_k``.
+            number, an unknown value-model name, k outside 1 … vocabulary size (or above the server's
+            ``max_top_k`` for a value model that reads one token per candidate), k = "all" with such a value
+            model, or soft values without a weighted distributional one. vLLM answers it with HTTP 400 before
+            any work is done.
     """
     args = extra_args or {}
     unknown = sorted(k for k in args if k.startswith("vas_") and k not in FIELDS)
     if unknown:
-        raise ValueError(f"unknown field {_shown(unknown[0])}; VAS reads {', '.join(FIELDS[:4])}")
+        raise VasError(f"unknown field {shown(unknown[0])}; VAS reads {', '.join(FIELDS[:4])}")
     names = list(settings.values)
-    beta = _number("vas_beta", args["vas_beta"]) if "vas_beta" in args else 0.0
-    weights = parse_weights(args["vas_values"], names) if "vas_values" in args else (1.0,) * len(names)
-    def per_candidate() -> list[str]:  # the weighted value models that read one token per candidate
-        return [name for w, (name, path) in zip(weights, settings.values.items())
-                if w and reads_each_candidate(_head(path))]
-
-    try:
-        top_k = parse_top_k(args.get("vas_top_k", settings.top_k), "vas_top_k")
-    except VasError as exc:
-        raise ValueError(str(exc)) from None
-    if top_k == ALL:
-        if per_candidate():
-            raise ValueError(f'vas_top_k "all" needs value models with the next head; {_shown(per_candidate()[0])} '
-                             "reads one token per candidate")
-        top_k = settings.vocab_size
-    else:
-        capped = top_k > settings.max_top_k and per_candidate()
-        largest = min(settings.vocab_size, settings.max_top_k) if capped else settings.vocab_size
-        if not 1 <= top_k <= largest:
-            raise ValueError(f"vas_top_k must be between 1 and {largest} (the vocabulary size {settings.vocab_size}"
-                             + (f", at most the server's --max-top-k {settings.max_top_k} for value model "
-                                f"{_shown(capped[0])}, which reads one token per candidate" if capped else "")
-                             + f') or "all", got {top_k}')
-    if any(abs(beta * w) > FLOAT32_MAX for w in weights):
-        raise ValueError(f"vas_beta times a vas_values weight must stay within float32 (3.4e38), got β = {beta}")
-    soft = args.get("vas_soft", False)  # vLLM's vllm_xargs model turns JSON true into 1
-    if isinstance(soft, str) and soft.lower() in ("true", "false"):
-        soft = soft.lower() == "true"
-    if isinstance(soft, float) or soft not in (True, False):
-        raise ValueError(f"vas_soft must be true or false, got {_shown(soft)}")
-    soft = bool(soft)
-    if soft and not any(w and _head(path) == "distributional" for w, path in zip(weights, settings.values.values())):
-        raise ValueError("vas_soft needs a distributional value model among those the request weights (vas train "
-                         "--head distributional)")
+    beta = parse_beta(args["vas_beta"], REQUEST) if "vas_beta" in args else 0.0
+    weights = parse_weights(args["vas_values"], names, REQUEST) if "vas_values" in args else (1.0,) * len(names)
+    top_k = parse_top_k(args.get("vas_top_k", settings.top_k), REQUEST)
+    soft = parse_soft(args.get("vas_soft", False), REQUEST)
+    heads = [(name, _head(path)) for name, path in settings.values.items()]
+    check_models(heads, weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
+                 max_top_k=settings.max_top_k)
+    check_product(beta, weights, REQUEST)
     if beta == 0 or not any(weights):
         return None
     record = str(args["vas_id"]) if "vas_id" in args and settings.record else None
-    return RequestSteering(beta, top_k, weights, record, soft)
+    return RequestSteering(beta, settings.vocab_size if top_k == ALL else top_k, weights, record, soft)
+
+
+def parsed_request(extra_args: dict | None, settings: Settings) -> RequestSteering | None:
+    """:func:`parse_request`, remembered by the request's fields: the server's middleware parses a request, and
+    vLLM's validation of the same request in the same process finds the result.
+
+    Raises:
+        ValueError: as :func:`parse_request`.
+    """
+    try:
+        key = json.dumps(extra_args or {}, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (an offline caller's own objects): parse it as it is
+        return parse_request(extra_args, settings)
+    return _remembered(key, settings.to_env())
+
+
+@lru_cache(maxsize=1024)
+def _remembered(fields: str, settings: str) -> RequestSteering | None:
+    return parse_request(json.loads(fields), _settings(settings))
+
+
+def admit(params, settings: Settings) -> None:
+    """Check a request's steering at admission (vLLM's ``validate_params``, in the front-end process) and leave
+    its parsed form in ``params.extra_args[PARSED]``, which the processor in vLLM's worker reads
+    (:func:`steering_of`) instead of parsing the request again. A ``PARSED`` field the client sent is replaced.
+
+    Raises:
+        ValueError: as :func:`parse_request`.
+    """
+    fields = {k: v for k, v in (params.extra_args or {}).items() if k != PARSED}
+    steering = parsed_request(fields, settings)
+    if steering is not None:
+        params.extra_args = {**fields, PARSED: asdict(steering)}
+    elif params.extra_args is not None:
+        params.extra_args = fields
 
 
 def steering_of(params, settings: Settings) -> tuple[RequestSteering, float] | None:
     """A request's steering and π0's τ for it (1 for a greedy request, temperature < :data:`GREEDY_EPS`), or
-    None when it asks for no steering; what both adapters keep when a request enters the batch.
+    None when it asks for no steering; what both adapters keep when a request enters the batch. The steering is
+    the one :func:`admit` left in the request; a request that was not admitted (built by hand) is parsed here.
 
     Args:
         params: its ``SamplingParams`` (``extra_args``, ``temperature``).
 
     Raises:
-        ValueError: as :func:`parse_request` (vLLM has validated the request before, so only for a request
-            that bypassed validation).
+        ValueError: as :func:`parse_request`, for a request that was not admitted.
     """
-    steering = parse_request(params.extra_args, settings)
+    args = params.extra_args or {}
+    if PARSED in args:
+        parsed = args[PARSED]
+        steering = RequestSteering(parsed["beta"], parsed["top_k"], tuple(parsed["weights"]), parsed["record_id"],
+                                   parsed["soft"])
+    else:
+        steering = parse_request(args, settings)
     if steering is None:
         return None
     return steering, params.temperature if params.temperature >= GREEDY_EPS else 1.0
@@ -262,9 +243,9 @@ def request_error(body: dict, settings: Settings) -> str | None:
         return None  # absent, or vLLM's own validation answers
     miscased = sorted(k for k in xargs if k.lower().startswith("vas_") and k != k.lower())
     if miscased:
-        return f"unknown field {_shown(miscased[0])}; VAS reads {', '.join(FIELDS[:4])} (lower case)"
+        return f"unknown field {shown(miscased[0])}; VAS reads {', '.join(FIELDS[:4])} (lower case)"
     try:
-        parse_request(xargs, settings)
+        parsed_request(xargs, settings)
     except ValueError as exc:
         return str(exc)
     return None
@@ -395,6 +376,9 @@ class BatchSteerer:
         if self.eos is None:
             raise VasError("the base model's tokenizer has no EOS token, which ends a request that a value model fails")
         self.scorers = [_LiveScorer(m) for m in self.models]
+        self.steering = Steering(self.models)  # masking off; each row's k is its request's
+        self._row_keys: list[Hashable] | None = None  # the rows that _row_settings describes
+        self._row_settings: tuple[RowSettings, torch.Tensor, list[int]] | None = None
         self.failed: set[Hashable] = set()  # keys of requests a value model failed: each step forces EOS
         logging.getLogger("vllm").info(
             "VAS on vLLM's %s model runner: value models %s (%s); vas_top_k %s by default, at most %d for value models that read one token per candidate", runner,
@@ -438,17 +422,11 @@ class BatchSteerer:
     def _steer_live(self, logits: torch.Tensor, steered: list[Row], read: Reader) -> tuple[torch.Tensor, list[int]]:
         """τ·log π (B, V) of rows not failed before this step, and those of them that fail now (recorded and
         logged here; the caller ends them)."""
-        temperature = torch.tensor([[r.temperature] for r in steered], device=logits.device)
-        beta = torch.tensor([r.steering.beta for r in steered])
-        weights = torch.tensor([r.steering.weights for r in steered])
-        top_k = torch.tensor([r.steering.top_k for r in steered])
-        used = [i for i in range(len(self.models)) if bool((weights[:, i] != 0).any())]
-        soft = torch.tensor([r.steering.soft for r in steered])
-        steering = Steering([self.models[i] for i in used], top_k=int(top_k.max()), soft=soft)
+        rows, temperature, used = self._rows(steered, logits.device)
         base = base_logprobs(logits, temperature)  # (B, V) log π0 at each request's τ
         failed = torch.zeros(len(steered), dtype=torch.bool)
-        logp = steer(steering, [self.scorers[i] for i in used], _Step(steered, read),
-                     base, torch.ones(len(steered), dtype=torch.bool), beta, weights[:, used], top_k, failed=failed)
+        logp = steer(self.steering, rows, [self.scorers[i] for i in used], _Step(steered, read), base,
+                     torch.ones(len(steered), dtype=torch.bool), failed=failed)
         for i, scorer in enumerate(self.scorers):
             if i not in used and scorer.keys:  # free the caches of a value model no request uses now
                 self.scorers[i] = _LiveScorer(self.models[i])
@@ -457,8 +435,22 @@ class BatchSteerer:
             self.failed.add(steered[b].key)
             self._fail(steered[b], [name for i, name in enumerate(self.settings.values) if i in used
                                     and steered[b].steering.weights[i]])
-        self._record(steered, base, logp, int(top_k.max()), newly)
+        self._record(steered, base, logp, int(rows.top_k.max()), newly)
         return logp * temperature, newly
+
+    def _rows(self, steered: list[Row], device) -> tuple[RowSettings, torch.Tensor, list[int]]:
+        """The rows' settings (weights of the value models they use), their τ (B, 1) and the used value models'
+        indices: rebuilt only when the batch's rows change."""
+        keys = [r.key for r in steered]
+        if keys != self._row_keys:
+            weights = torch.tensor([r.steering.weights for r in steered])
+            rows = RowSettings(torch.tensor([r.steering.beta for r in steered]), weights,
+                               torch.tensor([r.steering.soft for r in steered]),
+                               torch.tensor([r.steering.top_k for r in steered]))
+            used = rows.steered_models()
+            temperature = torch.tensor([[r.temperature] for r in steered], device=device)
+            self._row_keys, self._row_settings = keys, (rows.of_models(used), temperature, used)
+        return self._row_settings
 
     def _fail(self, row: Row, names: list[str]) -> None:
         message = (f"value model{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} gave a non-finite "
@@ -513,7 +505,7 @@ class VllmLogitsProcessor(*(b for b in (V1LogitsProcessor, V2LogitsProcessor) if
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        parse_request(sampling_params.extra_args, Settings.from_env())
+        admit(sampling_params, Settings.from_env())
 
 
 def take_statistics(record_ids: list[str]) -> dict[str, dict[int, StepRecord]]:

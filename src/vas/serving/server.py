@@ -41,12 +41,13 @@ def parse_named(specs: Sequence[str]) -> dict[str, str]:
         VasError: for a spec without ``=``, a name that is not a word (letters, digits, ``_ . -``), a repeated
             name, or a folder that is not a value model.
     """
+    from vas.decoding.rules import split_spec
     from vas.value.model import check_value_dir
 
     named: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not re.fullmatch(r"[\w.-]+", name) or not path:
+        name, path = split_spec(spec, "--value", at_last=False)
+        if path is None or not re.fullmatch(r"[\w.-]+", name):
             raise VasError(f"--value must be NAME=DIR with NAME made of letters, digits, '_', '.', '-', got {spec!r}")
         if name in named:
             raise VasError(f"--value names {name!r} twice")
@@ -98,8 +99,7 @@ class ServeConfig:
         """
         from vas.models import load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
-        from vas.decoding.loop import ALL
-        from vas.value.heads import reads_each_candidate
+        from vas.decoding.rules import CLI, check_models
         from vas.value.model import check_same_tokenizer, load_value_tokenizer, value_head
 
         require_vllm()
@@ -122,15 +122,8 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
-        slow = [name for name, path in self.values.items() if reads_each_candidate(value_head(path))]
-        if self.top_k == ALL:
-            if slow:
-                raise VasError(f"--top-k all needs value models with the next head (vas train --head next); {slow[0]} "
-                               f"has the {value_head(self.values[slow[0]])} head")
-        elif not 1 <= self.top_k <= vocab_size or (self.top_k > self.max_top_k and slow):
-            raise VasError(f"--top-k must be between 1 and {min(vocab_size, self.max_top_k)} (the vocabulary size "
-                           f"{vocab_size}, at most --max-top-k unless every value model has the next head) or all, "
-                           f"got {self.top_k}")
+        check_models([(name, value_head(path)) for name, path in self.values.items()], [1.0] * len(self.values), CLI,
+                     top_k=self.top_k, vocab_size=vocab_size, max_top_k=self.max_top_k)
         memory = self.gpu_memory_utilization
         if memory is None and not _has_accelerator():
             memory = CPU_MEMORY_SHARE

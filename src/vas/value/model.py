@@ -635,17 +635,6 @@ class TextScorer:
         return values
 
 
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """``"PATH=WEIGHT"`` → (PATH, WEIGHT); a plain ``"PATH"`` has weight 1."""
-    head, sep, tail = spec.rpartition("=")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 @dataclass(frozen=True)
 class ValueModelFolder:
     """A saved value model that is not loaded in this process: what an engine that loads value models in its
@@ -666,29 +655,29 @@ class ValueModelFolder:
 
 
 def load_value_models(
-    specs: Sequence[str],
+    folders: Sequence[str],
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     load: bool = True,
-) -> tuple[list[ValueModel] | list[ValueModelFolder], list[float]]:
-    """Load value models given as ``PATH`` or ``PATH=WEIGHT`` for decoding (Sec. 4.2 composition), each with
-    its tokenizer. Every folder is checked before any model loads.
+) -> list[ValueModel] | list[ValueModelFolder]:
+    """Load value models from their folders for decoding (Sec. 4.2 composition), each with its tokenizer. Every
+    folder is checked before any model loads.
 
     Args:
+        folders: the value models' folders.
         load: False: describe each folder (:class:`ValueModelFolder`) without loading its weights, for an
             engine that loads them in its own processes.
 
     Returns:
-        The value models and their weights.
+        One value model (or folder description) per folder, in order.
 
     Raises:
         VasError: if a path does not exist or is not a value model.
     """
-    parsed = [parse_weighted(spec) for spec in specs]
-    for path, _ in parsed:
+    for path in folders:
         check_value_dir(path)
     if not load:
         return [ValueModelFolder(str(Path(path).resolve()), load_value_tokenizer(path), value_head(path), dtype)
-                for path, _ in parsed], [w for _, w in parsed]
-    return [ValueModel.from_pretrained(path, device=device, dtype=dtype) for path, _ in parsed], [w for _, w in parsed]
+                for path in folders]
+    return [ValueModel.from_pretrained(path, device=device, dtype=dtype) for path in folders]
