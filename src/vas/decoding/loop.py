@@ -345,13 +345,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
     scorers = [scorer_for(steering.value_models[i], rollout, prompts, steering.value_prompt) for i in used]
     rows = rows.of_models(used)
 
-    finished = torch.zeros(B, dtype=torch.bool)
-    kl, outside = torch.zeros(B), torch.zeros(B)
-    steps = torch.zeros(B, dtype=torch.long)
-    logps: list[list[float]] = [[] for _ in range(B)]
-    base_logps: list[list[float]] = [[] for _ in range(B)]
+    tally = _Tally(B)
     for _ in range(max_new_tokens):
-        active = ~finished
+        active = ~tally.finished
         told = (await rollout.next_logprobs(None if steering.top_k == ALL else steering.top_k)).float()  # (B, S), τ = 1
         base = base_logprobs(told, temperature)
         tuned = getattr(rollout, "tuned_logprobs", None)
@@ -363,24 +359,44 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
         else:
             logp = steer(steering, rows, scorers, rollout, base, active)
         choice = logp.argmax(dim=-1) if greedy else draw(logp, generator)
-        if logp is not base:  # plain sampling: π = π0, KL 0
-            kl += torch.where(active, kl_divergence(logp, base).cpu(), 0.0)
-        outside += torch.where(active, (1 - told.exp().sum(dim=-1)).clamp_min(0).cpu(), 0.0)
+        tally.add(active, told, base, logp, choice, rollout.advance(choice, active).cpu())
+        if on_step is not None:
+            on_step(int(active.sum()))
+        if bool(tally.finished.all()):
+            break
+    return tally.decoded(rollout)
+
+
+class _Tally:
+    """What :func:`decode` counts per row over the steps: the chosen tokens' log π and log π0, the KL, the mass
+    outside the support, the steps and the ends."""
+
+    def __init__(self, B: int):
+        self.finished = torch.zeros(B, dtype=torch.bool)
+        self.kl, self.outside = torch.zeros(B), torch.zeros(B)
+        self.steps = torch.zeros(B, dtype=torch.long)
+        self.logps: list[list[float]] = [[] for _ in range(B)]
+        self.base_logps: list[list[float]] = [[] for _ in range(B)]
+
+    def add(self, active: torch.Tensor, told: torch.Tensor, base: torch.Tensor, logp: torch.Tensor,
+            choice: torch.Tensor, ended: torch.Tensor) -> None:
+        """One step of the ``active`` (B,) rows: ``told`` (B, S) log π0 at τ = 1 over the support, ``base`` at τ,
+        ``logp`` (B, S) log π sampled from (``base`` itself for plain sampling: KL 0), ``choice`` (B,) and
+        ``ended`` (B,) bool, the rows that ended on it."""
+        if logp is not base:
+            self.kl += torch.where(active, kl_divergence(logp, base).cpu(), 0.0)
+        self.outside += torch.where(active, (1 - told.exp().sum(dim=-1)).clamp_min(0).cpu(), 0.0)
         chosen_logp = logp.gather(1, choice[:, None]).squeeze(1).tolist()
         chosen_base = base.gather(1, choice[:, None]).squeeze(1).tolist()
         for row in active.nonzero().flatten().tolist():
-            logps[row].append(chosen_logp[row])
-            base_logps[row].append(chosen_base[row])
-        ended = rollout.advance(choice, active).cpu()
-        steps += active.long()
-        finished |= active & ended
-        if on_step is not None:
-            on_step(int(active.sum()))
-        if bool(finished.all()):
-            break
-    token_ids = getattr(rollout, "token_ids", None)
-    return Decoded(rollout.response_texts(), token_ids, logps, base_logps, kl, finished, steps,
-                   outside / steps.clamp_min(1))
+            self.logps[row].append(chosen_logp[row])
+            self.base_logps[row].append(chosen_base[row])
+        self.steps += active.long()
+        self.finished |= active & ended
+
+    def decoded(self, rollout) -> Decoded:
+        return Decoded(rollout.response_texts(), getattr(rollout, "token_ids", None), self.logps, self.base_logps,
+                       self.kl, self.finished, self.steps, self.outside / self.steps.clamp_min(1))
 
 
 def run_sync(coroutine):
