@@ -137,10 +137,8 @@ def finetune(
             than 2 samples per prompt online, a batch size that is not a multiple of them, or an interrupted
             run with other settings.
     """
-    from peft import LoraConfig
-
     from vas.jobs import trainer_checkpoint
-    from vas.models import load_policy, load_tokenizer, resolve_dtype
+    from vas.models import load_policy, load_tokenizer
     from vas.value.train import data_digest, show_progress
 
     config.check()
@@ -150,73 +148,25 @@ def finetune(
         raise VasError("the data holds no responses: collect some first (vas collect)")
     device = torch.device(device)
     tokenizer = load_tokenizer(base_model)
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
-    common = dict(output_dir=str(checkpoint_dir), num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-                  lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, seed=config.seed,
-                  save_strategy="steps" if config.save_steps else "epoch", save_steps=config.save_steps or 500,
-                  save_total_limit=2, logging_steps=1, report_to=[], disable_tqdm=not progress,
-                  use_cpu=device.type == "cpu", bf16=resolve_dtype("auto", device) == torch.bfloat16,
-                  dataloader_num_workers=0)
     if config.method == "dpo":
-        pairs = preference_pairs(data, tokenizer)
-        if len(pairs) == 0:
-            raise VasError("no preference pair: every prompt's responses have the same reward (DPO needs a better "
-                           "and a worse response to one prompt; collect more --samples-per-prompt)")
-        training = {"pairs": len(pairs), "samples_read": 2 * len(pairs)}
-        per_step = None
+        train_set, training = _dpo_pairs(data, tokenizer)
     else:
-        from vas.rewards import load_reward, score
-
-        counts: dict = {}
-        for key in (data["prompt_index"] if "prompt_index" in data.column_names else map(tuple, data["prompt_ids"])):
-            counts[key] = counts.get(key, 0) + 1
-        group = config.samples_per_prompt or min(counts.values())
-        if group < 2:
-            raise VasError(f"--method {config.method} compares ≥ 2 responses per prompt: pass --samples-per-prompt 2 "
-                           f"or more (got {group})")
-        if config.batch_size % group:
-            raise VasError(f"--batch-size ({config.batch_size}) must be a multiple of the responses per prompt ({group})")
-        reward = load_reward(reward_spec)
-
-        def reward_function(prompts, completions, user_prompt, **_):
-            return score(reward, list(user_prompt), list(completions)).tolist()
-
-        reward_function.__name__ = str(reward_spec)
-        training = {"samples_read": 0}
-        per_step = config.batch_size
-        # the settings used, where the data gives the default: the policy is trained (and its KL measured) at τ
-        config = dataclasses.replace(config, samples_per_prompt=group,
-                                     max_new_tokens=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
-                                     temperature=config.temperature or data_settings.get("temperature", 0.7))
+        config = _online_config(config, data, data_settings)
+        train_set, training = _online_prompts(data, tokenizer), {"samples_read": 0}
+    reward_function = None if config.method == "dpo" else _reward_function(reward_spec)
     # before the trainer, which creates its output folder
     resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "base_model": base_model,
                                                  "reward": reward_spec, "data": data_digest(data)})
     model = load_policy(base_model, device=device, dtype=torch.float32)
-    if config.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(**common, beta=config.kl_coef, per_device_train_batch_size=config.batch_size, max_length=None)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
-                             processing_class=tokenizer, peft_config=lora)
-    else:
-        online = dict(per_device_train_batch_size=config.batch_size, num_generations=group,
-                      max_completion_length=config.max_new_tokens, temperature=config.temperature,
-                      beta=config.kl_coef, disable_dropout=True)
-        if config.method == "rloo":
-            from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-        else:
-            from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-        trainer = Trainer(model=model, reward_funcs=reward_function, args=Config(**common, **online),
-                          train_dataset=_online_prompts(data, tokenizer), processing_class=tokenizer, peft_config=lora)
+    trainer = _trainer(config, model, tokenizer, train_set, reward_function, checkpoint_dir, device, progress)
     elapsed = show_progress(trainer, checkpoint_dir, None, progress, f"fine-tuning π0 ({config.method.upper()})")
 
     def info_at(steps: int, snapshot: bool = False) -> dict:  # an adapter's vas_finetune.json after ``steps`` steps
         return {"method": config.method, "snapshot": snapshot, "kl_coef": config.kl_coef, "base_model": base_model,
                 "reward": reward_spec, "config": dataclasses.asdict(config),
                 "training": {"seconds": elapsed.seconds, "steps": steps, **training,
-                             "samples_drawn": steps * per_step if per_step else 0}}
+                             "samples_drawn": 0 if config.method == "dpo" else steps * config.batch_size}}
 
     snapshots = checkpoint_dir / "snapshots"
     trainer.add_callback(_Snapshots(snapshots, config.snapshots, lambda model, steps: _save(
@@ -224,15 +174,106 @@ def finetune(
     result = trainer.train(resume_from_checkpoint=resume)
     steps = trainer.state.global_step
     info = {**info_at(steps), "train_loss": result.training_loss}
+    _publish(trainer.model, tokenizer, info, out_dir, checkpoint_dir)
+    if log is not None:
+        log(f"{label(info)}: {steps} steps in {elapsed.seconds / 60:.1f} min")
+    return info
+
+
+def _dpo_pairs(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, dict]:
+    """DPO's training set (the ``prompt``, ``chosen`` and ``rejected`` columns of :func:`preference_pairs`) and
+    its part of the training cost: ``pairs`` and ``samples_read`` (2 per pair).
+
+    Raises:
+        VasError: if there is no pair (every prompt's responses tie).
+    """
+    pairs = preference_pairs(data, tokenizer)
+    if len(pairs) == 0:
+        raise VasError("no preference pair: every prompt's responses have the same reward (DPO needs a better "
+                       "and a worse response to one prompt; collect more --samples-per-prompt)")
+    return pairs.select_columns(["prompt", "chosen", "rejected"]), {"pairs": len(pairs), "samples_read": 2 * len(pairs)}
+
+
+def _online_config(config: FinetuneConfig, data: datasets.Dataset, data_settings: dict) -> FinetuneConfig:
+    """``config`` with the settings an online method uses where the data gives the default: the responses per
+    prompt (the data's fewest, unless set), ``max_new_tokens`` and ``temperature`` (the collection's: the policy
+    is trained, and its KL measured, at its τ).
+
+    Raises:
+        VasError: for fewer than 2 responses per prompt, or a batch size that is not a multiple of them.
+    """
+    counts: dict = {}
+    for key in (data["prompt_index"] if "prompt_index" in data.column_names else map(tuple, data["prompt_ids"])):
+        counts[key] = counts.get(key, 0) + 1
+    group = config.samples_per_prompt or min(counts.values())
+    if group < 2:
+        raise VasError(f"--method {config.method} compares ≥ 2 responses per prompt: pass --samples-per-prompt 2 "
+                       f"or more (got {group})")
+    if config.batch_size % group:
+        raise VasError(f"--batch-size ({config.batch_size}) must be a multiple of the responses per prompt ({group})")
+    return dataclasses.replace(config, samples_per_prompt=group,
+                               max_new_tokens=config.max_new_tokens or data_settings.get("max_new_tokens", 64),
+                               temperature=config.temperature or data_settings.get("temperature", 0.7))
+
+
+def _reward_function(reward_spec: str | None) -> Callable:
+    """The reward (:func:`vas.rewards.load_reward`) as TRL's online trainers call it: the rewards of a batch's
+    completions to its ``user_prompt`` column, as a list of floats; named ``reward_spec`` in TRL's logs."""
+    from vas.rewards import load_reward, score
+
+    reward = load_reward(reward_spec)
+
+    def reward_function(prompts, completions, user_prompt, **_):
+        return score(reward, list(user_prompt), list(completions)).tolist()
+
+    reward_function.__name__ = str(reward_spec)
+    return reward_function
+
+
+def _trainer(config: FinetuneConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             train_set: datasets.Dataset, reward_function: Callable | None, checkpoint_dir: Path,
+             device: torch.device, progress: bool):
+    """TRL's trainer of ``config.method`` (``DPOTrainer``, ``RLOOTrainer`` or ``GRPOTrainer``) for a LoRA adapter
+    on every linear layer of ``model``, checkpointing to ``checkpoint_dir``; the online ones score their samples
+    with ``reward_function``."""
+    from peft import LoraConfig
+
+    from vas.models import resolve_dtype
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    common = dict(output_dir=str(checkpoint_dir), num_train_epochs=config.epochs, learning_rate=config.learning_rate,
+                  lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, seed=config.seed,
+                  save_strategy="steps" if config.save_steps else "epoch", save_steps=config.save_steps or 500,
+                  save_total_limit=2, logging_steps=1, report_to=[], disable_tqdm=not progress,
+                  use_cpu=device.type == "cpu", bf16=resolve_dtype("auto", device) == torch.bfloat16,
+                  dataloader_num_workers=0)
+    if config.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=config.kl_coef, per_device_train_batch_size=config.batch_size, max_length=None)
+        return DPOTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, peft_config=lora)
+    online = dict(per_device_train_batch_size=config.batch_size, num_generations=config.samples_per_prompt,
+                  max_completion_length=config.max_new_tokens, temperature=config.temperature,
+                  beta=config.kl_coef, disable_dropout=True)
+    if config.method == "rloo":
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+    else:
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    return Trainer(model=model, reward_funcs=reward_function, args=Config(**common, **online),
+                   train_dataset=train_set, processing_class=tokenizer, peft_config=lora)
+
+
+def _publish(model, tokenizer: PreTrainedTokenizerBase, info: dict, out_dir: Path, checkpoint_dir: Path) -> None:
+    """Save the trained adapter to ``out_dir`` whole or not at all, with the snapshots taken during training (if
+    any), and remove the checkpoints."""
     tmp = make_temp_dir(out_dir)
-    _save(trainer.model, tokenizer, info, tmp)
+    _save(model, tokenizer, info, tmp)
+    snapshots = checkpoint_dir / "snapshots"
     if snapshots.is_dir():
         snapshots.rename(tmp / "snapshots")
     tmp.rename(out_dir)  # the adapter appears whole, or not at all
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if log is not None:
-        log(f"{label(info)}: {steps} steps in {elapsed.seconds / 60:.1f} min")
-    return info
 
 
 def _save(model, tokenizer: PreTrainedTokenizerBase, info: dict, directory: Path) -> None:

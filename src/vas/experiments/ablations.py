@@ -259,32 +259,41 @@ def plot(summary: dict, size: Size, path: Path) -> None:
 
 def sections(summary: dict, size: Size) -> list[Section]:
     """Three sections (targets, top-k, value accuracy), each with its verdict from the numbers alone."""
-    from vas.experiments.beta_knob import spearman
+    return [targets_section(summary, size), top_k_section(summary, size), data_section(summary, size)]
 
-    rows = {r["condition"]: r for r in summary["rows"]}
-    ordered = summary["rows"]
-    reference = ordered[0]
-    n = size.target_prompts
 
-    def line(r):
-        return (f"| {r['condition']} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['delta']:+.3f} ± {r['delta_sem']:.3f} | "
-                f"{r['kl']:.2f} | {r['tokens']:.1f} | {r['halfway_mse']:.4f} | {r['explained']:+.2f} |")
+TABLE_HEADER = ("| condition | reward | Δ vs reference (paired) | KL nats | tokens | MSE to halfway labels | "
+                "share of label variance explained |\n|---|---|---|---|---|---|---|")
+"""The head of the conditions' table (:func:`table_row`)."""
 
-    header = ("| condition | reward | Δ vs reference (paired) | KL nats | tokens | MSE to halfway labels | "
-              "share of label variance explained |\n|---|---|---|---|---|---|---|")
+
+def table_row(r: dict) -> str:
+    """One condition's row of the table under :data:`TABLE_HEADER` (``r``: a row of the summary)."""
+    return (f"| {r['condition']} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['delta']:+.3f} ± {r['delta_sem']:.3f} | "
+            f"{r['kl']:.2f} | {r['tokens']:.1f} | {r['halfway_mse']:.4f} | {r['explained']:+.2f} |")
+
+
+def settings_text(summary: dict, size: Size) -> str:
+    """The settings every ablation section shares: β, the held-out prompts, plain π0's reward, the halfway labels."""
     labels = summary["labels"]
-    common = (f"VAS at β = {size.beta:g} on {size.eval_prompts} held-out chitchat openings × {size.samples_per_prompt} "
-              f"samples, same seeds in every condition; plain π0: {summary['plain']['reward']:.3f} ± "
-              f"{summary['plain']['reward_sem']:.3f}. Halfway labels: {labels['states']} held-out states, "
-              f"{size.completions} completions each (label variance {labels['variance']:.4f}, label noise "
-              f"{labels['noise']:.4f}, i.e. the MSE a perfect V^π0 would still show).")
+    return (f"VAS at β = {size.beta:g} on {size.eval_prompts} held-out chitchat openings × {size.samples_per_prompt} "
+            f"samples, same seeds in every condition; plain π0: {summary['plain']['reward']:.3f} ± "
+            f"{summary['plain']['reward_sem']:.3f}. Halfway labels: {labels['states']} held-out states, "
+            f"{size.completions} completions each (label variance {labels['variance']:.4f}, label noise "
+            f"{labels['noise']:.4f}, i.e. the MSE a perfect V^π0 would still show).")
 
+
+def targets_section(summary: dict, size: Size) -> Section:
+    """App. D.1's value targets: TD(λ) against TD(0) and Monte-Carlo, on the same training prompts."""
+    rows = {r["condition"]: r for r in summary["rows"]}
+    n = size.target_prompts
+    common = settings_text(summary, size)
     td_lam, td0, mc = rows[f"TD(λ), {n} prompts"], rows[f"TD(0), {n} prompts"], rows[f"Monte-Carlo, {n} prompts"]
     t = summary["targets"]
     (d0, s0), (k0, ks0) = t[f"td0_minus_td_lambda_{REWARD}"], t["td0_minus_td_lambda_kl"]
     (dm, sm), (km, ksm) = t[f"monte_carlo_minus_td_lambda_{REWARD}"], t["monte_carlo_minus_td_lambda_kl"]
     targets_verdict = worse(d0, s0, k0, ks0)
-    targets = Section(
+    return Section(
         "ablations-targets", "Ablation: TD(λ) against TD(0) and Monte-Carlo targets (App. D.1)",
         "Training the value model with TD(0) targets instead of TD(λ) costs a little reward (the paper: “probably "
         "as a result of higher value estimation error”).",
@@ -292,10 +301,10 @@ def sections(summary: dict, size: Size) -> list[Section]:
         f"""`vas experiment {NAME}`. Three value models trained on the same {n} training prompts × {size.recipe.samples_per_prompt} responses,
 differing only in λ. {common}
 
-{header}
-{line(td_lam)}
-{line(td0)}
-{line(mc)}
+{TABLE_HEADER}
+{table_row(td_lam)}
+{table_row(td0)}
+{table_row(mc)}
 
 Paired over prompts, reward: TD(0) − TD(λ) = {d0:+.3f} ± {s0:.3f}, Monte-Carlo − TD(λ) = {dm:+.3f} ± {sm:.3f}; KL:
 {k0:+.2f} ± {ks0:.2f} and {km:+.2f} ± {ksm:.2f} nats. MSE to the halfway labels: TD(λ) {td_lam['halfway_mse']:.4f}, TD(0)
@@ -307,22 +316,29 @@ current estimate only, so the final reward reaches early states slowly; after {s
 
 ![ablations]({NAME}/ablations.png)""")
 
+
+def top_k_section(summary: dict, size: Size) -> Section:
+    """App. D.1's masking outside the top-k and D.2's k, against the reference."""
+    rows = {r["condition"]: r for r in summary["rows"]}
+    ordered = summary["rows"]
+    reference = ordered[0]
+    common = settings_text(summary, size)
     masked = rows[f"masked outside the top-{size.top_k}"]
     masked_verdict = worse(masked["delta"], masked["delta_sem"], masked["kl_delta"], masked["kl_delta_sem"])
     k_rows = sorted([r for r in ordered if r["condition"].startswith("k=")] + [reference], key=lambda r: r["top_k"])
     largest = k_rows[-1]
     k_verdict = worse(largest["delta"], largest["delta_sem"], largest["kl_delta"], largest["kl_delta_sem"])
-    topk = Section(
+    return Section(
         "ablations-top-k", "Ablation: tokens outside the top-k, and k (App. D.1, D.2)",
         "Masking the tokens outside the top-k (instead of giving them β·mean(V), Eq. 5) makes VAS worse on the "
         "reward–KL plane; at a fixed β, a small k (10–20) does better than a large one.",
         verdict_of([masked_verdict, k_verdict]),
         f"""{common} The value model is the reference's (all {size.train_prompts} training prompts, TD(λ)).
 
-{header}
-{line(reference)}
-{line(masked)}
-{chr(10).join(line(r) for r in k_rows if r is not reference)}
+{TABLE_HEADER}
+{table_row(reference)}
+{table_row(masked)}
+{chr(10).join(table_row(r) for r in k_rows if r is not reference)}
 
 Masking: reward {masked['delta']:+.3f} ± {masked['delta_sem']:.3f} and KL {masked['kl_delta']:+.2f} ± {masked['kl_delta_sem']:.2f} nats against Eq. 5
 (paired; worse means less reward without less KL, or no more reward for more KL: {masked_verdict}). The paper's D.1 text describes removing the bonus of the tokens outside the top-k;
@@ -330,6 +346,14 @@ this experiment masks them (probability 0), the stronger variant (those tokens c
 against k = {size.top_k}: reward {largest['delta']:+.3f} ± {largest['delta_sem']:.3f}, KL {largest['kl_delta']:+.2f} ± {largest['kl_delta_sem']:.2f} (worse: {k_verdict}). A larger k also costs more: seconds per
 response {", ".join(f"k={r['top_k']}: {r['seconds_per_response']:.2f}" for r in k_rows)}.""")
 
+
+def data_section(summary: dict, size: Size) -> Section:
+    """Table 3: value accuracy (MSE to the halfway labels) against reward over training-set sizes."""
+    from vas.experiments.beta_knob import spearman
+
+    ordered = summary["rows"]
+    labels = summary["labels"]
+    common = settings_text(summary, size)
     data_rows = sorted([r for r in ordered if r["lam"] == size.recipe.lam and not r["masked"] and r["top_k"] == size.top_k],
                        key=lambda r: r["prompts"])
     mse_falls = all(a["halfway_mse"] > b["halfway_mse"] for a, b in zip(data_rows, data_rows[1:]))
@@ -347,7 +371,7 @@ response {", ".join(f"k={r['top_k']}: {r['seconds_per_response']:.2f}" for r in 
         data_verdict = "not reproduced"
     table = "\n".join(f"| {r['prompts']} × {size.recipe.samples_per_prompt} | {r['halfway_mse']:.4f} | {r['explained']:+.2f} | "
                       f"{r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['kl']:.2f} |" for r in data_rows)
-    accuracy = Section(
+    return Section(
         "ablations-data", "Ablation: value accuracy against reward over training-set sizes (Table 3)",
         "More training data gives a value model with lower validation MSE (to App. C.1's halfway labels), and "
         "lower MSE goes with higher reward.",
@@ -362,4 +386,3 @@ MSE falls with more data: {"yes" if mse_falls else "no"}; reward rises: {"yes" i
 size: {gap:+.3f} ± {gap_sem:.3f}); Spearman ρ(MSE, reward) = {rho:.2f} over {len(data_rows)} sizes (the paper's Table 3: ρ = −1
 over 3 sizes). A model can only be as good as the label noise allows ({labels['noise']:.4f}); the variance of the
 labels ({labels['variance']:.4f}) is the MSE of the best constant.""")
-    return [targets, topk, accuracy]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vas.config import FinetuneConfig
-from vas.experiments.report import Section, pyplot, save_figure
+from vas.experiments.report import Section, beats, pyplot, reaches, save_figure
 from vas.pipeline import Recipe
 
 NAME = "frontier"
@@ -274,61 +274,13 @@ def against_vas(entry: dict, report: dict) -> tuple[str, str]:
 def tradeoff_section(report: dict, judged: dict, size: Size, *, value_layers: int, policy_layers: int,
                      train_rows: int, value_seconds: float | None) -> Section:
     """Claim (a), Fig. 2/3: the table of every method and the verdict on VAS against the fine-tuned policies."""
-    from vas.evaluate import kl_overhead
-
     recipe = size.recipe
-    plain = report["plain"]
-    vas = sorted(report["vas"], key=lambda v: v["beta"])
     tuned = report.get("finetuned", [])
     places = {f["name"]: against_vas(f, report) for f in tuned}
-    below = [n for n, (w, _) in places.items() if w == "below"]
-    above = [n for n, (w, _) in places.items() if w == "above"]
-    if not any(v["reward"] > plain["reward"] + 2 * math.hypot(v["reward_sem"], plain["reward_sem"]) for v in vas):
-        verdict = "inconclusive"  # VAS never beats plain sampling beyond noise: nothing to compare
-    elif above:
-        verdict = "not reproduced"
-    elif below and len(below) == len(tuned):
-        verdict = "reproduced"
-    elif below:
-        verdict = "partly reproduced"
-    else:
-        verdict = "inconclusive"
-
-    judged_by = {("vas", j["beta"]): j for j in judged["vas"]}
-    judged_by.update({("bon", j["n"]): j for j in judged["best_of_n"]})
-    judged_by.update({("ft", j["name"]): j for j in judged.get("finetuned", [])})
-
-    def row(name, e, j, training="—"):
-        kl = f"≤ {e['kl']:.2f}" if e.get("kl_is_bound") else f"{e['kl']:.2f}"
-        wins = ("— | —" if j is None else f"{j['reward_win_rate']:.2f} | {j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f}")
-        overhead = kl_overhead(e["kl"], e["reward"], report["optimum"]) if report.get("optimum") else None
-        overhead = "—" if overhead is None else ("≤ " if e.get("kl_is_bound") else "") + f"{overhead:.1f}×"
-        return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f} | {kl} | {overhead} | {e['length']:.1f} | "
-                f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {training} | {wins} |")
-
-    def cost(t):
-        samples = f"{t['samples_drawn']} drawn" if t.get("samples_drawn") else f"{t['samples_read']} read"
-        return f"{t['seconds'] / 60:.1f} min, {samples}" if t.get("seconds") is not None else samples
-
-    lines = [row("plain π0", plain, {"reward_win_rate": 0.5, "judge_win_rate": 0.5, "judge_win_rate_sem": 0.0})]
-    lines += [row(f"Best-of-{b['n']}", b, judged_by.get(("bon", b["n"]))) for b in report["best_of_n"]]
-    lines += [row(f"VAS β={v['beta']:g}", v, judged_by.get(("vas", v["beta"])),
-                  "value model: " + cost({"seconds": value_seconds, "samples_read": train_rows})) for v in vas]
-    lines += [row(f["name"], f, judged_by.get(("ft", f["name"])), cost(f["training"])) for f in tuned]
+    verdict = tradeoff_verdict(report, places)
+    lines = method_rows(report, judged, train_rows=train_rows, value_seconds=value_seconds)
     findings = [f"{name}: {text} ({where})" for name, (where, text) in places.items()]
-    gaps = {name: f["reward"] - interpolated([{**plain, "kl": 0.0}] + vas, f["kl"])[0]
-            for name, f in ((f["name"], f) for f in tuned) if places[name][0] != "outside"}
-    why = ""
-    if verdict != "reproduced" and gaps:
-        tied = [n for n, (w, _) in places.items() if w == "tie"]
-        why = (f"At equal KL the fine-tuned policies' reward minus VAS's ranges from {min(gaps.values()):+.3f} to "
-               f"{max(gaps.values()):+.3f}" + (f"; {len(tied)} of {len(tuned)} lie within two standard errors of VAS's "
-                                              f"frontier, which {report['settings']['prompts']} held-out openings × "
-                                              f"{size.vas_samples_per_prompt} samples cannot separate" if tied else "")
-               + ". VAS's frontier between two β points is a straight line, which lies below a concave frontier: "
-               "where its β points are far apart in KL, the comparison favours the fine-tuned policy. Every method "
-               f"learns from the same {train_rows} π0 responses (or draws as many), far from the paper's 7B models "
-               "trained on tens of thousands of samples.")
+    why = "" if verdict == "reproduced" else tradeoff_shortfall(report, places, size, train_rows)
     dpo_note = "" if any(f["method"] == "dpo" for f in tuned) else " (skipped: every opening's responses tie)"
     optimum_note = ("KL overhead: the method's KL divided by the KL the KL-optimal policy π0·exp(r/α)/Z needs for the "
                     "same reward, estimated on the pool of π0 samples (its KL is capped at log "
@@ -373,6 +325,70 @@ evaluation in `{NAME}/eval/`. An LLM judge (App. E.2's pairwise protocol) can be
                    "reward.", verdict, body)
 
 
+def tradeoff_verdict(report: dict, places: dict[str, tuple[str, str]]) -> str:
+    """Claim (a)'s verdict from where each fine-tuned policy stands against VAS's frontier (``places``:
+    :func:`against_vas` by name); inconclusive where VAS never beats plain sampling beyond noise."""
+    if not any(beats(v, report["plain"]) for v in report["vas"]):
+        return "inconclusive"  # VAS never beats plain sampling beyond noise: nothing to compare
+    below = [n for n, (w, _) in places.items() if w == "below"]
+    if any(w == "above" for w, _ in places.values()):
+        return "not reproduced"
+    if below and len(below) == len(report.get("finetuned", [])):
+        return "reproduced"
+    return "partly reproduced" if below else "inconclusive"
+
+
+def method_rows(report: dict, judged: dict, *, train_rows: int, value_seconds: float | None) -> list[str]:
+    """The trade-off table's rows: plain π0, Best-of-N, VAS per β and each fine-tuned policy, with reward, KL, KL
+    overhead, length, decoding cost, training cost and win rates (:func:`judge_table`'s)."""
+    from vas.evaluate import kl_overhead
+
+    judged_by = {("vas", j["beta"]): j for j in judged["vas"]}
+    judged_by.update({("bon", j["n"]): j for j in judged["best_of_n"]})
+    judged_by.update({("ft", j["name"]): j for j in judged.get("finetuned", [])})
+
+    def row(name, e, j, training="—"):
+        kl = f"≤ {e['kl']:.2f}" if e.get("kl_is_bound") else f"{e['kl']:.2f}"
+        wins = ("— | —" if j is None else f"{j['reward_win_rate']:.2f} | {j['judge_win_rate']:.2f} ± {j['judge_win_rate_sem']:.2f}")
+        overhead = kl_overhead(e["kl"], e["reward"], report["optimum"]) if report.get("optimum") else None
+        overhead = "—" if overhead is None else ("≤ " if e.get("kl_is_bound") else "") + f"{overhead:.1f}×"
+        return (f"| {name} | {e['reward']:.3f} ± {e['reward_sem']:.3f} | {kl} | {overhead} | {e['length']:.1f} | "
+                f"{e['seconds_per_prompt']:.2f} | {e['gflop']:.1f} | {training} | {wins} |")
+
+    def cost(t):
+        samples = f"{t['samples_drawn']} drawn" if t.get("samples_drawn") else f"{t['samples_read']} read"
+        return f"{t['seconds'] / 60:.1f} min, {samples}" if t.get("seconds") is not None else samples
+
+    lines = [row("plain π0", report["plain"], {"reward_win_rate": 0.5, "judge_win_rate": 0.5, "judge_win_rate_sem": 0.0})]
+    lines += [row(f"Best-of-{b['n']}", b, judged_by.get(("bon", b["n"]))) for b in report["best_of_n"]]
+    lines += [row(f"VAS β={v['beta']:g}", v, judged_by.get(("vas", v["beta"])),
+                  "value model: " + cost({"seconds": value_seconds, "samples_read": train_rows}))
+              for v in sorted(report["vas"], key=lambda v: v["beta"])]
+    lines += [row(f["name"], f, judged_by.get(("ft", f["name"])), cost(f["training"])) for f in report.get("finetuned", [])]
+    return lines
+
+
+def tradeoff_shortfall(report: dict, places: dict[str, tuple[str, str]], size: Size, train_rows: int) -> str:
+    """Why claim (a) falls short: the fine-tuned policies' reward minus VAS's at equal KL, the ties the prompts
+    cannot separate, and what makes the comparison hard at this size; empty where no policy is within VAS's
+    measured KL."""
+    tuned = report.get("finetuned", [])
+    vas = sorted(report["vas"], key=lambda v: v["beta"])
+    gaps = {f["name"]: f["reward"] - interpolated([{**report["plain"], "kl": 0.0}] + vas, f["kl"])[0]
+            for f in tuned if places[f["name"]][0] != "outside"}
+    if not gaps:
+        return ""
+    tied = [n for n, (w, _) in places.items() if w == "tie"]
+    return (f"At equal KL the fine-tuned policies' reward minus VAS's ranges from {min(gaps.values()):+.3f} to "
+            f"{max(gaps.values()):+.3f}" + (f"; {len(tied)} of {len(tuned)} lie within two standard errors of VAS's "
+                                           f"frontier, which {report['settings']['prompts']} held-out openings × "
+                                           f"{size.vas_samples_per_prompt} samples cannot separate" if tied else "")
+            + ". VAS's frontier between two β points is a straight line, which lies below a concave frontier: "
+            "where its β points are far apart in KL, the comparison favours the fine-tuned policy. Every method "
+            f"learns from the same {train_rows} π0 responses (or draws as many), far from the paper's 7B models "
+            "trained on tens of thousands of samples.")
+
+
 def cost_section(report: dict, size: Size) -> Section:
     """Claim (b), App. D.4: the largest N whose Best-of-N reward VAS reaches, and the cost ratio there; with
     observation (c): VAS against Best-of-N at equal KL."""
@@ -380,12 +396,9 @@ def cost_section(report: dict, size: Size) -> Section:
     vas = sorted(report["vas"], key=lambda v: v["beta"])
     bon = sorted(report["best_of_n"], key=lambda b: b["n"])
 
-    def reaches(v, b):  # not below Best-of-N's reward by more than two standard errors of the difference
-        return v["reward"] >= b["reward"] - 2 * math.hypot(v["reward_sem"], b["reward_sem"])
-
     reached = [b for b in bon if b["n"] > 1 and any(reaches(v, b) for v in vas)]
     lines = []
-    if not any(v["reward"] > plain["reward"] + 2 * math.hypot(v["reward_sem"], plain["reward_sem"]) for v in vas):
+    if not any(beats(v, plain) for v in vas):
         verdict = "inconclusive"
         text = "No β beats plain sampling beyond two standard errors: there is nothing to match."
     elif not reached:

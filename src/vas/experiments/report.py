@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,18 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
     d = (a - b).double()
     return float(d.mean()), standard_error(d)
+
+
+def reaches(point: dict, target: dict) -> bool:
+    """Whether ``point``'s reward is not below ``target``'s by more than two standard errors of their difference
+    (each a dict with ``reward`` and ``reward_sem``)."""
+    return point["reward"] >= target["reward"] - 2 * math.hypot(point["reward_sem"], target["reward_sem"])
+
+
+def beats(point: dict, target: dict) -> bool:
+    """Whether ``point``'s reward is above ``target``'s by more than two standard errors of their difference (each
+    a dict with ``reward`` and ``reward_sem``)."""
+    return point["reward"] > target["reward"] + 2 * math.hypot(point["reward_sem"], target["reward_sem"])
 
 
 def save_figure(fig, path: str | Path) -> None:

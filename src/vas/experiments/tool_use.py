@@ -183,20 +183,11 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         VasError: if π0's GGUF is not installed (:func:`vas.models.gguf_file`), or the server fails.
     """
     from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
-    from vas.collect import REQUIRED_FOR_TRAINING, collect
-    from vas.decoding.loop import Steering
     from vas.pipeline import claim
-    from vas.experiments.home_search import (
-        HomeSearchReward,
-        field_f1,
-        prompt,
-        success,
-        value_prompt,
-    )
+    from vas.experiments.home_search import HomeSearchReward
     from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
-    from vas.storage import load_dataset_dir, write_json_atomic
-    from vas.jobs import generate
+    from vas.storage import write_json_atomic
     from vas.value.model import ValueModel
 
     gguf = check(size)
@@ -211,50 +202,16 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
             return ApiPolicy(Endpoint(url, size.policy, extra_body=LLAMA_CPP_UNTRUNCATED, stop=STOP, stream=True))
 
         sizing = sized(policy, size, seed, out / "sizing", log, progress=progress)
-        samples = out / "samples"
-        if samples.exists():
-            log(f"samples: reusing {samples}")
-            data = load_dataset_dir(samples, REQUIRED_FOR_TRAINING)
-        else:
-            log(f"collecting {len(train)} one-shot queries × {recipe.samples_per_prompt} through the API → {samples}")
-            data = collect(policy(), [prompt(q, one_shot=True) for q in train], reward, samples,
-                           value_tokenizer=tokenizer, samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                               seed=seed, concurrency=size.concurrency, value_prompt=value_prompt, progress=progress,
-                               metadata={"policy": size.policy, "task": "home-search", "criteria": size.criteria})
+        data = training_data(policy, train, reward, out / "samples", tokenizer, size, seed,
+                             progress=progress, log=log)
         value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
                                         seed=seed, device=device, progress=progress, log=log)
         value = ValueModel.from_pretrained(value_dir, device=device).eval()
-        rows, wins = {}, {}
-        for label, one_shot, vas in CONDITIONS:
-            path = out / "conditions" / (label.replace(" + ", "-").replace(" ", "-") + ".jsonl")
-            prompts = [prompt(q, one_shot=one_shot) for q in held_out]
-            if vas and path.exists():  # finished earlier: an interrupted experiment resumes
-                rows[label] = cached(path, prompts)
-            elif vas:
-                steering = Steering([value], beta=size.beta, top_k=size.top_k, value_prompt=value_prompt)
-                # temperature 1: the argmax of log π0 + β·V, with π0's own log-probabilities (Sec. 4.4)
-                rows[label] = generate(policy(), prompts, steering, path, temperature=1.0,
-                                       max_new_tokens=recipe.max_new_tokens, greedy=True, seed=seed,
-                                       concurrency=size.concurrency, progress=progress)
-            else:
-                rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=recipe.max_new_tokens,
-                                               progress=progress)
-            wins[label] = [success(q, r["response"]) for q, r in zip(held_out, rows[label])]
-            log(f"{label}: {sum(wins[label])}/{len(held_out)} correct")
+        rows, wins = decode_conditions(policy, held_out, value, out / "conditions", size, seed, progress=progress,
+                                       log=log)
         margin = decision_margin(value, tokenizer, held_out)
 
-    table = []
-    for label, _, _ in CONDITIONS:
-        n = len(held_out)
-        low, high = wilson(sum(wins[label]), n)
-        table.append({"condition": label, "successes": sum(wins[label]), "queries": n, "rate": sum(wins[label]) / n,
-                      "ci95": [low, high],
-                      "field_f1": sum(field_f1(q, r["response"]) for q, r in zip(held_out, rows[label])) / n,
-                      "tokens": sum(r["tokens"] for r in rows[label]) / n,
-                      "seconds_per_query": sum(r["seconds"] for r in rows[label]) / n,
-                      "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / n
-                                       if rows[label][0].get("outside_mass") is not None else None),
-                      "wins": wins[label]})
+    table = condition_table(held_out, rows, wins)
     rate = sum(data["reward"]) / len(data)
     training = {"responses": len(data), "success_rate": rate, "reward_variance": rate * (1 - rate),
                 "validation_mse": value.value_config.get("metrics", {}).get("eval_final_mse")}
@@ -268,6 +225,76 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     write_json_atomic(out / "summary.json", summary)
     plot(table, out / "tool_use.png")
     return [section(summary, size)]
+
+
+def training_data(policy: Callable, train: list, reward, samples: Path, tokenizer, size: Size, seed: int, *,
+                  progress: bool, log: Callable[[str], None]):
+    """π0's scored one-shot responses to the training queries, collected through the API into ``samples``
+    (:func:`vas.collect.collect`), or read back from it where an earlier run collected them."""
+    from vas.collect import REQUIRED_FOR_TRAINING, collect
+    from vas.experiments.home_search import prompt, value_prompt
+    from vas.storage import load_dataset_dir
+
+    recipe = size.recipe
+    if samples.exists():
+        log(f"samples: reusing {samples}")
+        return load_dataset_dir(samples, REQUIRED_FOR_TRAINING)
+    log(f"collecting {len(train)} one-shot queries × {recipe.samples_per_prompt} through the API → {samples}")
+    return collect(policy(), [prompt(q, one_shot=True) for q in train], reward, samples,
+                   value_tokenizer=tokenizer, samples_per_prompt=recipe.samples_per_prompt,
+                   max_new_tokens=recipe.max_new_tokens, seed=seed, concurrency=size.concurrency,
+                   value_prompt=value_prompt, progress=progress,
+                   metadata={"policy": size.policy, "task": "home-search", "criteria": size.criteria})
+
+
+def decode_conditions(policy: Callable, held_out: list, value, folder: Path, size: Size, seed: int, *,
+                      progress: bool, log: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, list]]:
+    """Each of :data:`CONDITIONS` decoded greedily on the held-out queries, π0 alone or steered by ``value``
+    (VAS at ``size.beta``, one request per token), kept in ``folder`` and reused from it. Returns, by condition,
+    the responses' rows (:func:`vas.jobs.generate`'s) and whether each is a success."""
+    from vas.decoding.loop import Steering
+    from vas.experiments.home_search import prompt, success, value_prompt
+    from vas.jobs import generate
+
+    rows, wins = {}, {}
+    for label, one_shot, vas in CONDITIONS:
+        path = folder / (label.replace(" + ", "-").replace(" ", "-") + ".jsonl")
+        prompts = [prompt(q, one_shot=one_shot) for q in held_out]
+        if vas and path.exists():  # finished earlier: an interrupted experiment resumes
+            rows[label] = cached(path, prompts)
+        elif vas:
+            steering = Steering([value], beta=size.beta, top_k=size.top_k, value_prompt=value_prompt)
+            # temperature 1: the argmax of log π0 + β·V, with π0's own log-probabilities (Sec. 4.4)
+            rows[label] = generate(policy(), prompts, steering, path, temperature=1.0,
+                                   max_new_tokens=size.recipe.max_new_tokens, greedy=True, seed=seed,
+                                   concurrency=size.concurrency, progress=progress)
+        else:
+            rows[label] = greedy_responses(policy(), prompts, path, max_new_tokens=size.recipe.max_new_tokens,
+                                           progress=progress)
+        wins[label] = [success(q, r["response"]) for q, r in zip(held_out, rows[label])]
+        log(f"{label}: {sum(wins[label])}/{len(held_out)} correct")
+    return rows, wins
+
+
+def condition_table(held_out: list, rows: dict[str, list[dict]], wins: dict[str, list[bool]]) -> list[dict]:
+    """One summary row per condition (``rows`` and ``wins`` from :func:`decode_conditions`): successes (and
+    ``wins``, per query), success rate with its Wilson interval, field F1, tokens, seconds per query and π0's mass
+    outside the top-k (None where not asked for)."""
+    from vas.experiments.home_search import field_f1
+
+    table = []
+    for label, _, _ in CONDITIONS:
+        n = len(held_out)
+        low, high = wilson(sum(wins[label]), n)
+        table.append({"condition": label, "successes": sum(wins[label]), "queries": n, "rate": sum(wins[label]) / n,
+                      "ci95": [low, high],
+                      "field_f1": sum(field_f1(q, r["response"]) for q, r in zip(held_out, rows[label])) / n,
+                      "tokens": sum(r["tokens"] for r in rows[label]) / n,
+                      "seconds_per_query": sum(r["seconds"] for r in rows[label]) / n,
+                      "outside_mass": (sum(r["outside_mass"] for r in rows[label]) / n
+                                       if rows[label][0].get("outside_mass") is not None else None),
+                      "wins": wins[label]})
+    return table
 
 
 def plot(table: list[dict], path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vas.experiments.report import Section, pyplot, save_figure
+from vas.experiments.report import Section, pyplot, reaches, save_figure
 from vas.pipeline import Recipe
 
 NAME = "value-heads"
@@ -186,14 +186,57 @@ def plot(summary: dict, path: Path, size: Size) -> None:
 
 def section(summary: dict, size: Size) -> Section:
     """The report's section: R² and frontier per head, and the aim's verdict from the measured numbers alone."""
-    from vas.evaluate import kl_at_reward, kl_overhead
-
     bon = {b["n"]: b for b in summary["best_of_n"]}
     reference = bon.get(size.reference_n) or bon[max(bon)]
     kl_limit = size.aim_kl_factor * reference["kl"]
+    rows, best = head_rows(summary, size, reference)
+    explained = max(summary["heads"], key=lambda e: e["finished"]["explained"])
+    aim_r2 = explained["finished"]["explained"] >= size.aim_explained
+    aim_kl = best is not None and best[2]["kl"] <= kl_limit
+    verdict = "reproduced" if aim_r2 and aim_kl else "partly reproduced" if aim_r2 or aim_kl else "not reproduced"
+    findings = [f"The head that explains most is `{explained['head']}`: {explained['finished']['explained']:.0%} of the "
+                f"reward's variance at finished states (aim: {size.aim_explained:.0%}) and "
+                f"{explained['halfway']['explained']:.0%} at halfway states"] + window_findings(summary)
+    findings += frontier_findings(summary, size, reference, best) + soft_findings(summary)
+    if not (aim_r2 and aim_kl):
+        findings.append(shortfall(summary, size))
+    findings.append(f"Decoding time per generated token (batch {size.batch_size}, mean over the β grid; against `last`): "
+                    + decoding_costs(summary))
+    head_rows_text = "\n".join(rows)
+    beta_header = " | ".join(f"β={b:g}" for b in size.betas)
+    optimum_note = optimum_sentence(summary, size, reference)
+    body = f"""`vas experiment {NAME}`: the frontier's task on the shared data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
+openings, VADER positivity), one value model per head, same recipe ({size.recipe.backbone_layers or 'all'} of π0's layers, LoRA r = {size.recipe.lora_rank},
+TD(λ) λ = {size.recipe.lam:g}, {size.recipe.epochs:g} epochs; the distributional head has {size.bins} atoms over the training
+rewards' range and is trained by cross-entropy on distributional λ-returns). R²: the share of the variance
+explained, at the finished validation responses (their reward) and at App. C.1's halfway states of
+{size.eval_prompts} held-out responses ({size.completions} π0 completions each). VAS on {size.eval_prompts} held-out openings, k = {size.top_k},
+{size.vas_samples_per_prompt} samples per prompt, exact KL; Best-of-N from a pool of {max(size.best_of)} π0 samples per prompt
+(Best-of-{reference['n']}: {reference['reward']:.3f} ± {reference['reward_sem']:.3f}, KL ≤ {reference['kl']:.2f}; plain π0
+{summary['plain']['reward']:.3f}). Cells: reward ± s.e. (KL nats; KL overhead: the KL divided by the KL the KL-optimal policy
+π0·exp(r/α)/Z needs for that reward, estimated on the same pool, where defined).{optimum_note}
 
-    def reaches(v):  # within two standard errors of Best-of-N's reward
-        return v["reward"] >= reference["reward"] - 2 * math.hypot(v["reward_sem"], reference["reward_sem"])
+| head | R² finished | R² halfway | {beta_header} |
+|---|---|---|{'---|' * len(size.betas)}
+{head_rows_text}
+
+![value heads]({NAME}/value_heads.png)
+
+{". ".join(findings)}.
+
+Data: `{NAME}/summary.json`, each head's evaluation in `{NAME}/eval/`."""
+    return Section(NAME, "Value heads and soft values (beyond the paper: Sec. 3.3's head, Q# soft values)",
+                   f"A value head that reads more of the state explains at least {size.aim_explained:.0%} of the "
+                   f"reward's variance at finished states, and VAS guided by the best head reaches Best-of-"
+                   f"{size.reference_n}'s reward at no more than {size.aim_kl_factor:g}× Best-of-{size.reference_n}'s "
+                   "KL bound (this project's aim, not a claim of the paper).", verdict, body)
+
+
+def head_rows(summary: dict, size: Size, reference: dict) -> tuple[list[str], tuple | None]:
+    """The table's rows, one per head and kind of value (a head without VAS runs: its R² only), and the lowest-KL
+    VAS point that reaches ``reference``'s reward (:func:`vas.experiments.report.reaches`) as (head, kind, point),
+    or None."""
+    from vas.evaluate import kl_overhead
 
     def overhead(v):  # the KL overhead against the optimum's estimate, where defined
         x = kl_overhead(v["kl"], v["reward"], summary["optimum"]) if summary.get("optimum") else None
@@ -210,107 +253,105 @@ def section(summary: dict, size: Size) -> Section:
             rows.append(f"| {label(entry['head'], kind == 'soft')} | {entry['finished']['explained']:.0%} | "
                         f"{entry['halfway']['explained']:.0%} | {points} |")
             for v in runs:
-                if reaches(v) and (best is None or v["kl"] < best[2]["kl"]):
+                if reaches(v, reference) and (best is None or v["kl"] < best[2]["kl"]):
                     best = (entry["head"], kind, v)
-    explained = max(summary["heads"], key=lambda e: e["finished"]["explained"])
-    aim_r2 = explained["finished"]["explained"] >= size.aim_explained
-    aim_kl = best is not None and best[2]["kl"] <= kl_limit
-    verdict = "reproduced" if aim_r2 and aim_kl else "partly reproduced" if aim_r2 or aim_kl else "not reproduced"
+    return rows, best
+
+
+def window_findings(summary: dict) -> list[str]:
+    """The mean head's window: response only (``mean``) against prompt and response (``mean-all``), where both
+    were trained (else no finding)."""
+    mean_heads = {e["head"]: e for e in summary["heads"] if e["head"] in ("mean", "mean-all")}
+    if len(mean_heads) != 2:
+        return []
+    a, b = mean_heads["mean"]["finished"]["explained"], mean_heads["mean-all"]["finished"]["explained"]
+    return [f"Averaging over the response only (`mean`) explains {a:.0%} at finished states; including the "
+            f"prompt (`mean-all`) {b:.0%}, so "
+            + ("the response-only window stays the default" if a >= b else
+               "the prompt helps here, though `response` stays the default")]
+
+
+def frontier_findings(summary: dict, size: Size, reference: dict, best: tuple | None) -> list[str]:
+    """Where the heads' frontiers stand against ``reference`` (Best-of-N): the lowest-KL point that reaches its
+    reward (``best``, from :func:`head_rows`) against the aim's KL limit, and the best point within that limit."""
+    kl_limit = size.aim_kl_factor * reference["kl"]
+    if best is not None:
+        findings = [f"The lowest-KL VAS point that reaches Best-of-{reference['n']}'s reward ({reference['reward']:.3f}, "
+                    f"within two standard errors) is the {label(best[0], best[1] == 'soft')} head at β={best[2]['beta']:g}: "
+                    f"{best[2]['reward']:.3f} at KL {best[2]['kl']:.2f} (aim: ≤ {kl_limit:.2f}, "
+                    f"{size.aim_kl_factor:g}× Best-of-{reference['n']}'s bound)"]
+    else:
+        findings = [f"No head reaches Best-of-{reference['n']}'s reward ({reference['reward']:.3f}) at any β of the grid"]
     low_kl = [(e["head"], kind, v) for e in summary["heads"] for kind, runs in e["runs"].items() for v in runs
               if v["kl"] <= kl_limit]
-    best_low = max(low_kl, key=lambda t: t[2]["reward"]) if low_kl else None
-    soft_notes = []
+    if low_kl:
+        head, kind, v = max(low_kl, key=lambda t: t[2]["reward"])
+        findings.append(f"Within {kl_limit:.2f} nats the best point is the {label(head, kind == 'soft')} head at "
+                        f"β={v['beta']:g}: {v['reward']:.3f} at KL {v['kl']:.2f}")
+    return findings
+
+
+def soft_findings(summary: dict) -> list[str]:
+    """Soft values against the point value of the same (distributional) head, per β: at the same β and at the
+    nearest KL; and, where the soft guide moves much less far from π0, why."""
+    notes = []
     for entry in summary["heads"]:
         if "soft" in entry["runs"]:
             means = entry["runs"]["mean"]
             for s in sorted(entry["runs"]["soft"], key=lambda v: v["beta"]):
                 m = next(m for m in means if m["beta"] == s["beta"])
                 near = min(means, key=lambda m: abs(math.log((m["kl"] + 0.05) / (s["kl"] + 0.05))))
-                soft_notes.append(f"β={s['beta']:g}: {s['reward']:.3f} ± {s['reward_sem']:.3f} at KL {s['kl']:.2f} "
-                                  f"(the mean at the same β: {m['reward']:.3f} at KL {m['kl']:.2f}; at the nearest KL, "
-                                  f"β={near['beta']:g}: {near['reward']:.3f} ± {near['reward_sem']:.3f} at KL {near['kl']:.2f})")
-    mean_heads = {e["head"]: e for e in summary["heads"] if e["head"] in ("mean", "mean-all")}
-    window_note = ""
-    if len(mean_heads) == 2:
-        a, b = mean_heads["mean"]["finished"]["explained"], mean_heads["mean-all"]["finished"]["explained"]
-        window_note = (f"Averaging over the response only (`mean`) explains {a:.0%} at finished states; including the "
-                       f"prompt (`mean-all`) {b:.0%}, so "
-                       + ("the response-only window stays the default" if a >= b else
-                          "the prompt helps here, though `response` stays the default"))
+                notes.append(f"β={s['beta']:g}: {s['reward']:.3f} ± {s['reward_sem']:.3f} at KL {s['kl']:.2f} "
+                             f"(the mean at the same β: {m['reward']:.3f} at KL {m['kl']:.2f}; at the nearest KL, "
+                             f"β={near['beta']:g}: {near['reward']:.3f} ± {near['reward_sem']:.3f} at KL {near['kl']:.2f})")
+    if not notes:
+        return []
+    findings = ["Soft values Q_β against the distributional head's value, per β: " + "; ".join(notes)]
+    softest = next(e for e in summary["heads"] if "soft" in e["runs"])["runs"]
+    if max(v["kl"] for v in softest["soft"]) < 0.5 * max(v["kl"] for v in softest["mean"]):
+        findings.append("The soft guide steers less at the same β: as β grows, Q_β is set by the histogram's upper "
+                        "tail, which cross-entropy training barely pins down and which also holds the head's own "
+                        "error about the reward, alike for every candidate (BENCHMARKS.md, \"Soft values\"; "
+                        "compare the points at equal KL, not at equal β)")
+    return findings
+
+
+def shortfall(summary: dict, size: Size) -> str:
+    """The likeliest reason the aim falls short, with the R² ranges it rests on."""
+    finals = [e["finished"]["explained"] for e in summary["heads"]]
+    halves = [e["halfway"]["explained"] for e in summary["heads"]]
+    return (f"Likeliest reason for what falls short: at a finished state the value is the reward itself, "
+            f"and VADER's score of a reply turns on single words; every head explains "
+            f"{min(finals):.0%}–{max(finals):.0%} of it there, but {min(halves):.0%}–{max(halves):.0%} of "
+            f"App. C.1's halfway labels, which average {size.completions} completions. The value model is "
+            f"also small ({size.recipe.backbone_layers or 'all'} of π0's layers) and its data few "
+            f"({summary['train_rows']} responses; the R² at finished states rests on the "
+            f"{summary.get('validation_rows', 'held-out')} validation responses)")
+
+
+def decoding_costs(summary: dict) -> str:
+    """Each head's decoding seconds per generated token (mean over its β grid), in ms and against ``last``'s."""
     def seconds_per_token(entry, kind="mean"):
         runs = entry["runs"][kind]
         return sum(v["seconds_per_prompt"] for v in runs) / max(sum(v["length"] for v in runs), 1e-9)
 
     timed = [e for e in summary["heads"] if e["runs"]]
     last = next((e for e in timed if e["head"] == "last"), timed[0])
-    costs = "; ".join(f"{label(e['head'], kind == 'soft')} {seconds_per_token(e, kind) * 1e3:.1f} ms "
-                      f"({seconds_per_token(e, kind) / seconds_per_token(last):.2f}×)"
-                      for e in timed for kind in e["runs"])
-    findings = [f"The head that explains most is `{explained['head']}`: {explained['finished']['explained']:.0%} of the "
-                f"reward's variance at finished states (aim: {size.aim_explained:.0%}) and "
-                f"{explained['halfway']['explained']:.0%} at halfway states"] + ([window_note] if window_note else [])
-    if best is not None:
-        findings.append(f"The lowest-KL VAS point that reaches Best-of-{reference['n']}'s reward ({reference['reward']:.3f}, "
-                        f"within two standard errors) is the {label(best[0], best[1] == 'soft')} head at β={best[2]['beta']:g}: "
-                        f"{best[2]['reward']:.3f} at KL {best[2]['kl']:.2f} (aim: ≤ {kl_limit:.2f}, "
-                        f"{size.aim_kl_factor:g}× Best-of-{reference['n']}'s bound)")
-    else:
-        findings.append(f"No head reaches Best-of-{reference['n']}'s reward ({reference['reward']:.3f}) at any β of the grid")
-    if best_low is not None:
-        findings.append(f"Within {kl_limit:.2f} nats the best point is the {label(best_low[0], best_low[1] == 'soft')} head at "
-                        f"β={best_low[2]['beta']:g}: {best_low[2]['reward']:.3f} at KL {best_low[2]['kl']:.2f}")
-    if soft_notes:
-        softest = next(e for e in summary["heads"] if "soft" in e["runs"])["runs"]
-        findings.append("Soft values Q_β against the distributional head's value, per β: " + "; ".join(soft_notes))
-        if max(v["kl"] for v in softest["soft"]) < 0.5 * max(v["kl"] for v in softest["mean"]):
-            findings.append("The soft guide steers less at the same β: as β grows, Q_β is set by the histogram's upper "
-                            "tail, which cross-entropy training barely pins down and which also holds the head's own "
-                            "error about the reward, alike for every candidate (BENCHMARKS.md, \"Soft values\"; "
-                            "compare the points at equal KL, not at equal β)")
-    if not (aim_r2 and aim_kl):
-        finals = [e["finished"]["explained"] for e in summary["heads"]]
-        halves = [e["halfway"]["explained"] for e in summary["heads"]]
-        findings.append(f"Likeliest reason for what falls short: at a finished state the value is the reward itself, "
-                        f"and VADER's score of a reply turns on single words; every head explains "
-                        f"{min(finals):.0%}–{max(finals):.0%} of it there, but {min(halves):.0%}–{max(halves):.0%} of "
-                        f"App. C.1's halfway labels, which average {size.completions} completions. The value model is "
-                        f"also small ({size.recipe.backbone_layers or 'all'} of π0's layers) and its data few "
-                        f"({summary['train_rows']} responses; the R² at finished states rests on the "
-                        f"{summary.get('validation_rows', 'held-out')} validation responses)")
-    findings.append(f"Decoding time per generated token (batch {size.batch_size}, mean over the β grid; against `last`): "
-                    + costs)
-    head_rows = "\n".join(rows)
-    beta_header = " | ".join(f"β={b:g}" for b in size.betas)
-    optimum_note = ""
-    if summary.get("optimum"):
-        optimum_kl = kl_at_reward([(p["kl"], p["reward"]) for p in summary["optimum"]["points"]], reference["reward"])
-        optimum_note = ((f" The optimum's estimate reaches Best-of-{reference['n']}'s reward at KL {optimum_kl:.2f}."
-                         if optimum_kl is not None else
-                         f" The optimum's estimate does not reach Best-of-{reference['n']}'s reward.")
-                        + f" Its KL cannot pass log {max(size.best_of)} = {summary['optimum']['kl_cap']:.2f} nats and at a given "
-                        "reward it needs more KL than the true optimum, so each KL overhead is a lower bound.")
-    body = f"""`vas experiment {NAME}`: the frontier's task on the shared data ({summary['train_rows']} π0 responses to {size.train_prompts} chitchat
-openings, VADER positivity), one value model per head, same recipe ({size.recipe.backbone_layers or 'all'} of π0's layers, LoRA r = {size.recipe.lora_rank},
-TD(λ) λ = {size.recipe.lam:g}, {size.recipe.epochs:g} epochs; the distributional head has {size.bins} atoms over the training
-rewards' range and is trained by cross-entropy on distributional λ-returns). R²: the share of the variance
-explained, at the finished validation responses (their reward) and at App. C.1's halfway states of
-{size.eval_prompts} held-out responses ({size.completions} π0 completions each). VAS on {size.eval_prompts} held-out openings, k = {size.top_k},
-{size.vas_samples_per_prompt} samples per prompt, exact KL; Best-of-N from a pool of {max(size.best_of)} π0 samples per prompt
-(Best-of-{reference['n']}: {reference['reward']:.3f} ± {reference['reward_sem']:.3f}, KL ≤ {reference['kl']:.2f}; plain π0
-{summary['plain']['reward']:.3f}). Cells: reward ± s.e. (KL nats; KL overhead: the KL divided by the KL the KL-optimal policy
-π0·exp(r/α)/Z needs for that reward, estimated on the same pool, where defined).{optimum_note}
+    return "; ".join(f"{label(e['head'], kind == 'soft')} {seconds_per_token(e, kind) * 1e3:.1f} ms "
+                     f"({seconds_per_token(e, kind) / seconds_per_token(last):.2f}×)"
+                     for e in timed for kind in e["runs"])
 
-| head | R² finished | R² halfway | {beta_header} |
-|---|---|---|{'---|' * len(size.betas)}
-{head_rows}
 
-![value heads]({NAME}/value_heads.png)
+def optimum_sentence(summary: dict, size: Size, reference: dict) -> str:
+    """Where the KL-optimal policy's estimate reaches ``reference``'s reward, and why its overheads are lower
+    bounds; empty without an estimate."""
+    from vas.evaluate import kl_at_reward
 
-{". ".join(findings)}.
-
-Data: `{NAME}/summary.json`, each head's evaluation in `{NAME}/eval/`."""
-    return Section(NAME, "Value heads and soft values (beyond the paper: Sec. 3.3's head, Q# soft values)",
-                   f"A value head that reads more of the state explains at least {size.aim_explained:.0%} of the "
-                   f"reward's variance at finished states, and VAS guided by the best head reaches Best-of-"
-                   f"{size.reference_n}'s reward at no more than {size.aim_kl_factor:g}× Best-of-{size.reference_n}'s "
-                   "KL bound (this project's aim, not a claim of the paper).", verdict, body)
+    if not summary.get("optimum"):
+        return ""
+    optimum_kl = kl_at_reward([(p["kl"], p["reward"]) for p in summary["optimum"]["points"]], reference["reward"])
+    return ((f" The optimum's estimate reaches Best-of-{reference['n']}'s reward at KL {optimum_kl:.2f}."
+             if optimum_kl is not None else
+             f" The optimum's estimate does not reach Best-of-{reference['n']}'s reward.")
+            + f" Its KL cannot pass log {max(size.best_of)} = {summary['optimum']['kl_cap']:.2f} nats and at a given "
+            "reward it needs more KL than the true optimum, so each KL overhead is a lower bound.")

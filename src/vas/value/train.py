@@ -297,6 +297,52 @@ def split_by_prompt(data: datasets.Dataset, val_fraction: float, seed: int) -> t
     return data.select(train_idx), data.select(val_idx)
 
 
+def _initial_value_model(config: TrainConfig, train_rewards: torch.Tensor, device: torch.device | str) -> ValueModel:
+    """The untrained value model of ``config`` on ``device``: its head starts at the training rewards' mean
+    (``train_rewards``, (N,) float32) and a distributional head's support spans their range (±0.5 around a
+    single reward). Seeds the global generators with ``config.seed`` first: the LoRA initialisation draws from
+    them (the Trainer seeds the rest)."""
+    set_seed(config.seed)
+    low, high = float(train_rewards.min()), float(train_rewards.max())
+    if high - low < 1e-6:  # one reward only: any range around it
+        low, high = low - 0.5, high + 0.5
+    return ValueModel.create(
+        config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+        init_value=float(train_rewards.mean()), num_layers=config.backbone_layers, head=config.head,
+        mean_over=config.mean_over, bins=config.bins, support=(low, high), device=device,
+    )
+
+
+def _training_arguments(config: TrainConfig, checkpoint_dir: Path, compute_dtype: torch.dtype, device: torch.device,
+                       *, progress: bool, train_rows: int, validate: bool) -> TrainingArguments:
+    """The Trainer's settings for ``config``: checkpoints in ``checkpoint_dir`` (every ``config.save_steps`` steps,
+    else every epoch, the newest two kept), validation every epoch where ``validate``, about five loss logs per
+    epoch of ``train_rows`` rows, mixed precision in ``compute_dtype`` (bfloat16 or float16; float32: none)."""
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        eval_strategy="epoch" if validate else "no",
+        save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
+        logging_steps=max(1, train_rows // config.batch_size // 5),
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,
+        report_to=[],
+        seed=config.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
 def train_value_model(
     data: datasets.Dataset,
     out_dir: str | Path,
@@ -336,7 +382,7 @@ def train_value_model(
     config.check()
     if config.backbone is None:
         raise VasError("no value backbone: set TrainConfig.backbone (--backbone)")
-    lam, gamma, seed, batch_size = config.lam, config.gamma, config.seed, config.batch_size
+    lam, gamma, seed = config.lam, config.gamma, config.seed
     compute_dtype = resolve_dtype(config.dtype, torch.device(device))
     if compute_dtype == torch.float16 and torch.device(device).type != "cuda":
         raise VasError("--dtype float16 (mixed precision) needs a CUDA device: use bfloat16 or float32")
@@ -344,16 +390,7 @@ def train_value_model(
     if not bool(torch.isfinite(rewards).all()):
         raise VasError("the dataset has non-finite rewards: fix the reward function and collect again")
     train_set, val_set = split_by_prompt(data, config.val_fraction, seed)
-    set_seed(seed)  # the LoRA initialisation draws from the global generators; the Trainer seeds the rest
-    train_rewards = torch.tensor(train_set["reward"], dtype=torch.float32)
-    low, high = float(train_rewards.min()), float(train_rewards.max())
-    if high - low < 1e-6:  # one reward only: any range around it
-        low, high = low - 0.5, high + 0.5
-    model = ValueModel.create(
-        config.backbone, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        init_value=float(train_rewards.mean()), num_layers=config.backbone_layers, head=config.head,
-        mean_over=config.mean_over, bins=config.bins, support=(low, high), device=device,
-    )
+    model = _initial_value_model(config, torch.tensor(train_set["reward"], dtype=torch.float32), device)
     out_dir = Path(out_dir)
     require_absent(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
@@ -361,29 +398,8 @@ def train_value_model(
 
     # before the Trainer, which creates its output folder
     resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "data": data_digest(data)})
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        eval_strategy="epoch" if len(val_set) else "no",
-        save_strategy="steps" if config.save_steps else "epoch",
-        save_steps=config.save_steps or 500,
-        save_total_limit=2,
-        logging_steps=max(1, len(train_set) // batch_size // 5),
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        use_cpu=torch.device(device).type == "cpu",
-        remove_unused_columns=False,
-        report_to=[],
-        seed=seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-    )
+    args = _training_arguments(config, checkpoint_dir, compute_dtype, torch.device(device), progress=progress,
+                              train_rows=len(train_set), validate=len(val_set) > 0)
     trainer = ValueTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if len(val_set) else None,
         data_collator=ValueCollator(tokenizer.pad_token_id), lam=lam, gamma=gamma, callbacks=callbacks,
