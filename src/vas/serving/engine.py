@@ -52,7 +52,7 @@ class VllmPolicy:
         """What decides this policy's answers, for resumed jobs to check."""
         return {"engine": "vllm", "model": self.base_model, "dtype": self.dtype}
 
-    def _start(self, folders: list[str], value_dtype: str) -> None:
+    def _start(self, folders: list[str], heads: list[str], value_dtype: str) -> None:
         import logging
         import os
 
@@ -65,7 +65,8 @@ class VllmPolicy:
         from vas.serving.server import CPU_MEMORY_SHARE, _has_accelerator
 
         self.values = {f"v{i}": path for i, path in enumerate(folders)}
-        os.environ[SETTINGS_ENV] = Settings(self.values, self.vocab_size, dtype=value_dtype, record=True).to_env()
+        os.environ[SETTINGS_ENV] = Settings(self.values, self.vocab_size, dtype=value_dtype, record=True,
+                                            heads=dict(zip(self.values, heads))).to_env()
         memory = self.gpu_memory_utilization
         if memory is None:
             memory = CPU_MEMORY_SHARE if not _has_accelerator() else 0.9
@@ -119,7 +120,8 @@ class VllmPolicy:
             check_same_tokenizer(self.tokenizer, model.tokenizer, folder)
         if self.engine is None:
             dtypes = {str(m.dtype).removeprefix("torch.") for m in steering.value_models} if folders else set()
-            self._start(folders, dtypes.pop() if len(dtypes) == 1 else "auto")
+            self._start(folders, [m.kind for m in steering.value_models] if folders else [],
+                        dtypes.pop() if len(dtypes) == 1 else "auto")
         known = {path: name for name, path in self.values.items()}
         missing = [f for f in folders if f not in known]
         if missing:

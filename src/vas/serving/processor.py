@@ -99,6 +99,8 @@ class Settings:
         dtype: the value models' dtype (``"auto"``, ``"float32"``, ``"bfloat16"`` …).
         record: keep each request's per-step steering statistics under its ``vas_id`` until
             :func:`take_statistics` fetches them (the offline engine's KL; off for a server).
+        heads: value-model name → its head (:data:`vas.value.heads.HEADS`), which request parsing checks k and
+            soft against; None: read from the folders' configs.
     """
 
     values: dict[str, str]
@@ -107,6 +109,11 @@ class Settings:
     max_top_k: int = 100
     dtype: str = "auto"
     record: bool = False
+    heads: dict[str, str] | None = None
+
+    def __post_init__(self):
+        if self.heads is None:  # read from the folders once; the served value models do not change
+            self.heads = {name: value_head(path) for name, path in self.values.items()}
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -125,9 +132,6 @@ def _settings(text: str | None) -> Settings:
         return Settings(**json.loads(text))
     except (TypeError, ValueError) as exc:
         raise VasError(f"${SETTINGS_ENV} is not valid settings: {exc}") from None
-
-
-_head = cache(value_head)  # the served value models are loaded once: their heads do not change
 
 
 @dataclass(frozen=True)
@@ -164,8 +168,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     weights = parse_weights(args["vas_values"], names, REQUEST) if "vas_values" in args else (1.0,) * len(names)
     top_k = parse_top_k(args.get("vas_top_k", settings.top_k), REQUEST)
     soft = parse_soft(args.get("vas_soft", False), REQUEST)
-    heads = [(name, _head(path)) for name, path in settings.values.items()]
-    check_models(heads, weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
+    check_models(list(settings.heads.items()), weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
                  max_top_k=settings.max_top_k)
     check_product(beta, weights, REQUEST)
     if beta == 0 or not any(weights):

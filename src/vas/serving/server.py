@@ -122,8 +122,9 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
-        check_models([(name, value_head(path)) for name, path in self.values.items()], [1.0] * len(self.values), CLI,
-                     top_k=self.top_k, vocab_size=vocab_size, max_top_k=self.max_top_k)
+        heads = {name: value_head(path) for name, path in self.values.items()}
+        check_models(list(heads.items()), [1.0] * len(heads), CLI, top_k=self.top_k, vocab_size=vocab_size,
+                     max_top_k=self.max_top_k)
         memory = self.gpu_memory_utilization
         if memory is None and not _has_accelerator():
             memory = CPU_MEMORY_SHARE
@@ -136,7 +137,8 @@ class ServeConfig:
         env = dict(os.environ)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key  # not on the command line, where any user's `ps` would show it
-        env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.max_top_k, self.value_dtype).to_env()
+        env[SETTINGS_ENV] = Settings(self.values, vocab_size, self.top_k, self.max_top_k, self.value_dtype,
+                                      heads=heads).to_env()
         return argv + list(self.vllm_args), env
 
     def _dtype(self) -> str:
