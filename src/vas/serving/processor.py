@@ -69,6 +69,7 @@ from vas.decoding.rules import (
     parse_top_k,
     parse_weights,
     shown,
+    steered_models,
 )
 from vas.errors import VasError
 from vas.policy.local import Appended
@@ -171,7 +172,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     check_models(list(settings.heads.items()), weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
                  max_top_k=settings.max_top_k)
     check_product(beta, weights, REQUEST)
-    if beta == 0 or not any(weights):
+    if not steered_models([beta], [weights]):
         return None
     record = str(args["vas_id"]) if "vas_id" in args and settings.record else None
     return RequestSteering(beta, settings.vocab_size if top_k == ALL else top_k, weights, record, soft)
