@@ -42,7 +42,7 @@ from vas.policy.api import (
 from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
 from vas.prompts import load_prompts
 from vas.decoding.loop import Steering
-from vas.jobs import generate
+from vas.decoding.batches import generate
 from vas.value.model import ValueModel
 
 

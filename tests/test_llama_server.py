@@ -25,7 +25,7 @@ from vas.models import (
     load_tokenizer,
 )
 from vas.decoding.loop import Steering
-from vas.jobs import generate
+from vas.decoding.batches import generate
 from vas.prompts import encode_prompts
 
 EMBEDDED = "smollm2-135m-instruct"

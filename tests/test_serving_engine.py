@@ -13,7 +13,7 @@ from helpers import random_value_model  # noqa: E402
 from vas.config import PolicyConfig  # noqa: E402
 from vas.decoding.loop import Steering, sample  # noqa: E402
 from vas.errors import VasError  # noqa: E402
-from vas.jobs import generate  # noqa: E402
+from vas.decoding.batches import generate  # noqa: E402
 from vas.models import embedded_model_dir, load_policy, load_tokenizer  # noqa: E402
 from vas.policy.local import LocalPolicy  # noqa: E402
 from vas.value.model import ValueModel  # noqa: E402

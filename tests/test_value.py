@@ -105,7 +105,7 @@ def test_a_value_model_retrained_in_place_gets_another_fingerprint(tmp_path, tin
     retrained into the same folder another, and a refused resume names it."""
     from helpers import random_value_model
 
-    from vas.jobs import option_names
+    from vas.resume import option_names
     from vas.value.model import fingerprint
 
     random_value_model(tiny_model_dir, seed=1).save_pretrained(tmp_path / "v")

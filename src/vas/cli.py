@@ -314,7 +314,7 @@ def generate(
 
     from vas.decoding.guidance import extreme_kl_warning
     from vas.decoding.loop import Steering, parse_top_k
-    from vas.jobs import generate as run
+    from vas.decoding.batches import generate as run
     from vas.prompts import load_prompts
     from vas.storage import require_absent
 

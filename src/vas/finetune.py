@@ -124,7 +124,7 @@ def finetune(
         progress: show a progress bar over the training steps.
 
     Checkpoints go to ``<out_dir>.checkpoints`` (every ``config.save_steps`` steps, else every epoch); the same
-    call resumes from the newest (:func:`vas.jobs.trainer_checkpoint`).
+    call resumes from the newest (:func:`vas.resume.trainer_checkpoint`).
 
     Returns:
         The adapter's ``vas_finetune.json``: ``method``, ``kl_coef``, ``base_model``, ``reward``, ``config``,
@@ -139,7 +139,7 @@ def finetune(
     """
     from peft import LoraConfig
 
-    from vas.jobs import trainer_checkpoint
+    from vas.resume import trainer_checkpoint
     from vas.models import load_policy, load_tokenizer, resolve_dtype
     from vas.value.train import data_digest, show_progress
 

@@ -113,10 +113,10 @@ def cached(path: Path, prompts: list[str]) -> list[dict]:
 
 
 def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int, progress: bool) -> list[dict]:
-    """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.jobs.sample_responses`),
+    """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.decoding.batches.sample_responses`),
     kept in ``path`` (JSON lines; resumable); closes ``policy``. At every step that is the token VAS at β = 0
     would pick, since π0's argmax is always in its top-k. Its rows have no ``outside_mass`` (not asked for)."""
-    from vas.jobs import sample_responses
+    from vas.decoding.batches import sample_responses
 
     if path.exists():
         return cached(path, prompts)
@@ -196,7 +196,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
     from vas.storage import load_dataset_dir, write_json_atomic
-    from vas.jobs import generate
+    from vas.decoding.batches import generate
     from vas.value.model import ValueModel
 
     gguf = check(size)
