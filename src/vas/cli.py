@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vas.base_policy import build_policy
 from vas.config import EMBEDDED, FinetuneConfig, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
@@ -193,7 +194,7 @@ def collect(
         value_tokenizer = load_tokenizer(backbone)
         metadata = {**metadata, "base_model": backbone, "api_base_url": policy.api_base_url,
                     "api_model": policy.api_model, "api_template": policy.api_template}
-    data = run(policy.load(prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
+    data = run(build_policy(policy, prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
                samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
                batch_size=batch_size, concurrency=policy.concurrency, seed=seed, progress=not quiet, metadata=metadata)
     rewards = data["reward"]
@@ -327,7 +328,7 @@ def generate(
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    base = policy.load(texts, max_new_tokens, checked if value else None)
+    base = build_policy(policy, texts, max_new_tokens, checked if value else None)
     models, weights = _value_models(value, policy, value_dtype)
     steering = Steering(models, weights, beta=beta, top_k=top_k, soft=soft)
     with tempfile.TemporaryDirectory() as tmp:
@@ -405,7 +406,7 @@ def evaluate(
     ns = [int(n) for n in ns]
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
-    base = policy.load(held_out, max_new_tokens, checked)
+    base = build_policy(policy, held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy, value_dtype)
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
