@@ -37,9 +37,9 @@ from vas.policy.api import (
     ApiPolicy,
     Endpoint,
     chat_template,
-    llama_cpp_server,
 )
 from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
+from vas.processes import llama_cpp_server
 from vas.prompts import load_prompts
 from vas.decoding.loop import Steering
 from vas.decoding.batches import generate

@@ -16,7 +16,6 @@ from vas.policy.api import (
     ApiPolicy,
     Endpoint,
     chat_template,
-    llama_cpp_server,
 )
 from vas.models import (
     EMBEDDED_MODEL,
@@ -26,6 +25,7 @@ from vas.models import (
 )
 from vas.decoding.loop import Steering
 from vas.decoding.batches import generate
+from vas.processes import llama_cpp_server
 from vas.prompts import encode_prompts
 
 EMBEDDED = "smollm2-135m-instruct"

@@ -188,10 +188,15 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA GPU: what ``auto`` devices and dtypes choose by."""
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` → CUDA if available, else CPU; anything else is passed to :class:`torch.device`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if has_accelerator() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:

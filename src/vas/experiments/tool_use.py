@@ -182,7 +182,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     Raises:
         VasError: if π0's GGUF is not installed (:func:`vas.models.gguf_file`), or the server fails.
     """
-    from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
+    from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint
     from vas.collect import REQUIRED_FOR_TRAINING, collect
     from vas.decoding.loop import Steering
     from vas.pipeline import claim
@@ -195,6 +195,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     )
     from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
+    from vas.processes import llama_cpp_server
     from vas.storage import load_dataset_dir, write_json_atomic
     from vas.decoding.batches import generate
     from vas.value.model import ValueModel

