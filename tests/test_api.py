@@ -19,7 +19,7 @@ from vas.decoding.batches import generate
 from vas.models import load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy, visible_text
 from vas.prompts import encode_prompts
-from vas.value.model import TextCandidateScorer
+from vas.value.scorers import TextCandidateScorer
 
 
 @pytest.fixture

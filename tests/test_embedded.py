@@ -10,7 +10,8 @@ from vas.prompts import encode_prompts
 from vas.decoding.loop import sample
 from vas.models import left_pad
 from vas.policy.local import LocalPolicy
-from vas.value.model import CandidateScorer, ValueModel
+from vas.value.model import ValueModel
+from vas.value.scorers import CandidateScorer
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Hello How are you doing today?", "What is the best kind of pizza? I personally like Hawaiian"]

@@ -11,11 +11,11 @@ from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.models import left_pad
 from vas.value.model import (
-    CandidateScorer,
     ValueModel,
     check_same_tokenizer,
     load_value_tokenizer,
 )
+from vas.value.scorers import CandidateScorer
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 

@@ -64,7 +64,7 @@ def collect(
     such as llama.cpp ignore ``n > 1``), response r with seed (seed, r); its token columns hold the *value
     model's* tokenization (``value_tokenizer``): ``prompt_ids`` its chat template of ``value_prompt(prompt)``,
     ``response_ids`` the response text re-tokenized plus its EOS when the server ended the response, which
-    is what :class:`vas.value.model.TextScorer` reads while decoding; ``logprobs`` is then empty.
+    is what :class:`vas.value.scorers.TextScorer` reads while decoding; ``logprobs`` is then empty.
 
     Args:
         reward: scores (prompt, response) pairs.

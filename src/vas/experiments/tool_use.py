@@ -140,7 +140,7 @@ def decision_margin(value, tokenizer, queries) -> dict:
     """
     from vas.experiments.home_search import prompt, value_prompt
     from vas.prompts import encode_prompts
-    from vas.value.model import TextCandidateScorer
+    from vas.value.scorers import TextCandidateScorer
 
     margins = []
     for q in queries:
