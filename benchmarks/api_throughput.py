@@ -38,7 +38,8 @@ from vas.policy.api import (
     Endpoint,
     chat_template,
 )
-from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
+from vas.config import EMBEDDED_MODEL
+from vas.models import gguf_file, load_tokenizer
 from vas.processes import llama_cpp_server
 from vas.prompts import load_prompts
 from vas.decoding.loop import Steering

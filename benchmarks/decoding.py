@@ -152,8 +152,8 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     import transformers
 
     import vas.decoding.loop
+    from vas.config import EMBEDDED_MODEL
     from vas.models import (
-        EMBEDDED_MODEL,
         load_policy,
         load_tokenizer,
         resolve_device,
@@ -254,7 +254,8 @@ def make_value_models(directory: Path) -> int:
     ``directory/{full,quarter}-{last,next}``; returns the backbone's depth."""
     import torch
 
-    from vas.models import EMBEDDED_MODEL, load_config, load_tokenizer
+    from vas.config import EMBEDDED_MODEL
+    from vas.models import load_config, load_tokenizer
     from vas.value.model import ValueModel
 
     torch.manual_seed(0)

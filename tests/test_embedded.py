@@ -5,7 +5,8 @@ import torch
 from helpers import tokens
 from test_cli import vas
 
-from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+from vas.config import EMBEDDED_MODEL
+from vas.models import load_policy, load_tokenizer
 from vas.prompts import encode_prompts
 from vas.decoding.loop import sample
 from vas.models import left_pad

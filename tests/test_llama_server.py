@@ -17,8 +17,8 @@ from vas.policy.api import (
     Endpoint,
     chat_template,
 )
+from vas.config import EMBEDDED_MODEL
 from vas.models import (
-    EMBEDDED_MODEL,
     gguf_file,
     load_policy,
     load_tokenizer,

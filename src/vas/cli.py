@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from vas.base_policy import build_policy
-from vas.config import EMBEDDED, FinetuneConfig, PolicyConfig, TrainConfig
+from vas.config import EMBEDDED_MODEL, FinetuneConfig, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -42,7 +42,6 @@ MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")
 Soft = Annotated[bool, typer.Option(help="Guide with soft values, (1/β)·log E[exp(β·r)], the KL-optimal guide, instead of the mean (distributional value models: vas train --head distributional).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Field = Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")]
-DEFAULT_MODEL = EMBEDDED
 
 
 def _print_version(value: bool) -> None:
@@ -472,7 +471,7 @@ def print_report(report: dict) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, value model and report.")] = Path("runs/demo"),
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -494,7 +493,7 @@ def demo(
 def experiment(
     name: Annotated[str, typer.Argument(help="frontier, value-heads, scaling, beta-knob, composition, ablations, tool-use, or all (in that order; all leaves out scaling, which runs on its own).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
     quick: Annotated[bool, typer.Option(help="A minutes-long smoke test of the set-up (numbers meaningless); the same as --size quick.")] = False,
@@ -579,7 +578,7 @@ def judge(
 def serve(
     ctx: typer.Context,
     value: Annotated[list[str], typer.Option(metavar="NAME=DIR", help="A value model as NAME=DIR; repeat for several. Requests choose by NAME.")] = [],
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,

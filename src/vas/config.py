@@ -17,7 +17,14 @@ from typing import Optional
 
 from vas.errors import VasError
 
-EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+"""The embedded base model π0, converted once from its GGUF (:func:`vas.models.embedded_model_dir`)."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What every ``--dtype`` takes: ``auto`` (the machine's: :func:`vas.models.resolve_dtype`) or a torch dtype's name."""
+HEADS = ("last", "mean", "distributional", "next")
+"""The value heads (:mod:`vas.value.heads`)."""
+MEAN_OVER = ("response", "all")
+"""The mean head's windows: from the prompt's last token, or from its first (the prompt too)."""
 
 
 def _help(text: str, *flags: str, metavar: str | None = None) -> dict:
@@ -47,7 +54,7 @@ class PolicyConfig:
         timeout: seconds per request, in s; 429, 5xx and timeouts are retried with backoff.
     """
 
-    base_model: str = field(default=EMBEDDED, metadata=_help(
+    base_model: str = field(default=EMBEDDED_MODEL, metadata=_help(
         "Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.", "--base-model", "-m"))
     engine: str = field(default="transformers", metadata=_help(
         "Local π0's engine: 'transformers' (this process), or 'vllm' (batches decoded inside vLLM, with the "
@@ -147,14 +154,12 @@ class TrainConfig:
                 raise VasError(f"--{name} must be > 0, got {value}")
         if not 0 <= self.val_fraction < 1:
             raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise VasError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        from vas.value.heads import HEADS
-
+        if self.dtype not in DTYPES:
+            raise VasError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}")
         if self.head not in HEADS:
             raise VasError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.mean_over not in ("response", "all"):
-            raise VasError(f"--mean-over must be response or all, got {self.mean_over!r}")
+        if self.mean_over not in MEAN_OVER:
+            raise VasError(f"--mean-over must be {' or '.join(MEAN_OVER)}, got {self.mean_over!r}")
         if self.head == "distributional" and self.bins < 2:
             raise VasError(f"--head distributional needs --bins ≥ 2, got {self.bins}")
         if self.head == "distributional" and self.gamma != 1:

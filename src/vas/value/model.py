@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from vas.config import HEADS, MEAN_OVER, TrainConfig
 from vas.errors import VasError
-from vas.value.heads import HEADS, MEAN_OVER, RunningMean, atoms, make_head, soft_excess, soft_value, two_hot
+from vas.value.heads import RunningMean, atoms, make_head, soft_excess, soft_value, two_hot
 from vas.models import cache_kwargs, load_backbone, load_tokenizer, position_ids_from_mask
 
 CONFIG_NAME = "vas_value_config.json"
@@ -63,9 +64,9 @@ class ValueModel(nn.Module):
         lora_dropout: float = 0.0,
         init_value: float = 0.0,
         num_layers: int | None = None,
-        head: str = "last",
-        mean_over: str = "response",
-        bins: int = 51,
+        head: str = TrainConfig.head,
+        mean_over: str = TrainConfig.mean_over,
+        bins: int = TrainConfig.bins,
         support: tuple[float, float] = (0.0, 1.0),
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -308,7 +309,7 @@ def check_value_dir(directory: str | Path) -> None:
 
 
 def value_head(directory: str | Path) -> str:
-    """The head (:data:`vas.value.heads.HEADS`) of the value model saved in ``directory``, read from its config
+    """The head (:data:`vas.config.HEADS`) of the value model saved in ``directory``, read from its config
     without loading it (:func:`check_value_dir` first)."""
     return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("head", "last")
 
@@ -383,7 +384,7 @@ class ValueModelFolder:
     Attributes:
         name_or_path: the folder, absolute.
         tokenizer: its tokenizer.
-        kind: its head (:data:`vas.value.heads.HEADS`).
+        kind: its head (:data:`vas.config.HEADS`).
         dtype: the dtype it is to run in.
     """
 
