@@ -37,12 +37,13 @@ from vas.policy.api import (
     ApiPolicy,
     Endpoint,
     chat_template,
-    llama_cpp_server,
 )
-from vas.models import EMBEDDED_MODEL, gguf_file, load_tokenizer
+from vas.config import EMBEDDED_MODEL
+from vas.models import gguf_file, load_tokenizer
+from vas.processes import llama_cpp_server
 from vas.prompts import load_prompts
 from vas.decoding.loop import Steering
-from vas.jobs import generate
+from vas.decoding.batches import generate
 from vas.value.model import ValueModel
 
 

@@ -30,7 +30,8 @@ def main() -> None:
     import torch
 
     from vas.collect import collect
-    from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+    from vas.config import EMBEDDED_MODEL
+    from vas.models import load_policy, load_tokenizer
     from vas.policy.local import LocalPolicy
     from vas.prompts import load_prompts
     from vas.rewards import load_reward

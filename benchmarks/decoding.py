@@ -109,7 +109,7 @@ def _peak_mib(device) -> float:
 class NaiveScorer:
     """The reference the paper's code follows: V(s ⊕ x) by a full forward over the re-fed context, one
     candidate at a time (all rows of the batch together), no KV cache. Same interface as
-    :class:`vas.value.model.CandidateScorer`; it times itself at ``timed_steps`` and delegates the other steps to
+    :class:`vas.value.scorers.CandidateScorer`; it times itself at ``timed_steps`` and delegates the other steps to
     the fast scorer, whose values it is checked against."""
 
     def __init__(self, model, fast, timed_steps, device):
@@ -152,8 +152,8 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     import transformers
 
     import vas.decoding.loop
+    from vas.config import EMBEDDED_MODEL
     from vas.models import (
-        EMBEDDED_MODEL,
         load_policy,
         load_tokenizer,
         resolve_device,
@@ -163,7 +163,8 @@ def worker(config: dict, args, around=contextlib.nullcontext) -> dict:
     from vas.rewards import load_reward, score
     from vas.models import left_pad
     from vas.policy.local import LocalPolicy
-    from vas.value.model import CandidateScorer, ValueModel
+    from vas.value.model import ValueModel
+    from vas.value.scorers import CandidateScorer
 
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -253,7 +254,8 @@ def make_value_models(directory: Path) -> int:
     ``directory/{full,quarter}-{last,next}``; returns the backbone's depth."""
     import torch
 
-    from vas.models import EMBEDDED_MODEL, load_config, load_tokenizer
+    from vas.config import EMBEDDED_MODEL
+    from vas.models import load_config, load_tokenizer
     from vas.value.model import ValueModel
 
     torch.manual_seed(0)

@@ -30,11 +30,13 @@ import torch
 
 from vas.decoding.guidance import base_logprobs
 from vas.decoding.loop import Steering, sample, steer
-from vas.models import EMBEDDED_MODEL, embedded_model_dir, load_policy, load_tokenizer
+from vas.config import EMBEDDED_MODEL
+from vas.models import embedded_model_dir, load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.serving.server import serve_in_background
-from vas.value.model import CandidateScorer, ValueModel
+from vas.value.model import ValueModel
+from vas.value.scorers import CandidateScorer
 
 TIE_NATS = 0.05
 MAX_TOKENS = 24

@@ -30,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 import torch
 
-from vas.models import EMBEDDED_MODEL, embedded_model_dir
+from vas.config import EMBEDDED_MODEL
+from vas.models import embedded_model_dir
 from vas.prompts import load_prompts
 from vas.serving.server import serve_in_background
 from vas.value.model import ValueModel

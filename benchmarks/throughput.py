@@ -38,9 +38,8 @@ from transformers import (
 )
 
 from vas.collect import collect
-from vas.config import TrainConfig
+from vas.config import EMBEDDED_MODEL, TrainConfig
 from vas.models import (
-    EMBEDDED_MODEL,
     eos_token_ids,
     left_pad,
     load_policy,

@@ -15,11 +15,11 @@ from stub_openai import DISTRIBUTION, RESPONSE, StubServer
 from vas.policy.api import ApiPolicy, ApiRollout, Endpoint
 from vas.decoding.loop import Steering, sample
 from vas.errors import VasError
-from vas.jobs import generate
+from vas.decoding.batches import generate
 from vas.models import load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy, visible_text
 from vas.prompts import encode_prompts
-from vas.value.model import TextCandidateScorer
+from vas.value.scorers import TextCandidateScorer
 
 
 @pytest.fixture
@@ -245,7 +245,7 @@ def test_a_local_policy_steered_by_a_value_model_of_another_tokenizer_is_eq5(tin
 
 
 def test_row_log_drops_a_torn_line_and_restarts_a_partial_without_rows(tmp_path):
-    from vas.jobs import RowLog
+    from vas.resume import RowLog
 
     out = tmp_path / "rows.jsonl"
     log = RowLog(out, {"a": 1})

@@ -190,7 +190,7 @@ def test_policy_options_are_written_once_and_reach_the_command(monkeypatch):
     def fake_run(*args, **kwargs):
         raise SystemExit(0)
 
-    monkeypatch.setattr(PolicyConfig, "load", lambda self, *a, **k: received.setdefault("config", self) and fake_run())
+    monkeypatch.setattr(cli, "build_policy", lambda config, *a, **k: received.setdefault("config", config) and fake_run())
     with pytest.raises(SystemExit):
         command.main(["generate", "--prompt", "hi", "-m", "some/model", "--api-stop", "a", "--api-stop", "b",
                       "--timeout", "5"], standalone_mode=False)

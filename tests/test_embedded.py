@@ -5,12 +5,14 @@ import torch
 from helpers import tokens
 from test_cli import vas
 
-from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+from vas.config import EMBEDDED_MODEL
+from vas.models import load_policy, load_tokenizer
 from vas.prompts import encode_prompts
 from vas.decoding.loop import sample
 from vas.models import left_pad
 from vas.policy.local import LocalPolicy
-from vas.value.model import CandidateScorer, ValueModel
+from vas.value.model import ValueModel
+from vas.value.scorers import CandidateScorer
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Hello How are you doing today?", "What is the best kind of pizza? I personally like Hawaiian"]

@@ -10,7 +10,8 @@ from helpers import random_value_model, tokens
 from vas.errors import VasError
 from vas.models import left_pad
 from vas.value.heads import TAIL, atoms, soft_value, trim_tails, two_hot
-from vas.value.model import CandidateScorer, TextCandidateScorer, ValueModel
+from vas.value.model import ValueModel
+from vas.value.scorers import CandidateScorer, TextCandidateScorer
 from vas.value.td import lambda_returns
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]

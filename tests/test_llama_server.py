@@ -16,16 +16,16 @@ from vas.policy.api import (
     ApiPolicy,
     Endpoint,
     chat_template,
-    llama_cpp_server,
 )
+from vas.config import EMBEDDED_MODEL
 from vas.models import (
-    EMBEDDED_MODEL,
     gguf_file,
     load_policy,
     load_tokenizer,
 )
 from vas.decoding.loop import Steering
-from vas.jobs import generate
+from vas.decoding.batches import generate
+from vas.processes import llama_cpp_server
 from vas.prompts import encode_prompts
 
 EMBEDDED = "smollm2-135m-instruct"

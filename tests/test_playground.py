@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from vas.errors import VasError
-from vas.policy.api import free_port
+from vas.processes import free_port
 from vas.serving.playground import Answer, Server, _label, connect, steering, stream
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import random_value_model
 
-from vas.models import EMBEDDED_MODEL, embedded_model_dir
+from vas.config import EMBEDDED_MODEL
+from vas.models import embedded_model_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

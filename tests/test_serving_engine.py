@@ -10,10 +10,11 @@ pytest.importorskip("vllm")
 
 from helpers import random_value_model  # noqa: E402
 
+from vas.base_policy import build_policy  # noqa: E402
 from vas.config import PolicyConfig  # noqa: E402
+from vas.decoding.batches import generate  # noqa: E402
 from vas.decoding.loop import Steering, sample  # noqa: E402
 from vas.errors import VasError  # noqa: E402
-from vas.jobs import generate  # noqa: E402
 from vas.models import embedded_model_dir, load_policy, load_tokenizer  # noqa: E402
 from vas.policy.local import LocalPolicy  # noqa: E402
 from vas.value.model import ValueModel  # noqa: E402
@@ -34,7 +35,7 @@ def values(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(values):
-    policy = PolicyConfig(base_model=MODEL, engine="vllm", dtype="float32").load()
+    policy = build_policy(PolicyConfig(base_model=MODEL, engine="vllm", dtype="float32"))
     assert policy.engine is None  # it starts with the first batch's value models
     sample(policy, ["hi"], Steering(values, beta=1.0), max_new_tokens=1)
     yield policy

@@ -19,7 +19,7 @@ from vas.serving.processor import (  # noqa: E402
     VllmLogitsProcessor,
     parse_request,
 )
-from vas.value.model import CandidateScorer  # noqa: E402
+from vas.value.scorers import CandidateScorer  # noqa: E402
 
 
 

@@ -11,11 +11,11 @@ from vas.errors import VasError
 from vas.models import load_tokenizer
 from vas.models import left_pad
 from vas.value.model import (
-    CandidateScorer,
     ValueModel,
     check_same_tokenizer,
     load_value_tokenizer,
 )
+from vas.value.scorers import CandidateScorer
 
 PROMPTS = [[5, 17, 33, 2, 40], [9, 12], [77, 3, 101, 56, 8, 19, 230]]
 
@@ -105,7 +105,7 @@ def test_a_value_model_retrained_in_place_gets_another_fingerprint(tmp_path, tin
     retrained into the same folder another, and a refused resume names it."""
     from helpers import random_value_model
 
-    from vas.jobs import option_names
+    from vas.resume import option_names
     from vas.value.model import fingerprint
 
     random_value_model(tiny_model_dir, seed=1).save_pretrained(tmp_path / "v")

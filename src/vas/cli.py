@@ -21,7 +21,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vas.config import EMBEDDED, FinetuneConfig, PolicyConfig, TrainConfig
+from vas.base_policy import build_policy
+from vas.config import EMBEDDED_MODEL, FinetuneConfig, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -41,7 +42,6 @@ MaxNew = Annotated[int, typer.Option(help="Most tokens generated per response.")
 Soft = Annotated[bool, typer.Option(help="Guide with soft values, (1/β)·log E[exp(β·r)], the KL-optimal guide, instead of the mean (distributional value models: vas train --head distributional).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Field = Annotated[str, typer.Option(help="Prompt field/column name in files and datasets.")]
-DEFAULT_MODEL = EMBEDDED
 
 
 def _print_version(value: bool) -> None:
@@ -190,7 +190,7 @@ def collect(
         value_tokenizer = load_tokenizer(backbone)
         metadata = {**metadata, "base_model": backbone, "api_base_url": policy.api_base_url,
                     "api_model": policy.api_model, "api_template": policy.api_template}
-    data = run(policy.load(prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
+    data = run(build_policy(policy, prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
                samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
                batch_size=batch_size, concurrency=policy.concurrency, seed=seed, progress=not quiet, metadata=metadata)
     rewards = data["reward"]
@@ -312,7 +312,7 @@ def generate(
     from vas.decoding.guidance import extreme_kl_warning
     from vas.decoding.loop import Steering
     from vas.decoding.rules import CLI, parse_beta
-    from vas.jobs import generate as run
+    from vas.decoding.batches import generate as run
     from vas.prompts import load_prompts
     from vas.storage import require_absent
 
@@ -324,7 +324,7 @@ def generate(
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
-    base = policy.load(texts, max_new_tokens, top_k if value else None)
+    base = build_policy(policy, texts, max_new_tokens, top_k if value else None)
     steering = Steering(_value_models(specs, policy, value_dtype), [w for _, w in specs], beta=beta, top_k=top_k,
                         soft=soft)
     with tempfile.TemporaryDirectory() as tmp:
@@ -399,7 +399,7 @@ def evaluate(
     ns = [int(n) for n in ns]
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
-    base = policy.load(held_out, max_new_tokens, top_k)
+    base = build_policy(policy, held_out, max_new_tokens, top_k)
     models, weights = _value_models(specs, policy, value_dtype), [w for _, w in specs]
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
@@ -465,7 +465,7 @@ def print_report(report: dict) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, value model and report.")] = Path("runs/demo"),
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -487,7 +487,7 @@ def demo(
 def experiment(
     name: Annotated[str, typer.Argument(help="frontier, value-heads, scaling, beta-knob, composition, ablations, tool-use, or all (in that order; all leaves out scaling, which runs on its own).")],
     out: Annotated[Path, typer.Option(help="Folder for every experiment's data and REPORT.md.")] = Path("runs/experiments"),
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     device: Device = "auto",
     seed: Seed = 0,
     quick: Annotated[bool, typer.Option(help="A minutes-long smoke test of the set-up (numbers meaningless); the same as --size quick.")] = False,
@@ -572,7 +572,7 @@ def judge(
 def serve(
     ctx: typer.Context,
     value: Annotated[list[str], typer.Option(metavar="NAME=DIR", help="A value model as NAME=DIR; repeat for several. Requests choose by NAME.")] = [],
-    base_model: BaseModel = DEFAULT_MODEL,
+    base_model: BaseModel = EMBEDDED_MODEL,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Key clients must send (Authorization: Bearer KEY).")] = None,

@@ -2,9 +2,9 @@
 App. C.1: temperature 0.7).
 
 The result is a `datasets` folder with one row per response. A local π0 samples through the decoding loop in
-batches (:func:`vas.jobs.generate`); a π0 behind an API answers one request per whole response
+batches (:func:`vas.decoding.batches.generate`); a π0 behind an API answers one request per whole response
 (:meth:`vas.policy.api.ApiPolicy.sample`). Either way finished responses are kept in ``<out>.partial`` as they
-finish (:class:`vas.jobs.RowLog`), so an interrupted collect resumes and produces exactly the rows an
+finish (:class:`vas.resume.RowLog`), so an interrupted collect resumes and produces exactly the rows an
 uninterrupted one would; the dataset appears atomically at the end.
 """
 
@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vas.policy.api import ApiPolicy
 from vas.errors import VasError
-from vas.jobs import RowLog, generate, sample_responses
+from vas.decoding.batches import generate, sample_responses
+from vas.resume import RowLog
 from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
@@ -63,7 +64,7 @@ def collect(
     such as llama.cpp ignore ``n > 1``), response r with seed (seed, r); its token columns hold the *value
     model's* tokenization (``value_tokenizer``): ``prompt_ids`` its chat template of ``value_prompt(prompt)``,
     ``response_ids`` the response text re-tokenized plus its EOS when the server ended the response, which
-    is what :class:`vas.value.model.TextScorer` reads while decoding; ``logprobs`` is then empty.
+    is what :class:`vas.value.scorers.TextScorer` reads while decoding; ``logprobs`` is then empty.
 
     Args:
         reward: scores (prompt, response) pairs.

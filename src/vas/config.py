@@ -2,27 +2,29 @@
 fields (each field's ``help`` metadata is the option's help, ``flags`` its names).
 
 * :class:`PolicyConfig`: where the base policy π0 lives, a local model or one behind an OpenAI-compatible API;
-  shared by ``collect``, ``generate`` and ``evaluate``. :meth:`PolicyConfig.load` turns it into a
-  :class:`vas.policy.local.LocalPolicy` or a :class:`vas.policy.api.ApiPolicy`, checking what can be checked before any
-  weights load.
+  shared by ``collect``, ``generate`` and ``evaluate``. :func:`vas.base_policy.build_policy` turns it into π0.
 * :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.value.train.train_value_model`).
 
-The module imports no torch at load time (the CLI reads it to build its options); :meth:`PolicyConfig.load`
-imports the model code when it runs.
+The module imports no torch, nor any other module of vas but its errors: the CLI reads it to build its options,
+and the model code reads its names.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 from vas.errors import VasError
 
-EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+"""The embedded base model π0, converted once from its GGUF (:func:`vas.models.embedded_model_dir`)."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What every ``--dtype`` takes: ``auto`` (the machine's: :func:`vas.models.resolve_dtype`) or a torch dtype's name."""
+HEADS = ("last", "mean", "distributional", "next")
+"""The value heads (:mod:`vas.value.heads`)."""
+MEAN_OVER = ("response", "all")
+"""The mean head's windows: from the prompt's last token, or from its first (the prompt too)."""
 
 
 def _help(text: str, *flags: str, metavar: str | None = None) -> dict:
@@ -52,7 +54,7 @@ class PolicyConfig:
         timeout: seconds per request, in s; 429, 5xx and timeouts are retried with backoff.
     """
 
-    base_model: str = field(default=EMBEDDED, metadata=_help(
+    base_model: str = field(default=EMBEDDED_MODEL, metadata=_help(
         "Base policy π0: 'smollm2-135m-instruct' (embedded), a local directory or a hub id.", "--base-model", "-m"))
     engine: str = field(default="transformers", metadata=_help(
         "Local π0's engine: 'transformers' (this process), or 'vllm' (batches decoded inside vLLM, with the "
@@ -82,70 +84,6 @@ class PolicyConfig:
     def name(self) -> str:
         """What names π0 in stored settings: the endpoint, or the local model."""
         return self.api_base_url or self.base_model
-
-    def load(self, prompts: Sequence[str] | None = None, max_new_tokens: int = 0, top_k: int | str | None = None):
-        """π0 as a :class:`vas.policy.api.ApiPolicy` (``api_base_url`` set) or a :class:`vas.policy.local.LocalPolicy`.
-
-        For a local model, ``prompts`` are checked against its context window (with ``max_new_tokens``) and
-        ``top_k`` (k for value models, if any) against its vocabulary, from its tokenizer and config, before its
-        weights load.
-
-        Raises:
-            VasError: for a concurrency or timeout ≤ 0, ``api_extra`` that is not a JSON object, a template
-                with the chat endpoint, or a model that cannot be found, a prompt that does not fit, or k too large.
-        """
-        if not self.concurrency > 0 or not (0 < self.timeout < math.inf):
-            raise VasError(f"--concurrency and --timeout must be > 0, got {self.concurrency} and {self.timeout}")
-        if self.engine not in ("transformers", "vllm"):
-            raise VasError(f"--engine must be 'transformers' or 'vllm', got {self.engine!r}")
-        if self.api_base_url:
-            if self.engine != "transformers":
-                raise VasError("--engine vllm runs a local model: leave out --api-base-url (or serve it with vas serve)")
-            return self._api()
-        from vas.models import (
-            check_fits,
-            context_window,
-            load_config,
-            load_policy,
-            load_tokenizer,
-            resolve_device,
-            resolve_dtype,
-        )
-        from vas.policy.local import LocalPolicy
-        from vas.prompts import encode_prompts
-
-        device = resolve_device(self.device)
-        tokenizer = load_tokenizer(self.base_model)
-        config = load_config(self.base_model)
-        if prompts is not None:
-            check_fits(encode_prompts(tokenizer, prompts), max_new_tokens, context_window(config))
-        if top_k is not None:
-            from vas.decoding.rules import CLI, check_models
-
-            check_models([], [], CLI, top_k=top_k, vocab_size=config.vocab_size)
-        if self.engine == "vllm":
-            from vas.serving.engine import VllmPolicy
-
-            return VllmPolicy(self.base_model, dtype=str(resolve_dtype(self.dtype, device)).removeprefix("torch."))
-        model = load_policy(self.base_model, device=device, dtype=resolve_dtype(self.dtype, device))
-        return LocalPolicy(model, tokenizer)
-
-    def _api(self):
-        from vas.policy.api import ApiPolicy, Endpoint, chat_template
-        from vas.models import load_tokenizer
-
-        try:
-            extra_body = json.loads(self.api_extra)
-        except json.JSONDecodeError:
-            extra_body = None
-        if not isinstance(extra_body, dict):
-            raise VasError(f"--api-extra must be a JSON object, got {self.api_extra!r}")
-        if self.api_template is not None and self.api_chat:
-            raise VasError("--api-template is for the completions endpoint; the chat endpoint applies the server's template")
-        endpoint = Endpoint(self.api_base_url, self.api_model, api_key=os.environ.get(self.api_key_env, "none"),
-                            chat=self.api_chat, timeout=self.timeout, extra_body=extra_body, stop=tuple(self.api_stop),
-                            stream=self.api_stream)
-        return ApiPolicy(endpoint, chat_template(load_tokenizer(self.api_template)) if self.api_template else None)
 
 
 @dataclass
@@ -216,14 +154,12 @@ class TrainConfig:
                 raise VasError(f"--{name} must be > 0, got {value}")
         if not 0 <= self.val_fraction < 1:
             raise VasError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise VasError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        from vas.value.heads import HEADS
-
+        if self.dtype not in DTYPES:
+            raise VasError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}")
         if self.head not in HEADS:
             raise VasError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.mean_over not in ("response", "all"):
-            raise VasError(f"--mean-over must be response or all, got {self.mean_over!r}")
+        if self.mean_over not in MEAN_OVER:
+            raise VasError(f"--mean-over must be {' or '.join(MEAN_OVER)}, got {self.mean_over!r}")
         if self.head == "distributional" and self.bins < 2:
             raise VasError(f"--head distributional needs --bins ≥ 2, got {self.bins}")
         if self.head == "distributional" and self.gamma != 1:

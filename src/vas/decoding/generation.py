@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vas.decoding.batches import generate as generate_rows
 from vas.decoding.loop import Steering
-from vas.jobs import generate as generate_rows
 from vas.policy.local import LocalPolicy
 from vas.value.model import ValueModel
 

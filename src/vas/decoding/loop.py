@@ -27,7 +27,8 @@ from vas.decoding.guidance import base_logprobs, kl_divergence, steered_logprobs
 from vas.decoding.rules import ALL, LIBRARY, Names, check_models, parse_number, parse_top_k, steered_models
 from vas.errors import VasError
 from vas.policy.local import Prompt
-from vas.value.model import CandidateScorer, TextScorer, ValueModel
+from vas.value.model import ValueModel
+from vas.value.scorers import CandidateScorer, TextScorer
 
 
 @dataclass
@@ -169,9 +170,9 @@ class RowSettings:
 
 
 def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prompt: Callable[[str], str] | None):
-    """The candidate scorer of ``model`` for ``rollout``: token ids (:class:`vas.value.model.CandidateScorer`) when
+    """The candidate scorer of ``model`` for ``rollout``: token ids (:class:`vas.value.scorers.CandidateScorer`) when
     the value model shares the policy's tokenizer and reads the policy's own prompt, else text
-    (:class:`vas.value.model.TextScorer`, which reads ``value_prompt(prompt)``).
+    (:class:`vas.value.scorers.TextScorer`, which reads ``value_prompt(prompt)``).
 
     Raises:
         VasError: if the value model reads text but the prompts are token ids, or has the ``next`` head (which

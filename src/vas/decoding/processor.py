@@ -22,7 +22,7 @@ from vas.decoding.loop import Steering, steer
 from vas.errors import VasError
 from vas.decoding.guidance import base_logprobs
 from vas.policy.local import Appended
-from vas.value.model import CandidateScorer
+from vas.value.scorers import CandidateScorer
 
 
 def generate_kwargs(greedy: bool = False) -> dict:

@@ -173,11 +173,11 @@ class Setup:
         Returns:
             ``{"texts": [P·m], "kl": [P], "tokens": [P], "seconds_per_response": float, NAME: [P] for each
             reward}``: per-prompt means over the m samples. Every condition draws with the same seeds (see
-            :func:`vas.jobs.generate`), so differences between conditions are paired.
+            :func:`vas.decoding.batches.generate`), so differences between conditions are paired.
         """
         import json
 
-        from vas.jobs import generate
+        from vas.decoding.batches import generate
         from vas.policy.local import LocalPolicy
         from vas.rewards import score
         from vas.storage import write_json_atomic

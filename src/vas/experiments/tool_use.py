@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vas.config import EMBEDDED_MODEL
 from vas.experiments.report import Section, pyplot, save_figure
 from vas.experiments.home_search import LOCATIONS
 from vas.pipeline import Recipe
@@ -43,7 +44,7 @@ class Size:
     concurrency: int = 1  # llama.cpp serves one request at a time; interleaving evicts its prompt cache
 
 
-QUICK = Size(policy="smollm2-135m-instruct", sizing_queries=1, train_queries=3, eval_queries=2,
+QUICK = Size(policy=EMBEDDED_MODEL, sizing_queries=1, train_queries=3, eval_queries=2,
              recipe=Recipe(samples_per_prompt=1, max_new_tokens=6, epochs=1.0, batch_size=4, backbone_layers=1))
 
 HELD_OUT_CITIES = LOCATIONS[::4]  # 12 of the 48: no training query names them
@@ -113,10 +114,10 @@ def cached(path: Path, prompts: list[str]) -> list[dict]:
 
 
 def greedy_responses(policy, prompts: list[str], path: Path, *, max_new_tokens: int, progress: bool) -> list[dict]:
-    """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.jobs.sample_responses`),
+    """π0's greedy response to each prompt, one request each (temperature 0, :func:`vas.decoding.batches.sample_responses`),
     kept in ``path`` (JSON lines; resumable); closes ``policy``. At every step that is the token VAS at β = 0
     would pick, since π0's argmax is always in its top-k. Its rows have no ``outside_mass`` (not asked for)."""
-    from vas.jobs import sample_responses
+    from vas.decoding.batches import sample_responses
 
     if path.exists():
         return cached(path, prompts)
@@ -140,7 +141,7 @@ def decision_margin(value, tokenizer, queries) -> dict:
     """
     from vas.experiments.home_search import prompt, value_prompt
     from vas.prompts import encode_prompts
-    from vas.value.model import TextCandidateScorer
+    from vas.value.scorers import TextCandidateScorer
 
     margins = []
     for q in queries:
@@ -182,11 +183,12 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     Raises:
         VasError: if π0's GGUF is not installed (:func:`vas.models.gguf_file`), or the server fails.
     """
-    from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
+    from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint
     from vas.pipeline import claim
     from vas.experiments.home_search import HomeSearchReward
     from vas.models import load_tokenizer
     from vas.pipeline import trained_value_model
+    from vas.processes import llama_cpp_server
     from vas.storage import write_json_atomic
     from vas.value.model import ValueModel
 
@@ -251,10 +253,10 @@ def decode_conditions(policy: Callable, held_out: list, value, folder: Path, siz
                       progress: bool, log: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, list]]:
     """Each of :data:`CONDITIONS` decoded greedily on the held-out queries, π0 alone or steered by ``value``
     (VAS at ``size.beta``, one request per token), kept in ``folder`` and reused from it. Returns, by condition,
-    the responses' rows (:func:`vas.jobs.generate`'s) and whether each is a success."""
+    the responses' rows (:func:`vas.decoding.batches.generate`'s) and whether each is a success."""
     from vas.decoding.loop import Steering
     from vas.experiments.home_search import prompt, success, value_prompt
-    from vas.jobs import generate
+    from vas.decoding.batches import generate
 
     rows, wins = {}, {}
     for label, one_shot, vas in CONDITIONS:

@@ -62,14 +62,15 @@ class VllmPolicy:
         from vllm import LLM
 
         from vas.serving.processor import VllmLogitsProcessor
-        from vas.serving.server import CPU_MEMORY_SHARE, _has_accelerator
+        from vas.models import has_accelerator
+        from vas.serving.server import CPU_MEMORY_SHARE
 
         self.values = {f"v{i}": path for i, path in enumerate(folders)}
         os.environ[SETTINGS_ENV] = Settings(self.values, self.vocab_size, dtype=value_dtype, record=True,
                                             heads=dict(zip(self.values, heads))).to_env()
         memory = self.gpu_memory_utilization
         if memory is None:
-            memory = CPU_MEMORY_SHARE if not _has_accelerator() else 0.9
+            memory = CPU_MEMORY_SHARE if not has_accelerator() else 0.9
         self.engine = LLM(self.model_dir, dtype=self.dtype, logits_processors=[VllmLogitsProcessor],
                           logprobs_mode="processed_logprobs", gpu_memory_utilization=memory,
                           worker_extension_cls="vas.serving.processor.WorkerExtension")
@@ -90,9 +91,9 @@ class VllmPolicy:
         Raises:
             VasError: on a CPU, for a prompt longer than the per-step budget.
         """
-        from vas.serving.server import _has_accelerator
+        from vas.models import has_accelerator
 
-        if _has_accelerator():
+        if has_accelerator():
             return [range(len(lengths))]
         scheduler = self.engine.llm_engine.vllm_config.scheduler_config
         budget = scheduler.max_num_batched_tokens

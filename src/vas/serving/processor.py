@@ -31,7 +31,7 @@ it, and V2 would hand the processor one row per draft token.
 
 The value models are loaded once, in each worker, and must share the base model's tokenizer (they read its
 token ids). Each value model keeps one KV cache over the steered requests of the batch
-(:class:`vas.value.model.CandidateScorer`): a request's row is added when it is first steered (its prompt and
+(:class:`vas.value.scorers.CandidateScorer`): a request's row is added when it is first steered (its prompt and
 any earlier output are fed then), dropped when it is not in a step's batch (it is fed again if it comes back,
 e.g. after preemption), and batch moves only reorder rows. Each step costs one value-model forward per value
 model that some steered request weights ≠ 0, for all steered requests together. A value model that returns a
@@ -73,7 +73,8 @@ from vas.decoding.rules import (
 )
 from vas.errors import VasError
 from vas.policy.local import Appended
-from vas.value.model import CandidateScorer, ValueModel, check_same_tokenizer, value_head
+from vas.value.model import ValueModel, check_same_tokenizer, value_head
+from vas.value.scorers import CandidateScorer
 
 try:  # vLLM < 0.34 also has the V1 runner and its interface
     from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor

