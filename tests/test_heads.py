@@ -194,7 +194,7 @@ def test_a_reordered_mean_head_row_starts_its_window_at_its_prompt(tiny_model_di
     joined = PROMPTS[1] + [60, 61]
     ids, mask = left_pad([[int(cands[0, 0])], joined], pad_id=0)
     both = torch.tensor([[7, 8, 9], [10, 11, 12]])
-    rollout = SimpleNamespace(appended=Appended(ids, mask), prompt_lengths=torch.tensor([5, 2]))
+    rollout = SimpleNamespace(appended=Appended(ids, mask, torch.tensor([5, 2])))
     got = scorer.score(rollout, both)
     first = PROMPTS[0] + [7]
     expected = torch.tensor([[manual_values(model, first + [c], 5) for c in (7, 8, 9)],

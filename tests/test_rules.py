@@ -97,8 +97,8 @@ def test_the_library_names_its_arguments(tiny_model_dir):
     from vas.decoding.loop import Steering
 
     model = random_value_model(tiny_model_dir)
-    for kwargs, message in (({"beta": float("inf")}, "^beta must be a finite number"),
-                            ({"weights": [float("nan")]}, "^weights must be a finite number"),
+    for kwargs, message in (({"beta": float("inf")}, "^beta must be finite"),
+                            ({"weights": [float("nan")]}, "^weights must be finite"),
                             ({"top_k": 0}, "^top_k must be an integer"), ({"soft": True}, "^soft needs")):
         with pytest.raises(ValueError, match=message):
             Steering([model], **kwargs)

@@ -77,6 +77,6 @@ class VASLogitsProcessor(LogitsProcessor):
             new_ids, new_mask = input_ids, torch.cat([self.prompt_mask.to(input_ids.device), ones], dim=1)
         self.seen = input_ids.clone()
         rows = self.steering.rows(B, scores.shape[-1])
-        self.appended = Appended(new_ids, new_mask)
+        self.appended = Appended(new_ids, new_mask, self.prompt_lengths)
         base = base_logprobs(scores, self.temperature)
         return steer(self.steering, rows, self.scorers, self, base, torch.ones(B, dtype=torch.bool))

@@ -85,7 +85,7 @@ def parse_number(value, name: str) -> float:
     except (TypeError, ValueError):
         raise VasError(f"{name} must be a number, got {shown(value)}") from None
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise VasError(f"{name} must be a finite number (|x| ≤ 3.4e38, float32), got {shown(value)}")
+        raise VasError(f"{name} must be finite, a number with |x| ≤ 3.4e38 (float32), got {shown(value)}")
     return number
 
 

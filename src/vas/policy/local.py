@@ -35,10 +35,14 @@ class Appended:
     Attributes:
         ids: (B, P) int64.
         mask: (B, P) int64 {0, 1}; 0 for left padding and for rows that have finished.
+        prompt_lengths: (B,) int64, the tokens of each row's own prompt, for a caller that feeds a prompt and
+            earlier output at once (a server, a rewound ``generate``); None: a row's first tokens are its prompt.
+            The mean head's window starts at the prompt's last token.
     """
 
     ids: torch.Tensor
     mask: torch.Tensor
+    prompt_lengths: torch.Tensor | None = None
 
 
 class Rollout(Protocol):

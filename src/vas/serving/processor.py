@@ -315,13 +315,7 @@ class _LiveScorer:
         self.keys = [r.key for r in rows]
         ids, mask = rollout.read(rows, fed or [0] * len(rows))
         prompt_lengths = torch.tensor([r.prompt_len for r in rows])
-        return self.scorer.score(_Appending(Appended(ids, mask), prompt_lengths), candidates, beta=beta)
-
-
-@dataclass
-class _Appending:
-    appended: Appended
-    prompt_lengths: torch.Tensor  # (B,) each row's prompt tokens (the mean head's window starts at the last)
+        return self.scorer.score_appended(Appended(ids, mask, prompt_lengths), candidates, beta=beta)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from vas.errors import VasError
 from vas.models import crop_cache, position_ids_from_mask
+from vas.policy.local import Appended
 from vas.value.heads import RunningMean
 from vas.value.model import ValueModel
 
@@ -93,15 +94,19 @@ class CandidateScorer:
     @torch.no_grad()
     def score(self, rollout, candidates: torch.Tensor, active: torch.Tensor | None = None,
               beta: torch.Tensor | None = None) -> torch.Tensor:
-        """Append the rollout's new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
+        """:meth:`score_appended` of the rollout's ``appended`` (:class:`vas.policy.local.Appended`); ``active`` is
+        unused (finished rows are masked by ``appended``), for the scorers' common signature."""
+        return self.score_appended(rollout.appended, candidates, beta)
+
+    def score_appended(self, appended: Appended, candidates: torch.Tensor,
+                       beta: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the new tokens to the prefix and return V(prefix ⊕ x) for each candidate x.
 
         Args:
-            rollout: has ``appended`` (:class:`vas.policy.local.Appended`): ids (B, P) int64 appended since the
-                last call (P ≥ 0), mask (B, P) {0,1} with 0 for padding (left padding, finished rows). A row's
-                first call appends its prompt, unless the rollout tells ``prompt_lengths`` (B,) int64 (a server
-                feeding a prompt and earlier output at once); the mean head's window starts there.
+            appended: ids (B, P) int64 appended since the last call (P ≥ 0), mask (B, P) {0,1} with 0 for padding
+                (left padding, finished rows), and optionally each row's prompt length, where the mean head's
+                window starts (otherwise a row's first call appends its prompt).
             candidates: (B, k) int64 candidate next tokens.
-            active: unused (finished rows are masked by ``appended``); for the common scorer signature.
             beta: (B,) float32 β of each row for soft values (distributional head), or None for V^π0.
 
         Returns:
@@ -109,7 +114,7 @@ class CandidateScorer:
         """
         model = self.model
         device = model.device
-        new_ids, new_mask = rollout.appended.ids.to(device), rollout.appended.mask.to(device).long()
+        new_ids, new_mask = appended.ids.to(device), appended.mask.to(device).long()
         candidates = candidates.to(device)
         B, P = new_ids.shape
         if self.past_mask is None:
@@ -125,8 +130,8 @@ class CandidateScorer:
         hidden, new_positions = self._feed(new_ids, new_mask, candidates)
         if model.kind == "mean":
             first = self.window_start < 0  # rows fed for the first time: their prompt is known now
-            prompt_lengths = getattr(rollout, "prompt_lengths", None)
-            prompt_lengths = self.lengths if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=device)
+            prompt_lengths = appended.prompt_lengths
+            prompt_lengths = self.lengths if prompt_lengths is None else prompt_lengths.to(device)
             self.window_start = torch.where(first, model.window_start(prompt_lengths), self.window_start)
             self.pool.extend(hidden[:, :P], new_mask.bool() & (new_positions >= self.window_start[:, None]))
             features = self.pool.peek(hidden[:, P:])
