@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vas.collect import COLUMNS, collect
+from vas.config import CollectConfig
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
@@ -36,8 +37,9 @@ def model(tiny_model_dir):
 
 def run(model, reward, out, fail_at=None, samples_per_prompt=2):
     policy = FailingPolicy(*model, fail_at=fail_at)
-    return collect(policy, PROMPTS, reward, out, samples_per_prompt=samples_per_prompt, max_new_tokens=6,
-                   batch_size=4, seed=3, progress=False)
+    return collect(policy, PROMPTS, reward, out,
+                   CollectConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=6, batch_size=4, seed=3),
+                   progress=False)
 
 
 def test_resume_gives_the_same_rows(model, tmp_path):

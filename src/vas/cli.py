@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vas.config import EMBEDDED, FinetuneConfig, PolicyConfig, TrainConfig
+from vas.config import EMBEDDED, CollectConfig, FinetuneConfig, PolicyConfig, TrainConfig
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -156,21 +156,18 @@ def _check_value_dirs(value: list[str], soft: bool = False, top_k: int | str = 1
 
 @app.command()
 @_options(PolicyConfig, "policy")
+@_options(CollectConfig, "config")
 def collect(
     out: Annotated[Path, typer.Option(help="Output dataset folder (must not exist; <out>.partial holds progress).")],
     prompts: Annotated[str, typer.Option(help="'chitchat', 'topics', a .jsonl/.csv/.txt file, hf:NAME[:SPLIT] or a dataset folder.")] = "chitchat",
     reward: Annotated[str, typer.Option(help="Reward spec, e.g. 'positivity' or 'positivity=1,brevity=0.5' (see docs).")] = "positivity",
     start: Annotated[int, typer.Option(help="Index of the first prompt used.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts used (default: all).")] = None,
-    samples_per_prompt: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
-    temperature: Temperature = 0.7,
-    max_new_tokens: MaxNew = 64,
-    batch_size: Annotated[int, typer.Option(help="Responses generated per batch (also the resume granularity).")] = 16,
     field: Field = "prompt",
-    seed: Seed = 0,
     value_backbone: Annotated[Optional[str], typer.Option(help="With --api-base-url: the value model's backbone, whose tokenizer the token columns use (default: --base-model).")] = None,
     quiet: Quiet = False,
     policy: PolicyConfig = PolicyConfig(),
+    config: CollectConfig = CollectConfig(),
 ):
     """Sample responses from the frozen base policy π0 (local, or through an API) and score them with the reward."""
     from vas.collect import collect as run
@@ -180,22 +177,16 @@ def collect(
     from vas.storage import require_absent
 
     require_absent(out)
-    _positive(samples_per_prompt=samples_per_prompt, batch_size=batch_size, temperature=temperature,
-              max_new_tokens=max_new_tokens)
-    if value_backbone and not policy.api_base_url:
-        raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
     prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     metadata = {"base_model": policy.base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
-    value_tokenizer = None
+    backbone = value_backbone or (policy.base_model if policy.api_base_url else None)
     if policy.api_base_url:
-        backbone = value_backbone or policy.base_model
-        value_tokenizer = load_tokenizer(backbone)
         metadata = {**metadata, "base_model": backbone, "api_base_url": policy.api_base_url,
                     "api_model": policy.api_model, "api_template": policy.api_template}
-    data = run(policy.load(prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
-               samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-               batch_size=batch_size, concurrency=policy.concurrency, seed=seed, progress=not quiet, metadata=metadata)
+    data = run(policy.load(prompt_list, config.max_new_tokens), prompt_list, scorer, out, config,
+               value_tokenizer=load_tokenizer(backbone) if backbone else None, concurrency=policy.concurrency,
+               progress=not quiet, metadata=metadata)
     rewards = data["reward"]
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 

@@ -5,7 +5,9 @@ fields (each field's ``help`` metadata is the option's help, ``flags`` its names
   shared by ``collect``, ``generate`` and ``evaluate``. :meth:`PolicyConfig.load` turns it into a
   :class:`vas.policy.local.LocalPolicy` or a :class:`vas.policy.api.ApiPolicy`, checking what can be checked before any
   weights load.
+* :class:`CollectConfig`: how π0's responses are sampled for training data (``vas collect``, :func:`vas.collect.collect`).
 * :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.value.train.train_value_model`).
+* :class:`EvaluateConfig`: which conditions an evaluation compares (``vas evaluate``, :func:`vas.evaluate.evaluate`).
 
 The module imports no torch at load time (the CLI reads it to build its options); :meth:`PolicyConfig.load`
 imports the model code when it runs.
@@ -23,6 +25,13 @@ from typing import Optional
 from vas.errors import VasError
 
 EMBEDDED = "smollm2-135m-instruct"
+
+
+def _positive(**settings: float) -> None:
+    """Raise :class:`VasError` naming (as its option) the first of ``settings`` that is not > 0."""
+    for name, value in settings.items():
+        if not value > 0:
+            raise VasError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def _help(text: str, *flags: str, metavar: str | None = None) -> dict:
@@ -143,6 +152,34 @@ class PolicyConfig:
                             chat=self.api_chat, timeout=self.timeout, extra_body=extra_body, stop=tuple(self.api_stop),
                             stream=self.api_stream)
         return ApiPolicy(endpoint, chat_template(load_tokenizer(self.api_template)) if self.api_template else None)
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How π0's responses are sampled and scored for a value model's training data (:func:`vas.collect.collect`;
+    paper Sec. 3.3, App. C.1: temperature 0.7).
+
+    Attributes:
+        samples_per_prompt: responses sampled per prompt.
+        temperature: π0's sampling temperature τ.
+        max_new_tokens: the most tokens per response.
+        batch_size: responses per batch of a local π0, batch b sampled with seed (seed, b): also the resume
+            granularity.
+        seed: seeds the sampling.
+
+    Raises:
+        VasError: on construction, naming the first setting that is not > 0 (seed aside).
+    """
+
+    samples_per_prompt: int = field(default=2, metadata=_help("Responses sampled per prompt."))
+    temperature: float = field(default=0.7, metadata=_help("Sampling temperature τ of π0 (the paper collects at 0.7)."))
+    max_new_tokens: int = field(default=64, metadata=_help("Most tokens generated per response."))
+    batch_size: int = field(default=16, metadata=_help("Responses generated per batch (also the resume granularity)."))
+    seed: int = field(default=0, metadata=_help("Random seed."))
+
+    def __post_init__(self) -> None:
+        _positive(samples_per_prompt=self.samples_per_prompt, batch_size=self.batch_size,
+                  temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
 @dataclass

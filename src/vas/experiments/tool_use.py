@@ -184,6 +184,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     """
     from vas.policy.api import LLAMA_CPP_UNTRUNCATED, ApiPolicy, Endpoint, llama_cpp_server
     from vas.collect import REQUIRED_FOR_TRAINING, collect
+    from vas.config import CollectConfig
     from vas.decoding.loop import Steering
     from vas.pipeline import claim
     from vas.experiments.home_search import (
@@ -218,8 +219,10 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         else:
             log(f"collecting {len(train)} one-shot queries × {recipe.samples_per_prompt} through the API → {samples}")
             data = collect(policy(), [prompt(q, one_shot=True) for q in train], reward, samples,
-                           value_tokenizer=tokenizer, samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                               seed=seed, concurrency=size.concurrency, value_prompt=value_prompt, progress=progress,
+                           CollectConfig(samples_per_prompt=recipe.samples_per_prompt,
+                                         max_new_tokens=recipe.max_new_tokens, seed=seed),
+                           value_tokenizer=tokenizer, concurrency=size.concurrency, value_prompt=value_prompt,
+                           progress=progress,
                                metadata={"policy": size.policy, "task": "home-search", "criteria": size.criteria})
         value_dir = trained_value_model(out / "value", data, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
                                         seed=seed, device=device, progress=progress, log=log)
