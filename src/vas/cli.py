@@ -363,47 +363,35 @@ def evaluate(
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
     """
+    from vas.config import EvaluateConfig
     from vas.decoding.loop import Steering, parse_top_k
-    from vas.evaluate import evaluate as run
+    from vas.evaluate import check_comparison, evaluate as run
+    from vas.finetune import load_finetuned, read_finetune_info
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.storage import require_absent
 
-    from vas.finetune import load_finetuned, read_finetune_info
-
     top_k = parse_top_k(top_k)
     require_absent(out)
-    _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     _check_value_dirs(value, soft, top_k)
-    for adapter in finetuned:
-        if read_finetune_info(adapter)["base_model"] != policy.base_model:
-            raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
-                           f"π0 = {policy.base_model} (--base-model)")
-    if finetuned and (policy.api_base_url or policy.engine != "transformers"):
-        raise VasError("--policy evaluates a fine-tuned policy beside a local π0 on the default engine: leave out "
-                       "--api-base-url and --engine vllm")
-    for adapter in finetuned:
-        trained = read_finetune_info(adapter)["config"].get("temperature")
+    infos = [read_finetune_info(adapter, policy.base_model) for adapter in finetuned]
+    check_comparison(value, finetuned, local=not policy.api_base_url and policy.engine == "transformers")
+    for adapter, info in zip(finetuned, infos):
+        trained = info["config"].get("temperature")
         if trained is not None and trained != temperature:
             _warn(f"{adapter} was trained at temperature {trained:g}, evaluated at {temperature:g}")
-    if not value and not finetuned:
-        raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
     checked = Steering(top_k=top_k)  # k, before anything loads
     chosen_betas = _floats(betas, "betas") if value else []
-    ns = _floats(best_of, "best-of")
-    if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
-        raise VasError(f"--best-of needs integers from 1 to 4096, got {best_of!r}")
-    ns = [int(n) for n in ns]
+    config = EvaluateConfig(betas=chosen_betas, top_k=top_k, best_of=_floats(best_of, "best-of"), soft=soft,
+                            temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     base = policy.load(held_out, max_new_tokens, checked)
     models, weights = _value_models(value, policy, value_dtype)
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
-    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,
-                 best_of=ns, finetuned=tuned,
-                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 concurrency=policy.concurrency, seed=seed, progress=not quiet,
+    report = run(base, held_out, scorer, models, out, config, weights=weights, finetuned=tuned,
+                 concurrency=policy.concurrency, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
                            "reward": reward, "value": value, "value_sha256": _fingerprints(value),
                            "prompt_source": prompts})

@@ -268,6 +268,47 @@ class TrainConfig:
             raise VasError("--mean-over is for --head mean")
 
 
+@dataclass
+class EvaluateConfig:
+    """Which conditions an evaluation compares, and how they are sampled (:func:`vas.evaluate.evaluate`). The
+    ``vas evaluate`` command parses its own options (comma-separated grids, ``--top-k all``) into one.
+
+    Attributes:
+        betas: VAS's β grid, one condition per β.
+        top_k: k, π0's top-k tokens scored by the value models (an int ≥ 1, or ``"all"``); also what plain
+            sampling asks a policy that tells only its top-k for.
+        best_of: the N of Best-of-N, integers from 1 to 4096; the pool holds ``max(best_of)`` π0 samples per
+            prompt (made ints on construction).
+        vas_samples_per_prompt: steered samples per prompt (of VAS and of each fine-tuned policy).
+        soft: guide with soft values (distributional value models) instead of the mean.
+        temperature: the sampling temperature τ of every condition.
+        max_new_tokens: the most tokens per response.
+        batch_size: responses per batch.
+        seed: the pool's seed; VAS and the fine-tuned policies sample with seed + 1.
+
+    Raises:
+        VasError: on construction, for a batch size, temperature or token budget that is not > 0, or a
+            ``best_of`` that is not integers from 1 to 4096.
+    """
+
+    betas: Sequence[float] = (1.0, 2.0, 4.0)
+    top_k: int | str = 10
+    best_of: Sequence[int] = (1, 2, 4, 8, 16)
+    vas_samples_per_prompt: int = 1
+    soft: bool = False
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(batch_size=self.batch_size, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        ns = self.best_of
+        if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
+            raise VasError(f"--best-of needs integers from 1 to 4096, got {ns!r}")
+        self.best_of = tuple(int(n) for n in ns)
+
+
 FINETUNE_METHODS = ("dpo", "rloo", "grpo")
 
 

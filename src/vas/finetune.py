@@ -300,11 +300,12 @@ class Finetuned:
         return PeftModel.from_pretrained(base, str(self.path)).merge_and_unload().eval()
 
 
-def read_finetune_info(path: str | Path) -> dict:
-    """The ``vas_finetune.json`` of an adapter folder.
+def read_finetune_info(path: str | Path, base_model: str | None = None) -> dict:
+    """The ``vas_finetune.json`` of an adapter folder, checked against π0 = ``base_model`` where given.
 
     Raises:
-        VasError: if ``path`` is not a folder written by :func:`finetune`, or lacks its adapter's files.
+        VasError: if ``path`` is not a folder written by :func:`finetune`, lacks its adapter's files, or was
+            fine-tuned from another base model than ``base_model``.
     """
     meta = Path(path) / META
     if not meta.is_file():
@@ -317,6 +318,8 @@ def read_finetune_info(path: str | Path) -> dict:
     if missing or not isinstance(info, dict) or not {"method", "kl_coef", "base_model", "training"} <= set(info):
         raise VasError(f"{path} is a damaged fine-tuned policy ({', '.join(missing) + ' missing' if missing else META + ' unreadable'}): "
                        "fine-tune it again")
+    if base_model is not None and info["base_model"] != base_model:
+        raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model} (--base-model)")
     return info
 
 
@@ -328,7 +331,4 @@ def load_finetuned(path: str | Path, *, base_model: str, device: torch.device | 
         VasError: if ``path`` is not an adapter written by :func:`finetune`, or was fine-tuned from another base
             model than ``base_model``.
     """
-    info = read_finetune_info(path)
-    if info["base_model"] != base_model:
-        raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model}")
-    return Finetuned(Path(path), info, device, dtype)
+    return Finetuned(Path(path), read_finetune_info(path, base_model), device, dtype)
