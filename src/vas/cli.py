@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import os
 import signal
@@ -191,16 +190,6 @@ def collect(
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
 
 
-def _collected(data: Path, required: set[str]):
-    """The dataset folder written by `vas collect` (checked for the ``required`` columns) and its collection
-    settings (``vas_collect.json``; empty if absent)."""
-    from vas.storage import load_dataset_dir
-
-    dataset = load_dataset_dir(data, required)
-    meta_file = data / "vas_collect.json"
-    return dataset, json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-
-
 @app.command()
 @_options(TrainConfig, "config")
 def train(
@@ -211,23 +200,16 @@ def train(
     config: TrainConfig = TrainConfig(),
 ):
     """Train a value model on TD(λ) targets of π0's returns (backbone + LoRA + linear head)."""
-    from vas.collect import REQUIRED_FOR_TRAINING
-    from vas.models import load_tokenizer, resolve_device
-    from vas.value.train import train_value_model
+    from vas.collect import REQUIRED_FOR_TRAINING, load_collected
+    from vas.models import resolve_device
+    from vas.value.train import backbone_for, train_value_model
 
     config.check()
-    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING)
-    base_model = meta.get("base_model")
-    config = dataclasses.replace(config, backbone=config.backbone or base_model)
-    if config.backbone is None:
-        raise VasError("the dataset does not name its base model: pass --backbone")
-    tokenizer = load_tokenizer(config.backbone)
-    if base_model and config.backbone != base_model:
-        from vas.value.model import check_same_tokenizer
-
-        check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
+    dataset, meta = load_collected(data, REQUIRED_FOR_TRAINING)
+    config, tokenizer = backbone_for(config, meta)
     train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), progress=not quiet,
-                      log=typer.echo, metadata={"base_model": base_model or config.backbone, "reward": meta.get("reward")})
+                      log=typer.echo, metadata={"base_model": meta.get("base_model") or config.backbone,
+                                                "reward": meta.get("reward")})
     typer.echo(f"value model → {out}")
 
 
@@ -243,28 +225,13 @@ def finetune(
 ):
     """Fine-tune π0 with LoRA through TRL (DPO on the data's best-vs-worst pairs, or online RLOO/GRPO with a KL
     penalty): the baselines VAS is compared with. Evaluate with `vas evaluate --policy OUT`."""
-    from vas.collect import REQUIRED_FOR_TRAINING
-    from vas.finetune import finetune as run, label
+    from vas.finetune import collected_for_finetuning, finetune as run, label
     from vas.models import resolve_device
     from vas.storage import require_absent
 
     config.check()
     require_absent(out)
-    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING | {"prompt"})
-    if not meta.get("base_model"):
-        raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
-    if meta.get("api_base_url"):
-        raise VasError(f"{data} was collected through an API: its token columns are the value model's, not π0's, and π0 "
-                       "is not here to fine-tune")
-    if reward and config.method == "dpo":
-        raise VasError("--reward is for the online methods: DPO trains on the data's own rewards")
-    reward_spec = reward or meta.get("reward")
-    if config.method != "dpo":
-        from vas.rewards import load_reward
-
-        if not reward_spec:
-            raise VasError(f"--method {config.method} samples and scores new responses: pass --reward (the data names none)")
-        load_reward(reward_spec)  # a bad spec fails before any model loads
+    dataset, meta, reward_spec = collected_for_finetuning(data, config, reward)
     info = run(dataset, out, config, base_model=meta["base_model"], reward_spec=reward_spec, data_settings=meta,
                device=resolve_device(device), progress=not quiet)
     t = info["training"]
@@ -482,29 +449,16 @@ def experiment(
     """Run one of the paper's claims at small scale; writes OUT/NAME/ and its section of OUT/REPORT.md."""
     import time
 
-    from vas.experiments import ALL, EXPERIMENTS, size_named
+    from vas.experiments import EXPERIMENTS, chosen_sizes
     from vas.experiments.report import write_section
     from vas.models import resolve_device
 
-    if name not in EXPERIMENTS and name != "all":
-        raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} or all")
-    if out.exists() and not out.is_dir():
-        raise VasError(f"--out {out} is a file: name a folder (it holds every experiment's data and REPORT.md)")
-    if quick and size not in ("default", "quick"):
-        raise VasError(f"--quick is --size quick: leave out one of --quick and --size {size}")
-    size = "quick" if quick else size
-    quick = size == "quick"
-    chosen_ones = list(ALL) if name == "all" else [name]
-    chosen_sizes = {chosen: size_named(EXPERIMENTS[chosen], size) for chosen in chosen_ones}
-    for chosen in chosen_ones:  # what an experiment needs installed is checked before any runs
-        module = EXPERIMENTS[chosen]
-        if hasattr(module, "check"):
-            module.check(chosen_sizes[chosen])
-    for chosen in chosen_ones:
-        module = EXPERIMENTS[chosen]
+    sizes = chosen_sizes(name, size, quick=quick, out=out)
+    quick = quick or size == "quick"
+    for chosen, chosen_size in sizes.items():
         start = time.perf_counter()
-        sections = module.run(out / chosen, base_model=base_model, device=resolve_device(device), seed=seed,
-                              size=chosen_sizes[chosen], progress=not quiet, log=typer.echo)
+        sections = EXPERIMENTS[chosen].run(out / chosen, base_model=base_model, device=resolve_device(device),
+                                           seed=seed, size=chosen_size, progress=not quiet, log=typer.echo)
         for section in sections:
             if quick:
                 section = dataclasses.replace(section, title=section.title + " [--quick smoke test: numbers meaningless]")
@@ -530,16 +484,14 @@ def judge(
     from rich.console import Console
     from rich.table import Table
 
-    from vas.judge import LLMJudge, llm_win_rates, read_responses
+    from vas.judge import LLMJudge, check_judged, llm_win_rates, read_responses
     from vas.storage import write_json_atomic
 
-    _positive(timeout=timeout)
+    client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
     chosen_betas = _floats(betas, "betas") if betas else []
     ns = [int(n) for n in _floats(best_of, "best-of")] if best_of else []
-    if not chosen_betas and not ns:
-        raise VasError("nothing to judge: pass --betas and/or --best-of")
+    check_judged(chosen_betas, ns)  # before the responses are read
     rows = read_responses(results)
-    client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
     summary, verdicts = llm_win_rates(rows, client, betas=chosen_betas, best_of=ns, seed=seed, progress=not quiet)
     write_json_atomic(results / "llm_judge.json", {"base_url": base_url, "model": model, "seed": seed,
                                                     "summary": summary, "verdicts": verdicts})

@@ -10,6 +10,7 @@ uninterrupted one would; the dataset appears atomically at the end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +38,19 @@ COLUMNS = {
 }
 REQUIRED_FOR_TRAINING = {"prompt_ids", "response_ids", "reward"}
 _META = "vas_collect.json"
+
+
+def load_collected(path: str | Path, required: set[str]) -> tuple[datasets.Dataset, dict]:
+    """The dataset folder written by :func:`collect`, checked for the ``required`` columns, and its collection
+    settings (``vas_collect.json``: the sampling settings and the run's metadata, e.g. ``base_model`` and
+    ``reward``; empty if absent).
+
+    Raises:
+        VasError: if the folder is missing, not a dataset, or lacks a required column.
+    """
+    dataset = load_dataset_dir(path, required)
+    meta_file = Path(path) / _META
+    return dataset, json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
 def collect(

@@ -27,7 +27,7 @@ from vas.errors import VasError
 EMBEDDED = "smollm2-135m-instruct"
 
 
-def _positive(**settings: float) -> None:
+def check_positive(**settings: float) -> None:
     """Raise :class:`VasError` naming (as its option) the first of ``settings`` that is not > 0."""
     for name, value in settings.items():
         if not value > 0:
@@ -178,7 +178,7 @@ class CollectConfig:
     seed: int = field(default=0, metadata=_help("Random seed."))
 
     def __post_init__(self) -> None:
-        _positive(samples_per_prompt=self.samples_per_prompt, batch_size=self.batch_size,
+        check_positive(samples_per_prompt=self.samples_per_prompt, batch_size=self.batch_size,
                   temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
@@ -302,7 +302,7 @@ class EvaluateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(batch_size=self.batch_size, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        check_positive(batch_size=self.batch_size, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         ns = self.best_of
         if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
             raise VasError(f"--best-of needs integers from 1 to 4096, got {ns!r}")

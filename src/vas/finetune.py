@@ -98,6 +98,37 @@ def _online_prompts(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) 
                                        "user_prompt": list(seen.values())})
 
 
+def collected_for_finetuning(data: str | Path, config: FinetuneConfig,
+                             reward: str | None = None) -> tuple[datasets.Dataset, dict, str | None]:
+    """The π0 samples in the folder ``data`` (:func:`vas.collect.load_collected`), their collection settings
+    (which name π0, ``base_model``) and the reward spec ``config.method`` optimises: ``reward`` for the online
+    methods (default: the data's, checked by loading it), the data's for DPO.
+
+    Raises:
+        VasError: if the data lacks its columns or does not name its base model, was collected through an API
+            (its token columns are the value model's), ``reward`` is given for DPO, or an online method has no
+            reward spec or a bad one.
+    """
+    from vas.collect import REQUIRED_FOR_TRAINING, load_collected
+
+    dataset, meta = load_collected(data, REQUIRED_FOR_TRAINING | {"prompt"})
+    if not meta.get("base_model"):
+        raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
+    if meta.get("api_base_url"):
+        raise VasError(f"{data} was collected through an API: its token columns are the value model's, not π0's, and π0 "
+                       "is not here to fine-tune")
+    if reward and config.method == "dpo":
+        raise VasError("--reward is for the online methods: DPO trains on the data's own rewards")
+    reward_spec = reward or meta.get("reward")
+    if config.method != "dpo":
+        from vas.rewards import load_reward
+
+        if not reward_spec:
+            raise VasError(f"--method {config.method} samples and scores new responses: pass --reward (the data names none)")
+        load_reward(reward_spec)  # a bad spec fails before any model loads
+    return dataset, meta, reward_spec
+
+
 def finetune(
     data: datasets.Dataset,
     out_dir: str | Path,
