@@ -233,3 +233,23 @@ def test_saved_optimum_reads_the_pool_back(tmp_path):
     assert saved_optimum(tmp_path) == optimum_frontier(torch.tensor(pool))
     with pytest.raises(VasError, match="holds no plain π0 samples"):
         saved_optimum(tmp_path / "missing")
+
+
+def test_config_and_comparison_checks_by_hand():
+    """The checks `vas evaluate` makes hold for a library user too."""
+    from vas.errors import VasError
+    from vas.evaluate import check_comparison, plan_conditions
+
+    assert EvaluateConfig(best_of=[1.0, 4.0]).best_of == (1, 4)
+    for best_of in ((), (0, 2), (2.5,), (4097,)):
+        with pytest.raises(VasError, match="--best-of needs integers from 1 to 4096"):
+            EvaluateConfig(best_of=best_of)
+    with pytest.raises(VasError, match=r"^--batch-size must be > 0, got 0$"):
+        EvaluateConfig(batch_size=0)
+    with pytest.raises(VasError, match="nothing to compare with plain sampling and Best-of-N"):
+        check_comparison([], [], local=True)
+    with pytest.raises(VasError, match="--policy evaluates a fine-tuned policy beside a local π0"):
+        check_comparison(["value"], ["adapter"], local=False)
+    plan = plan_conditions(EvaluateConfig(betas=(2, 0.5), best_of=(1, 8), vas_samples_per_prompt=3, seed=5))
+    assert [(c.method, c.file, c.samples, c.seed, c.beta) for c in plan] == [
+        ("plain", "plain.jsonl", 8, 5, 0.0), ("vas", "vas-beta2.jsonl", 3, 6, 2), ("vas", "vas-beta0.5.jsonl", 3, 6, 0.5)]
