@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from vas.collect import collect
-    from vas.config import EMBEDDED_MODEL
+    from vas.config import EMBEDDED_MODEL, CollectConfig
     from vas.models import load_policy, load_tokenizer
     from vas.policy.local import LocalPolicy
     from vas.prompts import load_prompts
@@ -52,8 +52,9 @@ def main() -> None:
 
     def timed(policy, name: str, batch_size: int) -> None:
         start = time.perf_counter()
-        data = collect(policy, prompts, reward, work / f"{name}-{batch_size}", samples_per_prompt=args.samples_per_prompt,
-                       max_new_tokens=args.max_new_tokens, batch_size=batch_size, progress=False)
+        data = collect(policy, prompts, reward, work / f"{name}-{batch_size}",
+                       CollectConfig(samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                     batch_size=batch_size), progress=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(ids) for ids in data["response_ids"])
         results.append({"engine": name, "batch_size": batch_size, "responses": len(data), "tokens": tokens,
@@ -70,7 +71,8 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         start = time.perf_counter()
         vllm = VllmPolicy(EMBEDDED_MODEL, dtype=dtype)
-        collect(vllm, prompts[:1], reward, work / f"warm-up-{dtype}", max_new_tokens=1, progress=False)  # starts it
+        collect(vllm, prompts[:1], reward, work / f"warm-up-{dtype}", CollectConfig(samples_per_prompt=1, max_new_tokens=1),
+                progress=False)  # starts it
         startup[dtype] = time.perf_counter() - start
         print(f"vLLM start-up ({dtype}): {startup[dtype]:.1f} s", flush=True)
         for batch_size in ((16, args.large_batch) if dtype == "float32" else (args.large_batch,)):

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate, kl_at_reward
     from vas.models import load_policy, load_tokenizer, resolve_device, resolve_value_dtype
     from vas.policy.local import LocalPolicy
@@ -50,9 +51,10 @@ def main() -> None:
     reward = load_reward("positivity")
     reports = {}
     for guide, betas in (("mean", args.mean_betas), ("soft", args.soft_betas)):
-        reports[guide] = evaluate(policy, prompts, reward, [value_model], args.out / guide, soft=guide == "soft",
-                                  betas=[float(b) for b in betas.split(",")], top_k=10, best_of=(1,),
-                                  vas_samples_per_prompt=2, max_new_tokens=40, batch_size=16, seed=0,
+        config = EvaluateConfig(betas=[float(b) for b in betas.split(",")], top_k=10, best_of=(1,),
+                                vas_samples_per_prompt=2, soft=guide == "soft", max_new_tokens=40, batch_size=16,
+                                seed=0)
+        reports[guide] = evaluate(policy, prompts, reward, [value_model], args.out / guide, config,
                                   metadata={"value_dir": str(args.value_dir), "guide": guide})
     plain = reports["mean"]["plain"]["reward"]
     mean_curve = [(0.0, plain)] + [(v["kl"], v["reward"]) for v in reports["mean"]["vas"]]

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from vas.collect import collect
-from vas.config import EMBEDDED_MODEL, TrainConfig
+from vas.config import EMBEDDED_MODEL, CollectConfig, TrainConfig
 from vas.models import (
     eos_token_ids,
     left_pad,
@@ -124,11 +124,12 @@ def bench_collection(device, n: int, batch: int, max_new: int, tmp: Path) -> dic
     policy = load_policy(EMBEDDED_MODEL, device=device)
     prompts = load_prompts("chitchat", start=100, limit=n)
     reward = load_reward("positivity")
-    collect(LocalPolicy(policy, tokenizer), prompts[:batch], reward, tmp / "warm", batch_size=batch, max_new_tokens=4, progress=False)
+    collect(LocalPolicy(policy, tokenizer), prompts[:batch], reward, tmp / "warm",
+            CollectConfig(samples_per_prompt=1, batch_size=batch, max_new_tokens=4), progress=False)
 
     start = time.perf_counter()
-    data = collect(LocalPolicy(policy, tokenizer), prompts, reward, tmp / "collected", batch_size=batch, max_new_tokens=max_new,
-                   progress=False)
+    data = collect(LocalPolicy(policy, tokenizer), prompts, reward, tmp / "collected",
+                   CollectConfig(samples_per_prompt=1, batch_size=batch, max_new_tokens=max_new), progress=False)
     ours = time.perf_counter() - start
     ours_tokens = sum(len(r) for r in data["response_ids"])
 

@@ -198,11 +198,12 @@ def test_generate_keeps_finished_rows_and_resumes_to_the_same_result(stub, tiny_
 
 def test_collect_through_an_api_tokenizes_for_the_value_model(stub, tiny_model_dir, tmp_path):
     from vas.collect import collect
+    from vas.config import CollectConfig
     from vas.rewards import load_reward
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    data = collect(policy_for(stub), ["a", "b"], load_reward("verbosity"), tmp_path / "data", value_tokenizer=tokenizer,
-                   samples_per_prompt=2, max_new_tokens=8, seed=3, progress=False)
+    data = collect(policy_for(stub), ["a", "b"], load_reward("verbosity"), tmp_path / "data",
+                   CollectConfig(samples_per_prompt=2, max_new_tokens=8, seed=3), value_tokenizer=tokenizer, progress=False)
     assert len(data) == 4 and data["response"] == [RESPONSE] * 4 and data["prompt_index"] == [0, 0, 1, 1]
     assert data["response_ids"][0] == tokenizer(RESPONSE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert data["prompt_ids"][2] == encode_prompts(tokenizer, ["b"])[0]

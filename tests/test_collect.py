@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vas.collect import COLUMNS, collect
+from vas.config import CollectConfig
 from vas.errors import VasError
 from vas.models import load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
@@ -36,8 +37,9 @@ def model(tiny_model_dir):
 
 def run(model, reward, out, fail_at=None, samples_per_prompt=2):
     policy = FailingPolicy(*model, fail_at=fail_at)
-    return collect(policy, PROMPTS, reward, out, samples_per_prompt=samples_per_prompt, max_new_tokens=6,
-                   batch_size=4, seed=3, progress=False)
+    return collect(policy, PROMPTS, reward, out,
+                   CollectConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=6, batch_size=4, seed=3),
+                   progress=False)
 
 
 def test_resume_gives_the_same_rows(model, tmp_path):
@@ -80,3 +82,14 @@ def test_existing_output_is_refused(model, tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(VasError, match="exists already"):
         run(model, length_reward, tmp_path / "x")
+
+
+def test_settings_are_checked_when_the_config_is_made(model, tmp_path):
+    """The checks `vas collect` makes hold for a library user too: a setting ≤ 0, a value tokenizer with a local π0."""
+    with pytest.raises(VasError, match=r"^--samples-per-prompt must be > 0, got 0$"):
+        CollectConfig(samples_per_prompt=0)
+    with pytest.raises(VasError, match=r"^--temperature must be > 0, got -1.0$"):
+        CollectConfig(temperature=-1.0)
+    with pytest.raises(VasError, match="--value-backbone is for collecting through an API"):
+        collect(LocalPolicy(*model), PROMPTS, length_reward, tmp_path / "x", CollectConfig(), value_tokenizer=model[1])
+    assert not (tmp_path / "x").exists()

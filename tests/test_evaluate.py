@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import random_value_model
 
+from vas.config import EvaluateConfig
 from vas.evaluate import best_of_n_kl_bound, best_of_n_weights, evaluate
 from vas.models import load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
@@ -34,8 +35,9 @@ def length_reward(prompts, responses):
 def test_small_evaluation_run(tiny_model_dir, tmp_path):
     policy, tokenizer = load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
     report = evaluate(LocalPolicy(policy, tokenizer), ["hello", "what a day", "i hate it"], length_reward,
-                      [random_value_model(tiny_model_dir)], tmp_path / "e", betas=(0.0, 3.0), top_k=5,
-                      best_of=(1, 2, 4), vas_samples_per_prompt=2, max_new_tokens=6, batch_size=4, progress=False)
+                      [random_value_model(tiny_model_dir)], tmp_path / "e",
+                      EvaluateConfig(betas=(0.0, 3.0), top_k=5, best_of=(1, 2, 4), vas_samples_per_prompt=2,
+                                     max_new_tokens=6, batch_size=4), progress=False)
     assert json.loads((tmp_path / "e" / "report.json").read_text()) == report
     assert not (tmp_path / "e.partial").exists()
     assert (tmp_path / "e" / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,15 +95,17 @@ def test_an_interrupted_evaluation_resumes_and_refuses_other_settings(tiny_model
             raise VasError("reward server down")
         return length_reward(prompts, responses)
 
-    run = dict(betas=(3.0,), top_k=5, best_of=(1, 2), max_new_tokens=4, batch_size=4, progress=False)
+    settings = dict(betas=(3.0,), top_k=5, best_of=(1, 2), max_new_tokens=4, batch_size=4)
+    config = EvaluateConfig(**settings)
     prompts = ["hello", "what a day"]
     with pytest.raises(VasError, match="reward server down"):
-        evaluate(policy, prompts, failing_on_vas, value, tmp_path / "e", **run)
+        evaluate(policy, prompts, failing_on_vas, value, tmp_path / "e", config, progress=False)
     assert not (tmp_path / "e").exists() and (tmp_path / "e.partial" / "plain.jsonl.partial").is_file()
     with pytest.raises(VasError, match=r"other settings \(--temperature\)"):
-        evaluate(policy, prompts, length_reward, value, tmp_path / "e", temperature=0.9, **run)
-    resumed = evaluate(policy, prompts, length_reward, value, tmp_path / "e", **run)
-    whole = evaluate(policy, prompts, length_reward, value, tmp_path / "whole", **run)
+        evaluate(policy, prompts, length_reward, value, tmp_path / "e", EvaluateConfig(**settings, temperature=0.9),
+                 progress=False)
+    resumed = evaluate(policy, prompts, length_reward, value, tmp_path / "e", config, progress=False)
+    whole = evaluate(policy, prompts, length_reward, value, tmp_path / "whole", config, progress=False)
     assert resumed["plain"] == {**whole["plain"], "seconds_per_prompt": resumed["plain"]["seconds_per_prompt"]}
     assert [v["reward"] for v in resumed["vas"]] == [v["reward"] for v in whole["vas"]]
     assert not (tmp_path / "e.partial").exists()
@@ -229,3 +233,23 @@ def test_saved_optimum_reads_the_pool_back(tmp_path):
     assert saved_optimum(tmp_path) == optimum_frontier(torch.tensor(pool))
     with pytest.raises(VasError, match="holds no plain π0 samples"):
         saved_optimum(tmp_path / "missing")
+
+
+def test_config_and_comparison_checks_by_hand():
+    """The checks `vas evaluate` makes hold for a library user too."""
+    from vas.errors import VasError
+    from vas.evaluate import check_comparison, plan_conditions
+
+    assert EvaluateConfig(best_of=[1.0, 4.0]).best_of == (1, 4)
+    for best_of in ((), (0, 2), (2.5,), (4097,)):
+        with pytest.raises(VasError, match="--best-of needs integers from 1 to 4096"):
+            EvaluateConfig(best_of=best_of)
+    with pytest.raises(VasError, match=r"^--batch-size must be > 0, got 0$"):
+        EvaluateConfig(batch_size=0)
+    with pytest.raises(VasError, match="nothing to compare with plain sampling and Best-of-N"):
+        check_comparison([], [], local=True)
+    with pytest.raises(VasError, match="--policy evaluates a fine-tuned policy beside a local π0"):
+        check_comparison(["value"], ["adapter"], local=False)
+    plan = plan_conditions(EvaluateConfig(betas=(2, 0.5), best_of=(1, 8), vas_samples_per_prompt=3, seed=5))
+    assert [(c.method, c.file, c.samples, c.seed, c.beta) for c in plan] == [
+        ("plain", "plain.jsonl", 8, 5, 0.0), ("vas", "vas-beta2.jsonl", 3, 6, 2), ("vas", "vas-beta0.5.jsonl", 3, 6, 0.5)]

@@ -619,3 +619,16 @@ def test_scaling_verdict_by_hand():
     section = scaling.section(summary, size)
     assert "| the optimum's estimate does not reach it | not measurable |" in section.body
     assert section.verdict == "partly reproduced"
+
+
+def test_chosen_sizes_are_checked_in_the_library(tmp_path):
+    from vas.experiments import chosen_sizes
+
+    assert chosen_sizes("frontier", quick=True) == {"frontier": frontier.QUICK}
+    with pytest.raises(VasError, match="unknown experiment 'frontierr'"):
+        chosen_sizes("frontierr")
+    with pytest.raises(VasError, match="--quick is --size quick: leave out one of --quick and --size large"):
+        chosen_sizes("scaling", "large", quick=True)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(VasError, match="is a file: name a folder"):
+        chosen_sizes("frontier", out=tmp_path / "f")

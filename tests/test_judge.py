@@ -128,3 +128,12 @@ def test_llm_judge_error_is_one_clear_line(stub_server):
     judge = LLMJudge(stub_server, "stub", api_key="none", timeout=5, max_retries=0)
     with pytest.raises(VasError, match=f"judge endpoint {stub_server} failed"):
         judge.prefer("q", "a", "b")
+
+
+def test_judge_settings_are_checked_in_the_library():
+    from vas.judge import check_judged
+
+    with pytest.raises(VasError, match="nothing to judge: pass --betas and/or --best-of"):
+        check_judged([], [])
+    with pytest.raises(VasError, match=r"^--timeout must be > 0, got 0$"):
+        LLMJudge("http://127.0.0.1:9/v1", "m", api_key="none", timeout=0)

@@ -133,11 +133,13 @@ def test_steering_through_the_server_with_a_value_model_of_another_tokenizer(ser
 
 def test_collect_through_the_server_is_reproducible(server_url, tokenizer, tmp_path):
     from vas.collect import collect
+    from vas.config import CollectConfig
     from vas.rewards import load_reward
 
     def run(out):
         return collect(api(server_url, tokenizer), ["Say hi.", "Tell me a joke."], load_reward("verbosity"),
-                       tmp_path / out, value_tokenizer=tokenizer, samples_per_prompt=2, max_new_tokens=16, seed=7, concurrency=2, progress=False)
+                       tmp_path / out, CollectConfig(samples_per_prompt=2, max_new_tokens=16, seed=7),
+                       value_tokenizer=tokenizer, concurrency=2, progress=False)
 
     a, b = run("a"), run("b")
     assert a["response"] == b["response"] and len(set(a["response"])) >= 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import os
 import signal
@@ -22,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from vas.base_policy import build_policy
-from vas.config import EMBEDDED_MODEL, FinetuneConfig, PolicyConfig, TrainConfig
+from vas.config import EMBEDDED_MODEL, CollectConfig, FinetuneConfig, PolicyConfig, TrainConfig, check_positive
 from vas.errors import VasError
 
 app = typer.Typer(
@@ -81,13 +80,6 @@ def _floats(text: str, name: str) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise VasError(f"--{name} must be finite numbers, got {text!r}")
     return values
-
-
-def _positive(**options: float) -> None:
-    """Raise VasError naming the first option that is not > 0."""
-    for name, value in options.items():
-        if not value > 0:
-            raise VasError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 
@@ -153,21 +145,18 @@ def _fingerprints(specs: list[tuple[str, float]]) -> list[str]:
 
 @app.command()
 @_options(PolicyConfig, "policy")
+@_options(CollectConfig, "config")
 def collect(
     out: Annotated[Path, typer.Option(help="Output dataset folder (must not exist; <out>.partial holds progress).")],
     prompts: Annotated[str, typer.Option(help="'chitchat', 'topics', a .jsonl/.csv/.txt file, hf:NAME[:SPLIT] or a dataset folder.")] = "chitchat",
     reward: Annotated[str, typer.Option(help="Reward spec, e.g. 'positivity' or 'positivity=1,brevity=0.5' (see docs).")] = "positivity",
     start: Annotated[int, typer.Option(help="Index of the first prompt used.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Number of prompts used (default: all).")] = None,
-    samples_per_prompt: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
-    temperature: Temperature = 0.7,
-    max_new_tokens: MaxNew = 64,
-    batch_size: Annotated[int, typer.Option(help="Responses generated per batch (also the resume granularity).")] = 16,
     field: Field = "prompt",
-    seed: Seed = 0,
     value_backbone: Annotated[Optional[str], typer.Option(help="With --api-base-url: the value model's backbone, whose tokenizer the token columns use (default: --base-model).")] = None,
     quiet: Quiet = False,
     policy: PolicyConfig = PolicyConfig(),
+    config: CollectConfig = CollectConfig(),
 ):
     """Sample responses from the frozen base policy π0 (local, or through an API) and score them with the reward."""
     from vas.collect import collect as run
@@ -177,34 +166,18 @@ def collect(
     from vas.storage import require_absent
 
     require_absent(out)
-    _positive(samples_per_prompt=samples_per_prompt, batch_size=batch_size, temperature=temperature,
-              max_new_tokens=max_new_tokens)
-    if value_backbone and not policy.api_base_url:
-        raise VasError("--value-backbone is for collecting through an API (--api-base-url)")
     prompt_list = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     metadata = {"base_model": policy.base_model, "reward": reward, "prompts": prompts, "start": start, "limit": limit}
-    value_tokenizer = None
+    backbone = value_backbone or (policy.base_model if policy.api_base_url else None)
     if policy.api_base_url:
-        backbone = value_backbone or policy.base_model
-        value_tokenizer = load_tokenizer(backbone)
         metadata = {**metadata, "base_model": backbone, "api_base_url": policy.api_base_url,
                     "api_model": policy.api_model, "api_template": policy.api_template}
-    data = run(build_policy(policy, prompt_list, max_new_tokens), prompt_list, scorer, out, value_tokenizer=value_tokenizer,
-               samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-               batch_size=batch_size, concurrency=policy.concurrency, seed=seed, progress=not quiet, metadata=metadata)
+    data = run(build_policy(policy, prompt_list, config.max_new_tokens), prompt_list, scorer, out, config,
+               value_tokenizer=load_tokenizer(backbone) if backbone else None, concurrency=policy.concurrency,
+               progress=not quiet, metadata=metadata)
     rewards = data["reward"]
     typer.echo(f"collected {len(data)} responses, mean reward {sum(rewards) / len(rewards):.4f} → {out}")
-
-
-def _collected(data: Path, required: set[str]):
-    """The dataset folder written by `vas collect` (checked for the ``required`` columns) and its collection
-    settings (``vas_collect.json``; empty if absent)."""
-    from vas.storage import load_dataset_dir
-
-    dataset = load_dataset_dir(data, required)
-    meta_file = data / "vas_collect.json"
-    return dataset, json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
 @app.command()
@@ -217,23 +190,16 @@ def train(
     config: TrainConfig = TrainConfig(),
 ):
     """Train a value model on TD(λ) targets of π0's returns (backbone + LoRA + linear head)."""
-    from vas.collect import REQUIRED_FOR_TRAINING
-    from vas.models import load_tokenizer, resolve_device
-    from vas.value.train import train_value_model
+    from vas.collect import REQUIRED_FOR_TRAINING, load_collected
+    from vas.models import resolve_device
+    from vas.value.train import backbone_for, train_value_model
 
     config.check()
-    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING)
-    base_model = meta.get("base_model")
-    config = dataclasses.replace(config, backbone=config.backbone or base_model)
-    if config.backbone is None:
-        raise VasError("the dataset does not name its base model: pass --backbone")
-    tokenizer = load_tokenizer(config.backbone)
-    if base_model and config.backbone != base_model:
-        from vas.value.model import check_same_tokenizer
-
-        check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
+    dataset, meta = load_collected(data, REQUIRED_FOR_TRAINING)
+    config, tokenizer = backbone_for(config, meta)
     train_value_model(dataset, out, config, tokenizer=tokenizer, device=resolve_device(device), progress=not quiet,
-                      log=typer.echo, metadata={"base_model": base_model or config.backbone, "reward": meta.get("reward")})
+                      log=typer.echo, metadata={"base_model": meta.get("base_model") or config.backbone,
+                                                "reward": meta.get("reward")})
     typer.echo(f"value model → {out}")
 
 
@@ -249,28 +215,13 @@ def finetune(
 ):
     """Fine-tune π0 with LoRA through TRL (DPO on the data's best-vs-worst pairs, or online RLOO/GRPO with a KL
     penalty): the baselines VAS is compared with. Evaluate with `vas evaluate --policy OUT`."""
-    from vas.collect import REQUIRED_FOR_TRAINING
-    from vas.finetune import finetune as run, label
+    from vas.finetune import collected_for_finetuning, finetune as run, label
     from vas.models import resolve_device
     from vas.storage import require_absent
 
     config.check()
     require_absent(out)
-    dataset, meta = _collected(data, REQUIRED_FOR_TRAINING | {"prompt"})
-    if not meta.get("base_model"):
-        raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
-    if meta.get("api_base_url"):
-        raise VasError(f"{data} was collected through an API: its token columns are the value model's, not π0's, and π0 "
-                       "is not here to fine-tune")
-    if reward and config.method == "dpo":
-        raise VasError("--reward is for the online methods: DPO trains on the data's own rewards")
-    reward_spec = reward or meta.get("reward")
-    if config.method != "dpo":
-        from vas.rewards import load_reward
-
-        if not reward_spec:
-            raise VasError(f"--method {config.method} samples and scores new responses: pass --reward (the data names none)")
-        load_reward(reward_spec)  # a bad spec fails before any model loads
+    dataset, meta, reward_spec = collected_for_finetuning(data, config, reward)
     info = run(dataset, out, config, base_model=meta["base_model"], reward_spec=reward_spec, data_settings=meta,
                device=resolve_device(device), progress=not quiet)
     t = info["training"]
@@ -320,7 +271,7 @@ def generate(
     beta = parse_beta(beta, CLI)
     if out:
         require_absent(out)
-    _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
+    check_positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
     texts = list(prompt) + (load_prompts(prompts, field=field, start=start, limit=limit) if prompts else [])
     if not texts:
         raise VasError("give --prompt TEXT or --prompts SOURCE")
@@ -369,44 +320,35 @@ def evaluate(
     With --api-base-url, π0 is a model behind an OpenAI-compatible endpoint: every condition is sampled
     through its top-k log-probabilities (plain sampling is then π0 restricted to its top-k, as VAS is).
     """
-    from vas.evaluate import evaluate as run
+    from dataclasses import replace
+
+    from vas.config import EvaluateConfig
+    from vas.decoding.rules import CLI, parse_beta
+    from vas.evaluate import check_comparison, evaluate as run
+    from vas.finetune import load_finetuned, read_finetune_info
     from vas.prompts import load_prompts
     from vas.rewards import load_reward
     from vas.storage import require_absent
 
-    from vas.finetune import load_finetuned, read_finetune_info
-
     specs, top_k = _value_specs(value, top_k, soft)
     require_absent(out)
-    _positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    for adapter in finetuned:
-        if read_finetune_info(adapter)["base_model"] != policy.base_model:
-            raise VasError(f"{adapter} was fine-tuned from {read_finetune_info(adapter)['base_model']}, not from "
-                           f"π0 = {policy.base_model} (--base-model)")
-    if finetuned and (policy.api_base_url or policy.engine != "transformers"):
-        raise VasError("--policy evaluates a fine-tuned policy beside a local π0 on the default engine: leave out "
-                       "--api-base-url and --engine vllm")
-    for adapter in finetuned:
-        trained = read_finetune_info(adapter)["config"].get("temperature")
+    infos = [read_finetune_info(adapter, policy.base_model) for adapter in finetuned]
+    check_comparison(value, finetuned, local=not policy.api_base_url and policy.engine == "transformers")
+    for adapter, info in zip(finetuned, infos):
+        trained = info["config"].get("temperature")
         if trained is not None and trained != temperature:
             _warn(f"{adapter} was trained at temperature {trained:g}, evaluated at {temperature:g}")
-    if not value and not finetuned:
-        raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
-    chosen_betas = _floats(betas, "betas") if value else []
-    ns = _floats(best_of, "best-of")
-    if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
-        raise VasError(f"--best-of needs integers from 1 to 4096, got {best_of!r}")
-    ns = [int(n) for n in ns]
+    chosen_betas = [parse_beta(b, replace(CLI, beta="--betas")) for b in _floats(betas, "betas")] if value else []
+    config = EvaluateConfig(betas=chosen_betas, top_k=top_k, best_of=_floats(best_of, "best-of"), soft=soft,
+                            temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)
     scorer = load_reward(reward)
     base = build_policy(policy, held_out, max_new_tokens, top_k)
     models, weights = _value_models(specs, policy, value_dtype), [w for _, w in specs]
     tuned = [load_finetuned(a, base_model=policy.base_model, device=base.model.device, dtype=base.model.dtype)
              for a in finetuned] if finetuned else []
-    report = run(base, held_out, scorer, models, out, weights=weights, betas=chosen_betas, top_k=top_k, soft=soft,
-                 best_of=ns, finetuned=tuned,
-                 temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 concurrency=policy.concurrency, seed=seed, progress=not quiet,
+    report = run(base, held_out, scorer, models, out, config, weights=weights, finetuned=tuned,
+                 concurrency=policy.concurrency, progress=not quiet,
                  metadata={"base_model": policy.name, "api_model": policy.api_model if policy.api_base_url else None,
                            "reward": reward, "value": value, "value_sha256": _fingerprints(specs),
                            "prompt_source": prompts})
@@ -497,29 +439,16 @@ def experiment(
     """Run one of the paper's claims at small scale; writes OUT/NAME/ and its section of OUT/REPORT.md."""
     import time
 
-    from vas.experiments import ALL, EXPERIMENTS, size_named
+    from vas.experiments import EXPERIMENTS, chosen_sizes
     from vas.experiments.report import write_section
     from vas.models import resolve_device
 
-    if name not in EXPERIMENTS and name != "all":
-        raise VasError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} or all")
-    if out.exists() and not out.is_dir():
-        raise VasError(f"--out {out} is a file: name a folder (it holds every experiment's data and REPORT.md)")
-    if quick and size not in ("default", "quick"):
-        raise VasError(f"--quick is --size quick: leave out one of --quick and --size {size}")
-    size = "quick" if quick else size
-    quick = size == "quick"
-    chosen_ones = list(ALL) if name == "all" else [name]
-    chosen_sizes = {chosen: size_named(EXPERIMENTS[chosen], size) for chosen in chosen_ones}
-    for chosen in chosen_ones:  # what an experiment needs installed is checked before any runs
-        module = EXPERIMENTS[chosen]
-        if hasattr(module, "check"):
-            module.check(chosen_sizes[chosen])
-    for chosen in chosen_ones:
-        module = EXPERIMENTS[chosen]
+    sizes = chosen_sizes(name, size, quick=quick, out=out)
+    quick = quick or size == "quick"
+    for chosen, chosen_size in sizes.items():
         start = time.perf_counter()
-        sections = module.run(out / chosen, base_model=base_model, device=resolve_device(device), seed=seed,
-                              size=chosen_sizes[chosen], progress=not quiet, log=typer.echo)
+        sections = EXPERIMENTS[chosen].run(out / chosen, base_model=base_model, device=resolve_device(device),
+                                           seed=seed, size=chosen_size, progress=not quiet, log=typer.echo)
         for section in sections:
             if quick:
                 section = dataclasses.replace(section, title=section.title + " [--quick smoke test: numbers meaningless]")
@@ -545,16 +474,14 @@ def judge(
     from rich.console import Console
     from rich.table import Table
 
-    from vas.judge import LLMJudge, llm_win_rates, read_responses
+    from vas.judge import LLMJudge, check_judged, llm_win_rates, read_responses
     from vas.storage import write_json_atomic
 
-    _positive(timeout=timeout)
+    client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
     chosen_betas = _floats(betas, "betas") if betas else []
     ns = [int(n) for n in _floats(best_of, "best-of")] if best_of else []
-    if not chosen_betas and not ns:
-        raise VasError("nothing to judge: pass --betas and/or --best-of")
+    check_judged(chosen_betas, ns)  # before the responses are read
     rows = read_responses(results)
-    client = LLMJudge(base_url, model, api_key=os.environ.get(api_key_env, "none"), timeout=timeout)
     summary, verdicts = llm_win_rates(rows, client, betas=chosen_betas, best_of=ns, seed=seed, progress=not quiet)
     write_json_atomic(results / "llm_judge.json", {"base_url": base_url, "model": model, "seed": seed,
                                                     "summary": summary, "verdicts": verdicts})

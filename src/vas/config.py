@@ -3,7 +3,9 @@ fields (each field's ``help`` metadata is the option's help, ``flags`` its names
 
 * :class:`PolicyConfig`: where the base policy π0 lives, a local model or one behind an OpenAI-compatible API;
   shared by ``collect``, ``generate`` and ``evaluate``. :func:`vas.base_policy.build_policy` turns it into π0.
+* :class:`CollectConfig`: how π0's responses are sampled for training data (``vas collect``, :func:`vas.collect.collect`).
 * :class:`TrainConfig`: how a value model is trained (``vas train``, :func:`vas.value.train.train_value_model`).
+* :class:`EvaluateConfig`: which conditions an evaluation compares (``vas evaluate``, :func:`vas.evaluate.evaluate`).
 
 The module imports no torch, nor any other module of vas but its errors: the CLI reads it to build its options,
 and the model code reads its names.
@@ -12,6 +14,7 @@ and the model code reads its names.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,6 +28,13 @@ HEADS = ("last", "mean", "distributional", "next")
 """The value heads (:mod:`vas.value.heads`)."""
 MEAN_OVER = ("response", "all")
 """The mean head's windows: from the prompt's last token, or from its first (the prompt too)."""
+
+
+def check_positive(**settings: float) -> None:
+    """Raise :class:`VasError` naming (as its option) the first of ``settings`` that is not > 0."""
+    for name, value in settings.items():
+        if not value > 0:
+            raise VasError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def _help(text: str, *flags: str, metavar: str | None = None) -> dict:
@@ -84,6 +94,34 @@ class PolicyConfig:
     def name(self) -> str:
         """What names π0 in stored settings: the endpoint, or the local model."""
         return self.api_base_url or self.base_model
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How π0's responses are sampled and scored for a value model's training data (:func:`vas.collect.collect`;
+    paper Sec. 3.3, App. C.1: temperature 0.7).
+
+    Attributes:
+        samples_per_prompt: responses sampled per prompt.
+        temperature: π0's sampling temperature τ.
+        max_new_tokens: the most tokens per response.
+        batch_size: responses per batch of a local π0, batch b sampled with seed (seed, b): also the resume
+            granularity.
+        seed: seeds the sampling.
+
+    Raises:
+        VasError: on construction, naming the first setting that is not > 0 (seed aside).
+    """
+
+    samples_per_prompt: int = field(default=2, metadata=_help("Responses sampled per prompt."))
+    temperature: float = field(default=0.7, metadata=_help("Sampling temperature τ of π0 (the paper collects at 0.7)."))
+    max_new_tokens: int = field(default=64, metadata=_help("Most tokens generated per response."))
+    batch_size: int = field(default=16, metadata=_help("Responses generated per batch (also the resume granularity)."))
+    seed: int = field(default=0, metadata=_help("Random seed."))
+
+    def __post_init__(self) -> None:
+        check_positive(samples_per_prompt=self.samples_per_prompt, batch_size=self.batch_size,
+                  temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
 @dataclass
@@ -168,6 +206,47 @@ class TrainConfig:
             raise VasError("--bins is for --head distributional")
         if self.head != "mean" and self.mean_over != TrainConfig.mean_over:
             raise VasError("--mean-over is for --head mean")
+
+
+@dataclass
+class EvaluateConfig:
+    """Which conditions an evaluation compares, and how they are sampled (:func:`vas.evaluate.evaluate`). The
+    ``vas evaluate`` command parses its own options (comma-separated grids, ``--top-k all``) into one.
+
+    Attributes:
+        betas: VAS's β grid, one condition per β.
+        top_k: k, π0's top-k tokens scored by the value models (an int ≥ 1, or ``"all"``); also what plain
+            sampling asks a policy that tells only its top-k for.
+        best_of: the N of Best-of-N, integers from 1 to 4096; the pool holds ``max(best_of)`` π0 samples per
+            prompt (made ints on construction).
+        vas_samples_per_prompt: steered samples per prompt (of VAS and of each fine-tuned policy).
+        soft: guide with soft values (distributional value models) instead of the mean.
+        temperature: the sampling temperature τ of every condition.
+        max_new_tokens: the most tokens per response.
+        batch_size: responses per batch.
+        seed: the pool's seed; VAS and the fine-tuned policies sample with seed + 1.
+
+    Raises:
+        VasError: on construction, for a batch size, temperature or token budget that is not > 0, or a
+            ``best_of`` that is not integers from 1 to 4096.
+    """
+
+    betas: Sequence[float] = (1.0, 2.0, 4.0)
+    top_k: int | str = 10
+    best_of: Sequence[int] = (1, 2, 4, 8, 16)
+    vas_samples_per_prompt: int = 1
+    soft: bool = False
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(batch_size=self.batch_size, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        ns = self.best_of
+        if not ns or min(ns) < 1 or max(ns) > 4096 or any(n != int(n) for n in ns):
+            raise VasError(f"--best-of needs integers from 1 to 4096, got {ns!r}")
+        self.best_of = tuple(int(n) for n in ns)
 
 
 FINETUNE_METHODS = ("dpo", "rloo", "grpo")

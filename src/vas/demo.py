@@ -42,6 +42,7 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     Raises:
         VasError: if ``out`` holds a demo made with other settings (:func:`vas.pipeline.claim`).
     """
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate
     from vas.models import (
         load_policy,
@@ -73,7 +74,8 @@ def run_demo(out: str | Path, *, base_model: str, size: DemoSize = DemoSize(), d
     eval_dir = out / "eval"
     log(f"evaluating on {size.eval_prompts} held-out prompts → {eval_dir}")
     held_out = load_prompts(DEMO_PROMPTS, start=size.train_prompts, limit=size.eval_prompts)
-    return evaluate(LocalPolicy(policy, tokenizer), held_out, load_reward(DEMO_REWARD), [value_model], eval_dir, betas=size.betas,
-                    top_k=size.top_k, best_of=size.best_of, max_new_tokens=recipe.max_new_tokens,
-                    batch_size=recipe.batch_size, seed=seed, progress=progress,
+    return evaluate(LocalPolicy(policy, tokenizer), held_out, load_reward(DEMO_REWARD), [value_model], eval_dir,
+                    EvaluateConfig(betas=size.betas, top_k=size.top_k, best_of=size.best_of,
+                                   max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, seed=seed),
+                    progress=progress,
                     metadata={"task": "demo", "reward": DEMO_REWARD, "base_model": base_model, "size": asdict(size)})

@@ -35,10 +35,13 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from vas.config import EvaluateConfig
 from vas.decoding.loop import Steering
 from vas.errors import VasError
 from vas.decoding.batches import generate
@@ -255,25 +258,160 @@ def responses(policy, prompts: Sequence, steering: Steering | None, path: Path, 
     return generate(policy, prompts, steering or Steering(top_k=top_k), path, finish=False, **run)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """One decoding condition of an evaluation (:func:`plan_conditions`).
+
+    Attributes:
+        method: ``plain`` (π0's pool), ``vas`` or ``finetuned``.
+        file: its rows' file in ``<out>.partial``.
+        samples: samples per prompt.
+        seed: the seed its samples are drawn with.
+        desc: its progress bar's label.
+        beta: VAS's β (0 for the others).
+        tuned: the fine-tuned policy (:class:`vas.finetune.Finetuned`) of a ``finetuned`` condition.
+    """
+
+    method: str
+    file: str
+    samples: int
+    seed: int
+    desc: str
+    beta: float = 0.0
+    tuned: Any = None
+
+
+@dataclass
+class Sampled:
+    """A condition's samples: the prompts as sampled (each repeated ``condition.samples`` times), the
+    decoding rows (:func:`vas.jobs.generate`), their rewards ((prompts × samples,) float32) and the seconds
+    scoring took."""
+
+    condition: Condition
+    prompts: list[str]
+    results: list[dict]
+    rewards: torch.Tensor
+    reward_seconds: float
+
+    def column(self, key: str) -> torch.Tensor:
+        """The rows' ``key`` (``tokens``, ``kl``) as a float32 tensor."""
+        return torch.tensor([r[key] for r in self.results], dtype=torch.float32)
+
+
+def plan_conditions(config: EvaluateConfig, finetuned: Sequence = ()) -> list[Condition]:
+    """The conditions ``config`` asks for, in the order they run: π0's pool (``max(config.best_of)`` samples
+    per prompt, which plain sampling, Best-of-N and the optimum read), VAS at each β, then each fine-tuned policy
+    (``config.vas_samples_per_prompt`` samples per prompt each, with seed + 1)."""
+    m, seed = config.vas_samples_per_prompt, config.seed + 1
+    return ([Condition("plain", "plain.jsonl", max(config.best_of), config.seed, "π0 samples")]
+            + [Condition("vas", f"vas-beta{beta:g}.jsonl", m, seed, f"VAS β={beta:g}", beta=beta)
+               for beta in config.betas]
+            + [Condition("finetuned", f"finetuned-{_digest(tuned.path)}.jsonl", m, seed, tuned.name, tuned=tuned)
+               for tuned in finetuned])
+
+
+def check_comparison(value_models: Sequence, finetuned: Sequence, *, local: bool) -> None:
+    """Raise :class:`VasError` unless an evaluation compares something with plain sampling and Best-of-N (value
+    models, or fine-tuned policies: anything of which only the count matters) and its fine-tuned policies run
+    beside π0 in this process (``local``: a :class:`vas.policy.local.LocalPolicy`)."""
+    if finetuned and not local:
+        raise VasError("--policy evaluates a fine-tuned policy beside a local π0 on the default engine: leave out "
+                       "--api-base-url and --engine vllm")
+    if not value_models and not finetuned:
+        raise VasError("nothing to compare with plain sampling and Best-of-N: give --value and/or --policy")
+
+
+def check_names(finetuned: Sequence) -> None:
+    """Raise :class:`VasError` if two fine-tuned policies (:class:`vas.finetune.Finetuned`) share a name."""
+    names = [tuned.name for tuned in finetuned]
+    if len(set(names)) < len(names):
+        raise VasError(f"two fine-tuned policies have the same name ({', '.join(n for n in names if names.count(n) > 1)}): "
+                       "evaluate them separately")
+
+
+def sample_condition(condition: Condition, policy, prompts: Sequence[str], reward: Reward, partial: Path, *,
+                     steering: Steering | None, **run) -> Sampled:
+    """Sample ``condition`` (its rows kept in ``partial``, :func:`responses`) and score its responses. A
+    fine-tuned condition samples π_θ (its LoRA merged into a copy of π0) with π0 beside it for the KL."""
+    repeated = [p for p in prompts for _ in range(condition.samples)]
+    sampler, tuned = policy, condition.tuned
+    if tuned is not None:
+        sampler = LocalPolicy(policy.model, policy.tokenizer, eos_token_ids=policy.eos_token_ids,
+                              pad_token_id=policy.pad_token_id, tuned=tuned.load(), tuned_name=str(tuned.path))
+        run = {**run, "settings": {**run["settings"], "finetuned": tuned.info}}
+    results = responses(sampler, repeated, steering, partial / condition.file, seed=condition.seed,
+                        desc=condition.desc, **run)
+    del sampler  # a fine-tuned one holds its merged copy of π0
+    t0 = time.perf_counter()
+    rewards = score(reward, repeated, [r["response"] for r in results])
+    return Sampled(condition, repeated, results, rewards, time.perf_counter() - t0)
+
+
+def sample_statistics(sampled: Sampled, prompts: int) -> dict:
+    """The statistics of a sampled condition's entry: ``reward`` (mean), ``reward_sem`` (over prompts, of
+    per-prompt means), ``reward_by_sample`` (the mean over prompts of each prompt's j-th sample), ``kl`` (nats per
+    response), ``kl_sem`` and ``length`` (tokens)."""
+    m = sampled.condition.samples
+    rewards, kl = sampled.rewards.view(prompts, m), sampled.column("kl")
+    return {"reward": float(sampled.rewards.mean()), "reward_sem": standard_error(rewards.mean(dim=1)),
+            "reward_by_sample": rewards.mean(dim=0).tolist(), "kl": float(kl.mean()),
+            "kl_sem": standard_error(kl.view(prompts, m).mean(dim=1)), "length": float(sampled.column("tokens").mean())}
+
+
+def pool_entries(pool: Sampled, prompts: int, prompt_tokens: float | None,
+                 best_of: Sequence[int]) -> tuple[dict, list[dict]]:
+    """Plain sampling's entry and one Best-of-N entry per N of ``best_of`` (:func:`best_of_n_weights` on the
+    pool, KL: the bound, cost: N samples and their scoring) from π0's pool."""
+    n_pool = pool.condition.samples
+    stats = sample_statistics(pool, prompts)
+    seconds = sum(r["seconds"] for r in pool.results)
+    plain = {**{key: stats[key] for key in ("reward", "reward_sem", "kl", "length")},
+             "seconds_per_prompt": seconds / (prompts * n_pool),
+             "policy_tokens": tokens_read(prompt_tokens, stats["length"]), "value_tokens": 0.0}
+    pool_r, pool_len = pool.rewards.view(prompts, n_pool), pool.column("tokens").view(prompts, n_pool)
+    per_sample = (seconds + pool.reward_seconds) / (prompts * n_pool)
+    order = pool_r.argsort(dim=1)
+    best_of_n = []
+    for N in best_of:
+        w = best_of_n_weights(n_pool, N).float()
+        per_prompt = (pool_r.gather(1, order) * w).sum(dim=1)
+        best_of_n.append({
+            "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
+            "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
+            "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
+            "seconds_per_prompt": N * per_sample, "policy_tokens": tokens_read(prompt_tokens, stats["length"], N),
+            "value_tokens": 0.0,
+        })
+    return plain, best_of_n
+
+
+def steered_entry(sampled: Sampled, prompts: int, prompt_tokens: float | None, *, value_models: Sequence[ValueModel],
+                  top_k: int | str, seconds_per_token: float) -> dict:
+    """A VAS condition's entry (its ``beta``; value models read prompt + (k + 1) tokens per generated token, 1
+    with the ``next`` head) or a fine-tuned one's (``name``, ``method``, ``kl_coef``, ``path``, ``training``; its
+    time is plain π0's ``seconds_per_token`` times its tokens, the measured time beside it)."""
+    stats = sample_statistics(sampled, prompts)
+    length, tuned = stats["length"], sampled.condition.tuned
+    measured = sum(r["seconds"] for r in sampled.results) / len(sampled.results)
+    cost = {"policy_tokens": tokens_read(prompt_tokens, length)}
+    if tuned is None:
+        cost["value_tokens"] = None if prompt_tokens is None else sum(
+            tokens_read(prompt_tokens, length * (1 if model.kind == "next" else top_k + 1)) for model in value_models)
+        return {"beta": sampled.condition.beta, **stats, "seconds_per_prompt": measured, **cost}
+    return {"name": tuned.name, "method": tuned.info["method"], "kl_coef": tuned.info["kl_coef"],
+            "path": str(tuned.path), **stats, "seconds_per_prompt": seconds_per_token * length,
+            "measured_seconds_per_prompt": measured, **cost, "value_tokens": 0.0, "training": tuned.info["training"]}
 def evaluate(
     policy,
     prompts: Sequence[str],
     reward: Reward,
     value_models: Sequence[ValueModel],
     out_dir: str | Path,
+    config: EvaluateConfig,
     *,
     weights: Sequence[float] | None = None,
-    betas: Sequence[float] = (1.0, 2.0, 4.0),
-    top_k: int | str = 10,
-    best_of: Sequence[int] = (1, 2, 4, 8, 16),
-    vas_samples_per_prompt: int = 1,
-    soft: bool = False,
     finetuned: Sequence = (),
-    temperature: float = 0.7,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
     concurrency: int = 1,
-    seed: int = 0,
     progress: bool = True,
     metadata: dict | None = None,
 ) -> dict:
@@ -286,8 +424,9 @@ def evaluate(
     condition is kept in ``<out_dir>.partial/`` until the report is written, so an interrupted evaluation
     resumes where it stopped.
 
-    ``finetuned`` are :class:`vas.finetune.Finetuned` policies π_θ, sampled with π0 (a local ``policy``) beside
-    them.
+    ``config`` says which conditions run (:func:`plan_conditions`); ``value_models`` steer VAS with
+    ``weights``; ``finetuned`` are :class:`vas.finetune.Finetuned` policies π_θ, sampled with π0 (a local
+    ``policy``) beside them.
 
     Returns:
         The report: ``plain``, ``vas`` (one entry per β), ``best_of_n`` (one per N) and ``finetuned`` (one per
@@ -302,126 +441,92 @@ def evaluate(
         under each method) and ``settings``.
 
     Raises:
-        VasError: if ``out_dir`` exists, fine-tuned policies are given with a policy behind an API, or from
-            decoding (finished conditions are kept).
+        VasError: if there is nothing to compare (no value model, no fine-tuned policy), ``out_dir`` exists,
+            fine-tuned policies are given without a local π0 (:func:`check_comparison`) or share a name,
+            or from decoding (finished conditions are kept).
     """
-    if finetuned and not hasattr(policy, "model"):
-        raise VasError("fine-tuned policies are evaluated beside a local π0: leave out --api-base-url")
-    names = [tuned.name for tuned in finetuned]
-    if len(set(names)) < len(names):
-        raise VasError(f"two fine-tuned policies have the same name ({', '.join(n for n in names if names.count(n) > 1)}): "
-                       "evaluate them separately")
+    check_comparison(value_models, finetuned, local=isinstance(policy, LocalPolicy))
+    check_names(finetuned)
     out_dir = Path(out_dir)
     require_absent(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    n_pool = max(best_of)
+    run = dict(temperature=config.temperature, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+               concurrency=concurrency, progress=progress, top_k=config.top_k,
+               settings={**(metadata or {}), "n_pool": max(config.best_of)})
+    sampled = []
+    for condition in plan_conditions(config, finetuned):
+        steering = None if condition.method != "vas" else Steering(
+            value_models, weights, beta=condition.beta, top_k=config.top_k, soft=config.soft)
+        sampled.append(sample_condition(condition, policy, prompts, reward, partial, steering=steering, **run))
+    report = evaluation_report(sampled, prompts, getattr(policy, "tokenizer", None), config,
+                               value_models=value_models, weights=weights, metadata=metadata)
+    write_evaluation(out_dir, report, [row for s in sampled for row in response_rows(s)])
+    return report
+
+
+def evaluation_report(sampled: Sequence[Sampled], prompts: Sequence[str], tokenizer, config: EvaluateConfig, *,
+                      value_models: Sequence[ValueModel], weights: Sequence[float] | None,
+                      metadata: dict | None) -> dict:
+    """:func:`evaluate`'s report from its sampled conditions (:func:`plan_conditions`' order: π0's pool
+    first), with each method's KL overhead (:func:`with_overheads`). ``tokenizer`` counts the prompts' tokens;
+    None (an API policy, whose tokenizer is the server's) leaves the token counts None."""
     P = len(prompts)
-    tokenizer = getattr(policy, "tokenizer", None)
-    # tokens each model reads: unknown for an API policy (its tokenizer is the server's), then None
     prompt_tokens = (sum(len(ids) for ids in encode_prompts(tokenizer, prompts)) / P) if tokenizer else None
-    run = dict(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-               concurrency=concurrency, progress=progress, top_k=top_k,
-               settings={**(metadata or {}), "n_pool": n_pool})
+    pool, steered = sampled[0], sampled[1:]
+    n_pool = pool.condition.samples
+    plain, best_of_n = pool_entries(pool, P, prompt_tokens, config.best_of)
+    seconds_per_token = (sum(r["seconds"] for r in pool.results)  # plain π0's, which a merged adapter shares
+                         / max(float(pool.column("tokens").sum()), 1.0))
+    entries = [steered_entry(s, P, prompt_tokens, value_models=value_models, top_k=config.top_k,
+                             seconds_per_token=seconds_per_token) for s in steered]
+    pool_r = pool.rewards.view(P, n_pool)
+    return with_overheads({
+        "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": config.top_k,
+                     "vas_samples_per_prompt": config.vas_samples_per_prompt, "soft": config.soft,
+                     "temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                     "seed": config.seed, "weights": list(weights or [])},
+        "plain": plain,
+        "best_of_n": best_of_n,
+        "vas": [e for s, e in zip(steered, entries) if s.condition.tuned is None],
+        "finetuned": [e for s, e in zip(steered, entries) if s.condition.tuned is not None],
+        "examples": examples(sampled, prompts),
+        "optimum": optimum_frontier(pool_r) if n_pool > 1 else None,  # one sample: nothing to reweight
+    })
 
-    pool_prompts = [p for p in prompts for _ in range(n_pool)]
-    pool = responses(policy, pool_prompts, None, partial / "plain.jsonl", seed=seed, desc="π0 samples", **run)
-    texts = [r["response"] for r in pool]
-    lengths = torch.tensor([r["tokens"] for r in pool], dtype=torch.float32)
-    seconds = sum(r["seconds"] for r in pool)
-    rows = [{"method": "plain", "beta": 0.0, "prompt_index": i // n_pool, "sample": i % n_pool,
-             "prompt": pool_prompts[i], "response": r["response"], "tokens": r["tokens"], "kl": r["kl"]}
-            for i, r in enumerate(pool)]
-    t0 = time.perf_counter()
-    rewards = score(reward, pool_prompts, texts)
-    for row, r in zip(rows, rewards.tolist()):
-        row["reward"] = r
-    reward_seconds = time.perf_counter() - t0
-    pool_r, pool_len = rewards.view(P, n_pool), lengths.view(P, n_pool)
-    per_sample = (seconds + reward_seconds) / (P * n_pool)
-    report = {
-        "settings": {**(metadata or {}), "prompts": P, "n_pool": n_pool, "top_k": top_k,
-                     "vas_samples_per_prompt": vas_samples_per_prompt, "soft": soft, "temperature": temperature,
-                     "max_new_tokens": max_new_tokens, "seed": seed, "weights": list(weights or [])},
-        "plain": {"reward": float(pool_r.mean()), "reward_sem": standard_error(pool_r.mean(dim=1)),
-                  "kl": float(torch.tensor([r["kl"] for r in pool]).mean()),
-                  "length": float(pool_len.mean()), "seconds_per_prompt": seconds / (P * n_pool),
-                  "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean())), "value_tokens": 0.0},
-        "best_of_n": [],
-        "vas": [],
-        "finetuned": [],
-        "examples": [{"prompt": prompts[i], "plain": texts[i * n_pool]} for i in range(min(3, P))],
-    }
-    order = pool_r.argsort(dim=1)
-    for N in best_of:
-        w = best_of_n_weights(n_pool, N).float()
-        per_prompt = (pool_r.gather(1, order) * w).sum(dim=1)
-        report["best_of_n"].append({
-            "n": N, "reward": float(per_prompt.mean()), "reward_sem": standard_error(per_prompt),
-            "kl": best_of_n_kl_bound(N), "kl_is_bound": True,
-            "length": float((pool_len.gather(1, order) * w).sum(dim=1).mean()),
-            "seconds_per_prompt": N * per_sample, "policy_tokens": tokens_read(prompt_tokens, float(pool_len.mean()), N),
-            "value_tokens": 0.0,
-        })
-    report["optimum"] = optimum_frontier(pool_r) if n_pool > 1 else None  # one sample: nothing to reweight
-    best = pool_r.argmax(dim=1)
-    for i, example in enumerate(report["examples"]):
-        example[f"best_of_{n_pool}"] = texts[i * n_pool + int(best[i])]
 
-    m = vas_samples_per_prompt
-    v_prompts = [p for p in prompts for _ in range(m)]
-    for beta in betas:
-        steering = Steering(value_models, weights, beta=beta, top_k=top_k, soft=soft)
-        v = responses(policy, v_prompts, steering, partial / f"vas-beta{beta:g}.jsonl", seed=seed + 1,
-                      desc=f"VAS β={beta:g}", **run)
-        v_texts = [r["response"] for r in v]
-        v_len = torch.tensor([r["tokens"] for r in v], dtype=torch.float32)
-        v_kl = torch.tensor([r["kl"] for r in v])
-        v_r = score(reward, v_prompts, v_texts)
-        report["vas"].append({
-            "beta": beta, "reward": float(v_r.mean()), "reward_sem": standard_error(v_r.view(P, m).mean(dim=1)),
-            "reward_by_sample": v_r.view(P, m).mean(dim=0).tolist(), "kl": float(v_kl.mean()),
-            "kl_sem": standard_error(v_kl.view(P, m).mean(dim=1)), "length": float(v_len.mean()),
-            "seconds_per_prompt": sum(r["seconds"] for r in v) / (P * m),
-            "policy_tokens": tokens_read(prompt_tokens, float(v_len.mean())),
-            "value_tokens": None if prompt_tokens is None else sum(
-                tokens_read(prompt_tokens, float(v_len.mean()) * (1 if m.kind == "next" else top_k + 1))
-                for m in value_models),
-        })
-        rows += [{"method": "vas", "beta": beta, "prompt_index": i // m, "sample": i % m, "prompt": v_prompts[i],
-                  "response": r["response"], "tokens": r["tokens"], "kl": r["kl"], "reward": float(x)}
-                 for i, (r, x) in enumerate(zip(v, v_r.tolist()))]
-        for i, example in enumerate(report["examples"]):
-            example[f"vas_beta_{beta:g}"] = v_texts[i * m]
+def examples(sampled: Sequence[Sampled], prompts: Sequence[str], count: int = 3) -> list[dict]:
+    """The first ``count`` prompts' responses under each method: plain (π0's first sample), Best-of-M (the
+    pool's best, M its size), each β's (``vas_beta_B``) and each fine-tuned policy's (by name) first sample."""
+    pool, steered = sampled[0], sampled[1:]
+    n_pool = pool.condition.samples
+    best = pool.rewards.view(len(prompts), n_pool).argmax(dim=1)
+    rows = []
+    for i in range(min(count, len(prompts))):
+        example = {"prompt": prompts[i], "plain": pool.results[i * n_pool]["response"],
+                   f"best_of_{n_pool}": pool.results[i * n_pool + int(best[i])]["response"]}
+        for s in steered:
+            tuned = s.condition.tuned
+            example[f"vas_beta_{s.condition.beta:g}" if tuned is None else tuned.name] = \
+                s.results[i * s.condition.samples]["response"]
+        rows.append(example)
+    return rows
 
-    seconds_per_token = seconds / max(float(lengths.sum()), 1.0)  # plain π0's, which a merged adapter shares
-    for tuned in finetuned:
-        sampler = LocalPolicy(policy.model, policy.tokenizer, eos_token_ids=policy.eos_token_ids,
-                              pad_token_id=policy.pad_token_id, tuned=tuned.load(), tuned_name=str(tuned.path))
-        f = responses(sampler, v_prompts, None, partial / f"finetuned-{_digest(tuned.path)}.jsonl", seed=seed + 1,
-                      desc=tuned.name, **{**run, "settings": {**run["settings"], "finetuned": tuned.info}})
-        del sampler  # its merged copy of π0
-        f_len = torch.tensor([r["tokens"] for r in f], dtype=torch.float32)
-        f_kl = torch.tensor([r["kl"] for r in f])
-        f_r = score(reward, v_prompts, [r["response"] for r in f])
-        report["finetuned"].append({
-            "name": tuned.name, "method": tuned.info["method"], "kl_coef": tuned.info["kl_coef"],
-            "path": str(tuned.path), "reward": float(f_r.mean()),
-            "reward_sem": standard_error(f_r.view(P, m).mean(dim=1)),
-            "reward_by_sample": f_r.view(P, m).mean(dim=0).tolist(), "kl": float(f_kl.mean()),
-            "kl_sem": standard_error(f_kl.view(P, m).mean(dim=1)), "length": float(f_len.mean()),
-            "seconds_per_prompt": seconds_per_token * float(f_len.mean()),
-            "measured_seconds_per_prompt": sum(r["seconds"] for r in f) / (P * m),
-            "policy_tokens": tokens_read(prompt_tokens, float(f_len.mean())), "value_tokens": 0.0,
-            "training": tuned.info["training"],
-        })
-        rows += [{"method": "finetuned", "beta": 0.0, "policy": tuned.name, "prompt_index": i // m, "sample": i % m,
-                  "prompt": v_prompts[i], "response": r["response"], "tokens": r["tokens"], "kl": r["kl"],
-                  "reward": float(x)} for i, (r, x) in enumerate(zip(f, f_r.tolist()))]
-        for i, example in enumerate(report["examples"]):
-            example[tuned.name] = f[i * m]["response"]
 
-    with_overheads(report)
+def response_rows(sampled: Sampled) -> list[dict]:
+    """A sampled condition's lines of ``responses.jsonl``: method, β, the fine-tuned policy's name, prompt
+    index, sample, prompt, response, tokens, KL and reward."""
+    condition, m = sampled.condition, sampled.condition.samples
+    policy = {} if condition.tuned is None else {"policy": condition.tuned.name}
+    return [{"method": condition.method, "beta": condition.beta, **policy, "prompt_index": i // m, "sample": i % m,
+             "prompt": sampled.prompts[i], "response": r["response"], "tokens": r["tokens"], "kl": r["kl"],
+             "reward": x} for i, (r, x) in enumerate(zip(sampled.results, sampled.rewards.tolist()))]
+
+
+def write_evaluation(out_dir: Path, report: dict, rows: Sequence[dict]) -> None:
+    """Write ``report.json``, ``responses.jsonl`` and ``reward_vs_kl.png`` into ``out_dir`` at once (made in
+    ``<out_dir>.partial/report``, then renamed), and drop ``<out_dir>.partial``."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
     tmp = partial / "report"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -430,7 +535,6 @@ def evaluate(
     plot_reward_vs_kl(report, tmp / "reward_vs_kl.png")
     tmp.rename(out_dir)
     shutil.rmtree(partial)
-    return report
 
 
 def summary_sentence(report: dict) -> str:

@@ -98,6 +98,37 @@ def _online_prompts(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) 
                                        "user_prompt": list(seen.values())})
 
 
+def collected_for_finetuning(data: str | Path, config: FinetuneConfig,
+                             reward: str | None = None) -> tuple[datasets.Dataset, dict, str | None]:
+    """The π0 samples in the folder ``data`` (:func:`vas.collect.load_collected`), their collection settings
+    (which name π0, ``base_model``) and the reward spec ``config.method`` optimises: ``reward`` for the online
+    methods (default: the data's, checked by loading it), the data's for DPO.
+
+    Raises:
+        VasError: if the data lacks its columns or does not name its base model, was collected through an API
+            (its token columns are the value model's), ``reward`` is given for DPO, or an online method has no
+            reward spec or a bad one.
+    """
+    from vas.collect import REQUIRED_FOR_TRAINING, load_collected
+
+    dataset, meta = load_collected(data, REQUIRED_FOR_TRAINING | {"prompt"})
+    if not meta.get("base_model"):
+        raise VasError(f"{data} does not name its base model (no vas_collect.json): collect it with vas collect")
+    if meta.get("api_base_url"):
+        raise VasError(f"{data} was collected through an API: its token columns are the value model's, not π0's, and π0 "
+                       "is not here to fine-tune")
+    if reward and config.method == "dpo":
+        raise VasError("--reward is for the online methods: DPO trains on the data's own rewards")
+    reward_spec = reward or meta.get("reward")
+    if config.method != "dpo":
+        from vas.rewards import load_reward
+
+        if not reward_spec:
+            raise VasError(f"--method {config.method} samples and scores new responses: pass --reward (the data names none)")
+        load_reward(reward_spec)  # a bad spec fails before any model loads
+    return dataset, meta, reward_spec
+
+
 def finetune(
     data: datasets.Dataset,
     out_dir: str | Path,
@@ -341,11 +372,12 @@ class Finetuned:
         return PeftModel.from_pretrained(base, str(self.path)).merge_and_unload().eval()
 
 
-def read_finetune_info(path: str | Path) -> dict:
-    """The ``vas_finetune.json`` of an adapter folder.
+def read_finetune_info(path: str | Path, base_model: str | None = None) -> dict:
+    """The ``vas_finetune.json`` of an adapter folder, checked against π0 = ``base_model`` where given.
 
     Raises:
-        VasError: if ``path`` is not a folder written by :func:`finetune`, or lacks its adapter's files.
+        VasError: if ``path`` is not a folder written by :func:`finetune`, lacks its adapter's files, or was
+            fine-tuned from another base model than ``base_model``.
     """
     meta = Path(path) / META
     if not meta.is_file():
@@ -358,6 +390,8 @@ def read_finetune_info(path: str | Path) -> dict:
     if missing or not isinstance(info, dict) or not {"method", "kl_coef", "base_model", "training"} <= set(info):
         raise VasError(f"{path} is a damaged fine-tuned policy ({', '.join(missing) + ' missing' if missing else META + ' unreadable'}): "
                        "fine-tune it again")
+    if base_model is not None and info["base_model"] != base_model:
+        raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model} (--base-model)")
     return info
 
 
@@ -369,7 +403,4 @@ def load_finetuned(path: str | Path, *, base_model: str, device: torch.device | 
         VasError: if ``path`` is not an adapter written by :func:`finetune`, or was fine-tuned from another base
             model than ``base_model``.
     """
-    info = read_finetune_info(path)
-    if info["base_model"] != base_model:
-        raise VasError(f"{path} was fine-tuned from {info['base_model']}, not from π0 = {base_model}")
-    return Finetuned(Path(path), info, device, dtype)
+    return Finetuned(Path(path), read_finetune_info(path, base_model), device, dtype)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vas.config import check_positive
 from vas.errors import VasError
 
 
@@ -135,11 +136,15 @@ class LLMJudge:
         api_key: the key (any string for servers that need none).
         timeout: seconds per request; the client retries 429 and 5xx answers ``max_retries`` times with
             exponential backoff.
+
+    Raises:
+        VasError: if ``timeout`` is not > 0.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_retries: int = 4):
         from openai import OpenAI
 
+        check_positive(timeout=timeout)
         self.model, self.base_url = model, base_url
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
@@ -158,6 +163,12 @@ class LLMJudge:
         return parse_verdict(answer.choices[0].message.content or "")
 
 
+def check_judged(betas: Sequence[float], best_of: Sequence[int]) -> None:
+    """Raise :class:`VasError` if neither a β nor an N is chosen: nothing to judge."""
+    if not betas and not best_of:
+        raise VasError("nothing to judge: pass --betas and/or --best-of")
+
+
 def llm_win_rates(rows: Sequence[dict], judge: LLMJudge, *, betas: Sequence[float], best_of: Sequence[int],
                   seed: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
     """Win rates against plain sampling under an LLM judge, from :func:`vas.evaluate.evaluate`'s responses.
@@ -171,8 +182,10 @@ def llm_win_rates(rows: Sequence[dict], judge: LLMJudge, *, betas: Sequence[floa
         (summary: ``{method: {"win_rate", "win_rate_sem", "pairs", "unparsed"}}``, one verdict row per pair).
 
     Raises:
-        VasError: if a β or N is not in the responses (N must be below the pool size).
+        VasError: if neither a β nor an N is chosen (:func:`check_judged`), or a β or N is not in the responses
+            (N must be below the pool size).
     """
+    check_judged(betas, best_of)
     rng = random.Random(seed)
     plain = {(r["prompt_index"], r["sample"]): r for r in rows if r["method"] == "plain"}
     prompts = sorted({p for p, _ in plain})

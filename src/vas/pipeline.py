@@ -59,6 +59,7 @@ def collected_samples(
     (:func:`vas.collect.collect`, ``batch_size`` responses per batch, default ``recipe.batch_size``), or loaded
     from it if it exists."""
     from vas.collect import COLUMNS, collect
+    from vas.config import CollectConfig
     from vas.rewards import load_reward
     from vas.storage import load_dataset_dir
 
@@ -67,8 +68,8 @@ def collected_samples(
         return load_dataset_dir(directory, set(COLUMNS))
     log(f"collecting {len(prompts)}×{recipe.samples_per_prompt} responses from π0 → {directory}")
     return collect(policy, prompts, load_reward(reward_spec), directory,
-                   samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                   batch_size=batch_size or recipe.batch_size, seed=seed, progress=progress,
+                   CollectConfig(samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
+                                 batch_size=batch_size or recipe.batch_size, seed=seed), progress=progress,
                    metadata={"reward": reward_spec, **(metadata or {})})
 
 

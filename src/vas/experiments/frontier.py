@@ -188,6 +188,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     the trade-off against fine-tuning (claim a), the cost against Best-of-N (claim b, observation c) and the judge."""
     import json
 
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate
     from vas.experiments.setup import Setup
     from vas.finetune import load_finetuned, preference_pairs
@@ -220,9 +221,10 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         report = json.loads((eval_dir / "report.json").read_text())
     else:
         report = evaluate(LocalPolicy(setup.policy, setup.tokenizer), held_out, load_reward(REWARD), [value_model], eval_dir,
-                          betas=size.betas, top_k=size.top_k, best_of=size.best_of,
-                          vas_samples_per_prompt=size.vas_samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
-                          batch_size=size.batch_size, seed=seed, progress=progress, finetuned=policies,
+                          EvaluateConfig(betas=size.betas, top_k=size.top_k, best_of=size.best_of,
+                                         vas_samples_per_prompt=size.vas_samples_per_prompt,
+                                         max_new_tokens=recipe.max_new_tokens, batch_size=size.batch_size, seed=seed),
+                          progress=progress, finetuned=policies,
                           metadata={"reward": REWARD, "base_model": base_model, "prompt_source": PROMPTS})
     rows = read_responses(eval_dir)
     for row, j in zip(rows, score(load_reward(JUDGE), [r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()):

@@ -117,6 +117,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
         log: Callable[[str], None]) -> list[Section]:
     """Collect (or reuse) the data, train one value model per size and head, measure R² and VAS's frontier for
     each, write ``summary.json`` and ``scaling.png`` to ``out`` and return the report's section."""
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate, saved_optimum
     from vas.experiments.ablations import held_out_labels
     from vas.experiments.setup import Setup
@@ -153,13 +154,14 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                 log(f"evaluation: reusing {eval_dir}")
                 report = json.loads((eval_dir / "report.json").read_text())
             else:  # the pool (Best-of-N, the optimum) is drawn once, with the first value model
-                report = evaluate(policy, held_out, reward, [model], eval_dir, betas=size.betas, top_k=size.top_k,
-                                  best_of=size.best_of if pool_dir is None else (1,),
-                                  vas_samples_per_prompt=size.vas_samples_per_prompt,
-                                  max_new_tokens=size.recipe.max_new_tokens, batch_size=size.batch_size, seed=seed,
-                                  progress=progress, metadata={"reward": REWARD, "base_model": base_model,
-                                                               "prompt_source": PROMPTS, "head": head,
-                                                               "responses": responses})
+                config = EvaluateConfig(betas=size.betas, top_k=size.top_k,
+                                        best_of=size.best_of if pool_dir is None else (1,),
+                                        vas_samples_per_prompt=size.vas_samples_per_prompt,
+                                        max_new_tokens=size.recipe.max_new_tokens, batch_size=size.batch_size,
+                                        seed=seed)
+                report = evaluate(policy, held_out, reward, [model], eval_dir, config, progress=progress,
+                                  metadata={"reward": REWARD, "base_model": base_model, "prompt_source": PROMPTS,
+                                            "head": head, "responses": responses})
             pool_dir = pool_dir or eval_dir
             runs.append({"responses": responses, "head": head, "train_seconds":
                          model.value_config.get("metrics", {}).get("train_seconds"),

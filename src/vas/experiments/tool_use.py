@@ -234,6 +234,7 @@ def training_data(policy: Callable, train: list, reward, samples: Path, tokenize
     """π0's scored one-shot responses to the training queries, collected through the API into ``samples``
     (:func:`vas.collect.collect`), or read back from it where an earlier run collected them."""
     from vas.collect import REQUIRED_FOR_TRAINING, collect
+    from vas.config import CollectConfig
     from vas.experiments.home_search import prompt, value_prompt
     from vas.storage import load_dataset_dir
 
@@ -243,9 +244,9 @@ def training_data(policy: Callable, train: list, reward, samples: Path, tokenize
         return load_dataset_dir(samples, REQUIRED_FOR_TRAINING)
     log(f"collecting {len(train)} one-shot queries × {recipe.samples_per_prompt} through the API → {samples}")
     return collect(policy(), [prompt(q, one_shot=True) for q in train], reward, samples,
-                   value_tokenizer=tokenizer, samples_per_prompt=recipe.samples_per_prompt,
-                   max_new_tokens=recipe.max_new_tokens, seed=seed, concurrency=size.concurrency,
-                   value_prompt=value_prompt, progress=progress,
+                   CollectConfig(samples_per_prompt=recipe.samples_per_prompt, max_new_tokens=recipe.max_new_tokens,
+                                 seed=seed),
+                   value_tokenizer=tokenizer, concurrency=size.concurrency, value_prompt=value_prompt, progress=progress,
                    metadata={"policy": size.policy, "task": "home-search", "criteria": size.criteria})
 
 

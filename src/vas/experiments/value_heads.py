@@ -83,6 +83,7 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
     and ``value_heads.png`` to ``out`` and return the report's section."""
     import json
 
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate, saved_optimum
     from vas.experiments.ablations import held_out_labels
     from vas.experiments.setup import Setup
@@ -114,12 +115,14 @@ def run(out: Path, *, base_model: str, device: torch.device, seed: int, size: Si
                 log(f"evaluation: reusing {eval_dir}")
                 report = json.loads((eval_dir / "report.json").read_text())
             else:  # Best-of-N's pool is drawn once, with the first head; the others draw one plain sample
-                report = evaluate(policy, held_out, reward, [model], eval_dir, betas=size.betas, top_k=size.top_k,
-                                  best_of=size.best_of if pool is None else (1,), soft=soft,
-                                  vas_samples_per_prompt=size.vas_samples_per_prompt,
-                                  max_new_tokens=size.recipe.max_new_tokens, batch_size=size.batch_size, seed=seed,
-                                  progress=progress, metadata={"reward": REWARD, "base_model": base_model,
-                                                               "prompt_source": PROMPTS, "head": name})
+                config = EvaluateConfig(betas=size.betas, top_k=size.top_k,
+                                        best_of=size.best_of if pool is None else (1,),
+                                        vas_samples_per_prompt=size.vas_samples_per_prompt, soft=soft,
+                                        max_new_tokens=size.recipe.max_new_tokens, batch_size=size.batch_size,
+                                        seed=seed)
+                report = evaluate(policy, held_out, reward, [model], eval_dir, config, progress=progress,
+                                  metadata={"reward": REWARD, "base_model": base_model, "prompt_source": PROMPTS,
+                                            "head": name})
             if pool is None:
                 pool = report if report.get("optimum") else {**report, "optimum": saved_optimum(eval_dir)}
             entry["runs"]["soft" if soft else "mean"] = report["vas"]

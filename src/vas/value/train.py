@@ -343,6 +343,28 @@ def _training_arguments(config: TrainConfig, checkpoint_dir: Path, compute_dtype
     )
 
 
+def backbone_for(config: TrainConfig, data_settings: dict) -> tuple[TrainConfig, PreTrainedTokenizerBase]:
+    """``config`` with its backbone defaulting to the data's base model (``data_settings``: the collection's
+    settings, :func:`vas.collect.load_collected`), and the backbone's tokenizer, checked to be the base model's:
+    the collected token columns are π0's.
+
+    Raises:
+        VasError: if neither ``config`` nor the data names a backbone, or the backbone's tokenizer differs from
+            the data's base model's.
+    """
+    from vas.models import load_tokenizer
+    from vas.value.model import check_same_tokenizer
+
+    base_model = data_settings.get("base_model")
+    config = dataclasses.replace(config, backbone=config.backbone or base_model)
+    if config.backbone is None:
+        raise VasError("the dataset does not name its base model: pass --backbone")
+    tokenizer = load_tokenizer(config.backbone)
+    if base_model and config.backbone != base_model:
+        check_same_tokenizer(load_tokenizer(base_model), tokenizer, config.backbone)
+    return config, tokenizer
+
+
 def train_value_model(
     data: datasets.Dataset,
     out_dir: str | Path,
