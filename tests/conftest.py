@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny randomly initialised Llama model and byte-level tokenizer saved to a local
-directory, so the real loading code (``from_pretrained`` on a path) is exercised in seconds."""
+directory, so the real loading code (``from_pretrained`` on a path) is exercised in seconds; and the embedded
+π0 (SmolLM2-135M-Instruct) and its tokenizer, loaded once per session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+from vas.policy.local import LocalPolicy
 
 CORPUS = [
     "hello how are you doing today? i am fine, thanks for asking.",
@@ -58,3 +62,24 @@ def other_tokenizer_model_dir(tmp_path_factory) -> str:
     """A tiny model whose tokenizer was trained on different text: a different vocabulary."""
     corpus = ["zebra quartz xylophone jumps", "completely different words here"] * 20
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-other"), vocab_seed_corpus=corpus)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded π0's tokenizer (:func:`vas.models.load_tokenizer`), shared by the session: read it, never
+    change it."""
+    return load_tokenizer(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def embedded_policy():
+    """The embedded π0, float32, in eval mode with gradients off (:func:`vas.models.load_policy`), shared by the
+    session: run it, never change it."""
+    return load_policy(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def embedded_local(embedded_policy, embedded_tokenizer) -> LocalPolicy:
+    """The project's own decoding loop's π0: :class:`LocalPolicy` on the embedded model and its tokenizer."""
+    return LocalPolicy(embedded_policy, embedded_tokenizer)
+
