@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny randomly initialised Llama model and byte-level tokenizer saved to a local
 directory, so the real loading code (``from_pretrained`` on a path) is exercised in seconds; and the embedded
-π0 (SmolLM2-135M-Instruct) and its tokenizer, loaded once per session."""
+π0 (SmolLM2-135M-Instruct) with value models on its first layers, each loaded or built once per session."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
+from helpers import random_value_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vas.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+from vas.models import EMBEDDED_MODEL, embedded_model_dir, load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
 
 CORPUS = [
@@ -83,3 +84,28 @@ def embedded_local(embedded_policy, embedded_tokenizer) -> LocalPolicy:
     """The project's own decoding loop's π0: :class:`LocalPolicy` on the embedded model and its tokenizer."""
     return LocalPolicy(embedded_policy, embedded_tokenizer)
 
+
+EMBEDDED_VALUE_MODELS = {
+    "kind": (1, {}), "short": (2, {"head": "mean"}),
+    "odds": (3, {"head": "distributional", "bins": 11, "support": (-1.0, 1.0)}), "ahead": (4, {"head": "next"}),
+    "a": (4, {}), "b": (5, {}),
+}
+"""The value models :func:`embedded_value_dir` builds: name → (seed, the head's arguments to
+:meth:`vas.value.model.ValueModel.create`)."""
+
+
+@pytest.fixture(scope="session")
+def embedded_value_dir(tmp_path_factory):
+    """``embedded_value_dir(name)``: the folder of the value model ``name`` of :data:`EMBEDDED_VALUE_MODELS`, on
+    the embedded model's first 2 layers with random LoRA and head (:func:`helpers.random_value_model`), saved
+    on its first use in the session."""
+    folder = tmp_path_factory.mktemp("embedded-values")
+
+    def build(name: str) -> str:
+        path = folder / name
+        if not path.is_dir():
+            seed, head = EMBEDDED_VALUE_MODELS[name]
+            random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2, **head).save_pretrained(path)
+        return str(path)
+
+    return build
