@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from helpers import random_value_model
+from tokenizers import ByteLevelBPETokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vas.models import EMBEDDED_MODEL, embedded_model_dir, load_policy, load_tokenizer
