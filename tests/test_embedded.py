@@ -6,11 +6,9 @@ from helpers import tokens
 from test_cli import vas
 
 from vas.config import EMBEDDED_MODEL
-from vas.models import load_policy, load_tokenizer
 from vas.prompts import encode_prompts
 from vas.decoding.loop import sample
 from vas.models import left_pad
-from vas.policy.local import LocalPolicy
 from vas.value.model import ValueModel
 from vas.value.scorers import CandidateScorer
 
@@ -18,16 +16,10 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Hello How are you doing today?", "What is the best kind of pizza? I personally like Hawaiian"]
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    return tokenizer, load_policy(EMBEDDED_MODEL)
-
-
-def test_greedy_loop_equals_transformers_generate(embedded):
-    tokenizer, policy = embedded
+def test_greedy_loop_equals_transformers_generate(embedded_local):
+    tokenizer, policy = embedded_local.tokenizer, embedded_local.model
     ids = encode_prompts(tokenizer, PROMPTS)
-    ours = sample(LocalPolicy(policy, tokenizer), ids, greedy=True, max_new_tokens=16)
+    ours = sample(embedded_local, ids, greedy=True, max_new_tokens=16)
     input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
     theirs = policy.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
                              pad_token_id=tokenizer.pad_token_id)[:, input_ids.shape[1]:]
@@ -35,8 +27,8 @@ def test_greedy_loop_equals_transformers_generate(embedded):
         assert generated == theirs[row, : len(generated)].tolist()
 
 
-def test_cached_value_equals_full_recompute_on_real_backbone(embedded):
-    tokenizer, _ = embedded
+def test_cached_value_equals_full_recompute_on_real_backbone(embedded_tokenizer):
+    tokenizer = embedded_tokenizer
     torch.manual_seed(0)
     model = ValueModel.create(EMBEDDED_MODEL, lora_rank=4).eval().requires_grad_(False)
     with torch.no_grad():

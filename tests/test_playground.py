@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vas.config import EMBEDDED_MODEL
 from vas.errors import VasError
 from vas.processes import free_port
 from vas.serving.playground import Answer, Server, _label, connect, steering, stream
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-MODEL = "smollm2-135m-instruct"
-SERVER = Server("http://127.0.0.1:9", None, MODEL,
+SERVER = Server("http://127.0.0.1:9", None, EMBEDDED_MODEL,
                 [{"name": "kind", "head": "last"}, {"name": "short", "head": "mean"}], top_k=10, max_top_k=100)
 
 
@@ -103,7 +103,7 @@ def test_bad_command_lines_are_one_line(args, message):
 
 def test_an_answer_from_a_server_that_went_away_is_an_error_not_a_hang():
     answer, changed = Answer(), asyncio.Event()
-    server = Server(f"http://127.0.0.1:{free_port()}", None, MODEL)
+    server = Server(f"http://127.0.0.1:{free_port()}", None, EMBEDDED_MODEL)
     asyncio.run(stream(server, "hi", temperature=0.7, max_tokens=4, seed=0, xargs=None, answer=answer,
                        changed=changed, timeout=5))
     assert answer.done and answer.error.startswith(f"no answer from {server.url}")
@@ -145,7 +145,7 @@ def test_the_server_lists_its_value_models_without_paths_and_only_with_the_key(s
     with pytest.raises(VasError, match="needs its API key"):
         connect(url)
     server = connect(url, "secret")
-    assert (server.model, [m["name"] for m in server.value_models]) == (MODEL, ["kind", "short"])
+    assert (server.model, [m["name"] for m in server.value_models]) == (EMBEDDED_MODEL, ["kind", "short"])
 
 
 @pytest.mark.slow

@@ -10,48 +10,39 @@ pytest.importorskip("vllm")
 
 from helpers import random_value_model  # noqa: E402
 
+from vas.config import EMBEDDED_MODEL  # noqa: E402
 from vas.base_policy import build_policy  # noqa: E402
 from vas.config import PolicyConfig  # noqa: E402
 from vas.decoding.batches import generate  # noqa: E402
 from vas.decoding.loop import Steering, sample  # noqa: E402
 from vas.errors import VasError  # noqa: E402
-from vas.models import embedded_model_dir, load_policy, load_tokenizer  # noqa: E402
-from vas.policy.local import LocalPolicy  # noqa: E402
+from vas.models import embedded_model_dir  # noqa: E402
 from vas.value.model import ValueModel  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-MODEL = "smollm2-135m-instruct"
 PROMPTS = ["hi", "Tell me about cats.", "Write a short poem about the sea, the wind and the stars at night, please."]
 
 
 @pytest.fixture(scope="module")
-def values(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("values")
-    for name, seed in (("a", 4), ("b", 5)):
-        random_value_model(str(embedded_model_dir()), seed=seed, num_layers=2).save_pretrained(folder / name)
-    return [ValueModel.from_pretrained(folder / name) for name in "ab"]
+def values(embedded_value_dir):
+    return [ValueModel.from_pretrained(embedded_value_dir(name)) for name in "ab"]
 
 
 @pytest.fixture(scope="module")
 def engine(values):
-    policy = build_policy(PolicyConfig(base_model=MODEL, engine="vllm", dtype="float32"))
+    policy = build_policy(PolicyConfig(base_model=EMBEDDED_MODEL, engine="vllm", dtype="float32"))
     assert policy.engine is None  # it starts with the first batch's value models
     sample(policy, ["hi"], Steering(values, beta=1.0), max_new_tokens=1)
     yield policy
     del policy.engine
 
 
-@pytest.fixture(scope="module")
-def local():
-    return LocalPolicy(load_policy(MODEL), load_tokenizer(MODEL))
-
-
-def test_steered_greedy_rows_equal_the_projects_own_loop_with_their_kl(engine, local, values):
+def test_steered_greedy_rows_equal_the_projects_own_loop_with_their_kl(engine, embedded_local, values):
     steering = Steering(values, weights=torch.tensor([[1.0, -0.5], [0.0, 1.0], [1.0, 1.0]]),
                         beta=torch.tensor([3.0, -4.0, 0.0]), top_k=10)
     kwargs = dict(temperature=1.0, max_new_tokens=12, greedy=True, seed=0, progress=False)
-    want = generate(local, PROMPTS, steering, **kwargs)
+    want = generate(embedded_local, PROMPTS, steering, **kwargs)
     got = generate(engine, PROMPTS, steering, **kwargs)
     for w, g in zip(want, got):
         assert g["response_ids"] == w["response_ids"]
@@ -62,7 +53,7 @@ def test_steered_greedy_rows_equal_the_projects_own_loop_with_their_kl(engine, l
     assert got[0]["kl"] > 0.1 and got[2]["kl"] == 0.0  # β = 0: π0, KL 0
 
 
-def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, local, tmp_path):
+def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, embedded_local, tmp_path):
     from vas.collect import collect
     from vas.rewards import load_reward
 
@@ -72,7 +63,7 @@ def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, lo
     for row in data:  # a teacher-forced forward of π0 at τ = 0.7 gives the same log-probabilities
         ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
         with torch.no_grad():
-            logits = local.model(ids).logits[0, len(row["prompt_ids"]) - 1 : -1]
+            logits = embedded_local.model(ids).logits[0, len(row["prompt_ids"]) - 1 : -1]
         want = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0]
         assert row["logprobs"] == pytest.approx(want.tolist(), abs=1e-3)
     again = collect(engine, PROMPTS[:2], load_reward("brevity"), tmp_path / "again", samples_per_prompt=2,
@@ -80,7 +71,7 @@ def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, lo
     assert again["response_ids"] == data["response_ids"]  # a seed gives the same samples
 
 
-def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, local, tmp_path):
+def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, embedded_local, tmp_path):
     """On a CPU, a seeded batch whose prompts exceed vLLM's per-step token budget (which vLLM 0.32 fails on:
     "CPU Generator does not use offset") is decoded in runs of consecutive prompts that fit it, in order."""
     from vas.collect import collect
@@ -94,13 +85,13 @@ def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, lo
     with pytest.raises(VasError, match=f"prompt 2 of the batch has {budget + 1}"):
         engine._prefill_groups([1, budget + 1])
     prompt = "Write a short poem about the sea, the wind and the stars at night, please. " * 4
-    rows = budget // len(local.tokenizer(prompt)["input_ids"]) + 8  # more prompt tokens than one step takes
+    rows = budget // len(embedded_local.tokenizer(prompt)["input_ids"]) + 8  # more prompt tokens than one step takes
     data = collect(engine, [prompt] * rows, load_reward("brevity"), tmp_path / "data", max_new_tokens=2,
                    batch_size=rows, seed=1, progress=False)
     assert len(data) == rows and data["prompt_index"] == list(range(rows))
     ids = torch.tensor([data[-1]["prompt_ids"] + data[-1]["response_ids"]])  # the last row, in the second run
     with torch.no_grad():
-        logits = local.model(ids).logits[0, len(data[-1]["prompt_ids"]) - 1 : -1]
+        logits = embedded_local.model(ids).logits[0, len(data[-1]["prompt_ids"]) - 1 : -1]
     want = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(data[-1]["response_ids"])[:, None])[:, 0]
     assert data[-1]["logprobs"] == pytest.approx(want.tolist(), abs=1e-3)
 
@@ -126,7 +117,7 @@ def test_the_cli_hands_vllm_folders_and_loads_no_weights(engine, values):
     from vas.value.model import ValueModelFolder
 
     folders, weights = _value_models([f"{values[0].name_or_path}=2", values[1].name_or_path],
-                                     PolicyConfig(base_model=MODEL, engine="vllm"), "float32")
+                                     PolicyConfig(base_model=EMBEDDED_MODEL, engine="vllm"), "float32")
     assert [type(f) for f in folders] == [ValueModelFolder] * 2 and weights == [2.0, 1.0]
     assert [(f.name_or_path, f.kind, f.dtype) for f in folders] == [(v.name_or_path, "last", torch.float32) for v in values]
     kwargs = dict(temperature=1.0, max_new_tokens=8, greedy=True, seed=0, progress=False)
