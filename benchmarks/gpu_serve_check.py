@@ -30,6 +30,7 @@ import torch
 
 from vas.decoding.guidance import base_logprobs
 from vas.decoding.loop import Steering, sample, steer
+from vas.decoding.rules import REQUEST, parse_weights
 from vas.config import EMBEDDED_MODEL
 from vas.models import embedded_model_dir, load_policy, load_tokenizer
 from vas.policy.local import LocalPolicy
@@ -65,8 +66,8 @@ def own(policy, models, prompt: list[int], xargs: dict | None) -> tuple[list[int
     between its two best steered log-probs at each step."""
     steering = Steering()
     if xargs:
-        weights = dict(part.partition("=")[::2] for part in xargs["vas_values"].split(","))
-        steering = Steering([models[n] for n in weights], [float(w or 1) for w in weights.values()],
+        weights = dict(zip(models, parse_weights(xargs["vas_values"], list(models), REQUEST)))
+        steering = Steering([models[n] for n in weights], list(weights.values()),
                             beta=xargs["vas_beta"], top_k=xargs.get("vas_top_k", 10), soft=xargs.get("vas_soft", False))
     ids = sample(policy, [prompt], steering, greedy=True, temperature=1.0, max_new_tokens=MAX_TOKENS).token_ids[0]
 
@@ -77,7 +78,7 @@ def own(policy, models, prompt: list[int], xargs: dict | None) -> tuple[list[int
         active, gaps = torch.ones(1, dtype=torch.bool), []
         for token in ids:
             base = base_logprobs((await rollout.next_logprobs(steering.top_k)).float(), 1.0)
-            logp = steer(steering, rows, scorers, rollout, base, active)
+            logp = steer(rows, scorers, rollout, base, active, top_k=steering.top_k)
             top = logp[0].topk(2).values
             gaps.append(float(top[0] - top[1]))
             rollout.advance(torch.tensor([token], device=base.device), active)

@@ -275,14 +275,15 @@ def test_stop_strings_end_the_response_across_token_boundaries():
 
 def test_evaluate_through_an_api(stub, tiny_model_dir, tmp_path):
     """`vas evaluate`'s API path: plain samples are π0 restricted to its top-k, VAS moves away from it."""
+    from vas.config import EvaluateConfig
     from vas.evaluate import evaluate
 
     def length_reward(prompts, responses):
         return torch.tensor([len(r) / 10 for r in responses])
 
     report = evaluate(policy_for(stub), ["a", "b"], length_reward, [random_value_model(tiny_model_dir)], tmp_path / "e",
-                      betas=(4.0,), top_k=4, best_of=(1, 2), max_new_tokens=3, batch_size=1, concurrency=2,
-                      progress=False)
+                      EvaluateConfig(betas=(4.0,), top_k=4, best_of=(1, 2), max_new_tokens=3, batch_size=1),
+                      concurrency=2, progress=False)
     top = {t for t, _ in sorted(DISTRIBUTION.items(), key=lambda kv: -kv[1])[:4]}
     rows = [json.loads(line) for line in (tmp_path / "e" / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 + 2 and report["plain"]["kl"] == 0 and report["vas"][0]["kl"] > 0

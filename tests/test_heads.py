@@ -254,14 +254,14 @@ def test_soft_steering_is_eq5_with_soft_values(tiny_model_dir):
     base = torch.log_softmax(torch.randn(3, 256, generator=torch.Generator().manual_seed(3)), dim=-1)
     beta = torch.tensor([4.0, 1.0, -2.0])
     steering = Steering([model], [0.5], beta=beta, top_k=6, soft=True)
-    got = steer(steering, steering.rows(3), [CandidateScorer(model)], tokens(ids, mask), base,
-                torch.ones(3, dtype=torch.bool))
+    got = steer(steering.rows(3), [CandidateScorer(model)], tokens(ids, mask), base, torch.ones(3, dtype=torch.bool),
+                top_k=6)
     candidates = base.topk(6, dim=-1).indices
     soft = torch.tensor([[manual_values(model, PROMPTS[b] + [int(c)], len(PROMPTS[b]), float(beta[b]) * 0.5)
                           for c in candidates[b]] for b in range(3)])
     torch.testing.assert_close(got, steered_logprobs(base, candidates, 0.5 * soft, beta), atol=1e-4, rtol=0)
-    mean = Steering([model], [0.5], beta=beta, top_k=6)
-    plain = steer(mean, mean.rows(3), [CandidateScorer(model)], tokens(ids, mask), base, torch.ones(3, dtype=torch.bool))
+    plain = steer(Steering([model], [0.5], beta=beta, top_k=6).rows(3), [CandidateScorer(model)], tokens(ids, mask), base,
+                  torch.ones(3, dtype=torch.bool), top_k=6)
     assert not torch.allclose(plain, got, atol=1e-3)  # the mean and the soft value differ
     with pytest.raises(VasError, match="soft needs a distributional value model"):
         Steering([random_value_model(tiny_model_dir)], beta=1.0, soft=True)
@@ -381,8 +381,8 @@ def test_top_k_all_is_eq5_over_the_whole_vocabulary(tiny_model_dir):
     base = torch.log_softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(4)), dim=-1)
     beta = torch.tensor([1.5, -0.5, 0.0])
     steering = Steering([model], [0.7], beta=beta, top_k=ALL)
-    got = steer(steering, steering.rows(3), [CandidateScorer(model)], tokens(ids, mask), base,
-                torch.ones(3, dtype=torch.bool))
+    got = steer(steering.rows(3), [CandidateScorer(model)], tokens(ids, mask), base, torch.ones(3, dtype=torch.bool),
+                top_k=ALL)
     for b, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             values = torch.tensor([manual_values(model, prompt + [x], len(prompt)) for x in range(V)])

@@ -12,6 +12,7 @@ from vas.decoding.rules import (
     LIBRARY,
     REQUEST,
     check_models,
+    check_product,
     parse_beta,
     parse_soft,
     parse_top_k,
@@ -57,9 +58,18 @@ def test_a_requests_weights_follow_the_served_names():
     assert parse_weights(" b = -1 , a", known, REQUEST) == (1.0, -1.0, 0.0)
     assert parse_weights({"c": 2, "a": "0.5"}, known, REQUEST) == (0.5, 0.0, 2.0)  # the offline engine's parsed form
     for bad, message in (("d=1", "unknown value model 'd'"), ("a,a=2", "twice"), ({"a": float("nan")}, "weight of 'a'"),
-                         ("", "non-empty"), (3, "non-empty")):
+                         ("", "non-empty"), ({}, "non-empty"), (3, "non-empty")):
         with pytest.raises(VasError, match=f"^vas_values.*{message}"):
             parse_weights(bad, known, REQUEST)
+
+
+def test_beta_times_each_weight_stays_within_float32_row_by_row():
+    check_product(torch.tensor([1e38, 1.0]), torch.tensor([[1.0, 0.0], [0.0, 1e38]]), LIBRARY)  # 1e38 per row
+    check_product(3.0, [1e38], CLI)  # 3e38 < 3.4028e38
+    with pytest.raises(VasError, match=r"^--beta times a --value weight must stay within float32 .*got β = 4.0"):
+        check_product(4.0, [1e38], CLI)
+    with pytest.raises(VasError, match="^beta times a weights weight"):
+        check_product(torch.tensor([1e38, 1.0]), torch.tensor([[0.0, 4.0], [1.0, 0.0]]), LIBRARY)
 
 
 def test_soft_as_written():
@@ -119,6 +129,14 @@ def test_a_request_is_parsed_once_at_admission(monkeypatch, tmp_path):
     settings = processor.Settings({"a": str(tmp_path)}, vocab_size=300)
     params = SimpleNamespace(extra_args={"vas_beta": 2, "vas_top_k": 7, "vas_parsed": {"beta": 1e30}}, temperature=0.5)
     processor.admit(params, settings)  # a client's vas_parsed is replaced
-    assert params.extra_args["vas_parsed"] == {"beta": 2.0, "top_k": 7, "weights": (1.0,), "record_id": None, "soft": False}
+    parsed = params.extra_args["vas_parsed"]
+    assert {k: v for k, v in parsed.items() if k != "settings"} == {"beta": 2.0, "top_k": 7, "weights": (1.0,),
+                                                                    "record_id": None, "soft": False}
     monkeypatch.setattr(processor, "parse_request", lambda *a: pytest.fail("the worker parsed the request again"))
     assert processor.steering_of(params, settings) == (processor.RequestSteering(2.0, 7, (1.0,)), 0.5)
+    # the worker parses again what was admitted under other settings
+    monkeypatch.undo()
+    other = processor.Settings({"a": str(tmp_path)}, vocab_size=300, top_k=3)
+    assert processor.steering_of(params, other) == (processor.RequestSteering(2.0, 7, (1.0,)), 0.5)
+    with pytest.raises(ValueError, match="vas_top_k must be between 1 and the vocabulary size 5"):
+        processor.steering_of(params, processor.Settings({"a": str(tmp_path)}, vocab_size=5))

@@ -50,6 +50,12 @@ def test_repeated_names_a_wrong_tokenizer_and_k_are_refused(tiny_model_dir, othe
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k=10_000)
     with pytest.raises(VasError, match="--top-k must be between 1 and 100"):
         config.command()
+    config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k=0)
+    with pytest.raises(VasError, match="--top-k must be an integer ≥ 1 or 'all', got 0"):
+        config.command()
+    for spec in ("=dir", "a=", " a=dir", "a =dir", "a b=dir"):
+        with pytest.raises(VasError, match="--value must be NAME=DIR"):
+            server.parse_named([spec])
     config = server.ServeConfig(tiny_model_dir, server.parse_named([f"a={tmp_path / 'same'}"]), top_k="all")
     with pytest.raises(VasError, match="--top-k all needs value models with the next head; 'a' has the last head"):
         config.command()

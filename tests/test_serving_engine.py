@@ -55,10 +55,11 @@ def test_steered_greedy_rows_equal_the_projects_own_loop_with_their_kl(engine, e
 
 def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, embedded_local, tmp_path):
     from vas.collect import collect
+    from vas.config import CollectConfig
     from vas.rewards import load_reward
 
-    data = collect(engine, PROMPTS[:2], load_reward("brevity"), tmp_path / "data", samples_per_prompt=2,
-                   temperature=0.7, max_new_tokens=10, seed=1, progress=False)
+    data = collect(engine, PROMPTS[:2], load_reward("brevity"), tmp_path / "data",
+                   CollectConfig(samples_per_prompt=2, temperature=0.7, max_new_tokens=10, seed=1), progress=False)
     assert len(data) == 4
     for row in data:  # a teacher-forced forward of π0 at τ = 0.7 gives the same log-probabilities
         ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
@@ -66,8 +67,8 @@ def test_collect_through_vllm_stores_pi0s_logprobs_at_the_temperature(engine, em
             logits = embedded_local.model(ids).logits[0, len(row["prompt_ids"]) - 1 : -1]
         want = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0]
         assert row["logprobs"] == pytest.approx(want.tolist(), abs=1e-3)
-    again = collect(engine, PROMPTS[:2], load_reward("brevity"), tmp_path / "again", samples_per_prompt=2,
-                    temperature=0.7, max_new_tokens=10, seed=1, progress=False)
+    again = collect(engine, PROMPTS[:2], load_reward("brevity"), tmp_path / "again",
+                    CollectConfig(samples_per_prompt=2, temperature=0.7, max_new_tokens=10, seed=1), progress=False)
     assert again["response_ids"] == data["response_ids"]  # a seed gives the same samples
 
 
@@ -75,6 +76,7 @@ def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, em
     """On a CPU, a seeded batch whose prompts exceed vLLM's per-step token budget (which vLLM 0.32 fails on:
     "CPU Generator does not use offset") is decoded in runs of consecutive prompts that fit it, in order."""
     from vas.collect import collect
+    from vas.config import CollectConfig
     from vas.rewards import load_reward
 
     budget = engine.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
@@ -86,8 +88,8 @@ def test_a_batch_beyond_one_prefill_step_is_split_into_steps_that_fit(engine, em
         engine._prefill_groups([1, budget + 1])
     prompt = "Write a short poem about the sea, the wind and the stars at night, please. " * 4
     rows = budget // len(embedded_local.tokenizer(prompt)["input_ids"]) + 8  # more prompt tokens than one step takes
-    data = collect(engine, [prompt] * rows, load_reward("brevity"), tmp_path / "data", max_new_tokens=2,
-                   batch_size=rows, seed=1, progress=False)
+    data = collect(engine, [prompt] * rows, load_reward("brevity"), tmp_path / "data",
+                   CollectConfig(samples_per_prompt=1, max_new_tokens=2, batch_size=rows, seed=1), progress=False)
     assert len(data) == rows and data["prompt_index"] == list(range(rows))
     ids = torch.tensor([data[-1]["prompt_ids"] + data[-1]["response_ids"]])  # the last row, in the second run
     with torch.no_grad():

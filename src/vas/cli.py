@@ -262,13 +262,14 @@ def generate(
 
     from vas.decoding.guidance import extreme_kl_warning
     from vas.decoding.loop import Steering
-    from vas.decoding.rules import CLI, parse_beta
     from vas.decoding.batches import generate as run
+    from vas.decoding.rules import CLI, check_product, parse_beta
     from vas.prompts import load_prompts
     from vas.storage import require_absent
 
     specs, top_k = _value_specs(value, top_k, soft)
     beta = parse_beta(beta, CLI)
+    check_product(beta, [w for _, w in specs], CLI)
     if out:
         require_absent(out)
     check_positive(batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens)
@@ -323,7 +324,7 @@ def evaluate(
     from dataclasses import replace
 
     from vas.config import EvaluateConfig
-    from vas.decoding.rules import CLI, parse_beta
+    from vas.decoding.rules import CLI, check_product, parse_beta
     from vas.evaluate import check_comparison, evaluate as run
     from vas.finetune import load_finetuned, read_finetune_info
     from vas.prompts import load_prompts
@@ -338,7 +339,9 @@ def evaluate(
         trained = info["config"].get("temperature")
         if trained is not None and trained != temperature:
             _warn(f"{adapter} was trained at temperature {trained:g}, evaluated at {temperature:g}")
-    chosen_betas = [parse_beta(b, replace(CLI, beta="--betas")) for b in _floats(betas, "betas")] if value else []
+    grid = replace(CLI, beta="--betas")
+    chosen_betas = [parse_beta(b, grid) for b in _floats(betas, "betas")] if value else []
+    check_product(chosen_betas, [w for _, w in specs], grid)
     config = EvaluateConfig(betas=chosen_betas, top_k=top_k, best_of=_floats(best_of, "best-of"), soft=soft,
                             temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     held_out = load_prompts(prompts, field=field, start=start, limit=limit)

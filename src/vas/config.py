@@ -121,7 +121,7 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         check_positive(samples_per_prompt=self.samples_per_prompt, batch_size=self.batch_size,
-                  temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+                       temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
 @dataclass

@@ -284,7 +284,7 @@ class Condition:
 @dataclass
 class Sampled:
     """A condition's samples: the prompts as sampled (each repeated ``condition.samples`` times), the
-    decoding rows (:func:`vas.jobs.generate`), their rewards ((prompts × samples,) float32) and the seconds
+    decoding rows (:func:`vas.decoding.batches.generate`), their rewards ((prompts × samples,) float32) and the seconds
     scoring took."""
 
     condition: Condition
@@ -401,6 +401,8 @@ def steered_entry(sampled: Sampled, prompts: int, prompt_tokens: float | None, *
     return {"name": tuned.name, "method": tuned.info["method"], "kl_coef": tuned.info["kl_coef"],
             "path": str(tuned.path), **stats, "seconds_per_prompt": seconds_per_token * length,
             "measured_seconds_per_prompt": measured, **cost, "value_tokens": 0.0, "training": tuned.info["training"]}
+
+
 def evaluate(
     policy,
     prompts: Sequence[str],

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from vas.decoding.guidance import base_logprobs, kl_divergence, steered_logprobs, weighted_values
-from vas.decoding.rules import ALL, LIBRARY, Names, check_models, parse_number, parse_top_k, steered_models
+from vas.decoding.rules import ALL, LIBRARY, check_models, check_product, parse_number, parse_top_k, steered_models
 from vas.errors import VasError
 from vas.policy.local import Prompt
 from vas.value.model import ValueModel
@@ -86,6 +86,7 @@ class Steering:
             for value in torch.as_tensor(values, dtype=torch.float64).flatten().tolist():
                 parse_number(value, name)
         parse_top_k(self.top_k, LIBRARY, typed=True)
+        check_product(self.beta, weights, LIBRARY)
         heads = [(f"value_models[{i}]", getattr(m, "kind", "last")) for i, m in enumerate(self.value_models)]
         every_row = (weights != 0).reshape(-1, M).any(dim=0).tolist() if M else []
         check_models(heads, every_row, LIBRARY, top_k=self.top_k, soft=bool(torch.as_tensor(self.soft).any()) and M > 0)
@@ -112,13 +113,9 @@ class Steering:
             raise VasError(f"per-row beta {tuple(beta.shape)}, weights {tuple(weights.shape)} and soft "
                            f"{tuple(soft.shape)} do not match the {B} prompts")
         if self.value_models:
-            self.check_top_k(vocab_size)
+            check_models([], [], LIBRARY, top_k=self.top_k, vocab_size=vocab_size)
         return RowSettings(beta, weights, soft.expand(B))
 
-    def check_top_k(self, vocab_size: int | None, names: Names = LIBRARY) -> None:
-        """Raise :class:`VasError` naming ``names.top_k`` if k exceeds the vocabulary (None: not known, as for an
-        API policy)."""
-        check_models({}, [], names, top_k=self.top_k, vocab_size=vocab_size)
 
     def select(self, rows: Sequence[int]) -> "Steering":
         """This steering for a subset of the prompts (per-row β, weights and soft sliced; shared ones kept)."""
@@ -188,13 +185,11 @@ def scorer_for(model: ValueModel, rollout, prompts: Sequence[Prompt], value_prom
     return TextScorer(model, [value_prompt(p) if value_prompt else p for p in prompts])
 
 
-def steer(steering: Steering, rows: RowSettings, scorers: Sequence, rollout, base: torch.Tensor,
-          active: torch.Tensor, failed: torch.Tensor | None = None) -> torch.Tensor:
+def steer(rows: RowSettings, scorers: Sequence, rollout, base: torch.Tensor, active: torch.Tensor, *,
+          top_k: int | str = 10, mask_outside_top_k: bool = False, failed: torch.Tensor | None = None) -> torch.Tensor:
     """One VAS step: π0's top-k candidates (B, k) scored by every value model and combined by Eq. 5.
 
     Args:
-        steering: k (the batch's, unless ``rows.top_k`` gives each row's) and whether to mask the tokens outside
-            the top-k.
         rows: each row's β, weights (one column per scorer), soft and k (:class:`RowSettings`). A row with its
             own k uses its first k candidates; each scorer sees in every row as many as the rows that weight it
             use.
@@ -202,6 +197,8 @@ def steer(steering: Steering, rows: RowSettings, scorers: Sequence, rollout, bas
         rollout: what the scorers read (the tokens appended, or the texts).
         base: (B, S) float32 log π0 at the sampling temperature over the rollout's support.
         active: (B,) bool, rows still generating.
+        top_k: k of every row, an int or ``"all"``, where ``rows.top_k`` is None.
+        mask_outside_top_k: give the tokens outside the top-k probability 0 (App. D.1) instead of Eq. 5's β·mean V.
         failed: None, or a (B,) bool tensor that receives the rows whose weighted values are not all finite
             (a value model's NaN or ±inf, or an overflowing weighted sum); those rows are then steered with
             values 0 instead of raising, for a caller that fails them alone (a server).
@@ -212,11 +209,11 @@ def steer(steering: Steering, rows: RowSettings, scorers: Sequence, rollout, bas
     Raises:
         VasError: if a value is not finite and ``failed`` is None.
     """
-    if not scorers and not steering.mask_outside_top_k:
+    if not scorers and not mask_outside_top_k:
         return base
     B, support = base.shape
+    batch_k = int(rows.top_k.max()) if rows.top_k is not None else top_k
     top_k = rows.top_k
-    batch_k = int(top_k.max()) if top_k is not None else steering.top_k
     k = support if batch_k == ALL else min(batch_k, support)
     if k == support and top_k is None:  # every token of every row: Eq. 5 does not need them in π0's order
         candidates = torch.arange(support, device=base.device).expand(B, support)
@@ -236,7 +233,7 @@ def steer(steering: Steering, rows: RowSettings, scorers: Sequence, rollout, bas
         counted = torch.arange(candidates.shape[1], device=base.device)[None, :] < top_k.to(base.device)[:, None]
     try:
         return steered_logprobs(base, candidates, values.to(base.device), rows.beta.to(base.device),
-                                mask_outside_top_k=steering.mask_outside_top_k, candidate_mask=counted)
+                                mask_outside_top_k=mask_outside_top_k, candidate_mask=counted)
     except ValueError as exc:
         raise VasError(f"steering failed: {exc}") from None
 
@@ -327,9 +324,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
             failed request, or a value model that returns a non-finite value.
     """
     if not (0 < temperature < math.inf):
-        raise VasError(f"--temperature must be a finite number > 0, got {temperature}")
+        raise VasError(f"temperature must be a finite number > 0, got {temperature}")
     if max_new_tokens < 1:
-        raise VasError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+        raise VasError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if hasattr(policy, "decode"):  # an engine that runs the whole loop itself (vLLM, vas.serving.engine)
         decoded = policy.decode(prompts, steering, temperature=temperature, max_new_tokens=max_new_tokens,
                                 greedy=greedy, generator=generator)
@@ -345,6 +342,7 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
     used = rows.steered_models()
     scorers = [scorer_for(steering.value_models[i], rollout, prompts, steering.value_prompt) for i in used]
     rows = rows.of_models(used)
+    how = {"top_k": steering.top_k, "mask_outside_top_k": steering.mask_outside_top_k}
 
     tally = _Tally(B)
     for _ in range(max_new_tokens):
@@ -356,9 +354,9 @@ async def decode(policy, prompts: Sequence[Prompt], steering: Steering | None = 
             logp = base_logprobs(tuned, temperature)
         elif value_lock is not None and scorers:
             async with value_lock:  # waits on the event loop; the forward runs in a worker thread
-                logp = await asyncio.to_thread(steer, steering, rows, scorers, rollout, base, active)
+                logp = await asyncio.to_thread(steer, rows, scorers, rollout, base, active, **how)
         else:
-            logp = steer(steering, rows, scorers, rollout, base, active)
+            logp = steer(rows, scorers, rollout, base, active, **how)
         choice = logp.argmax(dim=-1) if greedy else draw(logp, generator)
         tally.add(active, told, base, logp, choice, rollout.advance(choice, active).cpu())
         if on_step is not None:

@@ -79,4 +79,5 @@ class VASLogitsProcessor(LogitsProcessor):
         rows = self.steering.rows(B, scores.shape[-1])
         self.appended = Appended(new_ids, new_mask, self.prompt_lengths)
         base = base_logprobs(scores, self.temperature)
-        return steer(self.steering, rows, self.scorers, self, base, torch.ones(B, dtype=torch.bool))
+        return steer(rows, self.scorers, self, base, torch.ones(B, dtype=torch.bool), top_k=self.steering.top_k,
+                     mask_outside_top_k=self.steering.mask_outside_top_k)

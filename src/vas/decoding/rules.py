@@ -160,10 +160,10 @@ def parse_weights(values: str | Mapping[str, float], known: Sequence[str], names
     name of ``known`` (0 for a name not listed).
 
     Raises:
-        VasError: naming ``names.values``, for an empty string, an unknown or repeated name, or a weight that is
+        VasError: naming ``names.values``, for an empty string or mapping, an unknown or repeated name, or a weight that is
             not a finite float32 number.
     """
-    if isinstance(values, Mapping):
+    if isinstance(values, Mapping) and values:
         pairs = [(str(name), parse_number(w, f"{names.values}' weight of {shown(name)}")) for name, w in values.items()]
     elif isinstance(values, str) and values.strip():
         pairs = [parse_weighted(part, names) for part in values.split(",")]
@@ -182,14 +182,21 @@ def parse_weights(values: str | Mapping[str, float], known: Sequence[str], names
     return tuple(weights.values())
 
 
-def check_product(beta: float, weights: Sequence[float], names: Names) -> None:
-    """β·w must stay within float32 for every weight w.
+def check_product(beta, weights, names: Names) -> None:
+    """β·w must stay within float32 for every weight w of every row.
+
+    Args:
+        beta: β: a number, or (B,) one per row.
+        weights: (M,) weights shared by the rows, or (B, M) one row per β.
 
     Raises:
         VasError: naming ``names.beta`` and ``names.values``.
     """
-    if any(abs(beta * w) > FLOAT32_MAX for w in weights):
-        raise VasError(f"{names.beta} times a {names.values} weight must stay within float32 (3.4e38), got β = {beta}")
+    beta = torch.as_tensor(beta, dtype=torch.float64)
+    products = beta.reshape(beta.shape + (1,)) * torch.as_tensor(weights, dtype=torch.float64)
+    if products.numel() and float(products.abs().max()) > FLOAT32_MAX:
+        raise VasError(f"{names.beta} times a {names.values} weight must stay within float32 (3.4e38), got "
+                       f"β = {shown(beta.tolist())}")
 
 
 def check_models(heads: Sequence[tuple[str, str]], weights: Sequence[float], names: Names, *, top_k: int | str,

@@ -45,6 +45,7 @@ start-up settings reach vLLM's processes through the environment variable :data:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from vas.decoding.guidance import base_logprobs, kl_divergence
-from vas.decoding.loop import RowSettings, Steering, steer
+from vas.decoding.loop import RowSettings, steer
 from vas.decoding.rules import (
     ALL,
     REQUEST,
@@ -170,7 +171,7 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     weights = parse_weights(args["vas_values"], names, REQUEST) if "vas_values" in args else (1.0,) * len(names)
     top_k = parse_top_k(args.get("vas_top_k", settings.top_k), REQUEST)
     soft = parse_soft(args.get("vas_soft", False), REQUEST)
-    check_models(list(settings.heads.items()), weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
+    check_models([(name, settings.heads[name]) for name in names], weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
                  max_top_k=settings.max_top_k)
     check_product(beta, weights, REQUEST)
     if not steered_models([beta], [weights]):
@@ -209,15 +210,22 @@ def admit(params, settings: Settings) -> None:
     fields = {k: v for k, v in (params.extra_args or {}).items() if k != PARSED}
     steering = parsed_request(fields, settings)
     if steering is not None:
-        params.extra_args = {**fields, PARSED: asdict(steering)}
+        params.extra_args = {**fields, PARSED: {**asdict(steering), "settings": _digest(settings.to_env())}}
     elif params.extra_args is not None:
         params.extra_args = fields
+
+
+@cache
+def _digest(settings: str) -> str:
+    """A short digest of :meth:`Settings.to_env`'s text: which settings a parsed steering was parsed under."""
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 def steering_of(params, settings: Settings) -> tuple[RequestSteering, float] | None:
     """A request's steering and π0's τ for it (1 for a greedy request, temperature < :data:`GREEDY_EPS`), or
     None when it asks for no steering; what both adapters keep when a request enters the batch. The steering is
-    the one :func:`admit` left in the request; a request that was not admitted (built by hand) is parsed here.
+    the one :func:`admit` left in the request under the same settings; a request that was not admitted (built by
+    hand), or was under other settings, is parsed here.
 
     Args:
         params: its ``SamplingParams`` (``extra_args``, ``temperature``).
@@ -225,12 +233,12 @@ def steering_of(params, settings: Settings) -> tuple[RequestSteering, float] | N
     Raises:
         ValueError: as :func:`parse_request`, for a request that was not admitted.
     """
-    args = params.extra_args or {}
-    if PARSED in args:
-        parsed = args[PARSED]
+    args = dict(params.extra_args or {})
+    parsed = args.pop(PARSED, None)
+    if isinstance(parsed, dict) and parsed.get("settings") == _digest(settings.to_env()):
         steering = RequestSteering(parsed["beta"], parsed["top_k"], tuple(parsed["weights"]), parsed["record_id"],
                                    parsed["soft"])
-    else:
+    else:  # not admitted, or admitted under other settings
         steering = parse_request(args, settings)
     if steering is None:
         return None
@@ -375,7 +383,6 @@ class BatchSteerer:
         if self.eos is None:
             raise VasError("the base model's tokenizer has no EOS token, which ends a request that a value model fails")
         self.scorers = [_LiveScorer(m) for m in self.models]
-        self.steering = Steering(self.models)  # masking off; each row's k is its request's
         self._row_keys: list[Hashable] | None = None  # the rows that _row_settings describes
         self._row_settings: tuple[RowSettings, torch.Tensor, list[int]] | None = None
         self.failed: set[Hashable] = set()  # keys of requests a value model failed: each step forces EOS
@@ -424,7 +431,7 @@ class BatchSteerer:
         rows, temperature, used = self._rows(steered, logits.device)
         base = base_logprobs(logits, temperature)  # (B, V) log π0 at each request's τ
         failed = torch.zeros(len(steered), dtype=torch.bool)
-        logp = steer(self.steering, rows, [self.scorers[i] for i in used], _Step(steered, read), base,
+        logp = steer(rows, [self.scorers[i] for i in used], _Step(steered, read), base,
                      torch.ones(len(steered), dtype=torch.bool), failed=failed)
         for i, scorer in enumerate(self.scorers):
             if i not in used and scorer.keys:  # free the caches of a value model no request uses now

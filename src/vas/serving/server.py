@@ -46,8 +46,11 @@ def parse_named(specs: Sequence[str]) -> dict[str, str]:
 
     named: dict[str, str] = {}
     for spec in specs:
-        name, path = split_spec(spec, "--value", at_last=False)
-        if path is None or not re.fullmatch(r"[\w.-]+", name):
+        try:
+            name, path = split_spec(spec, "--value", at_last=False)
+        except VasError:  # an empty NAME or DIR
+            name, path = "", None
+        if path is None or not re.fullmatch(r"[\w.-]+", name) or spec != f"{name}={path}":
             raise VasError(f"--value must be NAME=DIR with NAME made of letters, digits, '_', '.', '-', got {spec!r}")
         if name in named:
             raise VasError(f"--value names {name!r} twice")
@@ -99,7 +102,7 @@ class ServeConfig:
         """
         from vas.models import has_accelerator, load_config, load_tokenizer, resolve_model
         from vas.serving.processor import SETTINGS_ENV, Settings
-        from vas.decoding.rules import CLI, check_models
+        from vas.decoding.rules import CLI, check_models, parse_top_k
         from vas.value.model import check_same_tokenizer, load_value_tokenizer, value_head
 
         require_vllm()
@@ -122,6 +125,7 @@ class ServeConfig:
         for name, path in self.values.items():
             check_same_tokenizer(tokenizer, load_value_tokenizer(path), name)
         vocab_size = load_config(self.base_model).vocab_size
+        parse_top_k(self.top_k, CLI, typed=True)
         heads = {name: value_head(path) for name, path in self.values.items()}
         check_models(list(heads.items()), [1.0] * len(heads), CLI, top_k=self.top_k, vocab_size=vocab_size,
                      max_top_k=self.max_top_k)
