@@ -115,11 +115,12 @@ def test_greedy_at_another_temperature_and_options_the_processor_lacks_are_refus
 def test_the_cli_hands_vllm_folders_and_loads_no_weights(engine, values):
     """With --engine vllm the CLI describes the --value folders (vLLM's worker loads them), and they steer as
     the loaded value models do."""
-    from vas.cli import _value_models
+    from vas.cli import _value_models, _value_specs
     from vas.value.model import ValueModelFolder
 
-    folders, weights = _value_models([f"{values[0].name_or_path}=2", values[1].name_or_path],
-                                     PolicyConfig(base_model=EMBEDDED_MODEL, engine="vllm"), "float32")
+    specs, _ = _value_specs([f"{values[0].name_or_path}=2", values[1].name_or_path], "10", False)
+    folders = _value_models(specs, PolicyConfig(base_model=EMBEDDED_MODEL, engine="vllm"), "float32")
+    weights = [w for _, w in specs]
     assert [type(f) for f in folders] == [ValueModelFolder] * 2 and weights == [2.0, 1.0]
     assert [(f.name_or_path, f.kind, f.dtype) for f in folders] == [(v.name_or_path, "last", torch.float32) for v in values]
     kwargs = dict(temperature=1.0, max_new_tokens=8, greedy=True, seed=0, progress=False)
