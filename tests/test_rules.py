@@ -46,7 +46,7 @@ def test_x_equals_y_specs_split_at_the_right_equals_sign():
     assert split_spec("runs/x=1=0.5", "--value", at_last=True) == ("runs/x=1", "0.5")  # PATH=WEIGHT
     assert split_spec(" runs/x ", "--value", at_last=True) == ("runs/x", None)
     assert parse_weighted("runs/v=-0.5", CLI) == ("runs/v", -0.5) and parse_weighted("runs/v", CLI) == ("runs/v", 1.0)
-    with pytest.raises(VasError, match="--value' weight of 'runs/v' must be a number, got 'x'"):
+    with pytest.raises(VasError, match="^the weight of 'runs/v' in --value must be a number, got 'x'"):
         parse_weighted("runs/v=x", CLI)  # used to become the path 'runs/v=x' with weight 1
     for bad in ("=1", "a=", " "):
         with pytest.raises(VasError, match="empty entry"):
@@ -59,7 +59,7 @@ def test_a_requests_weights_follow_the_served_names():
     assert parse_weights({"c": 2, "a": "0.5"}, known, REQUEST) == (0.5, 0.0, 2.0)  # the offline engine's parsed form
     for bad, message in (("d=1", "unknown value model 'd'"), ("a,a=2", "twice"), ({"a": float("nan")}, "weight of 'a'"),
                          ("", "non-empty"), ({}, "non-empty"), (3, "non-empty")):
-        with pytest.raises(VasError, match=f"^vas_values.*{message}"):
+        with pytest.raises(VasError, match=f"vas_values.*{message}|{message}.*vas_values"):
             parse_weights(bad, known, REQUEST)
 
 

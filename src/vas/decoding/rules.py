@@ -152,7 +152,7 @@ def parse_weighted(spec: str, names: Names) -> tuple[str, float]:
         VasError: naming ``names.values``, for an empty entry or a weight that is not a finite float32 number.
     """
     x, weight = split_spec(spec, names.values, at_last=True)
-    return x, 1.0 if weight is None else parse_number(weight, f"{names.values}' weight of {shown(x)}")
+    return x, 1.0 if weight is None else parse_number(weight, f"the weight of {shown(x)} in {names.values}")
 
 
 def parse_weights(values: str | Mapping[str, float], known: Sequence[str], names: Names) -> tuple[float, ...]:
@@ -164,7 +164,7 @@ def parse_weights(values: str | Mapping[str, float], known: Sequence[str], names
             not a finite float32 number.
     """
     if isinstance(values, Mapping) and values:
-        pairs = [(str(name), parse_number(w, f"{names.values}' weight of {shown(name)}")) for name, w in values.items()]
+        pairs = [(str(name), parse_number(w, f"the weight of {shown(name)} in {names.values}")) for name, w in values.items()]
     elif isinstance(values, str) and values.strip():
         pairs = [parse_weighted(part, names) for part in values.split(",")]
     else:
