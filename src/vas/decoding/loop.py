@@ -116,7 +116,6 @@ class Steering:
             check_models([], [], LIBRARY, top_k=self.top_k, vocab_size=vocab_size)
         return RowSettings(beta, weights, soft.expand(B))
 
-
     def select(self, rows: Sequence[int]) -> "Steering":
         """This steering for a subset of the prompts (per-row β, weights and soft sliced; shared ones kept)."""
         beta = torch.as_tensor(self.beta, dtype=torch.float32)

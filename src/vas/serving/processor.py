@@ -171,8 +171,8 @@ def parse_request(extra_args: dict | None, settings: Settings) -> RequestSteerin
     weights = parse_weights(args["vas_values"], names, REQUEST) if "vas_values" in args else (1.0,) * len(names)
     top_k = parse_top_k(args.get("vas_top_k", settings.top_k), REQUEST)
     soft = parse_soft(args.get("vas_soft", False), REQUEST)
-    check_models([(name, settings.heads[name]) for name in names], weights, REQUEST, top_k=top_k, soft=soft, vocab_size=settings.vocab_size,
-                 max_top_k=settings.max_top_k)
+    check_models([(name, settings.heads[name]) for name in names], weights, REQUEST, top_k=top_k, soft=soft,
+                 vocab_size=settings.vocab_size, max_top_k=settings.max_top_k)
     check_product(beta, weights, REQUEST)
     if not steered_models([beta], [weights]):
         return None
